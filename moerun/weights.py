@@ -1,0 +1,209 @@
+"""Read a Hugging Face checkpoint folder (one or many safetensors files) by memory map.
+
+Every file's header is parsed and checked before anything is opened, so a truncated or
+corrupt download fails at once with a one-line message naming the file, instead of as a
+crash halfway through loading 90 GB. Tensor data is never read until `get` asks for it,
+and pickle (``.bin`` / ``.pt``) is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+
+from moerun.errors import MoerunError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors caps headers at 100 MB; a larger length prefix means garbage, not a header.
+_MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names -> torch dtypes; float8 types exist only on newer torch builds.
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+        "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    }.items()
+    if hasattr(torch, attr)
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives, taken from its file's header."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header without reading tensor data.
+
+    Raises MoerunError naming the file if it is truncated, has trailing bytes, or its
+    header is not valid safetensors JSON.
+    """
+    name = path.name
+    corrupt = f"{name} is not a valid safetensors file ({{}}); re-download it"
+    size = path.stat().st_size
+    if size < 8:
+        raise MoerunError(f"{name} is truncated ({size} bytes, too short for a header); re-download it")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > _MAX_HEADER_BYTES:
+            raise MoerunError(corrupt.format(f"header length {header_len} is implausible"))
+        if 8 + header_len > size:
+            raise MoerunError(
+                f"{name} is truncated (header needs {8 + header_len} bytes, found {size}); re-download it"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MoerunError(corrupt.format("header is not JSON")) from None
+    if not isinstance(header, dict):
+        raise MoerunError(corrupt.format("header is not a JSON object"))
+
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, start, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise MoerunError(corrupt.format(f"bad header entry for {key}"))
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise MoerunError(f"{name}: tensor {key} has unsupported dtype {dtype_name}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * dtype.itemsize:
+            raise MoerunError(corrupt.format(f"{key} has offsets [{start}, {end}] that do not fit shape {_fmt_shape(shape)}"))
+        tensors[key] = TensorInfo(path, dtype, shape)
+        data_end = max(data_end, end)
+
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise MoerunError(f"{name} is truncated (expected {expected} bytes, found {size}); re-download it")
+    if size > expected:
+        raise MoerunError(corrupt.format(f"expected {expected} bytes, found {size}"))
+    return tensors
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files that make up the checkpoint, from the index if there is one."""
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        raise MoerunError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise MoerunError(f"{INDEX_FILE} in {folder} is not a valid index (no weight_map); re-download it") from None
+    for file in files:
+        if not (folder / file).is_file():
+            raise MoerunError(f"{file} is listed in {INDEX_FILE} but missing from {folder}; download it")
+    return [folder / file for file in files]
+
+
+class CheckpointWeights:
+    """Memory-mapped, read-only access to a checkpoint's tensors by their checkpoint names.
+
+    Use `CheckpointWeights.open(folder)`, ideally as a context manager. Shapes and dtypes
+    come from the headers; `get` maps the tensor's bytes from disk only when asked.
+    """
+
+    def __init__(self, folder: Path, tensors: dict[str, TensorInfo]):
+        self.folder = folder
+        self._tensors = tensors
+        # One mmap'd handle per file, opened only after every header passed validation.
+        self._handles = {}
+        for file in sorted({info.file for info in tensors.values()}):
+            self._handles[file] = safe_open(str(file), framework="pt")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> CheckpointWeights:
+        """Validate every weight file in `folder` (headers and sizes only), then map them."""
+        folder = Path(folder).expanduser()
+        tensors: dict[str, TensorInfo] = {}
+        for file in _weight_files(folder):
+            for key, info in read_header(file).items():
+                if key in tensors:
+                    raise MoerunError(f"tensor {key} appears in both {tensors[key].file.name} and {file.name}")
+                tensors[key] = info
+        return cls(folder, tensors)
+
+    def keys(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise MoerunError(f"tensor {name} is missing from the checkpoint in {self.folder}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the header (no data read)."""
+        return self._info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, from the header (no data read)."""
+        return self._info(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, backed by the memory-mapped file."""
+        info = self._info(name)
+        if not self._handles:
+            raise MoerunError(f"the checkpoint in {self.folder} was already closed")
+        return self._handles[info.file].get_tensor(name)
+
+    def get_as(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """`get`, after checking the stored shape is `shape`, cast to `dtype`."""
+        found = self.shape(name)
+        if found != tuple(shape):
+            raise MoerunError(f"tensor {name} has shape {_fmt_shape(found)}, expected {_fmt_shape(tuple(shape))}")
+        return self.get(name).to(dtype)
+
+    def close(self) -> None:
+        """Release the file maps; tensors already returned stay valid."""
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointWeights:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointWeights({str(self.folder)!r}, {len(self)} tensors in {len(self._handles)} files)"
