@@ -1,0 +1,256 @@
+"""Tokenizer and chat templates from a checkpoint folder, without transformers.
+
+The `tokenizers` library does the encoding from tokenizer.json; this module adds what
+transformers layers on top (special tokens from tokenizer_config.json, the chat template
+rendered in a jinja2 sandbox) and an incremental detokenizer for streaming. Behaviour is
+held against transformers' AutoTokenizer by tests/test_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from moerun.errors import MoerunError
+
+# The names transformers passes to a chat template besides the messages (its special_tokens_map).
+_TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Names a message's reasoning goes under; templates (Qwen3, gpt-oss) read one or the other.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoerunError(f"cannot read {path}: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a plain string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_template(value: Any) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named templates."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return None
+
+
+def _raise_exception(message: str) -> None:
+    # Templates call this to reject a conversation (e.g. roles that do not alternate).
+    raise MoerunError(f"chat template: {message}")
+
+
+def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # As transformers: jinja's own tojson escapes HTML characters, which templates do not want.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the same sandbox transformers uses (templates are untrusted)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise MoerunError(f"chat template does not compile: {_one_line(e)}") from e
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Copy the messages the way transformers hands them to a template."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise MoerunError(f"a chat message must be a dict, got {type(message).__name__}")
+        # transformers drops None-valued keys, so `message.tool_calls is defined` stays false.
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: encode, decode, chat template and streaming decode.
+
+    Build it with `Tokenizer.from_dir(folder)`; the folder needs tokenizer.json and may have
+    tokenizer_config.json and chat_template.jinja, as in a Hugging Face Hub repo.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict, chat_template: str | None):
+        self._tok = backend
+        self._config = config
+        self.chat_template = chat_template
+        self.special_tokens = {name: _token_content(config.get(name)) for name in _TEMPLATE_TOKEN_NAMES}
+        for content in self.special_tokens.values():
+            # transformers adds named special tokens that tokenizer.json lacks; do the same so ids agree.
+            if content is not None and backend.token_to_id(content) is None:
+                backend.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
+        self.bos_token = self.special_tokens["bos_token"]
+        self.eos_token = self.special_tokens["eos_token"]
+        self.bos_token_id = backend.token_to_id(self.bos_token) if self.bos_token is not None else None
+        self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token is not None else None
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._warned_no_template = False
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and the chat template from `folder`.
+
+        The chat template comes from chat_template.jinja if present, else from the config's
+        "chat_template" (a string, or a list of named templates of which "default" is used).
+        Raises MoerunError when tokenizer.json is missing or unreadable.
+        """
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise MoerunError(f"no tokenizer.json in {folder}")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception for any parse error
+            raise MoerunError(f"cannot read {path}: {_one_line(e)}") from e
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.is_file() else {}
+        # add_bos_token / add_eos_token in the config are deliberately not applied: transformers 5
+        # drops them whenever tokenizer.json exists, so its post-processor alone decides BOS/EOS.
+        template_path = folder / "chat_template.jinja"
+        if template_path.is_file():
+            template = template_path.read_text(encoding="utf-8")
+        else:
+            template = _pick_template(config.get("chat_template"))
+        return cls(backend, config, template)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (transformers' `len(tokenizer)`)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model ships a chat template (else apply_chat_template uses a plain fallback)."""
+        return self.chat_template is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, the post-processor's BOS/EOS are added."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (a list, or anything iterable of ints such as a 1-D tensor)."""
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        # transformers skips this cleanup for BPE, where it would eat real spaces before punctuation.
+        if self._clean_up_spaces and type(self._tok.model).__name__ != "BPE":
+            text = _clean_up_tokenization(text)
+        return text
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template.
+
+        Same result as transformers' apply_chat_template; extra kwargs (tools, documents,
+        enable_thinking, ...) reach the template. With tokenize=True returns the ids of the
+        rendered text, encoded without adding special tokens (the template writes them).
+        A template's raise_exception(...) surfaces as MoerunError.
+        """
+        if self.chat_template is None:
+            text = self._fallback_chat(messages, add_generation_prompt)
+        else:
+            variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
+            template = _compile_template(self.chat_template)
+            try:
+                text = template.render(
+                    messages=_template_messages(messages), add_generation_prompt=add_generation_prompt, **variables
+                )
+            except jinja2.TemplateError as e:
+                raise MoerunError(f"chat template failed: {_one_line(e)}") from e
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _fallback_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not self._warned_no_template:
+            warnings.warn("this model has no chat template; using a plain 'role: content' format", stacklevel=3)
+            self._warned_no_template = True
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        """A fresh incremental detokenizer for one generated sequence."""
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns generated token ids into text as they arrive, never splitting a character.
+
+    Byte-level tokens can end in the middle of a UTF-8 character; such text decodes to a
+    trailing "\\ufffd" and is held back until a later token completes it. Every add() result
+    plus flush() concatenates to `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        # Decode a window from _prefix rather than all ids, so a step costs O(window) not O(length);
+        # the window starts at tokens already printed so that decoders which treat the first token
+        # specially (a stripped leading space) still see the same context.
+        self._prefix = 0
+        self._read = 0
+
+    def _window_text(self) -> tuple[str, str]:
+        decode = self._tokenizer.decode
+        return decode(self._ids[self._prefix : self._read], self._skip), decode(self._ids[self._prefix :], self._skip)
+
+    def add(self, token_id: int) -> str:
+        """Add one token id; return the text it made printable (often "", never a partial char)."""
+        self._ids.append(int(token_id))
+        printed, text = self._window_text()
+        if len(text) <= len(printed) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(printed) :]
+
+    def flush(self) -> str:
+        """Return whatever is still held back (e.g. an incomplete character at the end)."""
+        printed, text = self._window_text()
+        self._prefix = self._read = len(self._ids)
+        return text[len(printed) :]
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: drop spaces that WordPiece decoding puts before punctuation."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
