@@ -1,0 +1,171 @@
+"""Pieces every architecture shares: RMSNorm, rotary embeddings, a static KV cache,
+grouped-query attention and the dense SwiGLU MLP.
+
+Shape legend: B batch, T new tokens, S cached positions, H query heads, K kv heads,
+Dh head dim, D hidden size, I intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the scale, as the reference does,
+        # so that bf16 checkpoints round the same way.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_theta(config: dict, default: float = 10000.0) -> float:
+    """The rotary base, from `rope_theta` (Hub configs) or `rope_parameters` (transformers 5)."""
+    if config.get("rope_theta") is not None:
+        return float(config["rope_theta"])
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", default))
+
+
+def check_rope_scaling(config: dict) -> None:
+    """Refuse rope scaling this version does not implement instead of computing wrong logits."""
+    from moerun.errors import MoerunError
+
+    for key in ("rope_scaling", "rope_parameters"):
+        params = config.get(key) or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ("default", None):
+            raise MoerunError(f"rope scaling type '{kind}' is not supported yet")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; cos/sin are computed for the positions in use, never tabled up
+    to max_position_embeddings (131072 for some models)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        # A plain attribute, not a buffer: models are built on the meta device and
+        # this must hold real numbers; it is tiny and recomputed per device on demand.
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / (theta**exponent)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T] -> cos, sin [T, Dh]
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, T, Dh]; cos, sin [T, Dh]
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Static per-layer key/value buffers: allocated once for the whole generation so
+    that decode steps have fixed shapes (a prerequisite for CUDA graphs)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v [B, K, T, Dh] written at [start, start+T); returns the filled prefix [B, K, S, Dh]
+        end = start + k.shape[2]
+        if end > self.max_len:
+            from moerun.errors import MoerunError
+
+            raise MoerunError(f"context full: {end} tokens exceed the cache of {self.max_len}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_mask(start: int, n_new: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [T, S] mask, True where query start+t may attend to key s: causal, and
+    within the last `window` positions when a sliding window is set (kv > q - window)."""
+    q = torch.arange(start, start + n_new, device=device)[:, None]
+    kv = torch.arange(start + n_new, device=device)[None, :]
+    allowed = kv <= q
+    if window:
+        allowed &= kv > q - window
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        rope: RotaryEmbedding,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope
+        self.sliding_window = sliding_window or None
+
+    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Dh]
+
+        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(k, v, start)  # [B, K, S, Dh]
+
+        mask = attention_mask(start, T, self.sliding_window, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
