@@ -1,0 +1,192 @@
+"""The Python API: `moerun.load(...)` returns a `Model` with logits(), generate() and
+stream_generate(). The CLI is a thin shell over this module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from moerun import hub
+from moerun.errors import MoerunError
+from moerun.generate import (
+    GenerationOutput,
+    GenerationResponse,
+    GenerationStats,
+    SamplingParams,
+    stream_tokens,
+)
+from moerun.models import get_architecture, load_model
+from moerun.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise MoerunError(f"unknown device '{device}': use auto, cpu or cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoerunError("device cuda was asked for, but torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise MoerunError(f"unsupported device '{device}': use auto, cpu or cuda")
+    return device
+
+
+def _resolve_dtype(dtype, config: dict, device: torch.device) -> torch.dtype:
+    """Default: the checkpoint's dtype on a GPU; float32 on the CPU, where half-precision
+    matmuls are slow on many processors and the models that fit are small."""
+    if dtype is None:
+        if device.type == "cpu":
+            return torch.float32
+        stored = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+        return _DTYPES.get(stored, torch.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer) -> set[int]:
+    """Every id that ends a reply: generation_config.json's eos_token_id (an int or a
+    list), config.json's, and the tokenizer's eos token (a chat model's end-of-turn)."""
+    ids: set[int] = set()
+    sources = [config.get("eos_token_id")]
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+        except json.JSONDecodeError as e:
+            raise MoerunError(f"{gen_path} is not valid JSON: {e}") from e
+    sources.append(tokenizer.eos_token_id)
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Model:
+    """A loaded model: its tokenizer, logits, and generation."""
+
+    def __init__(self, lm, tokenizer: Tokenizer, config: dict, folder: Path, name: str, device, dtype):
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.folder = folder
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.eos_token_ids = _eos_ids(folder, config, tokenizer)
+        self.max_context = int(config.get("max_position_embeddings") or 4096)
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the expert cache (hits, misses, bytes copied); empty while every
+        expert is resident (bits=16)."""
+        return {}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.lm.parameters())
+
+    def describe(self) -> str:
+        params = self.num_parameters
+        size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.name} · {self.config.get('model_type')} · {size} params · {self.device} · {dtype}"
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids LongTensor [B, T] -> float32 logits [B, T, vocab], from a fresh state."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() != 2:
+            raise MoerunError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        caches = self.lm.make_caches(input_ids.shape[0], input_ids.shape[1])
+        return self.lm(input_ids.to(self.device), caches, 0).float()
+
+    def encode_prompt(self, prompt: Prompt, chat: bool) -> list[int]:
+        """Token ids for `prompt`: ids pass through; a list of messages, or a string with
+        chat=True, goes through the chat template; a plain string is encoded as is."""
+        if isinstance(prompt, str):
+            if not chat:
+                return self.tokenizer.encode(prompt)
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return [int(t) for t in prompt]
+
+    def stream_generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> Iterator[GenerationResponse]:
+        """Yield one GenerationResponse per generated token; the last carries the stats.
+        Closing the generator early is safe: each call starts from a fresh cache."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = self.encode_prompt(prompt, chat)
+        for response in stream_tokens(
+            self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos
+        ):
+            if response.stats is not None:
+                self.last_stats = response.stats
+            yield response
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 64, **kwargs) -> GenerationOutput:
+        """Generate a whole reply: `.text`, `.token_ids` (generated ids, eos included when
+        it stopped the reply) and `.stats`. Options as stream_generate."""
+        pieces, token_ids, stats = [], [], None
+        for response in self.stream_generate(prompt, max_new_tokens, **kwargs):
+            pieces.append(response.text)
+            token_ids.append(response.token_id)
+            stats = response.stats or stats
+        return GenerationOutput("".join(pieces), token_ids, stats)
+
+
+def load(
+    name_or_path: str,
+    bits: int = 16,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    vram: str | int | None = None,
+    expert_slots: int | None = None,
+    revision: str | None = None,
+) -> Model:
+    """Load a model from a folder in the Hub layout, an alias (`moerun models`), or a repo
+    id in the local Hugging Face cache.
+
+    bits: 16 keeps the checkpoint's weights (4 and 8 arrive with quantized experts).
+    device: "auto" (CUDA when available), "cpu" or "cuda". dtype: default as stored on a
+    GPU and float32 on the CPU.
+    """
+    if bits not in (4, 8, 16):
+        raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
+    if bits != 16:
+        raise MoerunError(f"bits={bits} is not supported yet (quantized experts are coming); use bits=16")
+    if vram is not None or expert_slots is not None:
+        raise MoerunError("vram and expert_slots need expert offloading, which is not supported yet")
+    folder = hub.resolve(name_or_path, revision=revision)
+    config = hub.read_config(folder)
+    get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
+    tokenizer = Tokenizer.from_dir(folder)
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, config, device)
+    lm = load_model(folder, config, dtype, device)
+    return Model(lm, tokenizer, config, folder, name_or_path, device, dtype)
