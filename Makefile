@@ -1,0 +1,34 @@
+# moerun: two commands on a fresh machine.
+#   make demo   install, then chat-free generation on the embedded demo model (no download)
+#   make test   install, then the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned so that pip takes the local CPU build instead of gigabytes of CUDA wheels.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo chat test test-gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/moerun generate demo "count from 7"
+
+chat: install
+	$(VENV)/bin/moerun chat demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
