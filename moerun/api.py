@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from moerun import hub
+from moerun import hub, plan
 from moerun.errors import MoerunError
 from moerun.generate import (
     GenerationOutput,
@@ -19,7 +19,9 @@ from moerun.generate import (
     stream_tokens,
 )
 from moerun.models import get_architecture, load_model
+from moerun.moe.offload import attach_expert_cache, routed_expert_modules
 from moerun.tokenizer import Tokenizer
+from moerun.weights import CheckpointWeights
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -88,13 +90,34 @@ class Model:
         self.dtype = dtype
         self.eos_token_ids = _eos_ids(folder, config, tokenizer)
         self.max_context = int(config.get("max_position_embeddings") or 4096)
+        # The longest context generate() can fill; the static KV cache holds min(this, ctx).
         self.last_stats: GenerationStats | None = None
+        self.plan: plan.Plan | None = None
+        self.offload_info: dict | None = None
+        self.kv_caches: list | None = None  # static, for the planned context; see load()
 
     @property
     def stats(self) -> dict:
-        """Counters of the expert cache (hits, misses, bytes copied); empty while every
-        expert is resident (bits=16)."""
-        return {}
+        """Expert-cache counters, in total and per MoE layer: hits, misses, prefetch hits,
+        prefetches, experts computed on the CPU, bytes copied host->device. Empty when the
+        experts are plain resident weights (bits=16 with everything on the device)."""
+        from moerun.moe.cache import CacheStats, CachedExperts
+
+        layers, total = {}, CacheStats()
+        for i, _, module in routed_expert_modules(self.lm):
+            if isinstance(module, CachedExperts):
+                layers[i] = module.stats.to_dict()
+                total.add(module.stats)
+        if not layers:
+            return {}
+        return {"total": total.to_dict(), "layers": layers}
+
+    def reset_stats(self) -> None:
+        from moerun.moe.cache import CacheStats, CachedExperts
+
+        for _, _, module in routed_expert_modules(self.lm):
+            if isinstance(module, CachedExperts):
+                module.stats = CacheStats()
 
     @property
     def num_parameters(self) -> int:
@@ -143,7 +166,8 @@ class Model:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode_prompt(prompt, chat)
         for response in stream_tokens(
-            self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos
+            self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos,
+            self.kv_caches,
         ):
             if response.stats is not None:
                 self.last_stats = response.stats
@@ -160,6 +184,21 @@ class Model:
         return GenerationOutput("".join(pieces), token_ids, stats)
 
 
+def default_vram(device: torch.device) -> int | None:
+    """Free device memory minus a reserve for activations and the CUDA context; None on
+    the CPU, where the 'device' is host RAM and holds everything unless a budget is set."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(int(free - max(1 << 30, 0.05 * free)), 0)
+
+
+def checkpoint_summary(folder: Path, config: dict) -> plan.ModelSummary:
+    with CheckpointWeights.open(folder) as ckpt:
+        tensors = {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
+    return plan.summarize(config, tensors)
+
+
 def load(
     name_or_path: str,
     bits: int = 16,
@@ -168,25 +207,48 @@ def load(
     vram: str | int | None = None,
     expert_slots: int | None = None,
     revision: str | None = None,
+    ram: str | int | None = None,
+    cold: str = "gpu",
+    prefetch: bool = True,
+    ctx: int | None = None,
+    progress=None,
 ) -> Model:
     """Load a model from a folder in the Hub layout, an alias (`moerun models`), or a repo
     id in the local Hugging Face cache.
 
-    bits: 16 keeps the checkpoint's weights (4 and 8 arrive with quantized experts).
+    bits: 16 keeps the checkpoint's precision; 8 and 4 quantize the routed experts (int8
+    per-row, NF4), cached on disk after the first load. vram / ram: budgets ("12GiB",
+    bytes); the planner fits non-expert weights and the KV cache for `ctx` tokens first,
+    then as many expert slots per MoE layer as fit; `expert_slots` overrides it. cold:
+    where non-resident experts run, "gpu" (copied into a slot), "cpu" (computed in RAM) or
+    "auto". prefetch: guess the next layer's experts and copy them early.
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: default as stored on a
     GPU and float32 on the CPU.
     """
     if bits not in (4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
-    if bits != 16:
-        raise MoerunError(f"bits={bits} is not supported yet (quantized experts are coming); use bits=16")
-    if vram is not None or expert_slots is not None:
-        raise MoerunError("vram and expert_slots need expert offloading, which is not supported yet")
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
-    get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
+    arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
     tokenizer = Tokenizer.from_dir(folder)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, config, device)
-    lm = load_model(folder, config, dtype, device)
-    return Model(lm, tokenizer, config, folder, name_or_path, device, dtype)
+
+    summary = checkpoint_summary(folder, config)
+    vram_budget = plan.parse_size(vram) if vram is not None else default_vram(device)
+    memory_plan = plan.make_plan(summary, bits, dtype, vram_budget, plan.parse_size(ram), ctx, expert_slots)
+    if memory_plan.verdict == "no":
+        raise MoerunError(f"{name_or_path} does not fit: {memory_plan.reason}")
+
+    offload = bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts
+    lm = load_model(folder, config, dtype, device, routed_experts=not offload)
+    info = None
+    if offload:
+        info = attach_expert_cache(
+            lm, arch, folder, bits, memory_plan.expert_slots_per_layer, device, dtype, cold, prefetch, progress
+        )
+    model = Model(lm, tokenizer, config, folder, name_or_path, device, dtype)
+    model.plan, model.offload_info = memory_plan, info
+    # The KV cache for the planned context is allocated once, up front, as planned.
+    model.kv_caches = lm.make_caches(1, memory_plan.ctx)
+    return model

@@ -106,8 +106,10 @@ def stream_tokens(
     max_context: int,
     tokenizer,
     ignore_eos: bool = False,
+    caches: list | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each."""
+    """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each.
+    `caches`: preallocated KV caches, used when long enough (else fresh ones are made)."""
     if not prompt_ids:
         raise MoerunError("the prompt is empty")
     if len(prompt_ids) >= max_context:
@@ -120,7 +122,8 @@ def stream_tokens(
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     decoder = tokenizer.stream_decoder()
     cache_len = min(len(prompt_ids) + max_new_tokens, max_context)
-    caches = lm.make_caches(1, cache_len)
+    if caches is None or caches[0].max_len < cache_len:
+        caches = lm.make_caches(1, cache_len)
 
     t0 = time.perf_counter()
     logits = lm(torch.tensor([prompt_ids], device=device), caches, 0, last_only=True)

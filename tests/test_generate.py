@@ -109,8 +109,3 @@ def test_context_limit(model):
     # Positions 500..511 take the fed tokens; the token sampled from position 511 needs
     # no cache slot, so 13 tokens come out of a 512-token context.
     assert len(out.token_ids) == 512 - 500 + 1 and out.stats.finish_reason == "length"
-
-
-def test_quantized_bits_are_refused_until_offloading_lands(model):
-    with pytest.raises(MoerunError, match="bits=4 is not supported yet"):
-        moerun.load(str(model.folder), bits=4, device="cpu")

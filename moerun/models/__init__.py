@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
+from moerun.plan import is_routed_expert
 from moerun.weights import CheckpointWeights
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -38,21 +39,26 @@ def build_args(config: dict):
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def load_model(folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def load_model(
+    folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True
+) -> nn.Module:
     """Build the model for `config` and load its weights from `folder`, cast to `dtype` on `device`.
 
     Tensors are read per decoder layer, so host memory holds at most one layer's
-    worth of checkpoint tensors beyond the model itself.
+    worth of checkpoint tensors beyond the model itself. With routed_experts=False the
+    routed experts stay unloaded (on the meta device) for the expert cache to replace.
     """
     arch = get_architecture(config.get("model_type"))
     args = arch.ModelArgs.from_dict(config)
     with torch.device("meta"):
         model = arch.Model(args)
-    expected = dict(model.named_parameters())
+    expected = {n: p for n, p in model.named_parameters() if routed_experts or not is_routed_expert(n)}
 
     with CheckpointWeights.open(folder) as ckpt:
         groups: dict[int | None, list[str]] = defaultdict(list)
         for name in ckpt.keys():
+            if not routed_experts and is_routed_expert(name):
+                continue
             m = _LAYER.match(name)
             groups[int(m.group(1)) if m else None].append(name)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):

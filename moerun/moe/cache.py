@@ -1,0 +1,273 @@
+"""The expert cache: every expert of a layer lives in a host store (one blob per expert);
+a few of them are resident in device slots, chosen by an LRU policy. Routing hands the
+compute slot indices, so it does not care whether an expert was a hit.
+
+A miss is either copied into a slot (on a side stream on CUDA, while resident experts
+already run) or computed where it lives, on the CPU ("cold" experts: at batch 1 reading
+an expert once from RAM beats copying it over PCIe). Next-layer prefetch guesses experts
+from the current hidden state and starts their copies early.
+
+Shape legend: N tokens, K experts per token, E experts, S slots, D hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moerun.quant.format import ExpertFormat
+
+
+class LRUPolicy:
+    """expert -> slot map with least-recently-used eviction, for one layer. Pure Python,
+    no tensors: the decisions are unit-tested on their own."""
+
+    def __init__(self, n_experts: int, n_slots: int):
+        if not 1 <= n_slots <= n_experts:
+            raise ValueError(f"slots must be in [1, {n_experts}], got {n_slots}")
+        self.n_slots = n_slots
+        self.slot_of: dict[int, int] = {}  # resident expert -> slot
+        self._order: OrderedDict[int, None] = OrderedDict()  # resident experts, least recent first
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    def is_resident(self, expert: int) -> bool:
+        return expert in self.slot_of
+
+    def touch(self, expert: int) -> None:
+        self._order.move_to_end(expert)
+
+    def admit(self, expert: int, protected: set[int] = frozenset()) -> tuple[int, int | None]:
+        """Give `expert` a slot: a free one, else the least recently used expert's that is
+        not `protected` (in use by the current step). Returns (slot, evicted expert or None)."""
+        assert expert not in self.slot_of
+        evicted = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = next((e for e in self._order if e not in protected), None)
+            if evicted is None:
+                raise RuntimeError("every slot holds an expert in use; cannot admit another")
+            slot = self.slot_of.pop(evicted)
+            del self._order[evicted]
+        self.slot_of[expert] = slot
+        self._order[expert] = None
+        return slot, evicted
+
+    def lru_order(self) -> list[int]:
+        return list(self._order)
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Per-layer counters. Every expert a forward needs is one use: a hit (resident,
+    `prefetch_hits` of them because a prefetch brought it) or a miss (copied in, or
+    computed on the CPU: `cpu_experts`)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetches: int = 0
+    cpu_experts: int = 0
+    bytes_copied: int = 0  # host store -> device slots, misses and prefetches
+
+    def add(self, other: "CacheStats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ColdPolicy:
+    """Where to compute a non-resident expert: "gpu" copies it into a slot, "cpu" computes
+    it from the host store, "auto" compares the two costs for the tokens routed to it.
+
+    copy_seconds: one blob over the host->device link; cpu_fixed_seconds and
+    cpu_token_seconds: dequantizing one expert on the CPU and applying it to one token.
+    Calibrated at load time (see `calibrate`)."""
+
+    mode: str = "gpu"
+    copy_seconds: float = 0.0
+    cpu_fixed_seconds: float = 0.0
+    cpu_token_seconds: float = 0.0
+
+    def on_cpu(self, n_tokens: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "cpu"
+        return self.cpu_fixed_seconds + n_tokens * self.cpu_token_seconds < self.copy_seconds
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert: x [n, D], w13 [2I, D] (gate rows, then up rows), w2 [D, I] -> [n, D]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+class CachedExperts(nn.Module):
+    """Drop-in for RoutedExperts: forward(x [N, D], ids [N, K], weights [N, K]) -> [N, D],
+    with the experts in a host store and `n_slots` of them resident on `device`."""
+
+    def __init__(
+        self,
+        fmt: ExpertFormat,
+        store: torch.Tensor,
+        n_slots: int,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        cold: ColdPolicy | None = None,
+        copy_stream=None,
+    ):
+        super().__init__()
+        n_experts = store.shape[0]
+        assert store.dtype == torch.uint8 and store.shape[1] == fmt.blob_bytes
+        self.fmt, self.n_experts, self.n_slots = fmt, n_experts, n_slots
+        self.store = store  # uint8 [E, blob_bytes], host (pinned on CUDA) or the device itself
+        self.device, self.compute_dtype = torch.device(device), compute_dtype
+        self.cold = cold or ColdPolicy()
+        self.policy = LRUPolicy(n_experts, n_slots)
+        self.stats = CacheStats()
+        self.copy_stream = copy_stream
+        self._ready: dict[int, object] = {}  # slot -> CUDA event marking its copy done
+        self._prefetched: set[int] = set()  # resident because of a prefetch, not yet used
+        self.prefetch_hook: Callable[[torch.Tensor], None] | None = None
+        if n_slots == n_experts and store.device == self.device:
+            # Everything fits where the store already is: the store is the slot buffer.
+            self.slots = store
+            for e in range(n_experts):
+                self.policy.admit(e)
+        else:
+            self.slots = torch.empty((n_slots, fmt.blob_bytes), dtype=torch.uint8, device=self.device)
+            if n_slots == n_experts:  # all resident: fill once now, no misses afterwards
+                for e in range(n_experts):
+                    self._copy_in(e, self.policy.admit(e)[0], count=False)
+                self._sync_copies()
+
+    # -- residency -------------------------------------------------------------------
+
+    def _copy_in(self, expert: int, slot: int, count: bool = True) -> None:
+        src = self.store[expert]
+        if self.copy_stream is not None:
+            # The copy must not overwrite a slot that queued compute still reads.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.slots[slot].copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self._ready[slot] = event
+        else:
+            self.slots[slot].copy_(src)
+        if count:
+            self.stats.bytes_copied += self.fmt.blob_bytes
+
+    def _wait_slot(self, slot: int) -> None:
+        event = self._ready.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _sync_copies(self) -> None:
+        for slot in list(self._ready):
+            self._wait_slot(slot)
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Start copying `experts` into slots ahead of their use (next-layer speculation)."""
+        for e in experts:
+            if self.policy.is_resident(e):
+                continue
+            slot, evicted = self.policy.admit(e)
+            self._prefetched.discard(evicted)
+            self._prefetched.add(e)
+            self._copy_in(e, slot)
+            self.stats.prefetches += 1
+
+    # -- compute ---------------------------------------------------------------------
+
+    def _weights(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fmt.unpack(blob, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_tokens, k = ids.shape
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync
+        starts = [0] * (self.n_experts + 1)
+        for e, c in enumerate(counts):
+            starts[e + 1] = starts[e] + c
+        rows_of = order // k
+        pair_w = weights.reshape(-1)[order]
+        needed = [e for e, c in enumerate(counts) if c]
+
+        # Classify every needed expert: resident (hit), computed on the CPU, or copied in.
+        hits, to_copy, on_cpu = [], [], []
+        for e in needed:
+            if self.policy.is_resident(e):
+                hits.append(e)
+                self.stats.hits += 1
+                if e in self._prefetched:
+                    self.stats.prefetch_hits += 1
+                    self._prefetched.discard(e)
+            else:
+                self.stats.misses += 1
+                (on_cpu if self.cold.on_cpu(counts[e]) else to_copy).append(e)
+
+        out = torch.zeros_like(x)
+
+        def run(e: int, w13: torch.Tensor, w2: torch.Tensor, xs: torch.Tensor, target: torch.Tensor) -> None:
+            rows = rows_of[starts[e] : starts[e + 1]]
+            y = expert_ffn(xs[rows.to(xs.device)], w13, w2) * pair_w[starts[e] : starts[e + 1], None].to(xs.device)
+            target.index_add_(0, rows.to(target.device), y.to(target.dtype))
+
+        # Resident experts first, then misses in rounds of at most n_slots experts: with
+        # fewer slots than experts in use, a round's experts are protected from eviction.
+        gpu_order = hits + to_copy
+        for begin in range(0, len(gpu_order), self.n_slots):
+            group = gpu_order[begin : begin + self.n_slots]
+            protected = set(group)
+            for e in group:
+                if self.policy.is_resident(e):
+                    self.policy.touch(e)
+                else:
+                    slot, evicted = self.policy.admit(e, protected)
+                    self._prefetched.discard(evicted)
+                    self._copy_in(e, slot)
+            if begin == 0 and self.prefetch_hook is not None:
+                # Queued behind this layer's own misses, ahead of its compute.
+                self.prefetch_hook(x)
+            for e in group:  # hits run first; a fresh or prefetched copy is awaited just before use
+                slot = self.policy.slot_of[e]
+                self._wait_slot(slot)
+                w13, w2 = self._weights(self.slots[slot])
+                run(e, w13, w2, x, out)
+        if not gpu_order and self.prefetch_hook is not None:
+            self.prefetch_hook(x)
+
+        if on_cpu:
+            x_cpu = x.to("cpu", non_blocking=False)
+            acc = torch.zeros_like(x_cpu)
+            for e in on_cpu:
+                w13, w2 = self.fmt.unpack(self.store[e], self.compute_dtype)
+                run(e, w13, w2, x_cpu, acc)
+                self.stats.cpu_experts += 1
+            out += acc.to(out.device)
+        return out
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds on the compute device (the slot buffer)."""
+        return self.slots.numel() if self.slots.device == self.device else 0
+
+
+def make_prefetch_hook(next_gate: nn.Linear, next_experts: CachedExperts, top_k: int) -> Callable:
+    """Guess the next layer's experts by applying its router to this layer's input (the
+    speculative loading of Eliseev & Mazur): the residual stream changes little per layer."""
+
+    def hook(x: torch.Tensor) -> None:
+        logits = next_gate(x)
+        guess = torch.topk(logits, top_k, dim=-1).indices.unique().tolist()
+        next_experts.prefetch(guess[: next_experts.n_slots])
+
+    return hook

@@ -1,0 +1,60 @@
+"""4-bit NormalFloat in bitsandbytes' layout: blocks of 64 consecutive values (row-major),
+one float32 absmax per block, codes into the 16-level NF4 table, two codes per byte with
+the first value in the high nibble. bitsandbytes' quantize_4bit / dequantize_4bit
+(quant_type="nf4", blocksize=64, compress_statistics=False) read and write the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 64
+
+# bitsandbytes' NF4 code table (quantiles of N(0, 1), scaled to [-1, 1]).
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+# Decision boundaries halfway between neighbouring levels: a value maps to its nearest level.
+_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+
+
+def n_blocks(numel: int) -> int:
+    return math.ceil(numel / BLOCK)
+
+
+def packed_bytes(numel: int) -> int:
+    # Two codes per byte, no padding to whole blocks (bitsandbytes' size for odd shapes).
+    return (numel + 1) // 2
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (any shape, any float dtype) -> (packed uint8 [packed_bytes], absmax float32 [n_blocks])."""
+    flat = w.detach().reshape(-1).float()
+    pad = n_blocks(flat.numel()) * BLOCK - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    blocks = flat.view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.bucketize(scaled, _MIDPOINTS.to(scaled.device)).to(torch.uint8).view(-1, 2)
+    return ((codes[:, 0] << 4) | codes[:, 1])[: packed_bytes(w.numel())], absmax
+
+
+def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize: level[code] * absmax, computed in float32 and cast to dtype."""
+    numel = math.prod(shape)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)
+    pad = absmax.numel() * BLOCK - codes.numel()
+    if pad:  # the partial last block
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, BLOCK).long()
+    values = NF4_LEVELS.to(packed.device)[codes] * absmax[:, None]
+    return values.reshape(-1)[:numel].reshape(shape).to(dtype)
