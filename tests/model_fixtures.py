@@ -52,43 +52,37 @@ ARCH_CONFIGS = {
 TEMPLATE_FOR = {"mixtral": "mistral", "qwen2_moe": "chatml", "qwen3_moe": "chatml"}
 
 
-def transformers_class(arch: str):
-    import transformers
-
-    names = {
-        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-    }[arch]
-    return getattr(transformers, names[0]), getattr(transformers, names[1])
-
-
 def make_checkpoint(
     folder: Path,
     arch: str = "mixtral",
     dtype: torch.dtype = torch.bfloat16,
     shards: int = 2,
     seed: int = 0,
+    template: str | None = None,
     **config_overrides,
 ) -> Path:
-    """Save a tiny random `arch` model with transformers to `folder` and return it.
+    """Save a tiny random `arch` (a transformers model_type) model to `folder`, return it.
 
-    `shards` > 1 writes model-0000X-of-0000N.safetensors and the index; the tokenizer's
-    special ids become the config's bos/eos ids, as in real checkpoints.
+    The config is BASE, then ARCH_CONFIGS[arch] when listed, then `config_overrides`, so a
+    new family's test can pass its whole MoE config here. `shards` > 1 writes
+    model-0000X-of-0000N.safetensors and the index; the tokenizer's special ids become
+    the config's bos/eos ids, as in real checkpoints.
     """
+    import transformers
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(folder, template=TEMPLATE_FOR[arch])
+    template = template or TEMPLATE_FOR.get(arch, "chatml")
+    write_tokenizer(folder, template=template)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    eos = "</s>" if TEMPLATE_FOR[arch] == "mistral" else "<|im_end|>"
+    eos = "</s>" if template == "mistral" else "<|im_end|>"
     ids = dict(bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id(eos))
 
-    config_cls, model_cls = transformers_class(arch)
-    config = config_cls(**{**BASE, **ids, **ARCH_CONFIGS[arch], **config_overrides})
+    config = transformers.AutoConfig.for_model(arch, **{**BASE, **ids, **ARCH_CONFIGS.get(arch, {}), **config_overrides})
     torch.manual_seed(seed)
-    model = model_cls(config).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     # Random init at std 0.02 makes every logit nearly equal; a larger scale gives the
     # routers and the sampler real decisions to get right.
     with torch.no_grad():

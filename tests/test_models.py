@@ -142,5 +142,6 @@ def test_unknown_architecture_is_refused_with_the_list(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "llama2000"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MoerunError, match="unsupported architecture 'llama2000'.*mixtral, qwen2_moe, qwen3_moe"):
+    with pytest.raises(MoerunError, match="unsupported architecture 'llama2000'") as err:
         moerun.load(str(folder), device="cpu")
+    assert all(name in str(err.value) for name in ARCHS)

@@ -8,6 +8,7 @@ from memory-mapped safetensors, one layer at a time.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,10 @@ from moerun.errors import MoerunError
 from moerun.plan import is_routed_expert
 from moerun.weights import CheckpointWeights
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Every module here but `base` is an architecture, named by its config.json model_type.
+ARCHITECTURES = tuple(
+    sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "base")
+)
 
 
 def get_architecture(model_type: str | None):
