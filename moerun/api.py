@@ -222,6 +222,7 @@ def load(
     then as many expert slots per MoE layer as fit; `expert_slots` overrides it. cold:
     where non-resident experts run, "gpu" (copied into a slot), "cpu" (computed in RAM) or
     "auto". prefetch: guess the next layer's experts and copy them early.
+    progress: called as progress(done_layers, total_layers) while expert stores are built.
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: default as stored on a
     GPU and float32 on the CPU.
     """

@@ -54,14 +54,42 @@ TopK = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest toke
 Seed = typer.Option(None, "--seed", help="Random seed for sampling.")
 Bits = typer.Option(16, "--bits", "-b", help="Expert weight bits: 4, 8 or 16.")
 Device = typer.Option("auto", "--device", "-d", help="auto, cpu or cuda.")
+Vram = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve).")
+Ram = typer.Option(None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")
+ExpertSlots = typer.Option(None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner).")
+Cold = typer.Option("gpu", "--cold", help="Where non-resident experts run: gpu (copied in), cpu, or auto.")
+Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")
+NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
 
 
-def _load(model: str, bits: int, device: str):
+def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=None, cold="gpu", ctx=None,
+          no_prefetch=False):  # fmt: skip
     if bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
     import moerun  # the API (and torch) only now, when a model is really needed
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return moerun.load(model, bits=bits, device=device)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    task = None
+
+    def on_layer(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(f"preparing {bits}-bit experts (once; cached)", total=total)
+        progress.update(task, completed=done)
+
+    try:
+        return moerun.load(
+            model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
+            prefetch=not no_prefetch, ctx=ctx, progress=on_layer,
+        )  # fmt: skip
+    finally:
+        progress.stop()
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> dict:
@@ -85,6 +113,16 @@ def format_stats(stats) -> str:
     )
 
 
+def format_expert_stats(total: dict, tokens: int) -> str:
+    uses = total["hits"] + total["misses"]
+    rate = total["hits"] / uses if uses else 0.0
+    return (
+        f"experts: {rate:.0%} hit rate ({total['hits']} hits, {total['misses']} misses, "
+        f"{total['prefetch_hits']} prefetched, {total['cpu_experts']} on CPU), "
+        f"{_human_bytes(total['bytes_copied'] / max(tokens, 1))} copied per token"
+    )
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
@@ -96,16 +134,25 @@ def generate(
     seed: Optional[int] = Seed,
     bits: int = Bits,
     device: str = Device,
+    vram: Optional[str] = Vram,
+    ram: Optional[str] = Ram,
+    expert_slots: Optional[int] = ExpertSlots,
+    cold: str = Cold,
+    ctx: Optional[int] = Ctx,
+    no_prefetch: bool = NoPrefetch,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
 ) -> None:
     """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
-    m = _load(model, bits, device)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch)
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw
     if as_json:
         out = m.generate(prompt, chat=chat, **kwargs)
-        payload = {"text": out.text, "token_ids": list(out.token_ids), "stats": out.stats.to_dict()}
+        stats = out.stats.to_dict()
+        if m.stats:  # expert-cache counters, in total and per layer
+            stats["experts"] = m.stats
+        payload = {"text": out.text, "token_ids": list(out.token_ids), "stats": stats}
         sys.stdout.write(json.dumps(payload) + "\n")
         return
 
@@ -124,6 +171,8 @@ def generate(
     if stats is not None:
         # Plain writes, not Rich: Rich would wrap at 80 columns and colour the numbers.
         sys.stderr.write(format_stats(stats) + "\n")
+        if m.stats:
+            sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
 
 
 @app.command()
@@ -136,12 +185,18 @@ def chat(
     seed: Optional[int] = Seed,
     bits: int = Bits,
     device: str = Device,
+    vram: Optional[str] = Vram,
+    ram: Optional[str] = Ram,
+    expert_slots: Optional[int] = ExpertSlots,
+    cold: str = Cold,
+    ctx: Optional[int] = Ctx,
+    no_prefetch: bool = NoPrefetch,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /reset."),
 ) -> None:
     """Chat with a model in the terminal, like `ollama run` (type /help inside)."""
     from moerun.chat import run_repl
 
-    m = _load(model, bits, device)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch)
     run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
 
 

@@ -43,6 +43,7 @@ def attach_expert_cache(
     progress=None,
 ) -> dict:
     """Replace every RoutedExperts in `lm` by a CachedExperts with `slots` slots.
+    `progress(done, total)` is called per MoE layer while stores are built.
 
     16-bit stores are packed in memory from the checkpoint; 4- and 8-bit stores come from
     the on-disk quantized cache, built on first use. Returns facts for the report
@@ -68,10 +69,10 @@ def attach_expert_cache(
 
         if bits == 16:
             stores = {}
-            for i in fmts:
+            for done, i in enumerate(fmts, 1):
                 stores[i] = build(i)
                 if progress:
-                    progress(i)
+                    progress(done, len(fmts))
             info["quantized_cache"] = None
         else:
             qcache = QuantizedCache(folder, fmts, n_experts, bits)

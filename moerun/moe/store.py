@@ -144,11 +144,12 @@ class QuantizedCache:
         tmp.mkdir()
         try:
             started = time.perf_counter()
-            for i in sorted(self.fmt_by_layer):
+            layers = sorted(self.fmt_by_layer)
+            for done, i in enumerate(layers, 1):
                 blobs = build_layer(i)
                 save_file({"experts": blobs.contiguous()}, str(tmp / f"layer-{i:03d}.safetensors"))
                 if progress is not None:
-                    progress(i)
+                    progress(done, len(layers))
             manifest = {
                 **self.expected_manifest(),
                 "moerun_version": moerun.__version__,
