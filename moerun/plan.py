@@ -25,9 +25,13 @@ _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8":
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
+_ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
+
+
 def is_routed_expert(name: str) -> bool:
-    """A routed expert's tensor (per-expert or stacked), not a shared expert's."""
-    return ".experts." in name and "shared" not in name
+    """A routed expert's tensor (per-expert, stacked or fused, as Granite's input_linear),
+    not a shared expert's."""
+    return bool(_ROUTED.search(name)) and "shared" not in name
 
 
 def classify(name: str) -> str:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import moerun
 from moerun.errors import MoerunError
+from moerun.plan import is_routed_expert
 from moerun.quant.format import FORMAT_VERSION, ExpertFormat
 from moerun.weights import CheckpointWeights, read_header
 
@@ -61,7 +62,7 @@ def layer_expert_blobs(
 ) -> torch.Tensor:
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
     layer_prefix = f"model.layers.{layer}."
-    names = [n for n in ckpt.keys() if n.startswith(layer_prefix) and ".experts." in n and "shared" not in n]
+    names = [n for n in ckpt.keys() if n.startswith(layer_prefix) and is_routed_expert(n)]
     stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
     w13, w2 = stacked.get(f"{prefix}.w13"), stacked.get(f"{prefix}.w2")
     if w13 is None or w2 is None:
