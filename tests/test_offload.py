@@ -15,6 +15,7 @@ import torch
 import moerun
 from moerun.errors import MoerunError
 from moerun.moe.cache import CachedExperts, LRUPolicy
+from moerun.moe.experts import SILU, ExpertActivation, RoutedExperts
 from moerun.moe.offload import routed_expert_modules
 from moerun.quant import ExpertFormat, int8, nf4
 from tests.model_fixtures import ARCH_CONFIGS, make_checkpoint
@@ -90,7 +91,8 @@ def test_expert_blob_round_trip_and_alignment(bits):
     w13, w2 = torch.randn(192, 64), torch.randn(64, 96)
     blob = fmt.pack(w13, w2)
     assert blob.dtype == torch.uint8 and blob.shape == (fmt.blob_bytes,)
-    a, b = fmt.unpack(blob, torch.float32)
+    a, b, no_b13, no_b2 = fmt.unpack(blob, torch.float32)
+    assert no_b13 is None and no_b2 is None
     bound = {16: 0.005, 8: 0.01, 4: 0.11}[bits]
     assert rel_err(a, w13) < bound and rel_err(b, w2) < bound
 
@@ -301,3 +303,31 @@ def test_bad_options_are_refused(checkpoint):
     ):
         with pytest.raises(MoerunError, match=message):
             moerun.load(str(folder), device="cpu", **kwargs)
+
+
+# -- expert variants: biases, gpt-oss' clamped SwiGLU, Llama 4's weights on the input ---
+
+
+@pytest.mark.parametrize("act", [SILU, ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.5)])
+@pytest.mark.parametrize("weights_on_input", [False, True])
+def test_cached_expert_variants_equal_routed_experts(act, weights_on_input):
+    g = torch.Generator().manual_seed(0)
+    E, D, I, N, K = 5, 64, 48, 9, 2
+    routed = RoutedExperts(E, D, I, bias=True, act=act, weights_on_input=weights_on_input)
+    with torch.no_grad():
+        for p in routed.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(N, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    weights = torch.rand(N, K, generator=g)
+    expected = routed(x, ids, weights)
+    for bits in (16, 8, 4):
+        fmt = ExpertFormat(bits, D, I, torch.float32, bias=True)
+        store = torch.stack([fmt.pack(routed.w13[e], routed.w2[e], routed.b13[e], routed.b2[e]) for e in range(E)])
+        full = CachedExperts(fmt, store, E, torch.device("cpu"), torch.float32, act=act,
+                             weights_on_input=weights_on_input)  # fmt: skip
+        one = CachedExperts(fmt, store.clone(), 1, torch.device("cpu"), torch.float32, act=act,
+                            weights_on_input=weights_on_input)  # fmt: skip
+        got_full, got_one = full(x, ids, weights), one(x, ids, weights)
+        assert rel_err(got_one, got_full) < 1e-6
+        assert rel_err(got_full, expected) < {16: 1e-6, 8: 0.03, 4: 0.3}[bits]

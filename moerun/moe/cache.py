@@ -17,9 +17,9 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moerun.moe.experts import SILU, ExpertActivation, apply_expert, group_by_expert
 from moerun.quant.format import ExpertFormat
 
 
@@ -103,12 +103,6 @@ class ColdPolicy:
         return self.cpu_fixed_seconds + n_tokens * self.cpu_token_seconds < self.copy_seconds
 
 
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert: x [n, D], w13 [2I, D] (gate rows, then up rows), w2 [D, I] -> [n, D]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
-
-
 class CachedExperts(nn.Module):
     """Drop-in for RoutedExperts: forward(x [N, D], ids [N, K], weights [N, K]) -> [N, D],
     with the experts in a host store and `n_slots` of them resident on `device`."""
@@ -122,8 +116,11 @@ class CachedExperts(nn.Module):
         compute_dtype: torch.dtype,
         cold: ColdPolicy | None = None,
         copy_stream=None,
+        act: ExpertActivation = SILU,
+        weights_on_input: bool = False,
     ):
         super().__init__()
+        self.act, self.weights_on_input = act, weights_on_input
         n_experts = store.shape[0]
         assert store.dtype == torch.uint8 and store.shape[1] == fmt.blob_bytes
         self.fmt, self.n_experts, self.n_slots = fmt, n_experts, n_slots
@@ -187,24 +184,12 @@ class CachedExperts(nn.Module):
 
     # -- compute ---------------------------------------------------------------------
 
-    def _weights(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fmt.unpack(blob, self.compute_dtype)
-
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n_tokens, k = ids.shape
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync
-        starts = [0] * (self.n_experts + 1)
-        for e, c in enumerate(counts):
-            starts[e + 1] = starts[e] + c
-        rows_of = order // k
-        pair_w = weights.reshape(-1)[order]
-        needed = [e for e, c in enumerate(counts) if c]
+        groups = {e: (rows, w) for e, rows, w in group_by_expert(ids, weights, self.n_experts)}
 
         # Classify every needed expert: resident (hit), computed on the CPU, or copied in.
         hits, to_copy, on_cpu = [], [], []
-        for e in needed:
+        for e, (rows, _) in groups.items():
             if self.policy.is_resident(e):
                 hits.append(e)
                 self.stats.hits += 1
@@ -213,14 +198,14 @@ class CachedExperts(nn.Module):
                     self._prefetched.discard(e)
             else:
                 self.stats.misses += 1
-                (on_cpu if self.cold.on_cpu(counts[e]) else to_copy).append(e)
+                (on_cpu if self.cold.on_cpu(rows.numel()) else to_copy).append(e)
 
         out = torch.zeros_like(x)
 
-        def run(e: int, w13: torch.Tensor, w2: torch.Tensor, xs: torch.Tensor, target: torch.Tensor) -> None:
-            rows = rows_of[starts[e] : starts[e + 1]]
-            y = expert_ffn(xs[rows.to(xs.device)], w13, w2) * pair_w[starts[e] : starts[e + 1], None].to(xs.device)
-            target.index_add_(0, rows.to(target.device), y.to(target.dtype))
+        def run(e: int, blob: torch.Tensor, xs: torch.Tensor, target: torch.Tensor) -> None:
+            rows, w = (t.to(xs.device) for t in groups[e])
+            y = apply_expert(xs[rows], w, *self.fmt.unpack(blob, self.compute_dtype), self.act, self.weights_on_input)
+            target.index_add_(0, rows, y.to(target.dtype))
 
         # Resident experts first, then misses in rounds of at most n_slots experts: with
         # fewer slots than experts in use, a round's experts are protected from eviction.
@@ -241,17 +226,15 @@ class CachedExperts(nn.Module):
             for e in group:  # hits run first; a fresh or prefetched copy is awaited just before use
                 slot = self.policy.slot_of[e]
                 self._wait_slot(slot)
-                w13, w2 = self._weights(self.slots[slot])
-                run(e, w13, w2, x, out)
+                run(e, self.slots[slot], x, out)
         if not gpu_order and self.prefetch_hook is not None:
             self.prefetch_hook(x)
 
         if on_cpu:
-            x_cpu = x.to("cpu", non_blocking=False)
+            x_cpu = x.to("cpu")
             acc = torch.zeros_like(x_cpu)
             for e in on_cpu:
-                w13, w2 = self.fmt.unpack(self.store[e], self.compute_dtype)
-                run(e, w13, w2, x_cpu, acc)
+                run(e, self.store[e], x_cpu, acc)
                 self.stats.cpu_experts += 1
             out += acc.to(out.device)
         return out

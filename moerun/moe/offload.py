@@ -12,7 +12,7 @@ from torch import nn
 
 from moerun.errors import MoerunError
 from moerun.moe.cache import CachedExperts, ColdPolicy, make_prefetch_hook
-from moerun.moe.experts import RoutedExperts
+from moerun.moe.experts import RoutedExperts, apply_expert
 from moerun.moe.store import QuantizedCache, layer_expert_blobs
 from moerun.quant.format import ExpertFormat
 from moerun.weights import CheckpointWeights
@@ -57,7 +57,7 @@ def attach_expert_cache(
     fmts, n_experts = {}, {}
     for i, path, m in modules:
         E, two_i, D = m.w13.shape
-        fmts[i] = ExpertFormat(bits, D, two_i // 2, dtype)
+        fmts[i] = ExpertFormat(bits, D, two_i // 2, dtype, bias=m.b13 is not None)
         n_experts[i] = E
     prefixes = {i: path for i, path, _ in modules}
 
@@ -83,14 +83,16 @@ def attach_expert_cache(
     copy_stream = torch.cuda.Stream(device) if on_cuda else None
     policy = ColdPolicy(mode=cold)
     cached: list[tuple[int, str, CachedExperts]] = []
-    for i, path, _ in modules:
+    for i, path, original in modules:
         store = stores[i]
         if on_cuda and slots < n_experts[i]:
             # Pinned host memory: the only kind a copy engine reads asynchronously.
             store = torch.empty(store.shape, dtype=store.dtype, pin_memory=True).copy_(store)
         elif on_cuda:
             store = store.to(device)  # all resident: no host copy is kept
-        module = CachedExperts(fmts[i], store, slots, device, dtype, policy, copy_stream)
+        module = CachedExperts(
+            fmts[i], store, slots, device, dtype, policy, copy_stream, original.act, original.weights_on_input
+        )
         owner_path, _, leaf = path.rpartition(".")
         setattr(lm.get_submodule(owner_path), leaf, module)
         cached.append((i, owner_path, module))
@@ -124,11 +126,10 @@ def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> No
             torch.cuda.synchronize(module.device)
         return (time.perf_counter() - t0) / repeats
 
-    from moerun.moe.cache import expert_ffn
-
     def cpu_expert(n: int):
         x = torch.randn(n, fmt.hidden_size, dtype=module.compute_dtype)
-        return lambda: expert_ffn(x, *fmt.unpack(store[0].cpu(), module.compute_dtype))
+        w = torch.ones(n, dtype=module.compute_dtype)
+        return lambda: apply_expert(x, w, *fmt.unpack(store[0].cpu(), module.compute_dtype), module.act, False)
 
     policy.copy_seconds = timed(lambda: scratch.copy_(store[0], non_blocking=True))
     one, eight = timed(cpu_expert(1)), timed(cpu_expert(8))

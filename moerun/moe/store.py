@@ -74,7 +74,12 @@ def layer_expert_blobs(
             f"tensors {prefix}.* have shapes {list(w13.shape[1:])} and {list(w2.shape[1:])}, "
             f"expected {list(want13)} and {list(want2)}"
         )
-    return torch.stack([fmt.pack(w13[e], w2[e]) for e in range(w13.shape[0])])
+    b13, b2 = stacked.get(f"{prefix}.b13"), stacked.get(f"{prefix}.b2")
+    if fmt.bias and (b13 is None or b2 is None):
+        raise MoerunError(f"tensors {prefix}.* lack the expert biases the model expects")
+    return torch.stack(
+        [fmt.pack(w13[e], w2[e], b13[e] if fmt.bias else None, b2[e] if fmt.bias else None) for e in range(w13.shape[0])]
+    )
 
 
 class QuantizedCache:

@@ -41,6 +41,7 @@ class ExpertFormat:
     hidden_size: int
     intermediate_size: int
     dtype: torch.dtype  # the 16-bit storage dtype, and the dtype dequantization returns
+    bias: bool = False  # b13 [2I] and b2 [D], kept in `dtype` at every bit width (tiny)
 
     @property
     def name(self) -> str:
@@ -61,6 +62,8 @@ class ExpertFormat:
                     (f"{name}.q", torch.uint8, (nf4.packed_bytes(numel),)),
                     (f"{name}.absmax", torch.float32, (nf4.n_blocks(numel),)),
                 ]
+        if self.bias:
+            parts += [("b13", self.dtype, (2 * I,)), ("b2", self.dtype, (D,))]
         out, offset = [], 0
         for name, dtype, shape in parts:
             out.append(Section(name, dtype, shape, offset))
@@ -78,10 +81,14 @@ class ExpertFormat:
             s.name: blob[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.sections
         }
 
-    def pack(self, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        """Quantize one expert (w13 [2I, D], w2 [D, I]) into a new uint8 blob on the CPU."""
+    def pack(self, w13: torch.Tensor, w2: torch.Tensor, b13=None, b2=None) -> torch.Tensor:
+        """Quantize one expert (w13 [2I, D], w2 [D, I], biases b13 [2I], b2 [D] when the
+        format has them) into a new uint8 blob on the CPU."""
         blob = torch.zeros(self.blob_bytes, dtype=torch.uint8)
         views = self.views(blob)
+        if self.bias:
+            views["b13"].copy_(b13.detach().cpu().to(self.dtype))
+            views["b2"].copy_(b2.detach().cpu().to(self.dtype))
         for name, w in (("w13", w13), ("w2", w2)):
             w = w.detach().cpu()
             if self.bits == 16:
@@ -96,8 +103,9 @@ class ExpertFormat:
                 views[f"{name}.absmax"].copy_(absmax)
         return blob
 
-    def unpack(self, blob: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One blob -> (w13 [2I, D], w2 [D, I]) in `dtype`, on the blob's device."""
+    def unpack(self, blob: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """One blob -> (w13 [2I, D], w2 [D, I], b13 [2I] | None, b2 [D] | None) in `dtype`,
+        on the blob's device."""
         views = self.views(blob)
         D, I = self.hidden_size, self.intermediate_size
         out = []
@@ -108,7 +116,9 @@ class ExpertFormat:
                 out.append(int8.dequantize(views[f"{name}.q"], views[f"{name}.scale"], dtype))
             else:
                 out.append(nf4.dequantize(views[f"{name}.q"], views[f"{name}.absmax"], shape, dtype))
-        return out[0], out[1]
+        if self.bias:
+            return out[0], out[1], views["b13"].to(dtype), views["b2"].to(dtype)
+        return out[0], out[1], None, None
 
 
 def _align(n: int) -> int:
