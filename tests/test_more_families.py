@@ -1,0 +1,205 @@
+"""OLMoE, Phi-3.5-MoE and GraniteMoE held against transformers on tiny random checkpoints
+saved by it (sharded, bf16): float32 logits within 1e-4 relative error, 32 greedy tokens
+identical, KV-cache decode equal to a full forward, and 4-bit experts through a one-slot
+cache equal to 4-bit fully resident. Each family's config turns its quirks on (clip_qkv,
+LongRoPE with mscale, attention and lm_head biases, multipliers != 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moerun
+from moerun.models import get_architecture
+from tests.model_fixtures import make_checkpoint, reference_model
+
+HEAD_DIM = 16  # BASE: hidden 64 over 4 heads
+LONGROPE = dict(
+    rope_type="longrope",
+    rope_theta=10000.0,
+    short_factor=[1.0 + 0.3 * i for i in range(HEAD_DIM // 2)],
+    long_factor=[2.0 + 0.7 * i for i in range(HEAD_DIM // 2)],
+    short_mscale=1.15,
+    long_mscale=1.3,
+    original_max_position_embeddings=64,  # longer than every sequence compared with transformers
+)
+CONFIGS = {
+    "olmoe": dict(num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.6),
+    "phimoe": dict(
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        attention_bias=True,
+        lm_head_bias=True,
+        router_jitter_noise=0.3,  # a wide band, so that the masked softmax weights are not all 1
+        rope_parameters=LONGROPE,
+    ),
+    "granitemoe": dict(
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.1,
+        logits_scaling=6.0,
+    ),
+}
+ARCHS = list(CONFIGS)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def checkpoint(request, tmp_path_factory):
+    arch = request.param
+    folder = make_checkpoint(tmp_path_factory.mktemp(arch), arch, dtype=torch.bfloat16, shards=2, **CONFIGS[arch])
+    return arch, folder
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    arch, folder = checkpoint
+    ours = moerun.load(str(folder), device="cpu", dtype=torch.float32)
+    return arch, folder, ours, reference_model(folder)
+
+
+def test_logits_match_transformers(pair):
+    _, _, ours, ref = pair
+    ids = torch.randint(0, ours.tokenizer.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+    got = ours.logits(ids)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-4
+
+
+def test_32_greedy_tokens_match_transformers(pair):
+    _, _, ours, ref = pair
+    prompt = ours.tokenizer.encode("The quick brown fox")
+    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
+    assert len(out.token_ids) == 32
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(32):
+            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.token_ids == ids[0, len(prompt) :].tolist()
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    _, _, ours, _ = pair
+    lm = ours.lm
+    ids = torch.randint(0, ours.tokenizer.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    full = ours.logits(ids)
+    caches = lm.make_caches(1, 20)
+    with torch.no_grad():
+        stepwise = [lm(ids[:, :8], caches, 0)]
+        for t in range(8, 20):
+            stepwise.append(lm(ids[:, t : t + 1], caches, t))
+    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+
+
+def test_4bit_one_slot_cache_equals_fully_resident(checkpoint, tmp_path, monkeypatch):
+    _, folder = checkpoint
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+    resident = moerun.load(str(folder), bits=4, device="cpu")
+    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
+    assert rel_err(offloaded.logits(ids), resident.logits(ids)) < 1e-6
+    assert offloaded.stats["total"]["misses"] > 0
+
+
+# -- family quirks ------------------------------------------------------------------------
+
+
+def test_olmoe_norm_topk_prob_and_no_clip_match(tmp_path):
+    folder = make_checkpoint(
+        tmp_path, "olmoe", dtype=torch.float32, shards=1, num_experts=6, num_experts_per_tok=2,
+        intermediate_size=32, norm_topk_prob=True,
+    )
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference_model(folder)(ids).logits
+    assert rel_err(moerun.load(str(folder), device="cpu").logits(ids), expected) < 1e-4
+
+
+def test_sparsemixer_equals_transformers_at_inference():
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from moerun.models.phimoe import sparsemixer_top2
+
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 2
+    logits[0, 3] = logits[0, 5] = logits[0].max() + 1  # a tie for the best
+    for eps in (0.01, 0.3):
+        ref_w, ref_ids = sparsemixer(logits, jitter_eps=eps, training=False)
+        ids, w = sparsemixer_top2(logits, eps)
+        assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+def test_longrope_switches_to_long_factors_past_the_original_length():
+    from types import SimpleNamespace
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moerun.models.phimoe import LongRoPE
+
+    rope = LongRoPE(HEAD_DIM, 10000.0, LONGROPE, 512)
+    config = SimpleNamespace(
+        rope_parameters=LONGROPE, hidden_size=64, num_attention_heads=4, head_dim=HEAD_DIM,
+        max_position_embeddings=512, standardize_rope_params=lambda: None,
+    )
+    original = LONGROPE["original_max_position_embeddings"]
+    for end, mscale in ((original, LONGROPE["short_mscale"]), (original + 1, LONGROPE["long_mscale"])):
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, seq_len=end)
+        positions = torch.arange(end - 4, end)
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = rope(positions, torch.float32)
+        assert torch.equal(cos, emb.cos() * mscale) and torch.equal(sin, emb.sin() * mscale)
+
+
+def test_phimoe_reads_hub_style_longrope_config():
+    # Phi-3.5-MoE's own config.json: rope_scaling with "type", rope_theta at top level.
+    cfg = {
+        "model_type": "phimoe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 4096, "max_position_embeddings": 131072,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0],
+                         "short_mscale": 1.2, "long_mscale": 1.2},
+    }
+    args = get_architecture("phimoe").ModelArgs.from_dict(cfg)
+    assert args.rope_theta == 10000.0 and args.longrope["original_max_position_embeddings"] == 4096
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "phimoe"])
+def test_sanitize_stacks_per_expert_weights_and_is_idempotent(arch):
+    module = get_architecture(arch)
+    cfg = {"model_type": arch, "vocab_size": 8, "hidden_size": 4, "intermediate_size": 3, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "num_experts_per_tok": 1,
+           "num_local_experts": 2, "num_experts": 2}
+    args = module.ModelArgs.from_dict(cfg)
+    names = ("w1", "w3", "w2") if arch == "phimoe" else ("gate_proj", "up_proj", "down_proj")
+    prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "phimoe" else "mlp.experts")
+    fake = {"model.norm.weight": torch.ones(4)}
+    for e in range(2):
+        fake[f"{prefix}.{e}.{names[0]}.weight"] = torch.full((3, 4), 10.0 * e + 1)
+        fake[f"{prefix}.{e}.{names[1]}.weight"] = torch.full((3, 4), 10.0 * e + 3)
+        fake[f"{prefix}.{e}.{names[2]}.weight"] = torch.full((4, 3), 10.0 * e + 2)
+    out = module.sanitize(fake, args)
+    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", "model.norm.weight"}
+    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
+    assert module.sanitize(out, args).keys() == out.keys()
+
+
+def test_granite_sanitize_renames_fused_experts():
+    module = get_architecture("granitemoe")
+    cfg = {"model_type": "granitemoe", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 3,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1}
+    args = module.ModelArgs.from_dict(cfg)
+    p = "model.layers.0.block_sparse_moe"
+    fake = {f"{p}.input_linear.weight": torch.zeros(2, 6, 4), f"{p}.output_linear.weight": torch.zeros(2, 4, 3),
+            f"{p}.router.layer.weight": torch.zeros(2, 4)}
+    out = module.sanitize(fake, args)
+    assert set(out) == {f"{p}.experts.w13", f"{p}.experts.w2", f"{p}.router.layer.weight"}
+    assert module.sanitize(out, args).keys() == out.keys()
