@@ -30,6 +30,19 @@ def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return found
 
 
+def expert_formats(lm: nn.Module, bits: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
+    """Per MoE layer: its ExpertFormat at `bits`, its expert count, its module path."""
+    modules = routed_expert_modules(lm)
+    if not modules:
+        raise MoerunError("this model has no routed experts to quantize or offload")
+    fmts, n_experts, paths = {}, {}, {}
+    for i, path, m in modules:
+        E, two_i, D = m.w13.shape
+        fmts[i] = ExpertFormat(bits, D, two_i // 2, dtype, bias=m.b13 is not None)
+        n_experts[i], paths[i] = E, path
+    return fmts, n_experts, paths
+
+
 def attach_expert_cache(
     lm: nn.Module,
     arch,
@@ -42,30 +55,21 @@ def attach_expert_cache(
     prefetch: bool = True,
     progress=None,
 ) -> dict:
-    """Replace every RoutedExperts in `lm` by a CachedExperts with `slots` slots.
-    `progress(done, total)` is called per MoE layer while stores are built.
+    """Replace every RoutedExperts in `lm` by a CachedExperts with `slots` slots, with the
+    experts of the checkpoint in `folder`.
 
     16-bit stores are packed in memory from the checkpoint; 4- and 8-bit stores come from
-    the on-disk quantized cache, built on first use. Returns facts for the report
-    (whether the cache was built, where it lives)."""
+    the on-disk quantized cache, built on first use. `progress(done, total)` is called per
+    MoE layer while stores are built. Returns facts for the report (whether the cache was
+    built, where it lives)."""
     if cold not in COLD_MODES:
         raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
-    modules = routed_expert_modules(lm)
-    if not modules:
-        raise MoerunError("this model has no routed experts to quantize or offload")
-    args = lm.args
-    fmts, n_experts = {}, {}
-    for i, path, m in modules:
-        E, two_i, D = m.w13.shape
-        fmts[i] = ExpertFormat(bits, D, two_i // 2, dtype, bias=m.b13 is not None)
-        n_experts[i] = E
-    prefixes = {i: path for i, path, _ in modules}
-
+    fmts, n_experts, paths = expert_formats(lm, bits, dtype)
     info: dict = {"bits": bits, "slots": slots}
     with CheckpointWeights.open(folder) as ckpt:
 
         def build(i: int) -> torch.Tensor:
-            return layer_expert_blobs(ckpt, arch, args, i, prefixes[i], fmts[i])
+            return layer_expert_blobs(ckpt, arch, lm.args, i, paths[i], fmts[i])
 
         if bits == 16:
             stores = {}
@@ -78,14 +82,31 @@ def attach_expert_cache(
             qcache = QuantizedCache(folder, fmts, n_experts, bits)
             stores, built = qcache.load_or_build(build, progress)
             info.update(quantized_cache=str(qcache.path), cache_built=built)
+    info.update(install_expert_cache(lm, stores, fmts, slots, device, dtype, cold, prefetch))
+    return info
 
+
+def install_expert_cache(
+    lm: nn.Module,
+    stores: dict[int, torch.Tensor],
+    fmts: dict[int, ExpertFormat],
+    slots: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    cold: str = "gpu",
+    prefetch: bool = True,
+) -> dict:
+    """Swap each layer's RoutedExperts for a CachedExperts over `stores[layer]` (uint8
+    [E, blob_bytes] host tensors), link prefetch, and calibrate the cold policy."""
+    if cold not in COLD_MODES:
+        raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
     on_cuda = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if on_cuda else None
     policy = ColdPolicy(mode=cold)
     cached: list[tuple[int, str, CachedExperts]] = []
-    for i, path, original in modules:
+    for i, path, original in routed_expert_modules(lm):
         store = stores[i]
-        if on_cuda and slots < n_experts[i]:
+        if on_cuda and slots < store.shape[0]:
             # Pinned host memory: the only kind a copy engine reads asynchronously.
             store = torch.empty(store.shape, dtype=store.dtype, pin_memory=True).copy_(store)
         elif on_cuda:
@@ -97,15 +118,32 @@ def attach_expert_cache(
         setattr(lm.get_submodule(owner_path), leaf, module)
         cached.append((i, owner_path, module))
 
-    if prefetch and slots < max(n_experts.values()):
+    if prefetch and slots < max(m.n_experts for _, _, m in cached):
         for (_, _, here), (_, next_owner, there) in zip(cached, cached[1:]):
-            block = lm.get_submodule(next_owner)
-            here.prefetch_hook = make_prefetch_hook(block.gate, there, block.top_k)
+            router, top_k = _router_of(lm.get_submodule(next_owner))
+            if router is not None:
+                here.prefetch_hook = make_prefetch_hook(router, there, top_k)
 
+    info = {}
     if cold == "auto":
         calibrate(policy, cached[0][2])
         info["cold_policy"] = {k: getattr(policy, k) for k in ("copy_seconds", "cpu_fixed_seconds", "cpu_token_seconds")}
     return info
+
+
+def _router_of(block: nn.Module) -> tuple[nn.Module | None, int]:
+    """The linear router of an MoE block and its top-k, whatever the family calls them
+    (`gate`, `router`, Granite's `router.layer`); (None, 0) when there is no plain linear
+    router to guess with, and then that layer is simply not prefetched."""
+    for name in ("gate", "router", "router.layer"):
+        try:
+            module = block.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            top_k = getattr(block, "top_k", None) or getattr(block, "num_experts_per_tok", None) or 2
+            return module, int(top_k)
+    return None, 0
 
 
 @torch.inference_mode()
