@@ -1,0 +1,90 @@
+"""Device helpers shared by the expert kernels: read a tile of one quantized matrix of a
+slot blob and dequantize it in registers. Not an op of its own (no launcher).
+
+Every matrix W [R, L] is read as column pairs: for rows `rows` and pair columns `pcols`
+(broadcastable int tensors, tile shape T) `load_pairs` returns (W[rows, 2p], W[rows, 2p+1])
+as float32 tensors of shape T. Pairs match NF4's packing (two codes per byte, first value
+in the high nibble), so a 4-bit byte is loaded once and feeds two multiply-adds; the
+activation side loads its even and odd elements to match.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def act_fn(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """The gated activation in float32. ACT 0: silu(gate) * up; ACT 1: gpt-oss' clamped
+    swiglu, gate * sigmoid(ALPHA * gate) * (up + 1) with gate <= LIMIT, |up| <= LIMIT."""
+    if ACT == 0:
+        return gate * tl.sigmoid(gate) * up
+    else:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        return gate * tl.sigmoid(gate * ALPHA) * (up + 1.0)
+
+
+@triton.jit
+def load_pairs(
+    # pointers to this slot's matrix: values (uint8 / int8 / storage dtype), float32 scales
+    q_ptr,
+    s_ptr,
+    nf4_ptr,  # float32 [16], the NF4 code table
+    # tile coordinates: row index, pair-column index (broadcastable), row mask
+    rows,
+    pcols,
+    row_mask,
+    L,  # row length of the matrix (its number of columns)
+    BITS: tl.constexpr,  # 4: NF4 blocks of 64 over the flattened matrix; 8: int8 + row scale; 16: as is
+    EVEN_L: tl.constexpr,  # L % 2 == 0: a 4-bit row starts on a byte, one byte per pair
+):
+    c0 = 2 * pcols
+    m0 = row_mask & (c0 < L)
+    m1 = row_mask & (c0 + 1 < L)
+    if BITS == 4:
+        f0 = rows * L + c0  # flat element index of the pair's first value
+        if EVEN_L:
+            byte = tl.load(q_ptr + (f0 >> 1), mask=m0, other=0).to(tl.int32)
+            amax = tl.load(s_ptr + (f0 >> 6), mask=m0, other=0.0)  # both values share a block
+            w0 = tl.load(nf4_ptr + (byte >> 4)) * amax
+            w1 = tl.load(nf4_ptr + (byte & 15)) * amax
+        else:
+            # A row may start mid-byte: each value finds its own byte, nibble and block.
+            f1 = f0 + 1
+            b0 = tl.load(q_ptr + (f0 >> 1), mask=m0, other=0).to(tl.int32)
+            b1 = tl.load(q_ptr + (f1 >> 1), mask=m1, other=0).to(tl.int32)
+            n0 = (b0 >> ((1 - (f0 & 1)) * 4)) & 15
+            n1 = (b1 >> ((1 - (f1 & 1)) * 4)) & 15
+            w0 = tl.load(nf4_ptr + n0) * tl.load(s_ptr + (f0 >> 6), mask=m0, other=0.0)
+            w1 = tl.load(nf4_ptr + n1) * tl.load(s_ptr + (f1 >> 6), mask=m1, other=0.0)
+    else:
+        # [T..., 2]: the pair is the contiguous last axis, so the load can vectorise.
+        two = tl.arange(0, 2)
+        offs = (rows * L + c0)[:, :, None] + two[None, None, :]
+        mask = row_mask[:, :, None] & ((c0[:, :, None] + two[None, None, :]) < L)
+        w = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
+        w0, w1 = tl.split(w)
+        if BITS == 8:
+            scale = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+            w0 = w0 * scale
+            w1 = w1 * scale
+    return w0, w1
+
+
+@triton.jit
+def load_vec_pairs(ptr, pcols, n):
+    """(v[2p], v[2p+1]) float32 of a contiguous vector v [n]; pcols [P]."""
+    two = tl.arange(0, 2)
+    offs = 2 * pcols[:, None] + two[None, :]
+    v = tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    return tl.split(v)
+
+
+@triton.jit
+def load_mat_pairs(ptr, rows, pcols, row_mask, stride, n):
+    """(A[rows, 2p], A[rows, 2p+1]) float32 of a row-major A [*, n]; rows [M], pcols [P] -> [M, P]."""
+    two = tl.arange(0, 2)
+    cols = 2 * pcols[None, :, None] + two[None, None, :]
+    offs = rows[:, None, None] * stride + cols
+    v = tl.load(ptr + offs, mask=row_mask[:, None, None] & (cols < n), other=0.0)
+    return tl.split(v)

@@ -1,0 +1,231 @@
+"""Fused expert FFN for few tokens (decode): two launches per MoE layer.
+
+1. gate_up: for every (token, k) pair, h = act(x·W1ᵀ, x·W3ᵀ) over the pair's slot, with
+   gate and up rows of w13 read in the same program (one pass over x, one launch).
+2. down: for every token, out = Σ_k weight_k · (h_k·W2ᵀ): the down projection, the
+   routing weight and the sum over the token's k experts in one launch, no atomics.
+
+Weights are read from the slot blobs once per pair and dequantized in registers (NF4 in
+bitsandbytes' layout, int8 per row, or 16-bit as is). At batch 1 this is a GEMV chain
+bound by memory: its speed is bytes of quantized weights / bandwidth.
+
+Shape legend: N tokens, K experts per token, P = N*K pairs, S slots, D hidden,
+I expert intermediate, B blob bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moerun.kernels.dequant import act_fn, load_pairs, load_vec_pairs
+from moerun.kernels.layout import SlotLayout, empty
+
+
+@triton.jit
+def _gate_up_kernel(
+    # tensors
+    x_ptr,  # [N, D] activations (compute dtype)
+    slot_ids_ptr,  # [P] int32/int64, slot of each (token, k) pair
+    pair_w_ptr,  # [P] routing weights (read only with WEIGHTS_ON_INPUT)
+    h_ptr,  # [P, I] float32 output
+    q_ptr,  # slot values view [S, *] (uint8 / int8 / storage dtype)
+    s_ptr,  # slot scales view [S, *] float32
+    b_ptr,  # slot storage-dtype view [S, *] (biases)
+    nf4_ptr,  # [16] float32 NF4 table
+    # slot layout, in elements of each view
+    slot_stride_q,
+    slot_stride_s,
+    slot_stride_b,
+    off_q,
+    off_s,
+    off_b,
+    # sizes and strides
+    D,
+    I,
+    K,
+    stride_x,
+    # meta
+    BITS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    ACT: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows of h per program
+    BLOCK_P: tl.constexpr,  # column pairs of D per step (2 * BLOCK_P columns)
+):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tok = pair // K
+    slot = tl.load(slot_ids_ptr + pair).to(tl.int64)
+    q = q_ptr + slot * slot_stride_q + off_q
+    s = s_ptr + slot * slot_stride_s + off_s
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < I
+    rows_g = n[:, None]
+    rows_u = (n + I)[:, None]  # up rows follow the I gate rows in w13
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, tl.cdiv(D, 2), BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        x0, x1 = load_vec_pairs(x_ptr + tok * stride_x, p, D)
+        g0, g1 = load_pairs(q, s, nf4_ptr, rows_g, p[None, :], n_mask[:, None], D, BITS, EVEN_L)
+        acc_g += tl.sum(g0 * x0[None, :] + g1 * x1[None, :], axis=1)
+        u0, u1 = load_pairs(q, s, nf4_ptr, rows_u, p[None, :], n_mask[:, None], D, BITS, EVEN_L)
+        acc_u += tl.sum(u0 * x0[None, :] + u1 * x1[None, :], axis=1)
+
+    if WEIGHTS_ON_INPUT:  # (w·x)·Wᵀ = w·(x·Wᵀ): scale after the dot, before the bias
+        w = tl.load(pair_w_ptr + pair).to(tl.float32)
+        acc_g *= w
+        acc_u *= w
+    if HAS_BIAS:
+        b = b_ptr + slot * slot_stride_b + off_b
+        acc_g += tl.load(b + n, mask=n_mask, other=0.0).to(tl.float32)
+        acc_u += tl.load(b + I + n, mask=n_mask, other=0.0).to(tl.float32)
+    h = act_fn(acc_g, acc_u, ACT, ALPHA, LIMIT)
+    tl.store(h_ptr + pair * I + n, h, mask=n_mask)
+
+
+@triton.jit
+def _down_sum_kernel(
+    # tensors
+    h_ptr,  # [P, I] float32
+    slot_ids_ptr,  # [P]
+    pair_w_ptr,  # [P] routing weights
+    out_ptr,  # [N, D] output (compute dtype)
+    q_ptr,
+    s_ptr,
+    b_ptr,
+    nf4_ptr,
+    # slot layout, in elements of each view
+    slot_stride_q,
+    slot_stride_s,
+    slot_stride_b,
+    off_q,
+    off_s,
+    off_b,
+    # sizes and strides
+    D,
+    I,
+    K,
+    stride_out,
+    # meta
+    BITS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WEIGHTS_ON_INPUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # output features (rows of w2) per program
+    BLOCK_P: tl.constexpr,  # column pairs of I per step
+):
+    tok = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = d < D
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(K):
+        pair = tok * K + k
+        slot = tl.load(slot_ids_ptr + pair).to(tl.int64)
+        q = q_ptr + slot * slot_stride_q + off_q
+        s = s_ptr + slot * slot_stride_s + off_s
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for p0 in range(0, tl.cdiv(I, 2), BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            h0, h1 = load_vec_pairs(h_ptr + pair * I, p, I)
+            w0, w1 = load_pairs(q, s, nf4_ptr, d[:, None], p[None, :], d_mask[:, None], I, BITS, EVEN_L)
+            acc += tl.sum(w0 * h0[None, :] + w1 * h1[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + slot * slot_stride_b + off_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        if not WEIGHTS_ON_INPUT:
+            acc *= tl.load(pair_w_ptr + pair).to(tl.float32)
+        out += acc
+    tl.store(out_ptr + tok * stride_out + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def check_inputs(x, slot_ids, weights, slots, layout: SlotLayout) -> None:
+    """Shared launcher checks: shapes, dtypes, devices, contiguity."""
+    D, I = layout.w2.rows, layout.w2.cols
+    assert x.dim() == 2 and x.shape[1] == D, f"x must be [N, {D}], got {tuple(x.shape)}"
+    assert x.stride(1) == 1, "x rows must be contiguous"
+    assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
+    assert slot_ids.dim() == 2 and slot_ids.shape[0] == x.shape[0], "slot_ids must be [N, K]"
+    assert slot_ids.dtype in (torch.int32, torch.int64), slot_ids.dtype
+    assert weights.shape == slot_ids.shape and weights.is_floating_point(), "weights must be float [N, K]"
+    assert slots.dtype == torch.uint8 and slots.dim() == 2 and slots.shape[1] == layout.blob_bytes, (
+        f"slots must be uint8 [S, {layout.blob_bytes}], got {slots.dtype} {tuple(slots.shape)}"
+    )
+    assert slots.is_contiguous(), "slots must be contiguous"
+    for t in (slot_ids, weights, slots):
+        assert t.device == x.device, f"all inputs on {x.device}, got one on {t.device}"
+    assert layout.w13.rows * layout.w13.cols < 2**31, "one matrix must have < 2**31 elements"
+
+
+def nf4_table(device: torch.device) -> torch.Tensor:
+    from moerun.quant.nf4 import NF4_LEVELS
+
+    return NF4_LEVELS.to(device=device, dtype=torch.float32)
+
+
+def act_params(act) -> tuple[int, float, float]:
+    """(ACT, ALPHA, LIMIT) from an activation object with .kind/.alpha/.limit, or None (silu)."""
+    if act is None or getattr(act, "kind", "silu") == "silu":
+        return 0, 1.0, 0.0
+    assert act.kind == "swiglu_clamped", f"unsupported expert activation {act.kind!r}"
+    return 1, float(act.alpha), float(act.limit)
+
+
+def moe_decode(
+    x: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: torch.Tensor,
+    slots: torch.Tensor,
+    layout: SlotLayout,
+    config: dict,
+    act=None,
+    weights_on_input: bool = False,
+) -> torch.Tensor:
+    """Σ_k weights[n, k] · expert_{slot_ids[n, k]}(x[n]) for few tokens.
+
+    x [N, D] float32/float16/bfloat16; slot_ids [N, K] int32/int64 (slot indices into
+    `slots`, already remapped from expert ids); weights [N, K] float; slots uint8 [S, B];
+    config: {"BLOCK_N", "BLOCK_P", "num_warps"} for each of "gate_up" and "down".
+    Returns [N, D] in x.dtype. No host synchronisation: safe to capture in a CUDA graph.
+    """
+    check_inputs(x, slot_ids, weights, slots, layout)
+    N, K = slot_ids.shape
+    D, I = layout.w2.rows, layout.w2.cols
+    ids = slot_ids.contiguous().view(-1)
+    pair_w = weights.contiguous().view(-1)
+    qv, sv, bv = layout.views(slots)
+    nf4 = nf4_table(x.device)
+    ACT, ALPHA, LIMIT = act_params(act)
+    h = empty((N * K, I), torch.float32, x.device)
+    out = empty(x.shape, x.dtype, x.device)
+    if N == 0:
+        return out.zero_()
+
+    c = config["gate_up"]
+    grid = (N * K, triton.cdiv(I, c["BLOCK_N"]))
+    _gate_up_kernel[grid](
+        x, ids, pair_w, h, qv, sv, bv, nf4,
+        qv.stride(0), sv.stride(0), bv.stride(0), layout.w13.q_offset, layout.w13.scale_offset,
+        max(layout.b13_offset, 0),
+        D, I, K, x.stride(0),
+        BITS=layout.bits, EVEN_L=D % 2 == 0, HAS_BIAS=layout.has_bias, WEIGHTS_ON_INPUT=weights_on_input,
+        ACT=ACT, ALPHA=ALPHA, LIMIT=LIMIT,
+        BLOCK_N=c["BLOCK_N"], BLOCK_P=c["BLOCK_P"], num_warps=c.get("num_warps", 4),
+    )  # fmt: skip
+    c = config["down"]
+    grid = (N, triton.cdiv(D, c["BLOCK_N"]))
+    _down_sum_kernel[grid](
+        h, ids, pair_w, out, qv, sv, bv, nf4,
+        qv.stride(0), sv.stride(0), bv.stride(0), layout.w2.q_offset, layout.w2.scale_offset,
+        max(layout.b2_offset, 0),
+        D, I, K, out.stride(0),
+        BITS=layout.bits, EVEN_L=I % 2 == 0, HAS_BIAS=layout.has_bias, WEIGHTS_ON_INPUT=weights_on_input,
+        BLOCK_N=c["BLOCK_N"], BLOCK_P=c["BLOCK_P"], num_warps=c.get("num_warps", 4),
+    )  # fmt: skip
+    return out
