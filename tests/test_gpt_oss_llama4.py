@@ -1,0 +1,326 @@
+"""gpt-oss and Llama 4 held against transformers on tiny random checkpoints saved by it:
+float32 logits within 1e-4 relative error (sliding windows / attention chunks shorter
+than the sequences, so they matter), 32 greedy tokens identical, KV-cache decode equal
+to a full forward, 4-bit experts offloaded to one slot equal to 4-bit resident; MXFP4
+dequantization equal to transformers', and a checkpoint with MXFP4 experts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moerun
+from moerun.models import get_architecture
+from moerun.quant import mxfp4
+from tests.model_fixtures import BASE, reference_model
+from tests.tokenizer_fixtures import write_tokenizer
+
+FAMILIES = ["gpt_oss", "llama4"]
+
+GPT_OSS = dict(
+    BASE,
+    intermediate_size=32,  # a multiple of 32: MXFP4 blocks
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=6,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                         truncate=False, original_max_position_embeddings=64),
+)  # fmt: skip
+LLAMA4_TEXT = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=32,
+    intermediate_size_mlp=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,  # MoE layers 1 and 3, dense 0 and 2
+    no_rope_layers=[1, 1, 1, 0],  # layer 3: no RoPE, full attention, temperature tuning
+    attention_chunk_size=6,
+    floor_scale=4,
+    attn_scale=0.5,
+    max_position_embeddings=512,
+    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=64),
+)  # fmt: skip
+LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    # Larger than the init scale so routers and the sampler make real decisions; biases,
+    # sinks and router biases too, so that each of them is checked.
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+            elif "norm" not in name:
+                p.normal_(0.0, 0.5)
+
+
+def _save(model, folder: Path, dtype: torch.dtype, shards: int) -> Path:
+    model = model.to(dtype)
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(folder, max_shard_size=max(total // shards + 1, 1024))
+    else:
+        model.save_pretrained(folder, max_shard_size="10GB")
+    return folder
+
+
+def _folder(folder: Path) -> tuple[Path, dict]:
+    """`folder` with the test tokenizer in it, and the bos/eos ids for the config."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder, template="chatml")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return folder, dict(bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("<|im_end|>"))
+
+
+def make_gpt_oss(folder: Path, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
+    import transformers
+
+    folder, ids = _folder(folder)
+    config = transformers.GptOssConfig(**{**GPT_OSS, **ids, **overrides})
+    model = transformers.GptOssForCausalLM(config)
+    _randomize(model, seed)
+    return _save(model, folder, dtype, shards)
+
+
+def make_llama4(folder: Path, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
+    """Llama4ForConditionalGeneration, vision tower included, as the Hub checkpoints are."""
+    import transformers
+
+    folder, ids = _folder(folder)
+    text = {**LLAMA4_TEXT, **ids, **overrides}
+    config = transformers.Llama4Config(text_config=text, vision_config=LLAMA4_VISION, **ids)
+    model = transformers.Llama4ForConditionalGeneration(config)
+    _randomize(model, seed)
+    return _save(model, folder, dtype, shards)
+
+
+MAKERS = {"gpt_oss": make_gpt_oss, "llama4": make_llama4}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    return family, MAKERS[family](tmp_path_factory.mktemp(family), dtype=torch.bfloat16, shards=3)
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    family, folder = checkpoint
+    ours = moerun.load(str(folder), device="cpu", dtype=torch.float32)
+    return family, folder, ours, reference_model(folder)
+
+
+# -- parity with transformers -----------------------------------------------------------
+
+
+def test_logits_match_transformers(pair):
+    _, _, ours, ref = pair
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+    got = ours.logits(ids)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-4
+
+
+def test_32_greedy_tokens_match_transformers(pair):
+    _, _, ours, ref = pair
+    prompt = ours.tokenizer.encode("The quick brown fox")
+    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
+    assert len(out.token_ids) == 32
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(32):
+            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.token_ids == ids[0, len(prompt) :].tolist()
+    assert len(set(out.token_ids)) > 3  # not a degenerate repetition
+    # transformers' own generate() (its KV cache, its chunked / sliding cache layers).
+    with torch.no_grad():
+        hf = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
+    assert out.token_ids[: len(hf)] == hf
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    _, _, ours, _ = pair
+    lm = ours.lm
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    full = ours.logits(ids)
+    caches = lm.make_caches(1, 20)
+    with torch.no_grad():
+        stepwise = [lm(ids[:, :8], caches, 0)]
+        for t in range(8, 20):
+            stepwise.append(lm(ids[:, t : t + 1], caches, t))
+    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+
+
+def test_four_bit_experts_offloaded_to_one_slot_equal_resident(checkpoint):
+    _, folder = checkpoint
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+    resident = moerun.load(str(folder), bits=4, device="cpu")
+    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
+    expected = resident.logits(ids)
+    assert rel_err(offloaded.logits(ids), expected) < 1e-6
+    assert offloaded.stats["total"]["misses"] > 0
+    # 4-bit experts stay close to the checkpoint's.
+    assert rel_err(expected, moerun.load(str(folder), device="cpu").logits(ids)) < 0.2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_local_attention_matches_and_matters(tmp_path, family):
+    """gpt-oss' sliding window and Llama 4's attention chunks, shorter than the sequence."""
+    local = {"gpt_oss": dict(sliding_window=4), "llama4": dict(attention_chunk_size=5)}[family]
+    wide = {"gpt_oss": dict(sliding_window=64), "llama4": dict(attention_chunk_size=64)}[family]
+    folder = MAKERS[family](tmp_path / "w", dtype=torch.float32, shards=1, **local)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference_model(folder)(ids).logits
+    assert rel_err(moerun.load(str(folder), device="cpu").logits(ids), expected) < 1e-4
+    plain = MAKERS[family](tmp_path / "p", dtype=torch.float32, shards=1, **wide)
+    assert rel_err(moerun.load(str(plain), device="cpu").logits(ids)[:, 8:], expected[:, 8:]) > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint", ["llama4"], indirect=True)
+def test_llama4_ignores_the_vision_tower(checkpoint):
+    _, folder = checkpoint
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert any(n.startswith("vision_model.") for n in index["weight_map"])
+    names = {n for n, _ in moerun.load(str(folder), device="cpu").lm.named_parameters()}
+    assert not any("vision" in n or "projector" in n for n in names)
+    assert "model.layers.1.feed_forward.experts.w13" in names and "model.layers.0.feed_forward.gate_proj.weight" in names
+
+
+# -- sanitize -----------------------------------------------------------------------------
+
+
+def test_gpt_oss_sanitize_deinterleaves_gate_and_up_and_is_idempotent():
+    module = get_architecture("gpt_oss")
+    args = module.ModelArgs.from_dict({**GPT_OSS, "model_type": "gpt_oss", "num_hidden_layers": 1})
+    E, D, I = 4, 64, 32
+    p = "model.layers.0.mlp.experts"
+    gate_up = torch.randn(E, D, 2 * I)
+    fake = {f"{p}.gate_up_proj": gate_up, f"{p}.down_proj": torch.randn(E, I, D),
+            f"{p}.gate_up_proj_bias": torch.arange(2.0 * I).repeat(E, 1), f"{p}.down_proj_bias": torch.randn(E, D),
+            "model.norm.weight": torch.ones(D)}  # fmt: skip
+    out = module.sanitize(fake, args)
+    assert set(out) == {f"{p}.w13", f"{p}.w2", f"{p}.b13", f"{p}.b2", "model.norm.weight"}
+    assert out[f"{p}.w13"].shape == (E, 2 * I, D) and out[f"{p}.w2"].shape == (E, D, I)
+    assert torch.equal(out[f"{p}.w13"][:, :I], gate_up[..., ::2].transpose(1, 2))
+    assert torch.equal(out[f"{p}.w13"][:, I:], gate_up[..., 1::2].transpose(1, 2))
+    assert out[f"{p}.b13"][0, :3].tolist() == [0, 2, 4] and out[f"{p}.b13"][0, I : I + 3].tolist() == [1, 3, 5]
+    assert module.sanitize(out, args).keys() == out.keys()
+
+
+def test_llama4_sanitize_strips_the_prefix_and_transposes_experts():
+    module = get_architecture("llama4")
+    args = module.ModelArgs.from_dict({"model_type": "llama4", "text_config": LLAMA4_TEXT})
+    assert args.moe_layers == [1, 3] and args.layer_types[3] == "full_attention"
+    E, D, I = 4, 64, 32
+    gate_up = torch.randn(E, D, 2 * I)
+    p = "language_model.model.layers.1.feed_forward.experts"
+    fake = {f"{p}.gate_up_proj": gate_up, f"{p}.down_proj": torch.randn(E, I, D),
+            "language_model.lm_head.weight": torch.randn(8, D), "vision_model.x.weight": torch.randn(2),
+            "multi_modal_projector.linear_1.weight": torch.randn(2)}  # fmt: skip
+    out = module.sanitize(fake, args)
+    q = "model.layers.1.feed_forward.experts"
+    assert set(out) == {f"{q}.w13", f"{q}.w2", "lm_head.weight"}
+    assert torch.equal(out[f"{q}.w13"][:, :I], gate_up[..., :I].transpose(1, 2))  # gate rows first
+    assert out[f"{q}.w2"].shape == (E, D, I)
+    assert module.sanitize(out, args).keys() == out.keys()
+
+
+# -- MXFP4 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_mxfp4_dequantize_equals_transformers(dtype):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 140, (3, 40, 4), dtype=torch.uint8, generator=g)
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    got = mxfp4.dequantize(blocks, scales, dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_mxfp4_quantize_round_trips_dequantized_blocks():
+    w = torch.randn(5, 8, 64, generator=torch.Generator().manual_seed(1))
+    blocks, scales = mxfp4.quantize_rows(w)
+    deq = mxfp4.dequantize_rows(blocks, scales, torch.float32)
+    assert rel_err(deq, w) < 0.15  # 4-bit, 8-bit shared exponent
+    assert all(torch.equal(a, b) for a, b in zip(mxfp4.quantize_rows(deq), (blocks, scales)))
+
+
+def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
+    """Experts stored as the released checkpoints store them: the reference is the same
+    model with the dequantized experts, saved by transformers in bf16 (exact: FP4 values
+    times powers of two fit bf16)."""
+    import transformers
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    dense, _ = _folder(tmp_path / "bf16")
+    config = transformers.GptOssConfig(**GPT_OSS)
+    model = transformers.GptOssForCausalLM(config)
+    _randomize(model, 3)
+    E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+    g = torch.Generator().manual_seed(4)
+    packed = {}
+    for i, layer in enumerate(model.model.layers):
+        # Rows are output features: gate_up [E, 2I (interleaved), D/32, 16], down [E, D, I/32, 16].
+        for name, rows, cols in (("gate_up_proj", 2 * I, D), ("down_proj", D, I)):
+            blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(122, 126, (E, rows, cols // 32), dtype=torch.uint8, generator=g)
+            packed[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
+            packed[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
+            with torch.no_grad():
+                getattr(layer.mlp.experts, name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    _save(model, dense, torch.bfloat16, shards=1)
+
+    quantized = tmp_path / "mxfp4"
+    shutil.copytree(dense, quantized)
+    tensors = load_file(str(quantized / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        del tensors[name]
+    tensors.update(packed)
+    save_file(tensors, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (quantized / "config.json").write_text(json.dumps(cfg))
+
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reference_model(dense)(ids).logits
+    got = moerun.load(str(quantized), device="cpu").logits(ids)
+    assert rel_err(got, expected) < 1e-4
+    assert torch.equal(got, moerun.load(str(dense), device="cpu").logits(ids))
+    # And through the quantized expert store, offloaded to one slot.
+    four = moerun.load(str(quantized), bits=4, device="cpu")
+    assert rel_err(moerun.load(str(quantized), bits=4, device="cpu", expert_slots=1).logits(ids), four.logits(ids)) < 1e-6
