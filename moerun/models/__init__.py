@@ -58,6 +58,8 @@ def load_model(
         model = arch.Model(args)
     expected = {n: p for n, p in model.named_parameters() if routed_experts or not is_routed_expert(n)}
 
+    # Names an architecture keeps in float32 whatever `dtype` (e.g. DeepSeek-V3's router bias).
+    keep_fp32 = tuple(getattr(arch, "FLOAT32_PARAMS", ()))
     with CheckpointWeights.open(folder) as ckpt:
         groups: dict[int | None, list[str]] = defaultdict(list)
         for name in ckpt.keys():
@@ -75,7 +77,7 @@ def load_model(
                     raise MoerunError(
                         f"tensor {name} has shape {list(tensor.shape)}, expected {list(param.shape)}"
                     )
-                _assign(model, name, tensor.to(device=device, dtype=dtype))
+                _assign(model, name, tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype))
 
     if "lm_head.weight" in expected and getattr(args, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,287 @@
+"""DeepSeek-V2 and -V3 held against transformers on tiny random checkpoints saved by it
+(sharded, bf16): float32 logits within 1e-4 relative error, 32 greedy tokens identical,
+KV-cache decode equal to a full forward, a cache that holds only the MLA latent, and
+4-bit experts with one slot equal to 4-bit fully resident. Also the RoPE variants
+against transformers' own functions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moerun
+from moerun import rope
+from moerun.errors import MoerunError
+from moerun.models import get_architecture
+from tests.model_fixtures import make_checkpoint, reference_model
+
+# Real DeepSeek configs have as many kv heads as heads (MLA does not group them).
+MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=24,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+)
+YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
+CASES = {
+    # DeepSeek-V2-Lite's shape: q_proj directly, greedy top-k.
+    "v2_lite": ("deepseek_v2", dict(MLA, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
+                                    routed_scaling_factor=1.5)),
+    # DeepSeek-V2's: low-rank queries, group-limited top-k, yarn with mscale == mscale_all_dim.
+    "v2": ("deepseek_v2", dict(MLA, q_lora_rank=32, n_shared_experts=2, topk_method="group_limited_greedy",
+                               n_group=4, topk_group=2, rope_theta=10000.0,
+                               rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # DeepSeek-V3's: sigmoid + correction bias + groups, renormalised and scaled, yarn with
+    # mscale != mscale_all_dim (so both the cos/sin factor and the softmax scale move).
+    "v3": ("deepseek_v3", dict(MLA, q_lora_rank=32, n_shared_experts=1, n_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+                               rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite checkpoint tensors in place, in whichever shard holds them."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in {weight_map[name] for name in values}:
+        tensors = load_file(folder / shard)
+        tensors.update({k: v for k, v in values.items() if weight_map[k] == shard})
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+
+
+def make_deepseek(folder, case: str):
+    arch, config = CASES[case]
+    folder = make_checkpoint(folder, arch, dtype=torch.bfloat16, shards=2, **config)
+    if arch == "deepseek_v3":
+        # transformers initialises the correction bias to zeros; real ones are not, and
+        # they change which experts win. Stored in float32, as in the released checkpoint.
+        g = torch.Generator().manual_seed(7)
+        set_tensors(folder, {
+            f"model.layers.{i}.mlp.gate.e_score_correction_bias": 0.2 * torch.randn(8, generator=g)
+            for i in range(1, 3)
+        })
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def checkpoint(request, tmp_path_factory):
+    return request.param, make_deepseek(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    case, folder = checkpoint
+    return case, folder, moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+
+
+IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def test_logits_match_transformers(pair):
+    _, _, ours, ref = pair
+    with torch.no_grad():
+        expected = ref(IDS).logits.float()
+    got = ours.logits(IDS)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-4
+
+
+def test_32_greedy_tokens_match_transformers(pair):
+    _, _, ours, ref = pair
+    prompt = ours.tokenizer.encode("The quick brown fox")
+    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
+    assert len(out.token_ids) == 32
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(32):
+            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.token_ids == ids[0, len(prompt) :].tolist()
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    _, _, ours, _ = pair
+    lm = ours.lm
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    full = ours.logits(ids)
+    caches = lm.make_caches(1, 20)
+    with torch.no_grad():
+        stepwise = [lm(ids[:, :8], caches, 0)]
+        for t in range(8, 20):
+            stepwise.append(lm(ids[:, t : t + 1], caches, t))
+    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+
+
+def test_cache_holds_only_the_latent(pair):
+    _, _, ours, _ = pair
+    args = ours.lm.args
+    per_token = args.kv_lora_rank + args.qk_rope_head_dim  # 40, against 4 * (24 + 24) expanded
+    caches = ours.lm.make_caches(2, 50)
+    assert len(caches) == args.num_hidden_layers
+    for cache in caches:
+        tensors = [v for v in vars(cache).values() if isinstance(v, torch.Tensor)]
+        assert cache.max_len == 50
+        assert sum(t.numel() for t in tensors) == 2 * 50 * per_token
+        assert sum(t.numel() * t.element_size() for t in tensors) == 2 * 50 * per_token * 4
+    # What decode writes is the normalised latent and the rope'd shared key, nothing else.
+    caches = ours.lm.make_caches(1, 17)
+    with torch.no_grad():
+        ours.lm(IDS[:1], caches, 0)
+    assert caches[0].latent.abs().sum(-1).ne(0).all()
+
+
+def test_4bit_one_slot_equals_4bit_resident(checkpoint):
+    _, folder = checkpoint
+    resident = moerun.load(str(folder), bits=4, device="cpu")
+    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
+    assert offloaded.plan.expert_slots_per_layer == 1
+    assert rel_err(offloaded.logits(IDS), resident.logits(IDS)) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", ["v3"], indirect=True)
+def test_v3_correction_bias_is_used_and_kept_in_float32(pair):
+    _, folder, ours, _ = pair
+    gate = ours.lm.model.layers[1].mlp.gate
+    bias = gate.e_score_correction_bias.clone()
+    assert bias.abs().sum() > 0
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+        without = ours.logits(IDS)
+        gate.e_score_correction_bias.copy_(bias)
+    assert rel_err(without, ours.logits(IDS)) > 1e-3
+    half = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    assert half.lm.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert half.lm.model.layers[2].mlp.gate.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("checkpoint", ["v3"], indirect=True)
+def test_yarn_matters(pair):
+    _, folder, ours, ref = pair
+    config = json.loads((folder / "config.json").read_text())
+    args = get_architecture("deepseek_v3").ModelArgs.from_dict({**config, "rope_parameters": {"rope_theta": 10000.0}})
+    assert args.rope["rope_type"] == "default"
+    plain = get_architecture("deepseek_v3").Model(args)
+    plain.load_state_dict(ours.lm.state_dict())
+    # YaRN changes the frequencies themselves, so it matters at any length.
+    long_ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(long_ids).logits
+        assert rel_err(plain(long_ids, plain.make_caches(1, 40)), expected) > 1e-3
+    assert rel_err(ours.logits(long_ids), expected) < 1e-4
+
+
+# -- configs and rope ------------------------------------------------------------------------
+
+
+def _hf_config(params: dict, head_dim: int = 16):
+    import transformers
+
+    return transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=512,
+        rope_parameters=dict(params),
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 128,
+         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+         "mscale": 1.0, "mscale_all_dim": 0.8},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
+         "attention_factor": 1.3, "truncate": False},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 256},
+    ],
+)
+def test_rope_variants_equal_transformers(params):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    hf = _hf_config(params)
+    kind = params["rope_type"]
+    if kind == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        want = LlamaRotaryEmbedding.compute_default_rope_parameters(hf)
+    else:
+        want = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    params = rope.rope_parameters({"rope_parameters": params, "max_position_embeddings": 512})
+    ours = rope.inv_freq_and_scaling(params, 16, 512)
+    assert torch.equal(ours[0], want[0]) and ours[1] == pytest.approx(want[1], rel=1e-12)
+    assert rope.softmax_scale(hf.rope_parameters, 0.2) == yarn_apply_mscale(hf.rope_parameters, 0.2)
+
+
+def test_hub_and_transformers5_rope_configs_agree():
+    hub = {"rope_theta": 10000.0, "max_position_embeddings": 163840,
+           "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+    saved = {"max_position_embeddings": 163840,
+             "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40,
+                                 "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0}}
+    a, b = rope.rope_parameters(hub), rope.rope_parameters(saved)
+    assert a["rope_type"] == b["rope_type"] == "yarn" and a["rope_theta"] == b["rope_theta"] == 10000.0
+    fa, fb = rope.inv_freq_and_scaling(a, 64), rope.inv_freq_and_scaling(b, 64)
+    assert torch.equal(fa[0], fb[0]) and fa[1] == fb[1] == 1.0
+    # DeepSeek-V3's softmax scale: (1 + 0.1 ln 40)^2 / sqrt(192).
+    mscale = 1 + 0.1 * math.log(40)
+    assert rope.softmax_scale(a, 192**-0.5) == pytest.approx(mscale**2 / 192**0.5)
+    assert rope.rope_parameters({})["rope_type"] == "default"
+
+
+def _fake_config(arch: str, **extra) -> dict:
+    return {"model_type": arch, "vocab_size": 8, "hidden_size": 4, "intermediate_size": 6, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "moe_intermediate_size": 3, "n_routed_experts": 2, "num_experts_per_tok": 1,
+            "first_k_dense_replace": 1, "kv_lora_rank": 4, "q_lora_rank": None, "qk_rope_head_dim": 2,
+            "qk_nope_head_dim": 2, "v_head_dim": 2, "n_group": 1, "topk_group": 1, **extra}
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_sanitize_stacks_experts_and_is_idempotent(arch):
+    module = get_architecture(arch)
+    args = module.ModelArgs.from_dict(_fake_config(arch))
+    assert args.moe_layers == {1}
+    prefix = "model.layers.1.mlp.experts"
+    fake = {"model.layers.1.mlp.gate.weight": torch.ones(2, 4)}
+    for e in range(2):
+        fake[f"{prefix}.{e}.gate_proj.weight"] = torch.full((3, 4), 10.0 * e + 1)
+        fake[f"{prefix}.{e}.up_proj.weight"] = torch.full((3, 4), 10.0 * e + 3)
+        fake[f"{prefix}.{e}.down_proj.weight"] = torch.full((4, 3), 10.0 * e + 2)
+    out = module.sanitize(fake, args)
+    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", "model.layers.1.mlp.gate.weight"}
+    assert out[f"{prefix}.w13"].shape == (2, 6, 4) and out[f"{prefix}.w2"].shape == (2, 4, 3)
+    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
+    assert module.sanitize(out, args).keys() == out.keys()
+
+
+def test_moe_layer_freq_and_refusals():
+    v2 = get_architecture("deepseek_v2")
+    args = v2.ModelArgs.from_dict(_fake_config("deepseek_v2", num_hidden_layers=6, moe_layer_freq=2))
+    assert args.moe_layers == {2, 4}
+    with pytest.raises(MoerunError, match="rope scaling type 'dynamic'"):
+        v2.ModelArgs.from_dict(_fake_config("deepseek_v2", rope_scaling={"type": "dynamic", "factor": 2.0}))
+    with pytest.raises(MoerunError, match="fp8"):
+        get_architecture("deepseek_v3").ModelArgs.from_dict(
+            _fake_config("deepseek_v3", quantization_config={"quant_method": "fp8"})
+        )
