@@ -62,10 +62,75 @@ Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV ca
 NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
 
 
+Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
+
+
+def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> None:
+    """An alias or repo id not in the cache: say how big it is and whether it fits, refuse
+    early when it will not (unless --force), else pull it. Offline, load's own message
+    ("not in the local Hugging Face cache") stands."""
+    from moerun import hub
+
+    repo_id = hub.repo_id_for(model)
+    if repo_id is None or hub.is_cached(repo_id) or hub.is_offline():
+        return
+    from moerun import fit as fitting
+    from moerun.plan import gib
+
+    report = fitting.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
+    p = report.plan
+    sys.stderr.write(
+        f"{repo_id} is not in the local cache: {gib(report.meta.download_bytes or 0)} to download; "
+        f"fit at {bits} bits: {_verdict_words(p)}\n"
+    )
+    if p.verdict == "no" and not force:
+        raise MoerunError(f"{repo_id} will not fit: {p.reason}; nothing was downloaded (--force to pull anyway)")
+    _pull(repo_id, None, repo=None)
+
+
+def _verdict_words(p) -> str:
+    from moerun.plan import gib
+
+    if p.verdict == "gpu":
+        return f"everything on the {'GPU' if p.vram_budget else 'device'} ({gib(p.gpu_bytes)})"
+    if p.verdict == "offload":
+        return (f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device "
+                f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})")  # fmt: skip
+    return f"does not fit: {p.reason}"
+
+
+def _pull(repo_id: str, revision: Optional[str], repo=None):
+    """Download with a Rich bar (bytes, speed, ETA) on stderr; returns the snapshot folder."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from moerun import hub
+
+    progress = Progress(
+        TextColumn("[bold]pulling {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    task = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal task
+        progress.start()
+        task = progress.add_task(repo_id, total=total, completed=done)
+
+    def on_bytes(n: int) -> None:
+        progress.advance(task, n)
+
+    try:
+        return hub.pull(repo_id, revision, repo=repo, on_start=on_start, on_bytes=on_bytes)
+    finally:
+        progress.stop()
+
+
 def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=None, cold="gpu", ctx=None,
-          no_prefetch=False):  # fmt: skip
+          no_prefetch=False, force=False):  # fmt: skip
     if bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
+    _pull_on_first_use(model, bits, vram, ram, ctx, force)
     import moerun  # the API (and torch) only now, when a model is really needed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -140,11 +205,12 @@ def generate(
     cold: str = Cold,
     ctx: Optional[int] = Ctx,
     no_prefetch: bool = NoPrefetch,
+    force: bool = Force,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
 ) -> None:
     """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force)
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw
     if as_json:
@@ -191,32 +257,149 @@ def chat(
     cold: str = Cold,
     ctx: Optional[int] = Ctx,
     no_prefetch: bool = NoPrefetch,
+    force: bool = Force,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /reset."),
 ) -> None:
     """Chat with a model in the terminal, like `ollama run` (type /help inside)."""
     from moerun.chat import run_repl
 
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force)
     run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
 
 
 @app.command()
 def models() -> None:
-    """List the model aliases moerun knows."""
+    """List the model aliases: repo id, total / active parameters, and whether each fits
+    this machine (from the cache or the config shipped with moerun; no network)."""
     from rich.console import Console
     from rich.table import Table
 
+    from moerun import fit as fitting
     from moerun.registry import ALIASES
 
     table = Table(title="moerun models")
     table.add_column("alias", style="bold", no_wrap=True)
     table.add_column("repo id", no_wrap=True)
-    table.add_column("family", no_wrap=True)
-    table.add_column("description")
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("active", justify="right", no_wrap=True)
+    table.add_column("fits here", no_wrap=True)
     for key in sorted(ALIASES):
         a = ALIASES[key]
-        table.add_row(key, a.repo_id, a.family, a.description)
-    Console().print(table)
+        r = fitting.quick_verdict(key)
+        if r is None:
+            params = active = verdict = "?"
+        else:
+            params, active = _params(r.summary.total_params), _params(r.summary.active_params)
+            verdict = {"gpu": "yes", "offload": "offload", "no": "no"}[r.plan.verdict]
+            if r.recommended_bits:
+                verdict += f" ({r.recommended_bits}-bit)"
+        table.add_row(key, a.repo_id, params, active, verdict)
+    # Piped output would be cut at 80 columns; the table is meant to be read whole.
+    Console(width=None if sys.stdout.isatty() else 110).print(table)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@app.command()
+def fit(
+    model: str = typer.Argument(..., help="Alias, Hub repo id or local folder."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM)."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host memory budget, e.g. 32GiB (default: free RAM)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Expert bits 4, 8 or 16 (default: the recommendation)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="Context to plan the KV cache for (default: min(model's, 4096))."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit on the Hub."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Non-expert weights' dtype (default: as load would choose)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Will MODEL fit, and how fast could it run? Reads config.json and the safetensors
+    headers only (HTTP range requests), never the weights."""
+    if bits is not None and bits not in BITS:
+        raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
+    from moerun import fit as fitting
+
+    report = fitting.fit(model, bits=bits, vram=vram, ram=ram, ctx=ctx, revision=revision, dtype=dtype)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+        return
+    _render_fit(report)
+
+
+def _render_fit(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moerun.plan import ROLES, gib
+
+    con = Console()
+    s, p, d = r.summary, r.plan, r.to_dict()
+    src = {"hub": "config.json and safetensors headers from the Hub", "folder": "a local folder",
+           "cache": "the local Hugging Face cache", "shipped config": "the config shipped with moerun"}[r.meta.source]  # fmt: skip
+    con.print(f"[bold]{r.meta.name}[/] · {r.meta.config.get('model_type')} · from {src}"
+              + (f" ({gib(r.meta.bytes_read)} read)" if r.meta.bytes_read else ""))  # fmt: skip
+    t = Table(title=f"weights at {p.bits} bits (experts), {p.dtype} (the rest)")
+    t.add_column("role")
+    t.add_column("params", justify="right")
+    t.add_column("bytes", justify="right")
+    for role in ROLES:
+        n = s.params_by_role.get(role, 0)
+        if n:
+            t.add_row(role.replace("_", " "), _params(n), gib(p.weight_bytes_by_role[role]))
+    t.add_row("[bold]total", f"[bold]{_params(s.total_params)}", f"[bold]{gib(p.weight_bytes)}")
+    con.print(t)
+    con.print(f"active per token: {_params(s.active_params)} of {_params(s.total_params)} "
+              f"({s.experts_per_token} of {p.n_experts} experts in {p.n_moe_layers} MoE layers)")  # fmt: skip
+    if s.unused_params:
+        con.print(f"not loaded (vision tower / multi-token prediction): {_params(s.unused_params)}")
+    stored = d["stored_bytes"]
+    line = f"stored in the checkpoint: {gib(stored)}"
+    if r.meta.download_bytes:
+        line += f"; `moerun pull` downloads {gib(r.meta.download_bytes)}"
+    con.print(line)
+    kind = "MLA latent" if s.kv_kind == "mla" else "GQA"
+    con.print(f"KV cache ({kind}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}")
+    budget = f"VRAM budget {gib(p.vram_budget)}" if r.device == "cuda" else f"device = host RAM, budget {gib(p.vram_budget)}"
+    if p.ram_budget is not None:
+        budget += f", RAM budget {gib(p.ram_budget)}"
+    con.print(f"plan ({budget}):")
+    if p.verdict == "gpu":
+        con.print(f"  [green]fits[/]: everything on the {r.device} ({gib(p.gpu_bytes)})")
+    elif p.verdict == "offload":
+        con.print(f"  [yellow]offload[/]: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer "
+                  f"on the device ({gib(p.gpu_bytes)}), the expert store in RAM needs {gib(p.cpu_bytes)}")  # fmt: skip
+    else:
+        short = f", short by {gib(d['short_by_bytes'])}" if d["short_by_bytes"] else ""
+        con.print(f"  [red]does not fit[/]: {p.reason}{short}")
+    if p.verdict != "no":
+        lo, hi = r.tok_s
+        bw = r.bw
+        con.print(f"decode at batch 1: {lo:.1f}-{hi:.1f} tok/s (bounds from bytes per token; VRAM "
+                  f"{bw.vram / 1e9:.0f} GB/s {bw.source['vram']}, PCIe {bw.pcie / 1e9:.0f} GB/s {bw.source['pcie']}, "
+                  f"RAM {bw.ram / 1e9:.0f} GB/s {bw.source['ram']})")  # fmt: skip
+    verdicts = ", ".join(f"{b}-bit: {q.verdict}" for b, q in r.plans.items())
+    rec = f"recommended: --bits {r.recommended_bits}" if r.recommended_bits else "nothing fits these budgets"
+    con.print(f"{verdicts}; [bold]{rec}[/]")
+    for w in r.warnings:
+        con.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="Alias or Hub repo id."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+) -> None:
+    """Download what moerun needs (safetensors, config, tokenizer, generation config, chat
+    template) into the Hugging Face cache; an interrupted pull resumes."""
+    from moerun import hub
+    from moerun.plan import gib
+
+    repo_id = hub.repo_id_for(model)
+    if repo_id is None:
+        raise MoerunError(f"'{model}' is not an alias or a Hub repo id (a folder or the demo needs no pull)")
+    repo = hub.remote_repo(repo_id, revision)
+    folder = _pull(repo_id, revision, repo=repo)
+    sys.stderr.write(f"pulled {repo_id} ({gib(repo.size)}, {len(repo.files)} files) into {folder}\n")
 
 
 def _one_line(exc: BaseException) -> str:

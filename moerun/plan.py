@@ -21,8 +21,18 @@ from moerun.quant.format import ExpertFormat
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1,
+                "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}  # fmt: skip
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+# Quantization side tensors: stored bytes, but not parameters (FP8 block scales, MXFP4 scales).
+_SCALE = re.compile(r"(?:weight_scale_inv|weight_scale|_scales|\.scales)$")
+# MXFP4 blocks (gpt-oss): two 4-bit values per stored byte.
+_FP4_BLOCKS = re.compile(r"_blocks$")
+# Tensors a text-only run never loads: vision towers and projectors of multimodal checkpoints.
+_NOT_TEXT = re.compile(r"^(?:vision_model|vision_tower|visual|multi_modal_projector|mm_projector|audio)")
+# Multimodal checkpoints prefix the text model (Llama 4: language_model.model.layers...).
+_TEXT_PREFIX = re.compile(r"^(?:model\.)?language_model\.")
 
 
 _ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
@@ -36,9 +46,10 @@ def is_routed_expert(name: str) -> bool:
 
 def classify(name: str) -> str:
     """The role of a checkpoint tensor, from its name."""
+    name = _TEXT_PREFIX.sub("", name)
     if is_routed_expert(name):
         return "routed_experts"
-    if "embed_tokens" in name:
+    if "embed_tokens" in name or name.endswith("wte.weight"):
         return "embeddings"
     if name.startswith("lm_head"):
         return "lm_head"
@@ -46,16 +57,33 @@ def classify(name: str) -> str:
         return "shared_experts"
     if "self_attn" in name:
         return "attention"
-    if re.search(r"\.(block_sparse_moe|mlp)\.gate\.weight$", name) or ".router." in name:
+    if re.search(r"\.(block_sparse_moe|mlp)\.gate\.(weight|e_score_correction_bias)$", name) or ".router." in name:
         return "routers"
     if "norm" in name:
         return "norms"
     return "dense_mlp"
 
 
+def _text_config(config: dict) -> dict:
+    """The language model's config: multimodal checkpoints (Llama 4) nest it in text_config."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
+def _first(config: dict, *keys, default=0):
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
 @dataclasses.dataclass
 class ModelSummary:
-    """What the planner needs to know about a checkpoint, from config.json and headers."""
+    """What the planner needs to know about a checkpoint, from config.json and headers.
+
+    Parameters are counted from the tensors' shapes (MXFP4 blocks hold two per byte;
+    quantization scales are bytes, not parameters); stored bytes are what the files hold.
+    """
 
     params_by_role: dict[str, int]
     stored_bytes_by_role: dict[str, int]
@@ -69,61 +97,138 @@ class ModelSummary:
     head_dim: int
     vocab_size: int
     max_context: int
+    # KV cache elements per token for each layer, with that layer's window (None: full context).
+    kv_layers: list[tuple[int, int | None]] = dataclasses.field(default_factory=list)
+    # Routed-expert parameters and expert count of each MoE layer.
+    routed_by_layer: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # Tensors a text-only run never loads (vision tower, multi-token-prediction layers).
+    unused_params: int = 0
+    unused_bytes: int = 0
+    kv_kind: str = "gqa"  # "gqa" or "mla" (the cache holds the compressed latent)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def total_params(self) -> int:
         return sum(self.params_by_role.values())
 
     @property
+    def stored_bytes(self) -> int:
+        return sum(self.stored_bytes_by_role.values())
+
+    @property
     def params_per_expert(self) -> int:
+        if self.routed_by_layer:
+            params, experts = next(iter(self.routed_by_layer.values()))
+            return params // max(experts, 1)
         return 3 * self.hidden_size * self.expert_intermediate_size
 
     @property
     def active_params(self) -> int:
-        """Parameters a token touches: everything but the routed experts it is not sent to."""
+        """Parameters a token touches: everything but the routed experts it is not sent to
+        (embeddings included, as Mixtral's 12.9 B and Qwen3-30B-A3B's 3.3 B count them)."""
         routed = self.params_by_role.get("routed_experts", 0)
-        active_routed = len(self.moe_layers) * self.experts_per_token * self.params_per_expert
+        k = self.experts_per_token
+        active_routed = sum(p * min(k, e) // max(e, 1) for p, e in self.routed_by_layer.values())
         return self.total_params - routed + active_routed
 
     def kv_cache_bytes(self, ctx: int, dtype_bytes: int, batch: int = 1) -> int:
-        return 2 * self.n_layers * batch * self.n_kv_heads * self.head_dim * ctx * dtype_bytes
+        return batch * dtype_bytes * sum(elems * min(ctx, window or ctx) for elems, window in self.kv_layers)
+
+
+def _kv_layers(text: dict, n_layers: int, n_kv_heads: int, head_dim: int) -> tuple[list, str]:
+    """KV cache elements per token per layer. MLA (DeepSeek) caches the compressed latent
+    and the shared rope key, kv_lora_rank + qk_rope_head_dim, not 2 x heads x head_dim."""
+    if text.get("kv_lora_rank"):
+        per = int(text["kv_lora_rank"]) + int(text.get("qk_rope_head_dim") or 0)
+        return [(per, None)] * n_layers, "mla"
+    per = 2 * n_kv_heads * head_dim
+    types = text.get("layer_types")
+    window = text.get("sliding_window")
+    if isinstance(types, list) and len(types) == n_layers and window:
+        return [(per, int(window) if t == "sliding_attention" else None) for t in types], "gqa"
+    return [(per, None)] * n_layers, "gqa"
 
 
 def summarize(config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]]) -> ModelSummary:
     """Describe a checkpoint from its config and its tensors' (shape, dtype): the dtype as
     safetensors names it ("BF16") or as a torch.dtype. A tied lm_head is not a tensor of
-    its own and is counted once, as the embeddings."""
+    its own and is counted once, as the embeddings.
+
+    Routed experts are found by name in every layout moerun knows: one tensor per expert
+    (`experts.{e}.w1`, `experts.{e}.gate_proj`), stacked (`experts.gate_up_proj` [E, ...],
+    gpt-oss MXFP4 `_blocks`), or fused (Granite's `input_linear` [E, 2I, D]). A checkpoint
+    whose experts cannot be found is planned as a dense model, with a warning."""
+    text = _text_config(config)
+    n_layers = int(_first(text, "num_hidden_layers", "n_layer", "num_layers"))
     params = dict.fromkeys(ROLES, 0)
     stored = dict.fromkeys(ROLES, 0)
-    layers: dict[int, set[int]] = {}
+    unused_params = unused_bytes = 0
+    per_expert: dict[int, set[int]] = {}  # layer -> expert ids seen in per-expert names
+    stacked: dict[int, int] = {}  # layer -> E from a stacked tensor's first dim
+    routed: dict[int, int] = {}  # layer -> routed parameters
     intermediate = 0
     for name, (shape, dtype) in tensors.items():
-        role = classify(name)
-        n = math.prod(shape)
-        params[role] += n
         width = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else _DTYPE_BYTES.get(dtype, 2)
-        stored[role] += n * width
-        m = _EXPERT.match(name)
+        n = math.prod(shape)
+        nbytes = n * width
+        n_params = 0 if _SCALE.search(name) else (2 * n if _FP4_BLOCKS.search(name) else n)
+        layer = _LAYER.search(name)
+        if _NOT_TEXT.match(name) or (layer and n_layers and int(layer.group(1)) >= n_layers):
+            # Vision towers, and DeepSeek-V3's multi-token-prediction layer (index num_hidden_layers).
+            unused_params += n_params
+            unused_bytes += nbytes
+            continue
+        role = classify(name)
+        params[role] += n_params
+        stored[role] += nbytes
+        if role != "routed_experts" or layer is None:
+            continue
+        L = int(layer.group(1))
+        routed[L] = routed.get(L, 0) + n_params
+        m = _EXPERT_INDEX.search(name)
         if m:
-            layers.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-            if m.group(3) in ("w1", "gate_proj"):
+            per_expert.setdefault(L, set()).add(int(m.group(1)))
+            if re.search(r"\.(w1|gate_proj)\.weight$", name):
                 intermediate = shape[0]
-    n_heads = int(config.get("num_attention_heads") or 1)
-    hidden = int(config.get("hidden_size") or 0)
-    head_dim = config.get("head_dim") or (hidden // n_heads if n_heads else 0)
+        elif n_params and len(shape) >= 2:
+            stacked[L] = max(stacked.get(L, 0), shape[0])
+            if len(shape) >= 3 and re.search(r"gate_up|input_linear", name):
+                # [E, 2I, D] (Granite), [E, 2I, D/32, 16] (gpt-oss MXFP4) or [E, D, 2I] (Llama 4)
+                hidden_ = int(_first(text, "hidden_size", "n_embd", "d_model"))
+                intermediate = (shape[1] if shape[1] != hidden_ else shape[2]) // 2
+    experts_by_layer = {L: len(per_expert.get(L, ())) or stacked.get(L, 0) for L in routed}
+    routed_by_layer = {L: (routed[L], experts_by_layer[L]) for L in sorted(routed) if experts_by_layer[L]}
+    hidden = int(_first(text, "hidden_size", "n_embd", "d_model"))
+    if routed_by_layer and not intermediate and hidden:
+        # Stacked or fused layouts: I from the parameters of one expert (3 x D x I, plus biases).
+        p, e = next(iter(routed_by_layer.values()))
+        intermediate = p // e // (3 * hidden)
+    n_heads = int(_first(text, "num_attention_heads", "n_head", default=1))
+    head_dim = int(text.get("head_dim") or (hidden // n_heads if n_heads else 0))
+    n_kv_heads = int(_first(text, "num_key_value_heads", default=n_heads))
+    kv_layers, kv_kind = _kv_layers(text, n_layers, n_kv_heads, head_dim)
+    warnings = []
+    if not routed_by_layer:
+        warnings.append("no routed experts found in the tensor names: planned as a dense model (generic estimate)")
     return ModelSummary(
         params_by_role=params,
         stored_bytes_by_role=stored,
-        moe_layers=sorted(layers),
-        n_experts=max((len(v) for v in layers.values()), default=0),
-        experts_per_token=int(config.get("num_experts_per_tok") or 0),
+        moe_layers=sorted(routed_by_layer),
+        n_experts=max((e for _, e in routed_by_layer.values()), default=0),
+        experts_per_token=int(_first(text, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")),
         hidden_size=hidden,
         expert_intermediate_size=intermediate,
-        n_layers=int(config.get("num_hidden_layers") or 0),
-        n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-        head_dim=int(head_dim),
-        vocab_size=int(config.get("vocab_size") or 0),
-        max_context=int(config.get("max_position_embeddings") or 4096),
+        n_layers=n_layers,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        vocab_size=int(text.get("vocab_size") or 0),
+        max_context=int(text.get("max_position_embeddings") or 4096),
+        kv_layers=kv_layers,
+        routed_by_layer=routed_by_layer,
+        unused_params=unused_params,
+        unused_bytes=unused_bytes,
+        kv_kind=kv_kind,
+        warnings=warnings,
     )
 
 

@@ -6,11 +6,16 @@ config.json (`model_type`), never inferred from the alias. `family` is for displ
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 # The tiny random checkpoint shipped inside the package, so `moerun chat demo` works offline.
 DEMO_DIR: Path = Path(__file__).parent / "data" / "demo"
+
+# The real config.json of each alias's repo, shipped so that `moerun models` and `fit`
+# answer offline, and synthetic benchmarks can build the true shapes.
+CONFIGS_DIR: Path = Path(__file__).parent / "data" / "configs"
 
 # repo_id of the demo alias: it resolves to DEMO_DIR, not to the Hub.
 EMBEDDED = "embedded"
@@ -42,6 +47,20 @@ ALIASES: dict[str, Alias] = {
               "30.5B total, 3.3B active; 48 layers x 128 experts, top-8"),
         Alias("qwen3-235b-a22b", "Qwen/Qwen3-235B-A22B", "qwen3_moe",
               "235B total, 22B active; 94 layers x 128 experts, top-8"),
+        Alias("deepseek-v2-lite", "deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek_v2",
+              "15.7B total, 2.4B active; MLA attention, 64 experts top-6 plus 2 shared"),
+        Alias("deepseek-v3", "deepseek-ai/DeepSeek-V3", "deepseek_v3",
+              "671B total, 37B active; MLA, 256 experts top-8 plus 1 shared; stored in FP8"),
+        Alias("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924-Instruct", "olmoe",
+              "6.9B total, 1.3B active; 16 layers x 64 experts, top-8"),
+        Alias("phi-3.5-moe", "microsoft/Phi-3.5-MoE-instruct", "phimoe",
+              "41.9B total, 6.6B active; 32 layers x 16 experts, top-2"),
+        Alias("gpt-oss-20b", "openai/gpt-oss-20b", "gpt_oss",
+              "21B total, 3.6B active; 24 layers x 32 experts, top-4; MXFP4 experts"),
+        Alias("gpt-oss-120b", "openai/gpt-oss-120b", "gpt_oss",
+              "117B total, 5.1B active; 36 layers x 128 experts, top-4; MXFP4 experts"),
+        Alias("llama-4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4",
+              "109B total, 17B active; 48 layers x 16 experts, top-1 plus a shared expert"),
     )
 }
 
@@ -49,3 +68,18 @@ ALIASES: dict[str, Alias] = {
 def lookup(name: str) -> Alias | None:
     """The alias called `name` (case-insensitive), or None."""
     return ALIASES.get(name.strip().lower())
+
+
+def shipped_config(alias: str) -> dict | None:
+    """The config.json shipped for `alias` (its default repo's), or None."""
+    a = lookup(alias)
+    if a is None:
+        return None
+    path = DEMO_DIR / "config.json" if a.repo_id == EMBEDDED else CONFIGS_DIR / f"{a.name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alias_for_repo(repo_id: str) -> Alias | None:
+    """The alias whose repo is `repo_id` (case-insensitive), or None."""
+    repo_id = repo_id.lower()
+    return next((a for a in ALIASES.values() if a.repo_id.lower() == repo_id), None)

@@ -1,0 +1,442 @@
+"""`moerun fit`: will a model fit this machine, and how fast could it decode, before any
+download. Reads config.json and the safetensors headers only (a local folder, the Hub by
+HTTP range requests, or a shipped config for an alias), then asks the one planner
+(`moerun.plan`, which `load` also uses) for a placement at 16, 8 and 4 bits.
+
+Shape legend: D hidden size, I expert intermediate size, E experts, L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from moerun import hub, plan, registry
+from moerun.errors import MoerunError
+from moerun.weights import CheckpointWeights
+
+# Conservative bandwidths used when nothing can be measured (bytes/s): a mid-range
+# consumer card, PCIe 4.0 x16 as achieved by pinned copies, dual-channel DDR4/DDR5.
+DEFAULT_VRAM_BW = 400e9
+DEFAULT_PCIE_BW = 16e9
+DEFAULT_RAM_BW = 30e9
+VRAM_RESERVE = 1 << 30  # activations, CUDA context; as moerun.api.default_vram
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# -- metadata: config + (shape, dtype) of every tensor, from wherever it can be had -------------
+
+
+@dataclasses.dataclass
+class Metadata:
+    config: dict
+    tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]]
+    source: str  # "folder", "cache", "hub" or "shipped config"
+    name: str
+    download_bytes: int | None = None  # what `pull` would fetch (None: unknown or local)
+    bytes_read: int = 0  # metadata bytes received from the network
+
+
+def folder_metadata(folder: Path, source: str, name: str) -> Metadata:
+    config = hub.read_config(folder)
+    with CheckpointWeights.open(folder) as ckpt:
+        tensors = {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.keys()}
+    return Metadata(config, tensors, source, name)
+
+
+def hub_metadata(repo_id: str, revision: str | None = None) -> Metadata:
+    repo = hub.remote_repo(repo_id, revision)
+    counter = hub.ByteCounter()
+    if "config.json" not in repo.files:
+        raise MoerunError(f"{repo_id} has no config.json: not a transformers model repo")
+    config = hub.read_remote_json(repo, "config.json", counter)
+    tensors = hub.read_remote_headers(repo, counter)
+    return Metadata(config, tensors, "hub", repo_id, download_bytes=repo.size, bytes_read=counter.n)
+
+
+def shipped_metadata(alias: str) -> Metadata | None:
+    config = registry.shipped_config(alias)
+    if config is None:
+        return None
+    return Metadata(config, config_tensors(config), "shipped config", alias)
+
+
+def metadata(name: str, revision: str | None = None, offline_ok: bool = True) -> Metadata:
+    """A folder; else a repo in the local cache; else the Hub; else (offline) the config
+    shipped for an alias, with tensor shapes derived from it."""
+    text = name.strip()
+    if text and Path(text).expanduser().is_dir():
+        return folder_metadata(hub.resolve(text), "folder", text)
+    repo_id = hub.repo_id_for(text)
+    if repo_id is None:
+        return folder_metadata(hub.resolve(text), "folder", text)  # the demo, or a clear error
+    if hub.is_cached(repo_id, revision):
+        folder = hub.resolve(repo_id, revision)
+        if any(folder.glob("*.safetensors")):
+            return folder_metadata(folder, "cache", repo_id)
+    shipped = (shipped_metadata(text) or _shipped_for_repo(repo_id)) if offline_ok and not revision else None
+    if hub.is_offline() and shipped is not None:
+        return shipped
+    try:
+        return hub_metadata(repo_id, revision)
+    except hub.HubUnreachable:
+        if shipped is None:
+            raise
+        return shipped
+
+
+def _shipped_for_repo(repo_id: str) -> Metadata | None:
+    alias = registry.alias_for_repo(repo_id)
+    return shipped_metadata(alias.name) if alias else None
+
+
+# -- tensor shapes from a config, for the families in the alias table ------------------------
+
+
+def _moe_layer(text: dict, i: int) -> bool:
+    mt = text.get("model_type", "")
+    if mt.startswith("deepseek"):
+        return i >= int(text.get("first_k_dense_replace") or 0) and i % int(text.get("moe_layer_freq") or 1) == 0
+    if mt.startswith("qwen"):
+        step = int(text.get("decoder_sparse_step") or 1)
+        return i not in (text.get("mlp_only_layers") or []) and (i + 1) % step == 0
+    if mt.startswith("llama4"):
+        step = int(text.get("interleave_moe_layer_step") or 1)
+        return (i + 1) % step == 0
+    return True
+
+
+def config_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensor names, shapes and stored dtypes of the checkpoint `config` describes, in
+    the real Hub layout of its family (mixtral, phimoe, qwen2_moe, qwen3_moe, olmoe,
+    deepseek_v2/v3 with MLA and FP8 block scales, gpt_oss with MXFP4 experts, llama4).
+    Used where no headers can be read: `moerun models` offline and synthetic benchmarks.
+    Vision towers and multi-token-prediction layers are left out (moerun never loads them)."""
+    mt = config.get("model_type", "")
+    text = plan._text_config(config)
+    if mt == "llama4":
+        text = {**text, "model_type": "llama4"}
+    D, L, V = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"])
+    H = int(text["num_attention_heads"])
+    KV = int(text.get("num_key_value_heads") or H)
+    hd = int(text.get("head_dim") or D // H)
+    E = int(plan._first(text, "num_local_experts", "num_experts", "n_routed_experts"))
+    I = int(plan._first(text, "moe_intermediate_size", "intermediate_size"))
+    dense_I = int(plan._first(text, "intermediate_size_mlp", "intermediate_size"))
+    fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    prefix = "language_model." if mt == "llama4" else ""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def add(name: str, shape, dtype: str = "BF16") -> None:
+        out[prefix + name] = (tuple(int(s) for s in shape), dtype)
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool = False) -> None:
+        if fp8:  # DeepSeek-V3: e4m3 weights with one float32 scale per 128 x 128 block
+            add(f"{name}.weight", (n_out, n_in), "F8_E4M3")
+            add(f"{name}.weight_scale_inv", (math.ceil(n_out / 128), math.ceil(n_in / 128)), "F32")
+        else:
+            add(f"{name}.weight", (n_out, n_in))
+        if bias:
+            add(f"{name}.bias", (n_out,))
+
+    def swiglu(p: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
+        linear(f"{p}.{names[0]}", inter, D)
+        linear(f"{p}.{names[1]}", inter, D)
+        linear(f"{p}.{names[2]}", D, inter)
+
+    norm_bias = mt == "phimoe"  # Phi-3.5-MoE uses LayerNorm with bias
+    add("model.embed_tokens.weight", (V, D))
+    for i in range(L):
+        p = f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            add(f"{p}.{norm}.weight", (D,))
+            if norm_bias:
+                add(f"{p}.{norm}.bias", (D,))
+        a = f"{p}.self_attn"
+        if text.get("kv_lora_rank"):  # MLA
+            nope, rope, vd = int(text["qk_nope_head_dim"]), int(text["qk_rope_head_dim"]), int(text["v_head_dim"])
+            kvr, qr = int(text["kv_lora_rank"]), text.get("q_lora_rank")
+            if qr:
+                linear(f"{a}.q_a_proj", qr, D)
+                add(f"{a}.q_a_layernorm.weight", (qr,))
+                linear(f"{a}.q_b_proj", H * (nope + rope), qr)
+            else:
+                linear(f"{a}.q_proj", H * (nope + rope), D)
+            linear(f"{a}.kv_a_proj_with_mqa", kvr + rope, D)
+            add(f"{a}.kv_a_layernorm.weight", (kvr,))
+            linear(f"{a}.kv_b_proj", H * (nope + vd), kvr)
+            linear(f"{a}.o_proj", D, H * vd)
+        else:
+            qkv_bias = mt in ("qwen2_moe", "phimoe", "gpt_oss") or bool(text.get("attention_bias"))
+            o_bias = mt in ("phimoe", "gpt_oss")
+            linear(f"{a}.q_proj", H * hd, D, qkv_bias)
+            linear(f"{a}.k_proj", KV * hd, D, qkv_bias)
+            linear(f"{a}.v_proj", KV * hd, D, qkv_bias)
+            linear(f"{a}.o_proj", D, H * hd, o_bias)
+            if mt == "qwen3_moe":
+                add(f"{a}.q_norm.weight", (hd,))
+                add(f"{a}.k_norm.weight", (hd,))
+            elif mt == "olmoe":
+                add(f"{a}.q_norm.weight", (H * hd,))
+                add(f"{a}.k_norm.weight", (KV * hd,))
+            elif mt == "gpt_oss":
+                add(f"{a}.sinks", (H,))
+        if not (E and _moe_layer(text, i)):
+            swiglu(f"{p}.feed_forward" if mt == "llama4" else f"{p}.mlp", dense_I)
+        elif mt in ("mixtral", "phimoe"):
+            m = f"{p}.block_sparse_moe"
+            add(f"{m}.gate.weight", (E, D))
+            for e in range(E):
+                swiglu(f"{m}.experts.{e}", I, ("w1", "w3", "w2"))
+        elif mt == "gpt_oss":  # MXFP4: 32 values per block, two per byte, one u8 scale per block
+            m = f"{p}.mlp"
+            add(f"{m}.router.weight", (E, D))
+            add(f"{m}.router.bias", (E,))
+            for proj, n_out, n_in in (("gate_up_proj", 2 * I, D), ("down_proj", D, I)):
+                add(f"{m}.experts.{proj}_blocks", (E, n_out, n_in // 32, 16), "U8")
+                add(f"{m}.experts.{proj}_scales", (E, n_out, n_in // 32), "U8")
+                add(f"{m}.experts.{proj}_bias", (E, n_out))
+        elif mt == "llama4":  # stacked experts [E, D, 2I] and [E, I, D]
+            m = f"{p}.feed_forward"
+            add(f"{m}.router.weight", (E, D))
+            add(f"{m}.experts.gate_up_proj", (E, D, 2 * I))
+            add(f"{m}.experts.down_proj", (E, I, D))
+            swiglu(f"{m}.shared_expert", I)
+        else:  # qwen2_moe, qwen3_moe, olmoe, deepseek: one tensor per expert under mlp.experts
+            m = f"{p}.mlp"
+            add(f"{m}.gate.weight", (E, D))
+            if mt == "deepseek_v3":
+                add(f"{m}.gate.e_score_correction_bias", (E,), "F32")
+            for e in range(E):
+                swiglu(f"{m}.experts.{e}", I)
+            if text.get("shared_expert_intermediate_size"):
+                swiglu(f"{m}.shared_expert", int(text["shared_expert_intermediate_size"]))
+                add(f"{m}.shared_expert_gate.weight", (1, D))
+            if text.get("n_shared_experts"):
+                swiglu(f"{m}.shared_experts", I * int(text["n_shared_experts"]))
+    add("model.norm.weight", (D,))
+    if norm_bias:
+        add("model.norm.bias", (D,))
+    if not config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)):
+        add("lm_head.weight", (V, D))
+        if text.get("lm_head_bias"):
+            add("lm_head.bias", (V,))
+    return out
+
+
+# -- budgets and bandwidths --------------------------------------------------------------------
+
+
+def free_ram() -> int:
+    """Available host memory (MemAvailable), or total memory where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclasses.dataclass
+class Bandwidths:
+    vram: float
+    pcie: float
+    ram: float
+    source: dict[str, str]  # each: "measured", "from device properties" or "default"
+
+
+def bandwidths(cuda: bool, measure: bool = True) -> Bandwidths:
+    """VRAM from the device's memory clock and bus width, RAM by timing a 256 MiB copy,
+    PCIe by timing a pinned host->device copy; conservative defaults otherwise."""
+    vram, pcie, ram = DEFAULT_VRAM_BW, DEFAULT_PCIE_BW, DEFAULT_RAM_BW
+    src = {"vram": "default", "pcie": "default", "ram": "default"}
+    if measure:
+        try:
+            a = torch.empty(64 << 20, dtype=torch.float32)
+            b = torch.empty_like(a)
+            b.copy_(a)
+            t = time.perf_counter()
+            for _ in range(3):
+                b.copy_(a)
+            # a copy reads and writes every byte
+            ram, src["ram"] = 2 * 3 * a.numel() * 4 / (time.perf_counter() - t), "measured"
+        except RuntimeError:
+            pass
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        clock, bus = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+        if clock and bus:  # kHz, bits; double data rate
+            vram, src["vram"] = 2 * clock * 1e3 * bus / 8, "from device properties"
+        if measure:
+            host = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+            dev = torch.empty_like(host, device="cuda")
+            dev.copy_(host)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                dev.copy_(host, non_blocking=True)
+            torch.cuda.synchronize()
+            pcie, src["pcie"] = 3 * host.numel() / (time.perf_counter() - t), "measured"
+    return Bandwidths(vram, pcie, ram, src)
+
+
+# -- the answer --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FitReport:
+    meta: Metadata
+    summary: plan.ModelSummary
+    plan: plan.Plan
+    plans: dict[int, plan.Plan]  # bits -> plan at the same budgets
+    recommended_bits: int | None
+    device: str  # "cuda" or "cpu" (host RAM is the compute device)
+    dtype: torch.dtype
+    bw: Bandwidths
+    tok_s: tuple[float, float]  # decode bounds at batch 1: (low, high)
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        p, s = self.plan, self.summary
+        need = p.gpu_bytes - p.vram_budget if p.vram_budget is not None and p.verdict == "no" else 0
+        return {
+            "model": self.meta.name,
+            "source": self.meta.source,
+            "model_type": self.meta.config.get("model_type"),
+            "total_params": s.total_params,
+            "active_params": s.active_params,
+            "params_by_role": s.params_by_role,
+            "unused_params": s.unused_params,
+            "stored_bytes": s.stored_bytes + s.unused_bytes,
+            "download_bytes": self.meta.download_bytes,
+            "metadata_bytes_read": self.meta.bytes_read,
+            "bits": p.bits,
+            "dtype": p.dtype,
+            "device": self.device,
+            "weight_bytes": p.weight_bytes,
+            "weight_bytes_by_role": p.weight_bytes_by_role,
+            "ctx": p.ctx,
+            "kv_cache_bytes": p.kv_cache_bytes,
+            "kv_kind": s.kv_kind,
+            "gpu_bytes": p.gpu_bytes,
+            "cpu_bytes": p.cpu_bytes,
+            "vram_budget": p.vram_budget,
+            "ram_budget": p.ram_budget,
+            "n_moe_layers": p.n_moe_layers,
+            "n_experts": p.n_experts,
+            "experts_per_token": s.experts_per_token,
+            "expert_slots_per_layer": p.expert_slots_per_layer,
+            "verdict": p.verdict,
+            "reason": p.reason,
+            "short_by_bytes": max(need, 0),
+            "verdicts_by_bits": {str(b): q.verdict for b, q in self.plans.items()},
+            "recommended_bits": self.recommended_bits,
+            "decode_tok_s": {"low": self.tok_s[0], "high": self.tok_s[1]},
+            "bandwidths": {"vram": self.bw.vram, "pcie": self.bw.pcie, "ram": self.bw.ram, "source": self.bw.source},
+            "warnings": self.warnings,
+        }
+
+
+def recommend(plans: dict[int, plan.Plan]) -> int | None:
+    """The most bits that keep everything on the device; else the fewest bits that offload
+    (fewest bytes per miss); None when nothing fits."""
+    for bits in (16, 8, 4):
+        if bits in plans and plans[bits].verdict == "gpu":
+            return bits
+    for bits in (4, 8, 16):
+        if bits in plans and plans[bits].verdict == "offload":
+            return bits
+    return None
+
+
+def decode_bounds(s: plan.ModelSummary, p: plan.Plan, bw: Bandwidths, device: str) -> tuple[float, float]:
+    """Tokens/s at batch 1 from the bytes each token reads: the non-expert weights (less the
+    embedding table, of which one row is read) and k experts per MoE layer. High: every
+    expert resident. Low: every routed expert a miss, copied over PCIe or computed from RAM,
+    whichever is faster (moerun --cold auto)."""
+    if p.verdict == "no":
+        return 0.0, 0.0
+    dense = p.non_expert_bytes - p.weight_bytes_by_role.get("embeddings", 0)
+    experts = min(s.experts_per_token, p.n_experts) * p.n_moe_layers * p.expert_blob_bytes
+    local = bw.vram if device == "cuda" else bw.ram
+    high = local / max(dense + experts, 1)
+    if p.verdict == "gpu" or device == "cpu":  # on the CPU every expert is read from RAM anyway
+        return high, high
+    miss = experts / max(bw.pcie, bw.ram)
+    return 1 / (dense / local + miss), high
+
+
+def fit(
+    name: str,
+    bits: int | None = None,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    ctx: int | None = None,
+    revision: str | None = None,
+    dtype: str | None = None,
+    measure: bool = True,
+    meta: Metadata | None = None,
+) -> FitReport:
+    """Plan `name` (alias, repo id or folder) for this machine or the given budgets."""
+    if bits not in (None, 4, 8, 16):
+        raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
+    meta = meta or metadata(name, revision)
+    summary = plan.summarize(meta.config, meta.tensors)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    warnings = list(summary.warnings)
+    # As moerun.load chooses: the checkpoint's 16-bit dtype on a GPU, float32 on the CPU.
+    if dtype is None:
+        stored = plan._text_config(meta.config).get("torch_dtype") or meta.config.get("dtype") or "bfloat16"
+        torch_dtype = _DTYPES.get(stored, torch.bfloat16) if cuda else torch.float32
+    elif dtype in _DTYPES:
+        torch_dtype = _DTYPES[dtype]
+    else:
+        raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
+    vram_budget = plan.parse_size(vram)
+    ram_budget = plan.parse_size(ram)
+    if vram_budget is None:
+        if cuda:
+            free, _ = torch.cuda.mem_get_info()
+            vram_budget = max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
+        else:
+            vram_budget = int(0.9 * free_ram())
+            warnings.append("no CUDA GPU: planned for the CPU, host RAM as the compute device (float32 unless --dtype)")
+    if ram_budget is None:
+        ram_budget = int(0.9 * free_ram()) if cuda else None
+    plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx) for b in (16, 8, 4)}
+    recommended = recommend(plans)
+    chosen = plans[bits or recommended or 4]
+    known = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "gpt_oss",
+             "llama4", "granitemoe"}  # fmt: skip
+    if meta.config.get("model_type") not in known:
+        warnings.append(f"unknown architecture '{meta.config.get('model_type')}': a generic estimate from the headers")
+    if meta.source == "shipped config":
+        warnings.append("the Hub was not reached (offline): sizes from the config shipped with moerun, not the repo's headers")
+    bw = bandwidths(cuda, measure)
+    return FitReport(meta, summary, chosen, plans, recommended, device, torch_dtype, bw,
+                     decode_bounds(summary, chosen, bw, device), warnings)  # fmt: skip
+
+
+def quick_verdict(name: str, offline_only: bool = True) -> FitReport | None:
+    """A fit from metadata already on this machine (the cache, or the shipped config),
+    without the network; None when there is none."""
+    try:
+        repo_id = hub.repo_id_for(name)
+        if repo_id and hub.is_cached(repo_id) and any(hub.resolve(repo_id).glob("*.safetensors")):
+            meta = folder_metadata(hub.resolve(repo_id), "cache", name)
+        else:
+            meta = shipped_metadata(name)
+        if meta is None:
+            return None
+        return fit(name, meta=meta, measure=False)
+    except MoerunError:
+        return None

@@ -1,0 +1,215 @@
+"""`moerun fit` and the planner on the real layouts of the alias table: header-only Hub
+repos served over loopback (tests/hub_server.py), local folders, and the plan `fit`
+prints against what `load` then allocates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moerun import fit, hub, plan, registry
+from tests.hub_server import HubServer, real_file, safetensors_header_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def header_repo(config: dict, shards: int) -> dict:
+    """config.json plus `shards` virtual safetensors files holding the family's real
+    tensor names and shapes (from the shipped config), as on the Hub."""
+    tensors = list(fit.config_tensors(config).items())
+    per = -(-len(tensors) // shards)
+    files = {"config.json": real_file(json.dumps(config).encode())}
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = dict(tensors[i * per : (i + 1) * per])
+        files[name] = safetensors_header_file(part)
+        weight_map.update(dict.fromkeys(part, name))
+    files["model.safetensors.index.json"] = real_file(json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+    return files
+
+
+@pytest.fixture(scope="module")
+def server():
+    with HubServer() as s:
+        s.add_repo("mistralai/Mixtral-8x7B-Instruct-v0.1", header_repo(registry.shipped_config("mixtral-8x7b"), 19))
+        s.add_repo("Qwen/Qwen3-30B-A3B", header_repo(registry.shipped_config("qwen3-30b-a3b"), 16))
+        yield s
+
+
+def run_cli(*args, env=None, tmp_path=None):
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "MOERUN_DEBUG": "", "HF_HUB_OFFLINE": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+@pytest.fixture
+def hub_env(server, tmp_path, monkeypatch):
+    env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.mark.parametrize(
+    "alias, total, active, max_read",
+    [("mixtral-8x7b", 46.70e9, 12.88e9, 1_000_000), ("qwen3-30b-a3b", 30.53e9, 3.34e9, 4_000_000)],
+)
+def test_fit_from_hub_headers_counts_known_models(server, hub_env, alias, total, active, max_read):
+    before = server.bytes_sent
+    proc = run_cli("fit", alias, "--vram", "24GiB", "--ram", "64GiB", "--json", env=hub_env)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["source"] == "hub"
+    assert abs(d["total_params"] - total) / total < 0.01
+    assert abs(d["active_params"] - active) / active < 0.01
+    for key in ("weight_bytes", "kv_cache_bytes", "gpu_bytes", "cpu_bytes", "expert_slots_per_layer"):
+        assert isinstance(d[key], int)
+    assert d["verdict"] in ("gpu", "offload", "no")
+    sent = server.bytes_sent - before
+    # Headers only: a few hundred KB for a 90 GB checkpoint (Qwen3's 18,867 tensor names
+    # make its headers ~2 MB), never the weights.
+    assert sent < max_read and sent < d["stored_bytes"] / 10_000, sent
+    assert d["metadata_bytes_read"] <= sent
+    weights = [r for r in server.requests if r[1].endswith(".safetensors") and r[0] == "GET"]
+    assert weights and all(r[2] and r[2].startswith("bytes=") for r in weights)
+
+
+def test_fit_report_is_readable(hub_env):
+    proc = run_cli("fit", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--vram", "24GB", "--ram", "64000MB", "--bits", "4",
+                   "--ctx", "8192", "--dtype", "bfloat16", env=hub_env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    for text in ("routed experts", "45.1B", "active per token: 12.9B of 46.7B", "KV cache (GQA) at 8192 tokens: 1.00 GiB",
+                 "offload", "tok/s", "recommended: --bits"):  # fmt: skip
+        assert text in out, out
+
+
+def test_fit_verdicts_follow_budgets(hub_env):
+    def verdict(vram, ram=None, bits=4):
+        return fit.fit("mixtral-8x7b", bits=bits, vram=vram, ram=ram, dtype="bfloat16", measure=False).plan
+
+    assert verdict("80GiB", "64GiB").verdict == "gpu"
+    p = verdict("12GiB", "64GiB")
+    assert p.verdict == "offload" and 1 <= p.expert_slots_per_layer < 8 and p.cpu_bytes > 20 * 2**30
+    p = verdict("2GiB", "64GiB")
+    assert p.verdict == "no" and "needs at least" in p.reason
+    assert verdict("12GiB", "8GiB").verdict == "no"  # the expert store does not fit in RAM
+    assert verdict("80GiB", "64GiB", bits=16).verdict == "no"  # 87 GiB of bf16
+    r = fit.fit("mixtral-8x7b", vram="80GiB", ram="64GiB", dtype="bfloat16", measure=False)
+    assert r.recommended_bits == 8
+
+
+def test_mla_kv_cache_holds_the_latent():
+    cfg = registry.shipped_config("deepseek-v2-lite")
+    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    assert s.kv_kind == "mla"
+    assert s.kv_cache_bytes(1000, 2) == 27 * (512 + 64) * 1000 * 2
+    cfg = registry.shipped_config("qwen3-30b-a3b")
+    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    assert s.kv_cache_bytes(1000, 2) == 2 * 48 * 4 * 128 * 1000 * 2
+
+
+@pytest.mark.parametrize(
+    "alias, total, active",
+    [
+        ("mixtral-8x22b", 140.6e9, 39.2e9),
+        ("qwen1.5-moe-a2.7b", 14.3e9, 2.69e9),
+        ("qwen2-57b-a14b", 57.4e9, 14.2e9),
+        ("qwen3-235b-a22b", 235.1e9, 22.2e9),
+        ("deepseek-v2-lite", 15.7e9, 2.66e9),  # 2.4 B active without the embedding table
+        ("deepseek-v3", 671.0e9, 37.5e9),  # the MTP layer is not counted
+        ("olmoe-1b-7b", 6.92e9, 1.28e9),
+        ("phi-3.5-moe", 41.9e9, 6.6e9),
+        ("gpt-oss-20b", 20.9e9, 4.19e9),  # OpenAI's 3.6 B leaves out the embedding table
+        ("gpt-oss-120b", 116.8e9, 5.71e9),
+        ("llama-4-scout", 107.8e9, 17.2e9),  # the vision tower (~1 B) is counted apart
+    ],
+)
+def test_layouts_of_the_alias_table(alias, total, active):
+    cfg = registry.shipped_config(alias)
+    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    assert abs(s.total_params - total) / total < 0.01, s.total_params
+    assert abs(s.active_params - active) / active < 0.01, s.active_params
+    assert not s.warnings and s.n_experts > 1
+
+
+def test_other_formats_are_counted_by_stored_bytes():
+    cfg = registry.shipped_config("deepseek-v3")
+    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    # FP8 weights with float32 128x128 block scales: just over one byte per parameter.
+    assert 1.0 < s.stored_bytes / s.total_params < 1.05
+    cfg = registry.shipped_config("gpt-oss-20b")
+    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    routed = s.stored_bytes_by_role["routed_experts"] * 8 / s.params_by_role["routed_experts"]
+    assert 4.2 < routed < 4.3  # MXFP4: 4 bits + one 8-bit scale per 32 values
+    assert s.expert_intermediate_size == 2880
+
+
+def test_granite_fused_layout_and_unknown_architectures():
+    D, I, E, L = 64, 32, 4, 2
+    tensors = {"model.embed_tokens.weight": ((100, D), "BF16")}
+    for i in range(L):
+        p = f"model.layers.{i}"
+        tensors[f"{p}.self_attn.q_proj.weight"] = ((D, D), "BF16")
+        tensors[f"{p}.block_sparse_moe.input_linear.weight"] = ((E, 2 * I, D), "BF16")
+        tensors[f"{p}.block_sparse_moe.output_linear.weight"] = ((E, D, I), "BF16")
+        tensors[f"{p}.block_sparse_moe.router.layer.weight"] = ((E, D), "BF16")
+    cfg = {"model_type": "granitemoe", "hidden_size": D, "num_hidden_layers": L, "num_attention_heads": 4,
+           "num_experts_per_tok": 2, "vocab_size": 100}  # fmt: skip
+    s = plan.summarize(cfg, tensors)
+    assert s.n_experts == E and s.expert_intermediate_size == I and s.moe_layers == [0, 1]
+    assert s.active_params == s.total_params - L * E * 3 * D * I // 2
+    dense = plan.summarize({**cfg, "model_type": "mystery"}, {"model.embed_tokens.weight": ((100, D), "BF16")})
+    assert dense.n_experts == 0 and "generic estimate" in dense.warnings[0]
+
+
+def test_sizes_accept_units():
+    assert plan.parse_size("12GiB") == 12 * 2**30
+    assert plan.parse_size("12GB") == 12 * 10**9
+    assert plan.parse_size("12000MB") == 12 * 10**9
+
+
+# -- local folders: the plan fit prints is what load allocates ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.model_fixtures import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3_moe", shards=2)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_fit_plan_equals_what_load_allocates(tiny, bits, tmp_path, monkeypatch):
+    import moerun
+    from tests.test_offload import device_bytes
+
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
+    full = fit.fit(str(tiny), bits=bits, ctx=256, measure=False).plan
+    budget = full.non_expert_bytes + full.kv_cache_bytes + 2 * full.expert_blob_bytes * full.n_moe_layers + 100
+    proc = run_cli("fit", str(tiny), "--bits", str(bits), "--ctx", "256", "--vram", str(budget), "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["source"] == "folder" and printed["verdict"] == "offload"
+    model = moerun.load(str(tiny), bits=bits, device="cpu", ctx=256, vram=budget)
+    assert model.plan.expert_slots_per_layer == printed["expert_slots_per_layer"] == 2
+    assert abs(device_bytes(model) - printed["gpu_bytes"]) <= 0.05 * printed["gpu_bytes"]
+
+
+def test_models_table_offline(tmp_path):
+    proc = run_cli("models", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    for alias in ("mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
+                  "qwen3-235b-a22b", "deepseek-v2-lite", "deepseek-v3", "olmoe-1b-7b", "phi-3.5-moe",
+                  "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout"):  # fmt: skip
+        assert alias in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "mixtral-8x7b" in line)
+    assert "46.7B" in row and "12.9B" in row and any(v in row for v in ("yes", "offload", "no"))
+    row = next(line for line in proc.stdout.splitlines() if "deepseek-v3" in line)
+    assert "671.0B" in row and "no" in row
