@@ -331,3 +331,31 @@ def test_cached_expert_variants_equal_routed_experts(act, weights_on_input):
         got_full, got_one = full(x, ids, weights), one(x, ids, weights)
         assert rel_err(got_one, got_full) < 1e-6
         assert rel_err(got_full, expected) < {16: 1e-6, 8: 0.03, 4: 0.3}[bits]
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_cache_through_triton_kernels_equals_torch_path(mode, bits):
+    # The kernels run under TRITON_INTERPRET=1 here (tests/conftest.py); on a GPU they compile.
+    pytest.importorskip("triton")
+    from moerun import kernels
+
+    if not kernels.available("cpu"):
+        pytest.skip("triton interpreter not enabled")
+    g = torch.Generator().manual_seed(1)
+    E, D, I, K = 4, 64, 32, 2
+    N = 3 if mode == "decode" else 9
+    fmt = ExpertFormat(bits, D, I, torch.float32)
+    store = torch.stack([fmt.pack(torch.randn(2 * I, D, generator=g) * 0.2, torch.randn(D, I, generator=g) * 0.2)
+                         for _ in range(E)])  # fmt: skip
+    x = torch.randn(N, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    weights = torch.rand(N, K, generator=g)
+    expected = CachedExperts(fmt, store, E, torch.device("cpu"), torch.float32, kernel_mode="torch")(x, ids, weights)
+    for slots in (E, 2, 1):
+        module = CachedExperts(fmt, store.clone(), slots, torch.device("cpu"), torch.float32, kernel_mode=mode)
+        got = module(x, ids, weights)
+        assert not torch.isnan(got).any()
+        assert rel_err(got, expected) < 1e-5, slots
+        if slots < E:
+            assert module.stats.misses > 0

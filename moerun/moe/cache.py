@@ -12,6 +12,7 @@ Shape legend: N tokens, K experts per token, E experts, S slots, D hidden.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import OrderedDict
 from typing import Callable
@@ -118,9 +119,14 @@ class CachedExperts(nn.Module):
         copy_stream=None,
         act: ExpertActivation = SILU,
         weights_on_input: bool = False,
+        kernel_mode: str | None = None,
     ):
         super().__init__()
         self.act, self.weights_on_input = act, weights_on_input
+        # Triton kernels read the slots directly: on CUDA by default; elsewhere only when a
+        # mode is named ("decode" | "prefill" | "auto"; the CPU runs them under
+        # TRITON_INTERPRET=1, which tests use). "torch" forces the plain path.
+        self.kernel_mode = kernel_mode
         n_experts = store.shape[0]
         assert store.dtype == torch.uint8 and store.shape[1] == fmt.blob_bytes
         self.fmt, self.n_experts, self.n_slots = fmt, n_experts, n_slots
@@ -133,6 +139,7 @@ class CachedExperts(nn.Module):
         self._ready: dict[int, object] = {}  # slot -> CUDA event marking its copy done
         self._prefetched: set[int] = set()  # resident because of a prefetch, not yet used
         self.prefetch_hook: Callable[[torch.Tensor], None] | None = None
+        self.timer = None  # set by `moerun bench` for one profiled pass: times copies and CPU experts
         if n_slots == n_experts and store.device == self.device:
             # Everything fits where the store already is: the store is the slot buffer.
             self.slots = store
@@ -148,6 +155,15 @@ class CachedExperts(nn.Module):
     # -- residency -------------------------------------------------------------------
 
     def _copy_in(self, expert: int, slot: int, count: bool = True) -> None:
+        if self.timer is not None:
+            with self.timer("copies"):
+                self._copy(expert, slot)
+        else:
+            self._copy(expert, slot)
+        if count:
+            self.stats.bytes_copied += self.fmt.blob_bytes
+
+    def _copy(self, expert: int, slot: int) -> None:
         src = self.store[expert]
         if self.copy_stream is not None:
             # The copy must not overwrite a slot that queued compute still reads.
@@ -159,8 +175,6 @@ class CachedExperts(nn.Module):
             self._ready[slot] = event
         else:
             self.slots[slot].copy_(src)
-        if count:
-            self.stats.bytes_copied += self.fmt.blob_bytes
 
     def _wait_slot(self, slot: int) -> None:
         event = self._ready.pop(slot, None)
@@ -210,9 +224,10 @@ class CachedExperts(nn.Module):
         # Resident experts first, then misses in rounds of at most n_slots experts: with
         # fewer slots than experts in use, a round's experts are protected from eviction.
         gpu_order = hits + to_copy
+        kernel_mode = self._kernel_mode()
         for begin in range(0, len(gpu_order), self.n_slots):
             group = gpu_order[begin : begin + self.n_slots]
-            protected = set(group)
+            protected, fresh = set(group), []
             for e in group:
                 if self.policy.is_resident(e):
                     self.policy.touch(e)
@@ -220,9 +235,20 @@ class CachedExperts(nn.Module):
                     slot, evicted = self.policy.admit(e, protected)
                     self._prefetched.discard(evicted)
                     self._copy_in(e, slot)
+                    fresh.append(e)
             if begin == 0 and self.prefetch_hook is not None:
                 # Queued behind this layer's own misses, ahead of its compute.
                 self.prefetch_hook(x)
+            if kernel_mode is not None:
+                # One launch for the experts already resident, one for those just copied
+                # in, so the first runs while the copies are still in flight.
+                ready = [e for e in group if e not in fresh]
+                for part in (ready, fresh):
+                    if part:
+                        for e in part:
+                            self._wait_slot(self.policy.slot_of[e])
+                        out += self._kernel_call(x, ids, weights, part, kernel_mode)
+                continue
             for e in group:  # hits run first; a fresh or prefetched copy is awaited just before use
                 slot = self.policy.slot_of[e]
                 self._wait_slot(slot)
@@ -231,13 +257,42 @@ class CachedExperts(nn.Module):
             self.prefetch_hook(x)
 
         if on_cpu:
-            x_cpu = x.to("cpu")
-            acc = torch.zeros_like(x_cpu)
-            for e in on_cpu:
-                run(e, self.store[e], x_cpu, acc)
-                self.stats.cpu_experts += 1
-            out += acc.to(out.device)
+            with self.timer("cpu_experts") if self.timer is not None else contextlib.nullcontext():
+                x_cpu = x.to("cpu")
+                acc = torch.zeros_like(x_cpu)
+                for e in on_cpu:
+                    run(e, self.store[e], x_cpu, acc)
+                    self.stats.cpu_experts += 1
+                out += acc.to(out.device)
         return out
+
+    def _kernel_mode(self) -> str | None:
+        """The Triton mode to use for this forward, or None for the plain torch path."""
+        if self.kernel_mode == "torch":
+            return None
+        if self.weights_on_input and self.fmt.bias:
+            return None  # a zero-weight pair would still add expert(0) = its biases
+        from moerun import kernels
+
+        if self.kernel_mode is not None:
+            return self.kernel_mode if kernels.available(self.device) else None
+        return "auto" if self.device.type == "cuda" and kernels.available(self.device) else None
+
+    def _kernel_call(self, x, ids, weights, experts: list[int], mode: str) -> torch.Tensor:
+        """Σ over the pairs whose expert is in `experts` (all resident), in one launch.
+        Other pairs get weight 0; the kernel still reads a slot for them, a cost paid only
+        in a step that also waits for a copy, which is far slower."""
+        from moerun import kernels
+
+        table = [-1] * self.n_experts
+        for e in experts:
+            table[e] = self.policy.slot_of[e]
+        slot_ids = torch.tensor(table, dtype=torch.int32, device=x.device)[ids]
+        absent = slot_ids < 0
+        return kernels.fused_experts(
+            x, slot_ids.clamp_min(0), weights.masked_fill(absent, 0), self.slots, self.fmt, self.compute_dtype,
+            act=self.act, weights_on_input=self.weights_on_input, mode=mode,
+        )  # fmt: skip
 
     def resident_bytes(self) -> int:
         """Bytes this layer holds on the compute device (the slot buffer)."""
