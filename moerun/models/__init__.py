@@ -62,10 +62,15 @@ def load_model(
     keep_fp32 = tuple(getattr(arch, "FLOAT32_PARAMS", ()))
     with CheckpointWeights.open(folder) as ckpt:
         groups: dict[int | None, list[str]] = defaultdict(list)
+        # Multimodal checkpoints (Llama 4) name the text model under a prefix; the rest
+        # (vision tower, projector) is never read.
+        prefix = getattr(arch, "CHECKPOINT_PREFIX", "")
         for name in ckpt.keys():
             if not routed_experts and is_routed_expert(name):
                 continue
-            m = _LAYER.match(name)
+            if not name.startswith(prefix):
+                continue
+            m = _LAYER.match(name.removeprefix(prefix))
             groups[int(m.group(1)) if m else None].append(name)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):
             tensors = arch.sanitize({name: ckpt.get(name) for name in groups[key]}, args)

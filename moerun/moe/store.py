@@ -61,7 +61,7 @@ def layer_expert_blobs(
     ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat
 ) -> torch.Tensor:
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
-    layer_prefix = f"model.layers.{layer}."
+    layer_prefix = getattr(arch, "CHECKPOINT_PREFIX", "") + f"model.layers.{layer}."
     names = [n for n in ckpt.keys() if n.startswith(layer_prefix) and is_routed_expert(n)]
     stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
     w13, w2 = stacked.get(f"{prefix}.w13"), stacked.get(f"{prefix}.w2")
