@@ -9,7 +9,7 @@ import pytest
 
 from moerun.errors import MoerunError
 from moerun.tokenizer import Tokenizer
-from tokenizer_fixtures import TOKENIZER_VOCAB_SIZE, write_tokenizer
+from tests.tokenizer_fixtures import TOKENIZER_VOCAB_SIZE, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
