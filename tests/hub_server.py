@@ -69,6 +69,7 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.cut_after: int | None = None  # cut each file transfer after this many bytes
         self.cuts_left = 0
+        self.cut_file: str | None = None  # only this file's transfers are cut (None: any)
         self.token = "hf_test_token"
         self._lock = threading.Lock()
         server = self
@@ -189,6 +190,7 @@ class HubServer:
         body = f.read(start, end)
         with self._lock:
             cut = self.cut_after is not None and self.cuts_left > 0 and len(body) > self.cut_after
+            cut = cut and self.cut_file in (None, m.group(3))
             if cut:
                 self.cuts_left -= 1
         if not cut:
