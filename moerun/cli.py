@@ -268,6 +268,60 @@ def chat(
 
 
 @app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
+    prompt_tokens: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."),
+    gen_tokens: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tg tests; a comma list sweeps; 0 skips."),
+    repetitions: int = typer.Option(3, "-r", "--repetitions", min=1, help="Timed runs per test (after one warm-up)."),
+    bits: str = typer.Option("4", "--bits", "-b", help="Expert bits: 4, 8, 16; a comma list sweeps."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Device budget(s), e.g. 12GiB or 12GiB,24GiB."),
+    ram: Optional[str] = Ram,
+    cold: str = typer.Option("gpu", "--cold", help="gpu, cpu or auto; a comma list sweeps."),
+    ctx: Optional[int] = Ctx,
+    expert_slots: Optional[int] = ExpertSlots,
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark ALIAS's real shapes with random weights, no download."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="With --synthetic: keep only the first N layers."),
+    device: str = Device,
+    output: str = typer.Option("md", "-o", "--output", help="md or json."),
+    force: bool = typer.Option(False, "--force", help="Download and run even if the fit check says it will not fit."),
+) -> None:
+    """Measure prompt processing (ppN) and generation (tgN) tokens/sec, llama-bench style."""
+    if output not in ("md", "json"):
+        raise typer.BadParameter("use md or json", param_hint="'-o'")
+    bits_list = [int(b) for b in bits.split(",")]
+    for b in bits_list:
+        if b not in BITS:
+            raise typer.BadParameter(f"{b} is not one of 4, 8, 16", param_hint="'--bits'")
+    if model is not None and synthetic is None:
+        _pull_on_first_use(model, bits_list[0], vram.split(",")[0] if vram else None, ram, ctx, force)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from moerun import bench as benchmark
+
+    try:
+        pp = [int(v) for v in prompt_tokens.split(",")]
+        tg = [int(v) for v in gen_tokens.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter("token counts are whole numbers, e.g. 512 or 128,256") from e
+    vrams = vram.split(",") if vram else [None]
+    colds = cold.split(",")
+    runs = len(bits_list) * len(vrams) * len(colds) * (sum(1 for v in pp if v) + sum(1 for v in tg if v)) * repetitions
+    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
+                  transient=True) as progress:  # fmt: skip
+        task = progress.add_task("bench", total=runs)
+        report = benchmark.run_bench(
+            model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
+            vram=vrams, cold=colds, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
+            ram=ram, progress=lambda: progress.advance(task),
+        )  # fmt: skip
+    if output == "json":
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+    else:
+        sys.stdout.write(benchmark.render_markdown(report) + "\n")
+
+
+@app.command()
 def models() -> None:
     """List the model aliases: repo id, total / active parameters, and whether each fits
     this machine (from the cache or the config shipped with moerun; no network)."""

@@ -1,0 +1,481 @@
+"""llama-bench-style measurement: prompt processing (ppN) and generation (tgN) tokens/sec,
+mean ± std over repetitions after a warm-up, with where the time goes.
+
+A model is either loaded (alias, repo id, folder) or synthetic: the real config of a known
+model with random weights made directly in quantized form, in memory, layer by layer, so a
+user can measure Mixtral-8x7B's shapes on their card before downloading 90 GB. Random
+weights route near-uniformly: the worst case for the expert cache, not a trained model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+import moerun
+from moerun import plan
+from moerun.errors import MoerunError
+from moerun.layers import Attention
+from moerun.models import get_architecture
+from moerun.moe.cache import CachedExperts
+from moerun.moe.offload import expert_formats, install_expert_cache, routed_expert_modules
+from moerun.plan import is_routed_expert
+from moerun.quant.format import ExpertFormat
+
+RANDOM_ROUTING_NOTE = (
+    "synthetic weights route near-uniformly: the worst case for the expert cache, not the routing of a trained model"
+)
+
+
+@dataclasses.dataclass
+class BenchModel:
+    """What a bench run measures: the LM, its plan, and how to describe it."""
+
+    lm: nn.Module
+    name: str
+    plan: plan.Plan
+    device: torch.device
+    synthetic: bool
+    layers_note: str = ""
+
+
+# -- synthetic models --------------------------------------------------------------------
+
+
+def _random_blobs(fmt: ExpertFormat, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n experts of `fmt` made directly in quantized form. Speed does not depend on the
+    values, so one random blob is drawn per layer and every expert is a view of it
+    (stride 0): no RAM for 100+ copies. On CUDA the pinned host store is materialised
+    when the cache is installed, so copies there move real, distinct memory."""
+    blob = torch.empty(fmt.blob_bytes, dtype=torch.uint8)
+    views = fmt.views(blob)
+    for s in fmt.sections:
+        v = views[s.name]
+        if s.dtype == torch.uint8:  # NF4 codes: uniform over the 16 levels
+            v.copy_(torch.randint(0, 256, v.shape, dtype=torch.uint8, generator=generator))
+        elif s.dtype == torch.int8:
+            v.copy_(torch.randint(-127, 128, v.shape, dtype=torch.int8, generator=generator))
+        elif s.name.endswith(("absmax", "scale")):  # weights of about 0.02 std
+            v.fill_(0.04 if s.name.endswith("absmax") else 0.06 / 127)
+        else:
+            v.copy_((torch.randn(v.shape, generator=generator) * 0.02).to(s.dtype))
+    return blob.expand(n, -1)
+
+
+def synthetic_headers(lm: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors a checkpoint of this model would hold, routed experts per expert, so
+    that the one planner describes synthetic and real models alike."""
+    out = {}
+    for name, p in lm.named_parameters():
+        if not is_routed_expert(name):
+            out[name] = (tuple(p.shape), torch.bfloat16)
+    for i, _, m in routed_expert_modules(lm):
+        E, two_i, D = m.w13.shape
+        stem = f"model.layers.{i}.mlp.experts"  # the per-expert naming the planner reads
+        for e in range(E):
+            out[f"{stem}.{e}.gate_proj.weight"] = ((two_i // 2, D), torch.bfloat16)
+            out[f"{stem}.{e}.up_proj.weight"] = ((two_i // 2, D), torch.bfloat16)
+            out[f"{stem}.{e}.down_proj.weight"] = ((D, two_i // 2), torch.bfloat16)
+    return out
+
+
+@torch.inference_mode()
+def synthetic_model(
+    config: dict,
+    name: str,
+    bits: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    vram: int | None,
+    ram: int | None = None,
+    layers: int | None = None,
+    cold: str = "gpu",
+    ctx: int = 4096,
+    expert_slots: int | None = None,
+    seed: int = 0,
+) -> BenchModel:
+    """Build `config`'s model (the first `layers` layers) with random weights, routed
+    experts generated directly in their `bits` format, placed as the planner says."""
+    config = dict(config)
+    # The weights are made here in moerun's own formats, whatever the release stores (FP8).
+    config.pop("quantization_config", None)
+    note = ""
+    # Multimodal configs (Llama 4) keep the language model's fields in text_config.
+    text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
+    if layers and layers < text.get("num_hidden_layers", layers):
+        note = f"first {layers} of {text['num_hidden_layers']} layers"
+        text["num_hidden_layers"] = layers
+    arch = get_architecture(config.get("model_type"))
+    args = arch.ModelArgs.from_dict(config)
+    with torch.device("meta"):
+        lm = arch.Model(args)
+    summary = plan.summarize(config, synthetic_headers(lm))
+    if not summary.n_experts:
+        note += (", " if note else "") + "no MoE layer among them (dense layers first): raise --layers"
+        expert_slots = None
+    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots)
+    if memory_plan.verdict == "no":
+        raise MoerunError(f"{name} does not fit: {memory_plan.reason}")
+    g = torch.Generator().manual_seed(seed)
+    for pname, p in list(lm.named_parameters()):
+        if is_routed_expert(pname):
+            continue
+        if "norm" in pname and p.dim() == 1:
+            value = torch.ones(p.shape, dtype=dtype)
+        elif p.shape[0] > 8192:  # embeddings and lm_head: tile a random block (cheap, same speed)
+            block = (torch.randn((8192, *p.shape[1:]), generator=g) * 0.02).to(dtype)
+            value = block.repeat(-(-p.shape[0] // 8192), *([1] * (p.dim() - 1)))[: p.shape[0]]
+        else:
+            value = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
+        owner, _, leaf = pname.rpartition(".")
+        setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
+    if routed_expert_modules(lm):  # e.g. DeepSeek-V3's first layers are dense
+        fmts, n_experts, _ = expert_formats(lm, bits, dtype)
+        stores = {i: _random_blobs(fmts[i], n_experts[i], g) for i in fmts}
+        install_expert_cache(lm, stores, fmts, memory_plan.expert_slots_per_layer, device, dtype, cold)
+    return BenchModel(lm.eval(), name, memory_plan, device, True, note)
+
+
+# -- timing ------------------------------------------------------------------------------
+
+
+class SectionTimer:
+    """Wall time per named section; synchronizes CUDA around each so time lands where it
+    is spent. Used in one extra profiled pass only, never in the t/s figures."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+
+@contextmanager
+def profiled(lm: nn.Module, timer: SectionTimer):
+    """Attribute time to attention and MoE blocks (hooks), and to copies and CPU experts
+    (the cache's own timer)."""
+    handles, stack = [], []
+
+    def enter(name):
+        def pre(module, args):
+            stack.append(timer(name))
+            stack[-1].__enter__()
+
+        return pre
+
+    def leave(module, args, out):
+        stack.pop().__exit__(None, None, None)
+
+    moe_blocks = {path.rpartition(".")[0] for _, path, _ in routed_expert_modules(lm)}
+    for path, module in lm.named_modules():
+        if isinstance(module, Attention) or path.endswith("self_attn"):
+            kind = "attention"
+        elif path in moe_blocks:
+            kind = "moe"
+        else:
+            continue
+        handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
+    caches = [m for _, _, m in routed_expert_modules(lm) if isinstance(m, CachedExperts)]
+    for m in caches:
+        m.timer = timer
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in caches:
+            m.timer = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cache_totals(lm: nn.Module) -> dict:
+    totals: dict[str, int] = defaultdict(int)
+    for _, _, m in routed_expert_modules(lm):
+        if isinstance(m, CachedExperts):
+            for k, v in m.stats.to_dict().items():
+                totals[k] += v
+    return dict(totals)
+
+
+def _reset_cache_stats(lm: nn.Module) -> None:
+    from moerun.moe.cache import CacheStats
+
+    for _, _, m in routed_expert_modules(lm):
+        if isinstance(m, CachedExperts):
+            m.stats = CacheStats()
+
+
+@torch.inference_mode()
+def run_prompt(lm, n_tokens: int, device, vocab: int, seed: int) -> float:
+    """Prefill `n_tokens` random tokens into a fresh cache; seconds."""
+    ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    caches = lm.make_caches(1, n_tokens)
+    _sync(device)
+    t0 = time.perf_counter()
+    lm(ids, caches, 0, last_only=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def run_generation(lm, n_tokens: int, device, vocab: int, seed: int) -> tuple[float, float, int]:
+    """Greedy-decode `n_tokens` tokens after a one-token prompt, as llama-bench's tg does.
+    Returns (seconds for the whole run, time to first token, tokens generated)."""
+    token = int(torch.randint(0, vocab, (1,), generator=torch.Generator().manual_seed(seed)))
+    caches = lm.make_caches(1, n_tokens + 1)
+    _sync(device)
+    t0 = time.perf_counter()
+    ttft, generated = 0.0, 0
+    for pos in range(n_tokens):
+        logits = lm(torch.tensor([[token]], device=device), caches, pos)
+        token = int(logits[0, -1].argmax())  # the host sync a real decode loop has too
+        generated += 1
+        if pos == 0:
+            ttft = time.perf_counter() - t0
+    return time.perf_counter() - t0, ttft, generated
+
+
+def peak_ram_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_model(bm: BenchModel, test: str, n: int, repetitions: int, vocab: int, progress=None) -> dict:
+    """One test ("pp" or "tg") of `n` tokens: warm-up, `repetitions` timed runs, then one
+    profiled run for the time shares."""
+    lm, device = bm.lm, bm.device
+    run = run_prompt if test == "pp" else run_generation
+
+    def once(seed):
+        out = run(lm, n, device, vocab, seed)
+        return (out, 0.0, n) if test == "pp" else out
+
+    once(0)  # warm-up: compiles, fills the cache, touches memory
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _reset_cache_stats(lm)
+    rates, ttfts, counted, wall = [], [], 0, 0.0
+    for r in range(repetitions):
+        seconds, ttft, tokens = once(r + 1)
+        rates.append(tokens / seconds)
+        ttfts.append(ttft if test == "tg" else seconds)
+        counted += tokens
+        wall += seconds
+        if progress:
+            progress()
+    totals = _cache_totals(lm)
+    timer = SectionTimer(device)
+    with profiled(lm, timer):
+        t0 = time.perf_counter()
+        once(repetitions + 1)
+        profiled_total = time.perf_counter() - t0
+    moe = timer.seconds.get("moe", 0.0)
+    copies, cpu_experts = timer.seconds.get("copies", 0.0), timer.seconds.get("cpu_experts", 0.0)
+    shares = {
+        "attention": timer.seconds.get("attention", 0.0) / profiled_total,
+        "experts": max(moe - copies - cpu_experts, 0.0) / profiled_total,
+        "copies": copies / profiled_total,
+        "cpu_experts": cpu_experts / profiled_total,
+    }
+    shares["other"] = max(1.0 - sum(shares.values()), 0.0)
+    uses = totals.get("hits", 0) + totals.get("misses", 0)
+    return {
+        "test": f"{test}{n}",
+        "tokens_per_run": n,
+        "tokens_counted": counted,
+        "repetitions": repetitions,
+        "t_s_mean": statistics.mean(rates),
+        "t_s_std": statistics.pstdev(rates) if len(rates) > 1 else 0.0,
+        "ttft_s": statistics.mean(ttfts),
+        "peak_vram_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
+        "peak_ram_bytes": peak_ram_bytes(),
+        "expert_hit_rate": totals.get("hits", 0) / uses if uses else 1.0,
+        "bytes_copied_per_token": totals.get("bytes_copied", 0) / max(counted, 1),
+        "pcie_gb_s": totals.get("bytes_copied", 0) / wall / 1e9 if wall else 0.0,
+        "cpu_experts_per_token": totals.get("cpu_experts", 0) / max(counted, 1),
+        "time_share": shares,
+    }
+
+
+def machine_info() -> dict:
+    """Names the machine, as llama-bench's header does."""
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "ram_bytes": _ram_bytes(),
+        "torch": torch.__version__,
+        "moerun": moerun.__version__,
+        "python": platform.python_version(),
+        "gpu": None,
+        "vram_bytes": None,
+        "driver": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, vram_bytes=props.total_memory, driver=_nvidia_driver(), cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return open("/proc/driver/nvidia/version").readline().split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep(values: str | None, cast=str) -> list:
+    """'512,1024' -> [512, 1024]; None -> [None]."""
+    if values is None:
+        return [None]
+    return [cast(v.strip()) for v in str(values).split(",") if v.strip()]
+
+
+def combinations(**lists) -> list[dict]:
+    keys = list(lists)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(lists[k] for k in keys))]
+
+
+# -- the sweep and its report ------------------------------------------------------------
+
+
+def run_bench(
+    model: str | None = None,
+    synthetic: str | None = None,
+    prompt_tokens: list[int] = (512,),
+    gen_tokens: list[int] = (128,),
+    repetitions: int = 3,
+    bits: list[int] = (4,),
+    vram: list[str | None] = (None,),
+    cold: list[str] = ("gpu",),
+    ctx: int | None = None,
+    layers: int | None = None,
+    device: str = "auto",
+    expert_slots: int | None = None,
+    ram: str | None = None,
+    progress=None,
+) -> dict:
+    """Every combination of bits x vram x cold, each with every pp and tg test. Returns
+    {"machine", "rows", "notes"}; a row per (combination, test)."""
+    from moerun.api import _resolve_device, default_vram
+
+    if (model is None) == (synthetic is None):
+        raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
+    if repetitions < 1:
+        raise MoerunError(f"repetitions must be >= 1, got {repetitions}")
+    dev = _resolve_device(device)
+    notes = [RANDOM_ROUTING_NOTE] if synthetic else []
+    rows = []
+    for combo in combinations(bits=list(bits), vram=list(vram), cold=list(cold)):
+        budget = plan.parse_size(combo["vram"]) if combo["vram"] is not None else default_vram(dev)
+        if synthetic:
+            from moerun.registry import shipped_config
+
+            config = shipped_config(synthetic)
+            if config is None:
+                raise MoerunError(f"no shipped config for '{synthetic}': --synthetic takes an alias from `moerun models`")
+            dtype = torch.bfloat16
+            bm = synthetic_model(config, synthetic, combo["bits"], dev, dtype, budget, plan.parse_size(ram),
+                                 layers=layers, cold=combo["cold"], ctx=ctx or 4096,
+                                 expert_slots=expert_slots)  # fmt: skip
+            vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+            if bm.layers_note and bm.layers_note not in " ".join(notes):
+                notes.append(f"{synthetic}: {bm.layers_note}")
+        else:
+            m = moerun.load(model, bits=combo["bits"], device=dev, vram=budget, ram=ram, cold=combo["cold"], ctx=ctx,
+                            expert_slots=expert_slots)  # fmt: skip
+            bm = BenchModel(m.lm, model, m.plan, dev, False)
+            vocab = m.lm.lm_head.weight.shape[0]
+        p = bm.plan
+        base = {
+            "model": bm.name + (" (synthetic)" if bm.synthetic else ""),
+            "size_bytes": p.weight_bytes,
+            "params": p.total_params,
+            "active_params": p.active_params,
+            "bits": combo["bits"],
+            "budget": (f"{expert_slots} slots/layer" if expert_slots else combo["vram"])
+            or ("all" if budget is None else plan.gib(budget)),
+            "backend": dev.type
+            + (f" offload cold={combo['cold']}" if p.expert_slots_per_layer < p.n_experts else ""),
+            "expert_slots_per_layer": p.expert_slots_per_layer,
+            "n_experts": p.n_experts,
+        }
+        for test, counts in (("pp", prompt_tokens), ("tg", gen_tokens)):
+            for n in counts:
+                if n:
+                    rows.append({**base, **bench_model(bm, test, n, repetitions, vocab, progress)})
+        del bm
+        gc.collect()  # prefetch hooks make reference cycles: free this model before the next
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"machine": machine_info(), "rows": rows, "notes": notes}
+
+
+def render_markdown(report: dict) -> str:
+    """llama-bench's table, then the per-test details, then the machine."""
+    lines = ["| model | size | params | bits | budget | backend | test | t/s |", "|---|---:|---:|---:|---|---|---|---:|"]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['model']} | {plan.gib(r['size_bytes'])} | {r['params'] / 1e9:.2f} B | {r['bits']} | {r['budget']} | "
+            f"{r['backend']} | {r['test']} | {r['t_s_mean']:.2f} ± {r['t_s_std']:.2f} |"
+        )
+    lines += ["", "| test | bits | budget | slots | TTFT | peak VRAM | peak RAM | hit rate | copied/token | PCIe GB/s | "
+              "attention | experts | copies | CPU experts | other |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in report["rows"]:
+        sh = r["time_share"]
+        lines.append(
+            f"| {r['test']} | {r['bits']} | {r['budget']} | {r['expert_slots_per_layer']}/{r['n_experts']} | "
+            f"{r['ttft_s'] * 1000:.1f} ms | {plan.gib(r['peak_vram_bytes'])} | {plan.gib(r['peak_ram_bytes'])} | "
+            f"{r['expert_hit_rate']:.0%} | {plan.gib(r['bytes_copied_per_token'])} | {r['pcie_gb_s']:.2f} | "
+            f"{sh['attention']:.0%} | {sh['experts']:.0%} | {sh['copies']:.0%} | {sh['cpu_experts']:.0%} | "
+            f"{sh['other']:.0%} |"
+        )
+    m = report["machine"]
+    gpu = f"{m['gpu']} ({plan.gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
+    lines += ["", f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads); "
+              f"RAM {plan.gib(m['ram_bytes'] or 0)}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+    lines += [f"note: {n}" for n in report["notes"]]
+    lines += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]
+    return "\n".join(lines)
