@@ -17,6 +17,13 @@ import moerun
 from moerun import rope
 from moerun.errors import MoerunError
 from moerun.models import get_architecture
+from tests.parity import (
+    check_greedy_32,
+    check_kv_cache_decode,
+    check_logits,
+    check_offloaded_4bit_equals_resident,
+    rel_err,
+)
 from tests.model_fixtures import make_checkpoint, reference_model
 
 # Real DeepSeek configs have as many kv heads as heads (MLA does not group them).
@@ -46,10 +53,6 @@ CASES = {
                                routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
                                rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
@@ -96,36 +99,17 @@ IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
 def test_logits_match_transformers(pair):
     _, _, ours, ref = pair
-    with torch.no_grad():
-        expected = ref(IDS).logits.float()
-    got = ours.logits(IDS)
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    assert rel_err(got, expected) < 1e-4
+    check_logits(ours, ref)
 
 
 def test_32_greedy_tokens_match_transformers(pair):
     _, _, ours, ref = pair
-    prompt = ours.tokenizer.encode("The quick brown fox")
-    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
-    assert len(out.token_ids) == 32
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(32):
-            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.token_ids == ids[0, len(prompt) :].tolist()
+    check_greedy_32(ours, ref)
 
 
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
-    lm = ours.lm
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
-    full = ours.logits(ids)
-    caches = lm.make_caches(1, 20)
-    with torch.no_grad():
-        stepwise = [lm(ids[:, :8], caches, 0)]
-        for t in range(8, 20):
-            stepwise.append(lm(ids[:, t : t + 1], caches, t))
-    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+    check_kv_cache_decode(ours)
 
 
 def test_cache_holds_only_the_latent(pair):
@@ -148,10 +132,7 @@ def test_cache_holds_only_the_latent(pair):
 
 def test_4bit_one_slot_equals_4bit_resident(checkpoint):
     _, folder = checkpoint
-    resident = moerun.load(str(folder), bits=4, device="cpu")
-    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
-    assert offloaded.plan.expert_slots_per_layer == 1
-    assert rel_err(offloaded.logits(IDS), resident.logits(IDS)) < 1e-6
+    check_offloaded_4bit_equals_resident(folder)
 
 
 @pytest.mark.parametrize("checkpoint", ["v3"], indirect=True)

@@ -17,6 +17,13 @@ from safetensors.torch import load_file, save_file
 import moerun
 from moerun.models import get_architecture
 from moerun.quant import mxfp4
+from tests.parity import (
+    check_greedy_32,
+    check_kv_cache_decode,
+    check_logits,
+    check_offloaded_4bit_equals_resident,
+    rel_err,
+)
 from tests.model_fixtures import BASE, reference_model
 from tests.tokenizer_fixtures import write_tokenizer
 
@@ -55,10 +62,6 @@ LLAMA4_TEXT = dict(
 )  # fmt: skip
 LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -142,54 +145,23 @@ def pair(checkpoint):
 
 def test_logits_match_transformers(pair):
     _, _, ours, ref = pair
-    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = ref(ids).logits.float()
-    got = ours.logits(ids)
-    assert got.shape == expected.shape
-    assert rel_err(got, expected) < 1e-4
+    check_logits(ours, ref)
 
 
 def test_32_greedy_tokens_match_transformers(pair):
     _, _, ours, ref = pair
-    prompt = ours.tokenizer.encode("The quick brown fox")
-    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
-    assert len(out.token_ids) == 32
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(32):
-            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.token_ids == ids[0, len(prompt) :].tolist()
-    assert len(set(out.token_ids)) > 3  # not a degenerate repetition
-    # transformers' own generate() (its KV cache, its chunked / sliding cache layers).
-    with torch.no_grad():
-        hf = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
-    assert out.token_ids[: len(hf)] == hf
+    token_ids = check_greedy_32(ours, ref)
+    assert len(set(token_ids)) > 3  # not a degenerate repetition
 
 
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
-    lm = ours.lm
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
-    full = ours.logits(ids)
-    caches = lm.make_caches(1, 20)
-    with torch.no_grad():
-        stepwise = [lm(ids[:, :8], caches, 0)]
-        for t in range(8, 20):
-            stepwise.append(lm(ids[:, t : t + 1], caches, t))
-    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+    check_kv_cache_decode(ours)
 
 
 def test_four_bit_experts_offloaded_to_one_slot_equal_resident(checkpoint):
     _, folder = checkpoint
-    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
-    resident = moerun.load(str(folder), bits=4, device="cpu")
-    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
-    expected = resident.logits(ids)
-    assert rel_err(offloaded.logits(ids), expected) < 1e-6
-    assert offloaded.stats["total"]["misses"] > 0
-    # 4-bit experts stay close to the checkpoint's.
-    assert rel_err(expected, moerun.load(str(folder), device="cpu").logits(ids)) < 0.2
+    check_offloaded_4bit_equals_resident(folder)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

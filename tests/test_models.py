@@ -12,6 +12,7 @@ import torch
 import moerun
 from moerun.errors import MoerunError
 from moerun.models import get_architecture
+from tests.parity import check_greedy_32, check_kv_cache_decode, check_logits, rel_err
 from tests.model_fixtures import make_checkpoint, reference_model
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -21,10 +22,6 @@ WINDOWED = {
     "qwen2_moe": dict(use_sliding_window=True, sliding_window=6, max_window_layers=2),
     "qwen3_moe": dict(use_sliding_window=True, sliding_window=6),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -49,44 +46,17 @@ def test_checkpoint_is_sharded_bf16(checkpoint):
 
 def test_logits_match_transformers(pair):
     _, _, ours, ref = pair
-    ids = torch.randint(0, ours.tokenizer.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = ref(ids).logits.float()
-    got = ours.logits(ids)
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    assert rel_err(got, expected) < 1e-4
+    check_logits(ours, ref)
 
 
 def test_32_greedy_tokens_match_transformers(pair):
     _, _, ours, ref = pair
-    prompt = ours.tokenizer.encode("The quick brown fox")
-    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
-    assert len(out.token_ids) == 32 and out.stats.finish_reason == "length"
-
-    # Reference 1: greedy by full forwards in transformers (no cache anywhere).
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(32):
-            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.token_ids == ids[0, len(prompt) :].tolist()
-
-    # Reference 2: transformers' own generate(), which stops at its eos ids.
-    with torch.no_grad():
-        hf = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :].tolist()
-    assert out.token_ids[: len(hf)] == hf
+    check_greedy_32(ours, ref)
 
 
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
-    lm = ours.lm
-    ids = torch.randint(0, ours.tokenizer.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
-    full = ours.logits(ids)
-    caches = lm.make_caches(1, 20)
-    with torch.no_grad():
-        stepwise = [lm(ids[:, :8], caches, 0)]
-        for t in range(8, 20):
-            stepwise.append(lm(ids[:, t : t + 1], caches, t))
-    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+    check_kv_cache_decode(ours)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

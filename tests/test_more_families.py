@@ -11,6 +11,13 @@ import torch
 
 import moerun
 from moerun.models import get_architecture
+from tests.parity import (
+    check_greedy_32,
+    check_kv_cache_decode,
+    check_logits,
+    check_offloaded_4bit_equals_resident,
+    rel_err,
+)
 from tests.model_fixtures import make_checkpoint, reference_model
 
 HEAD_DIM = 16  # BASE: hidden 64 over 4 heads
@@ -47,10 +54,6 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def checkpoint(request, tmp_path_factory):
     arch = request.param
@@ -67,47 +70,23 @@ def pair(checkpoint):
 
 def test_logits_match_transformers(pair):
     _, _, ours, ref = pair
-    ids = torch.randint(0, ours.tokenizer.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = ref(ids).logits.float()
-    got = ours.logits(ids)
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    assert rel_err(got, expected) < 1e-4
+    check_logits(ours, ref)
 
 
 def test_32_greedy_tokens_match_transformers(pair):
     _, _, ours, ref = pair
-    prompt = ours.tokenizer.encode("The quick brown fox")
-    out = ours.generate(prompt, max_new_tokens=32, ignore_eos=True)
-    assert len(out.token_ids) == 32
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(32):
-            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.token_ids == ids[0, len(prompt) :].tolist()
+    check_greedy_32(ours, ref)
 
 
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
-    lm = ours.lm
-    ids = torch.randint(0, ours.tokenizer.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
-    full = ours.logits(ids)
-    caches = lm.make_caches(1, 20)
-    with torch.no_grad():
-        stepwise = [lm(ids[:, :8], caches, 0)]
-        for t in range(8, 20):
-            stepwise.append(lm(ids[:, t : t + 1], caches, t))
-    assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
+    check_kv_cache_decode(ours)
 
 
 def test_4bit_one_slot_cache_equals_fully_resident(checkpoint, tmp_path, monkeypatch):
     _, folder = checkpoint
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
-    resident = moerun.load(str(folder), bits=4, device="cpu")
-    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
-    assert rel_err(offloaded.logits(ids), resident.logits(ids)) < 1e-6
-    assert offloaded.stats["total"]["misses"] > 0
+    check_offloaded_4bit_equals_resident(folder)
 
 
 # -- family quirks ------------------------------------------------------------------------

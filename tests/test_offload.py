@@ -19,6 +19,7 @@ from moerun.moe.experts import SILU, ExpertActivation, RoutedExperts
 from moerun.moe.offload import routed_expert_modules
 from moerun.quant import ExpertFormat, int8, nf4
 from tests.model_fixtures import ARCH_CONFIGS, make_checkpoint
+from tests.parity import rel_err
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -37,10 +38,6 @@ def checkpoint(request, tmp_path_factory):
 def n_experts(arch: str) -> int:
     cfg = ARCH_CONFIGS[arch]
     return cfg.get("num_local_experts") or cfg["num_experts"]
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
@@ -359,3 +356,17 @@ def test_cache_through_triton_kernels_equals_torch_path(mode, bits):
         assert rel_err(got, expected) < 1e-5, slots
         if slots < E:
             assert module.stats.misses > 0
+
+
+@pytest.mark.parametrize("shape", [(512, 4096), (4096, 768)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bitsandbytes_cpu_dequantizer_equals_the_torch_path(shape, dtype):
+    # Large matrices on the CPU are dequantized by bitsandbytes' C++ kernel: it must give
+    # the very bytes the torch path gives.
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    packed, absmax = nf4.quantize(w)
+    fast = nf4.dequantize_bitsandbytes(packed, absmax, shape, dtype)
+    assert fast is not None
+    reference = nf4.dequantize(packed, absmax, (1, *shape), dtype).view(shape)  # 3 dims: always the torch path
+    assert torch.equal(fast, reference)
+    assert nf4.dequantize_bitsandbytes(packed[: 7 * 48 // 2], absmax[:6], (7, 48), dtype) is None  # rows not whole blocks

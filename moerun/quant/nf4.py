@@ -6,6 +6,8 @@ the first value in the high nibble. bitsandbytes' quantize_4bit / dequantize_4bi
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -53,9 +55,45 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 0xF]], dim=-1)
 
 
+# Below this many weights the torch path is fast enough and bitsandbytes' import (~4 s)
+# is not worth paying.
+_BNB_MIN_NUMEL = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _bitsandbytes():
+    """bitsandbytes.functional, whose C++ CPU dequantizer reads these exact bytes ~9x
+    faster than the torch path (Mixtral's w13: 0.12 s against 1.1 s on 2 threads); None
+    when it is not installed or not usable here."""
+    # Its CPU backend logs a warning about an optional kernel package users cannot act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:  # noqa: BLE001 - any import failure means: use the torch path
+        return None
+    return bnbf
+
+
+def dequantize_bitsandbytes(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype):
+    """The same result as `dequantize` through bitsandbytes' own kernel, or None when it
+    cannot give it: its CPU kernel reads blocks per row, which equals the flat layout only
+    when rows are whole blocks (true of every real expert shape)."""
+    bnbf = _bitsandbytes()
+    if bnbf is None or len(shape) != 2 or shape[-1] % BLOCK or packed.device.type != "cpu":
+        return None
+    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=NF4_LEVELS, blocksize=BLOCK,
+                            quant_type="nf4", dtype=dtype)  # fmt: skip
+    return bnbf.dequantize_4bit(packed.view(-1, 1), state)
+
+
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of quantize: level[code] * absmax, computed in float32 and cast to dtype."""
+    """Inverse of quantize: level[code] * absmax, computed in float32 and cast to dtype.
+    Large matrices on the CPU go through bitsandbytes' kernel (bit-identical, faster)."""
     numel = math.prod(shape)
+    if numel >= _BNB_MIN_NUMEL:
+        fast = dequantize_bitsandbytes(packed, absmax, shape, dtype)
+        if fast is not None:
+            return fast
     values = torch.nn.functional.embedding(packed.long(), _PAIRS.to(packed.device)).reshape(-1)
     pad = absmax.numel() * BLOCK - values.numel()
     if pad:  # the partial last block
