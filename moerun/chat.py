@@ -9,7 +9,9 @@ for the streamed reply. The model's own chat template renders the history on eve
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 from moerun.errors import MoerunError
@@ -129,6 +131,11 @@ def run_repl(
     """Run the interactive loop until /exit, /bye or EOF (Ctrl-D)."""
     from rich.console import Console
 
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must stop a reply even when moerun was started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits that, and Python then
+        # installs no KeyboardInterrupt handler of its own).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if input_fn is input:
         try:
             import readline  # noqa: F401  (line editing and history for input())

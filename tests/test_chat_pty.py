@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import re
 import select
 import sys
@@ -178,6 +179,10 @@ class Terminal:
         if self.pid == 0:  # child: become the program; never return into pytest
             try:
                 os.chdir(ROOT)
+                # Start with SIGINT ignored, as a background job of a non-interactive shell
+                # (or a CI runner) would: Ctrl-C must still stop a reply, so `moerun chat`
+                # installs its own handler.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 os.execve(sys.executable, [sys.executable, "-m", "moerun", *args], env)
             finally:
                 os._exit(127)
