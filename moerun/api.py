@@ -19,7 +19,7 @@ from moerun.generate import (
     stream_tokens,
 )
 from moerun.models import get_architecture, load_model
-from moerun.moe.offload import attach_expert_cache, routed_expert_modules
+from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.tokenizer import Tokenizer
 from moerun.weights import CheckpointWeights
 
@@ -101,23 +101,10 @@ class Model:
         """Expert-cache counters, in total and per MoE layer: hits, misses, prefetch hits,
         prefetches, experts computed on the CPU, bytes copied host->device. Empty when the
         experts are plain resident weights (bits=16 with everything on the device)."""
-        from moerun.moe.cache import CacheStats, CachedExperts
-
-        layers, total = {}, CacheStats()
-        for i, _, module in routed_expert_modules(self.lm):
-            if isinstance(module, CachedExperts):
-                layers[i] = module.stats.to_dict()
-                total.add(module.stats)
-        if not layers:
-            return {}
-        return {"total": total.to_dict(), "layers": layers}
+        return cache_stats(self.lm)
 
     def reset_stats(self) -> None:
-        from moerun.moe.cache import CacheStats, CachedExperts
-
-        for _, _, module in routed_expert_modules(self.lm):
-            if isinstance(module, CachedExperts):
-                module.stats = CacheStats()
+        reset_cache_stats(self.lm)
 
     @property
     def num_parameters(self) -> int:

@@ -28,7 +28,13 @@ from moerun.errors import MoerunError
 from moerun.layers import Attention
 from moerun.models import get_architecture
 from moerun.moe.cache import CachedExperts
-from moerun.moe.offload import expert_formats, install_expert_cache, routed_expert_modules
+from moerun.moe.offload import (
+    cache_stats,
+    expert_formats,
+    install_expert_cache,
+    reset_cache_stats,
+    routed_expert_modules,
+)
 from moerun.plan import is_routed_expert
 from moerun.quant.format import ExpertFormat
 
@@ -212,23 +218,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _cache_totals(lm: nn.Module) -> dict:
-    totals: dict[str, int] = defaultdict(int)
-    for _, _, m in routed_expert_modules(lm):
-        if isinstance(m, CachedExperts):
-            for k, v in m.stats.to_dict().items():
-                totals[k] += v
-    return dict(totals)
-
-
-def _reset_cache_stats(lm: nn.Module) -> None:
-    from moerun.moe.cache import CacheStats
-
-    for _, _, m in routed_expert_modules(lm):
-        if isinstance(m, CachedExperts):
-            m.stats = CacheStats()
-
-
 @torch.inference_mode()
 def run_prompt(lm, n_tokens: int, device, vocab: int, seed: int) -> float:
     """Prefill `n_tokens` random tokens into a fresh cache; seconds."""
@@ -278,7 +267,7 @@ def bench_model(bm: BenchModel, test: str, n: int, repetitions: int, vocab: int,
     once(0)  # warm-up: compiles, fills the cache, touches memory
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _reset_cache_stats(lm)
+    reset_cache_stats(lm)
     rates, ttfts, counted, wall = [], [], 0, 0.0
     for r in range(repetitions):
         seconds, ttft, tokens = once(r + 1)
@@ -288,7 +277,7 @@ def bench_model(bm: BenchModel, test: str, n: int, repetitions: int, vocab: int,
         wall += seconds
         if progress:
             progress()
-    totals = _cache_totals(lm)
+    totals = cache_stats(lm).get("total", {})
     timer = SectionTimer(device)
     with profiled(lm, timer):
         t0 = time.perf_counter()

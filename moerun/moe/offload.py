@@ -30,6 +30,27 @@ def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return found
 
 
+def cache_stats(lm: nn.Module) -> dict:
+    """Expert-cache counters of `lm`, in total and per MoE layer; {} when its experts are
+    plain resident weights."""
+    from moerun.moe.cache import CacheStats
+
+    layers, total = {}, CacheStats()
+    for i, _, module in routed_expert_modules(lm):
+        if isinstance(module, CachedExperts):
+            layers[i] = module.stats.to_dict()
+            total.add(module.stats)
+    return {"total": total.to_dict(), "layers": layers} if layers else {}
+
+
+def reset_cache_stats(lm: nn.Module) -> None:
+    from moerun.moe.cache import CacheStats
+
+    for _, _, module in routed_expert_modules(lm):
+        if isinstance(module, CachedExperts):
+            module.stats = CacheStats()
+
+
 def expert_formats(lm: nn.Module, bits: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
     """Per MoE layer: its ExpertFormat at `bits`, its expert count, its module path."""
     modules = routed_expert_modules(lm)
