@@ -147,7 +147,7 @@ def _down_sum_kernel(
 
 def check_inputs(x, slot_ids, weights, slots, layout: SlotLayout) -> None:
     """Shared launcher checks: shapes, dtypes, devices, contiguity."""
-    D, I = layout.w2.rows, layout.w2.cols
+    D = layout.w2.rows
     assert x.dim() == 2 and x.shape[1] == D, f"x must be [N, {D}], got {tuple(x.shape)}"
     assert x.stride(1) == 1, "x rows must be contiguous"
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
@@ -163,10 +163,18 @@ def check_inputs(x, slot_ids, weights, slots, layout: SlotLayout) -> None:
     assert layout.w13.rows * layout.w13.cols < 2**31, "one matrix must have < 2**31 elements"
 
 
-def nf4_table(device: torch.device) -> torch.Tensor:
-    from moerun.quant.nf4 import NF4_LEVELS
+_NF4_TABLES: dict[torch.device, torch.Tensor] = {}
 
-    return NF4_LEVELS.to(device=device, dtype=torch.float32)
+
+def nf4_table(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 levels on `device`, copied there once: a host->device copy inside a
+    launcher would break CUDA-graph capture (and cost a sync-free but useless copy per call)."""
+    table = _NF4_TABLES.get(device)
+    if table is None:
+        from moerun.quant.nf4 import NF4_LEVELS
+
+        table = _NF4_TABLES[device] = NF4_LEVELS.to(device=device, dtype=torch.float32)
+    return table
 
 
 def act_params(act) -> tuple[int, float, float]:
