@@ -7,6 +7,8 @@ Dh head dim, D hidden size, I intermediate size.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +78,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+@dataclasses.dataclass(frozen=True)
+class StaticPosition:
+    """Where a one-token decode step writes, held on the device so that one captured CUDA
+    graph serves every position (see moerun/graphs.py). Attention then spans a fixed
+    prefix of `span` cache entries (a bucket >= index + 1; the rest masked), so every
+    shape in the step is fixed too. Everywhere a layer takes `start`, an int (eager: the
+    first new token's position, attention over exactly the filled prefix) or this works."""
+
+    index: torch.Tensor  # int64 [1], on the model's device
+    span: int
+
+
+Start = int | StaticPosition
+
+
+def token_positions(start: Start, n_new: int, device) -> torch.Tensor:
+    """Positions [T] of the new tokens."""
+    if isinstance(start, StaticPosition):
+        return start.index + torch.arange(n_new, device=device)
+    return torch.arange(start, start + n_new, device=device)
+
+
+def key_positions(start: Start, n_new: int, device) -> torch.Tensor:
+    """Positions [S] of the keys attention reads: the filled prefix, or the static span."""
+    return torch.arange(start.span if isinstance(start, StaticPosition) else start + n_new, device=device)
+
+
+def context_full(end: int, max_len: int):
+    from moerun.errors import MoerunError
+
+    return MoerunError(f"context full: {end} tokens exceed the cache of {max_len}")
+
+
 class KVCache:
     """Static per-layer key/value buffers: allocated once for the whole generation so
     that decode steps have fixed shapes (a prerequisite for CUDA graphs)."""
@@ -86,23 +121,31 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B, K, T, Dh] written at [start, start+T); returns the filled prefix [B, K, S, Dh]
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: Start) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v [B, K, T, Dh] written at [start, start+T); returns the keys attention reads
+        # [B, K, S, Dh]: the filled prefix, or the whole span for a StaticPosition.
+        if isinstance(start, StaticPosition):
+            if start.span > self.max_len:
+                raise context_full(start.span, self.max_len)
+            # index_copy_ takes the position from the device: no host sync, capturable.
+            k_span, v_span = self.k[:, :, : start.span], self.v[:, :, : start.span]
+            k_span.index_copy_(2, token_positions(start, k.shape[2], k.device), k)
+            v_span.index_copy_(2, token_positions(start, v.shape[2], v.device), v)
+            return k_span, v_span
         end = start + k.shape[2]
         if end > self.max_len:
-            from moerun.errors import MoerunError
-
-            raise MoerunError(f"context full: {end} tokens exceed the cache of {self.max_len}")
+            raise context_full(end, self.max_len)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def attention_mask(start: int, n_new: int, window: int | None, device) -> torch.Tensor:
+def attention_mask(start: Start, n_new: int, window: int | None, device) -> torch.Tensor:
     """Boolean [T, S] mask, True where query start+t may attend to key s: causal, and
-    within the last `window` positions when a sliding window is set (kv > q - window)."""
-    q = torch.arange(start, start + n_new, device=device)[:, None]
-    kv = torch.arange(start + n_new, device=device)[None, :]
+    within the last `window` positions when a sliding window is set (kv > q - window).
+    Under a StaticPosition the keys past the new token (stale or empty) are masked too."""
+    q = token_positions(start, n_new, device)[:, None]
+    kv = key_positions(start, n_new, device)[None, :]
     allowed = kv <= q
     if window:
         allowed &= kv > q - window
@@ -138,7 +181,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.sliding_window = sliding_window or None
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -147,7 +190,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Dh]
 
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(k, v, start)  # [B, K, S, Dh]
 

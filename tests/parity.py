@@ -53,6 +53,31 @@ def check_kv_cache_decode(ours, vocab: int = 256) -> None:
     assert rel_err(torch.cat(stepwise, dim=1), full) < 1e-5
 
 
+def check_static_decode(ours, vocab: int = 256) -> None:
+    """The CUDA-graph decode step (position on the device, attention over a fixed span of
+    the cache), run eagerly through DecodeGraphs: equal to the ordinary decode, across a
+    change of span bucket (16 -> 24, the cache's end), with garbage in the unused cache."""
+    from moerun.graphs import DecodeGraphs
+
+    lm = ours.lm
+    ids = torch.randint(0, vocab, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        caches = lm.make_caches(1, 24)
+        lm(ids[:, :8], caches, 0)
+        expected = torch.cat([lm(ids[:, t : t + 1], caches, t) for t in range(8, 20)], dim=1)
+
+        caches = lm.make_caches(1, 24)
+        for cache in caches:  # stale entries past the position must be masked out
+            for buffer in vars(cache).values():
+                if isinstance(buffer, torch.Tensor):
+                    buffer.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
+        lm(ids[:, :8], caches, 0)
+        graphs = DecodeGraphs(lm, caches, capture_graphs=False, min_span=4)
+        got = torch.cat([graphs.step(int(ids[0, t]), t) for t in range(8, 20)], dim=1)
+    assert not graphs.steps  # nothing captured off CUDA
+    assert rel_err(got, expected) < 1e-5
+
+
 def check_offloaded_4bit_equals_resident(folder) -> None:
     """4-bit experts with one slot per layer give the logits of 4-bit fully resident."""
     ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))

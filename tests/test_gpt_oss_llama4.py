@@ -20,6 +20,7 @@ from moerun.quant import mxfp4
 from tests.parity import (
     check_greedy_32,
     check_kv_cache_decode,
+    check_static_decode,
     check_logits,
     check_offloaded_4bit_equals_resident,
     rel_err,
@@ -157,6 +158,11 @@ def test_32_greedy_tokens_match_transformers(pair):
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
     check_kv_cache_decode(ours)
+
+
+def test_static_decode_step_equals_eager_decode(pair):
+    _, _, ours, _ = pair
+    check_static_decode(ours)
 
 
 def test_four_bit_experts_offloaded_to_one_slot_equal_resident(checkpoint):

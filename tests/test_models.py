@@ -12,7 +12,7 @@ import torch
 import moerun
 from moerun.errors import MoerunError
 from moerun.models import get_architecture
-from tests.parity import check_greedy_32, check_kv_cache_decode, check_logits, rel_err
+from tests.parity import check_greedy_32, check_kv_cache_decode, check_logits, check_static_decode, rel_err
 from tests.model_fixtures import make_checkpoint, reference_model
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -57,6 +57,11 @@ def test_32_greedy_tokens_match_transformers(pair):
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
     check_kv_cache_decode(ours)
+
+
+def test_static_decode_step_equals_eager_decode(pair):
+    _, _, ours, _ = pair
+    check_static_decode(ours)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -14,6 +14,7 @@ from moerun.models import get_architecture
 from tests.parity import (
     check_greedy_32,
     check_kv_cache_decode,
+    check_static_decode,
     check_logits,
     check_offloaded_4bit_equals_resident,
     rel_err,
@@ -81,6 +82,11 @@ def test_32_greedy_tokens_match_transformers(pair):
 def test_kv_cache_decode_equals_full_forward(pair):
     _, _, ours, _ = pair
     check_kv_cache_decode(ours)
+
+
+def test_static_decode_step_equals_eager_decode(pair):
+    _, _, ours, _ = pair
+    check_static_decode(ours)
 
 
 def test_4bit_one_slot_cache_equals_fully_resident(checkpoint, tmp_path, monkeypatch):

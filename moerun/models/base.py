@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.layers import KVCache, RMSNorm
+from moerun.layers import KVCache, RMSNorm, Start
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class DecoderLayer(nn.Module):
         self.ffn_name = ffn_name
         setattr(self, ffn_name, ffn)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cache, start)
         return h + getattr(self, self.ffn_name)(self.post_attention_layernorm(h))
 
@@ -75,10 +75,11 @@ class CausalLM(nn.Module):
         ]
 
     def forward(
-        self, input_ids: torch.Tensor, caches: list[KVCache], start: int = 0, last_only: bool = False
+        self, input_ids: torch.Tensor, caches: list[KVCache], start: Start = 0, last_only: bool = False
     ) -> torch.Tensor:
         """input_ids [B, T] at positions [start, start+T) -> logits [B, T, V] (or [B, 1, V]
-        with last_only, which spares the vocab projection of every prompt token)."""
+        with last_only, which spares the vocab projection of every prompt token). `start`
+        may be a StaticPosition: a one-token step with fixed shapes, for CUDA graphs."""
         x = self.model.embed_tokens(input_ids)
         for layer, cache in zip(self.model.layers, caches):
             x = layer(x, cache, start)

@@ -30,7 +30,7 @@ from torch import nn
 
 from moerun import rope
 from moerun.errors import MoerunError
-from moerun.layers import MLP, RMSNorm, attention_mask
+from moerun.layers import MLP, RMSNorm, Start, StaticPosition, attention_mask, context_full, token_positions
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
 from moerun.moe.experts import RoutedExperts
 
@@ -99,14 +99,22 @@ class LatentCache:
         self.kv_lora_rank = kv_lora_rank
         self.max_len = max_len
 
-    def update(self, kv: torch.Tensor, k_pe: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # kv [B, T, R], k_pe [B, T, Dr] written at [start, start+T) -> the filled prefix [B, S, R], [B, S, Dr]
+    def update(self, kv: torch.Tensor, k_pe: torch.Tensor, start: Start) -> tuple[torch.Tensor, torch.Tensor]:
+        # kv [B, T, R], k_pe [B, T, Dr] written at [start, start+T) -> what attention reads,
+        # [B, S, R], [B, S, Dr]: the filled prefix, or the whole span for a StaticPosition.
+        R = self.kv_lora_rank
+        if isinstance(start, StaticPosition):
+            if start.span > self.max_len:
+                raise context_full(start.span, self.max_len)
+            span = self.latent[:, : start.span]
+            span.index_copy_(1, token_positions(start, kv.shape[1], kv.device), torch.cat([kv, k_pe], dim=-1))
+            return span[..., :R], span[..., R:]
         end = start + kv.shape[1]
         if end > self.max_len:
-            raise MoerunError(f"context full: {end} tokens exceed the cache of {self.max_len}")
-        self.latent[:, start:end, : self.kv_lora_rank] = kv
-        self.latent[:, start:end, self.kv_lora_rank :] = k_pe
-        return self.latent[:, :end, : self.kv_lora_rank], self.latent[:, :end, self.kv_lora_rank :]
+            raise context_full(end, self.max_len)
+        self.latent[:, start:end, :R] = kv
+        self.latent[:, start:end, R:] = k_pe
+        return self.latent[:, :end, :R], self.latent[:, :end, R:]
 
 
 class LatentRotary:
@@ -159,7 +167,7 @@ class LatentAttention(nn.Module):
         self.rotary = rotary
         self.scale = rope.softmax_scale(args.rope, qk**-0.5)
 
-    def forward(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LatentCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -168,7 +176,7 @@ class LatentAttention(nn.Module):
 
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_a_layernorm(kv)  # [B, T, R]
-        positions = torch.arange(start, start + T, device=x.device)
+        positions = token_positions(start, T, x.device)
         q_pe, k_pe = self.rotary.rotate(q_pe, k_pe[:, None], positions)
         kv, k_pe = cache.update(kv, k_pe[:, 0], start)  # [B, S, R], [B, S, Dr]
         S = kv.shape[1]

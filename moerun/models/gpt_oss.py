@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moerun import rope
-from moerun.layers import KVCache, RMSNorm, apply_rope, attention_mask
+from moerun.layers import KVCache, RMSNorm, Start, apply_rope, attention_mask, token_positions
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer
 from moerun.moe.experts import ExpertActivation, RoutedExperts
 from moerun.quant import mxfp4
@@ -103,12 +103,12 @@ class SinkAttention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(H))
         self.rope, self.sliding_window = rotary, sliding_window
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(k, v, start)  # [B, K, S, Dh]
         groups = self.n_heads // self.n_kv_heads

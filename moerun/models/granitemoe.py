@@ -21,10 +21,12 @@ from moerun.layers import (
     Attention,
     KVCache,
     RotaryEmbedding,
+    Start,
     apply_rope,
     attention_mask,
     check_rope_scaling,
     rope_theta,
+    token_positions,
 )
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer
 from moerun.moe.experts import RoutedExperts
@@ -75,13 +77,13 @@ class GraniteAttention(Attention):
         )
         self.scale = args.attention_multiplier
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(k, v, start)  # [B, K, S, Dh]
 
@@ -129,7 +131,7 @@ class GraniteDecoderLayer(DecoderLayer):
         )
         self.residual_multiplier = args.residual_multiplier
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cache, start) * self.residual_multiplier
         return h + self.block_sparse_moe(self.post_attention_layernorm(h)) * self.residual_multiplier
 
@@ -141,7 +143,7 @@ class Model(CausalLM):
         super().__init__(args, layers, args.num_key_value_heads, args.head_dim)
 
     def forward(
-        self, input_ids: torch.Tensor, caches: list[KVCache], start: int = 0, last_only: bool = False
+        self, input_ids: torch.Tensor, caches: list[KVCache], start: Start = 0, last_only: bool = False
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), as CausalLM,
         with the embedding multiplier and the logits scaling."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun import rope
-from moerun.layers import MLP, KVCache, attention_mask
+from moerun.layers import KVCache, MLP, Start, attention_mask, key_positions, token_positions
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer
 from moerun.moe.experts import RoutedExperts
 
@@ -133,9 +133,9 @@ class Llama4Attention(nn.Module):
         chunked = args.layer_types[layer] == "chunked_attention"
         self.chunk = args.attention_chunk_size if chunked else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
-        positions = torch.arange(start, start + T, device=x.device)
+        positions = token_positions(start, T, x.device)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -154,8 +154,8 @@ class Llama4Attention(nn.Module):
 
         mask = attention_mask(start, T, None, x.device)
         if self.chunk:
-            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-            kv_pos = torch.arange(start + T, device=x.device)[None, :]
+            q_pos = token_positions(start, T, x.device)[:, None]
+            kv_pos = key_positions(start, T, x.device)[None, :]
             mask &= (kv_pos // self.chunk) == (q_pos // self.chunk)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads

@@ -20,10 +20,12 @@ from moerun.layers import (
     KVCache,
     RMSNorm,
     RotaryEmbedding,
+    Start,
     apply_rope,
     attention_mask,
     check_rope_scaling,
     rope_theta,
+    token_positions,
 )
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
 from moerun.moe.experts import RoutedExperts
@@ -75,7 +77,7 @@ class OlmoeAttention(Attention):
         self.k_norm = RMSNorm(args.num_key_value_heads * args.head_dim, args.rms_norm_eps)
         self.clip_qkv = args.clip_qkv
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
         if self.clip_qkv is not None:
@@ -84,7 +86,7 @@ class OlmoeAttention(Attention):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device), x.dtype)
+        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(k, v, start)  # [B, K, S, Dh]
 
