@@ -18,6 +18,7 @@ from moerun.generate import (
     SamplingParams,
     stream_tokens,
 )
+from moerun.graphs import DecodeGraphs, graphs_enabled
 from moerun.models import get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.tokenizer import Tokenizer
@@ -95,6 +96,9 @@ class Model:
         self.plan: plan.Plan | None = None
         self.offload_info: dict | None = None
         self.kv_caches: list | None = None  # static, for the planned context; see load()
+        # Decode steps over kv_caches, replayed from CUDA graphs (see moerun/graphs.py);
+        # None runs them eagerly.
+        self.decode_graphs = None
 
     @property
     def stats(self) -> dict:
@@ -154,7 +158,7 @@ class Model:
         ids = self.encode_prompt(prompt, chat)
         for response in stream_tokens(
             self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos,
-            self.kv_caches,
+            self.kv_caches, self.decode_graphs,
         ):
             if response.stats is not None:
                 self.last_stats = response.stats
@@ -199,6 +203,7 @@ def load(
     prefetch: bool = True,
     ctx: int | None = None,
     progress=None,
+    cuda_graphs: bool | None = None,
 ) -> Model:
     """Load a model from a folder in the Hub layout, an alias (`moerun models`), or a repo
     id in the local Hugging Face cache.
@@ -211,7 +216,8 @@ def load(
     "auto". prefetch: guess the next layer's experts and copy them early.
     progress: called as progress(done_layers, total_layers) while expert stores are built.
     device: "auto" (CUDA when available), "cpu" or "cuda". dtype: default as stored on a
-    GPU and float32 on the CPU.
+    GPU and float32 on the CPU. cuda_graphs: replay decode steps from CUDA graphs; None
+    means on CUDA unless MOERUN_CUDA_GRAPHS=0 (False runs them eagerly; the CPU never uses them).
     """
     if bits not in (4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
@@ -239,4 +245,10 @@ def load(
     model.plan, model.offload_info = memory_plan, info
     # The KV cache for the planned context is allocated once, up front, as planned.
     model.kv_caches = lm.make_caches(1, memory_plan.ctx)
+    if cuda_graphs is None:
+        cuda_graphs = graphs_enabled(device)
+    elif cuda_graphs and device.type != "cuda":
+        raise MoerunError("CUDA graphs need a CUDA device")
+    if cuda_graphs:
+        model.decode_graphs = DecodeGraphs(lm, model.kv_caches, capture_graphs=True)
     return model

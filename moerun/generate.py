@@ -107,9 +107,12 @@ def stream_tokens(
     tokenizer,
     ignore_eos: bool = False,
     caches: list | None = None,
+    graphs=None,
 ) -> Iterator[GenerationResponse]:
     """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each.
-    `caches`: preallocated KV caches, used when long enough (else fresh ones are made)."""
+    `caches`: preallocated KV caches, used when long enough (else fresh ones are made).
+    `graphs`: a moerun.graphs.DecodeGraphs over those caches, which then runs the decode
+    steps (replayed CUDA graphs); unused when fresh caches had to be made."""
     if not prompt_ids:
         raise MoerunError("the prompt is empty")
     if len(prompt_ids) >= max_context:
@@ -124,6 +127,8 @@ def stream_tokens(
     cache_len = min(len(prompt_ids) + max_new_tokens, max_context)
     if caches is None or caches[0].max_len < cache_len:
         caches = lm.make_caches(1, cache_len)
+    if graphs is not None and graphs.caches is not caches:
+        graphs = None
 
     t0 = time.perf_counter()
     logits = lm(torch.tensor([prompt_ids], device=device), caches, 0, last_only=True)
@@ -136,7 +141,10 @@ def stream_tokens(
         text = "" if stop else decoder.add(token)
         if not (stop or generated >= max_new_tokens or position >= cache_len):
             yield GenerationResponse(text, token)
-            logits = lm(torch.tensor([[token]], device=device), caches, position)
+            if graphs is not None:
+                logits = graphs.step(token, position)
+            else:
+                logits = lm(torch.tensor([[token]], device=device), caches, position)
             position += 1
             token = sample(logits[0, -1].float().cpu(), params, generator)
             generated += 1

@@ -140,6 +140,7 @@ class CachedExperts(nn.Module):
         self._prefetched: set[int] = set()  # resident because of a prefetch, not yet used
         self.prefetch_hook: Callable[[torch.Tensor], None] | None = None
         self.timer = None  # set by `moerun bench` for one profiled pass: times copies and CPU experts
+        self._slot_table: torch.Tensor | None = None  # int32 [E] expert -> slot on the device, when fully resident
         if n_slots == n_experts and store.device == self.device:
             # Everything fits where the store already is: the store is the slot buffer.
             self.slots = store
@@ -151,6 +152,10 @@ class CachedExperts(nn.Module):
                 for e in range(n_experts):
                     self._copy_in(e, self.policy.admit(e)[0], count=False)
                 self._sync_copies()
+        if self.fully_resident:
+            # Built now, not in a CUDA-graph capture, where a host->device copy is illegal.
+            table = [self.policy.slot_of[e] for e in range(n_experts)]
+            self._slot_table = torch.tensor(table, dtype=torch.int32, device=self.device)
 
     # -- residency -------------------------------------------------------------------
 
@@ -198,7 +203,35 @@ class CachedExperts(nn.Module):
 
     # -- compute ---------------------------------------------------------------------
 
+    @property
+    def fully_resident(self) -> bool:
+        """Every expert holds a slot for good: no miss, no eviction can ever happen."""
+        return self.n_slots == self.n_experts
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from moerun import graphs
+
+        if graphs.capturing():
+            mode = self._kernel_mode()
+            if self.fully_resident and mode is not None:
+                # Inside the CUDA graph: slots from a device table, no host decision at all.
+                # (The counters are not updated here: it would need a sync; a fully
+                # resident layer has only hits anyway.)
+                return self._resident_kernel_call(x, ids, weights, "decode" if mode == "auto" else mode)
+            # Misses are decided on the host: the graph is cut here and this layer runs
+            # eagerly between two replayed pieces.
+            return graphs.host_boundary(self._forward, x, ids, weights)
+        return self._forward(x, ids, weights)
+
+    def _resident_kernel_call(self, x, ids, weights, mode: str) -> torch.Tensor:
+        from moerun import kernels
+
+        return kernels.fused_experts(
+            x, self._slot_table[ids], weights, self.slots, self.fmt, self.compute_dtype,
+            act=self.act, weights_on_input=self.weights_on_input, mode=mode,
+        )  # fmt: skip
+
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         groups = {e: (rows, w) for e, rows, w in group_by_expert(ids, weights, self.n_experts)}
 
         # Classify every needed expert: resident (hit), computed on the CPU, or copied in.

@@ -77,6 +77,12 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[n, k] * expert_{ids[n, k]}(x[n])."""
+        from moerun.graphs import host_boundary
+
+        # The loop syncs with the host for the expert counts: a CUDA graph breaks here.
+        return host_boundary(self._forward, x, ids, weights)
+
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for expert, rows, w in group_by_expert(ids, weights, self.n_experts):
             b13 = self.b13[expert] if self.b13 is not None else None
