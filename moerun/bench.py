@@ -231,16 +231,22 @@ def run_prompt(lm, n_tokens: int, device, vocab: int, seed: int) -> float:
 
 
 @torch.inference_mode()
-def run_generation(lm, n_tokens: int, device, vocab: int, seed: int) -> tuple[float, float, int]:
-    """Greedy-decode `n_tokens` tokens after a one-token prompt, as llama-bench's tg does.
+def run_generation(
+    lm, n_tokens: int, device, vocab: int, seed: int, caches: list | None = None, graphs=None
+) -> tuple[float, float, int]:
+    """Greedy-decode `n_tokens` tokens after a one-token prompt, as llama-bench's tg does,
+    eagerly or with `graphs` (a DecodeGraphs over `caches`: replayed CUDA graphs).
     Returns (seconds for the whole run, time to first token, tokens generated)."""
     token = int(torch.randint(0, vocab, (1,), generator=torch.Generator().manual_seed(seed)))
-    caches = lm.make_caches(1, n_tokens + 1)
+    caches = caches or lm.make_caches(1, n_tokens + 1)
     _sync(device)
     t0 = time.perf_counter()
     ttft, generated = 0.0, 0
     for pos in range(n_tokens):
-        logits = lm(torch.tensor([[token]], device=device), caches, pos)
+        if graphs is not None:
+            logits = graphs.step(token, pos)
+        else:
+            logits = lm(torch.tensor([[token]], device=device), caches, pos)
         token = int(logits[0, -1].argmax())  # the host sync a real decode loop has too
         generated += 1
         if pos == 0:
@@ -254,17 +260,25 @@ def peak_ram_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_model(bm: BenchModel, test: str, n: int, repetitions: int, vocab: int, progress=None) -> dict:
+def bench_model(
+    bm: BenchModel, test: str, n: int, repetitions: int, vocab: int, progress=None, cuda_graphs: bool = False
+) -> dict:
     """One test ("pp" or "tg") of `n` tokens: warm-up, `repetitions` timed runs, then one
-    profiled run for the time shares."""
+    profiled run for the time shares (eager: its section timers hook the modules, which
+    replayed graphs would bypass). tg with cuda_graphs decodes through DecodeGraphs; its
+    warm-up run captures them."""
+    from moerun.graphs import DecodeGraphs
+
     lm, device = bm.lm, bm.device
-    run = run_prompt if test == "pp" else run_generation
+    caches = lm.make_caches(1, n + 1) if test == "tg" else None
+    graphs = DecodeGraphs(lm, caches, capture_graphs=True) if test == "tg" and cuda_graphs else None
 
-    def once(seed):
-        out = run(lm, n, device, vocab, seed)
-        return (out, 0.0, n) if test == "pp" else out
+    def once(seed, use_graphs: bool = True):
+        if test == "pp":
+            return run_prompt(lm, n, device, vocab, seed), 0.0, n
+        return run_generation(lm, n, device, vocab, seed, caches, graphs if use_graphs else None)
 
-    once(0)  # warm-up: compiles, fills the cache, touches memory
+    once(0)  # warm-up: compiles, fills the cache, touches memory, captures the graphs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reset_cache_stats(lm)
@@ -281,7 +295,7 @@ def bench_model(bm: BenchModel, test: str, n: int, repetitions: int, vocab: int,
     timer = SectionTimer(device)
     with profiled(lm, timer):
         t0 = time.perf_counter()
-        once(repetitions + 1)
+        once(repetitions + 1, use_graphs=False)
         profiled_total = time.perf_counter() - t0
     moe = timer.seconds.get("moe", 0.0)
     copies, cpu_experts = timer.seconds.get("copies", 0.0), timer.seconds.get("cpu_experts", 0.0)
@@ -378,6 +392,7 @@ def run_bench(
     bits: list[int] = (4,),
     vram: list[str | None] = (None,),
     cold: list[str] = ("gpu",),
+    cuda_graphs: list[bool] = (True,),
     ctx: int | None = None,
     layers: int | None = None,
     device: str = "auto",
@@ -385,7 +400,8 @@ def run_bench(
     ram: str | None = None,
     progress=None,
 ) -> dict:
-    """Every combination of bits x vram x cold, each with every pp and tg test. Returns
+    """Every combination of bits x vram x cold x cuda_graphs, each with every pp and tg
+    test (cuda_graphs only matters to tg on CUDA: it is forced off elsewhere). Returns
     {"machine", "rows", "notes"}; a row per (combination, test)."""
     from moerun.api import _resolve_device, default_vram
 
@@ -396,7 +412,8 @@ def run_bench(
     dev = _resolve_device(device)
     notes = [RANDOM_ROUTING_NOTE] if synthetic else []
     rows = []
-    for combo in combinations(bits=list(bits), vram=list(vram), cold=list(cold)):
+    graph_modes = sorted({bool(g) and dev.type == "cuda" for g in cuda_graphs}, reverse=True)
+    for combo in combinations(bits=list(bits), vram=list(vram), cold=list(cold), graphs=graph_modes):
         budget = plan.parse_size(combo["vram"]) if combo["vram"] is not None else default_vram(dev)
         if synthetic:
             from moerun.registry import shipped_config
@@ -432,8 +449,12 @@ def run_bench(
         }
         for test, counts in (("pp", prompt_tokens), ("tg", gen_tokens)):
             for n in counts:
-                if n:
-                    rows.append({**base, **bench_model(bm, test, n, repetitions, vocab, progress)})
+                if not n or (test == "pp" and combo["graphs"] != graph_modes[0]):
+                    continue  # prefill never uses graphs: measured once per combination
+                graphs = test == "tg" and combo["graphs"]
+                backend = base["backend"].replace(dev.type, f"{dev.type}+graphs", 1) if graphs else base["backend"]
+                row = {**base, "backend": backend, "cuda_graphs": graphs}
+                rows.append({**row, **bench_model(bm, test, n, repetitions, vocab, progress, graphs)})
         del bm
         gc.collect()  # prefetch hooks make reference cycles: free this model before the next
         if dev.type == "cuda":

@@ -277,6 +277,7 @@ def bench(
     vram: Optional[str] = typer.Option(None, "--vram", help="Device budget(s), e.g. 12GiB or 12GiB,24GiB."),
     ram: Optional[str] = Ram,
     cold: str = typer.Option("gpu", "--cold", help="gpu, cpu or auto; a comma list sweeps."),
+    cuda_graphs: str = typer.Option("on", "--cuda-graphs", help="on, off or on,off: replay tg decode steps from CUDA graphs (CUDA only)."),
     ctx: Optional[int] = Ctx,
     expert_slots: Optional[int] = ExpertSlots,
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark ALIAS's real shapes with random weights, no download."),
@@ -306,13 +307,19 @@ def bench(
         raise typer.BadParameter("token counts are whole numbers, e.g. 512 or 128,256") from e
     vrams = vram.split(",") if vram else [None]
     colds = cold.split(",")
-    runs = len(bits_list) * len(vrams) * len(colds) * (sum(1 for v in pp if v) + sum(1 for v in tg if v)) * repetitions
+    graph_flags = cuda_graphs.split(",")
+    if any(g not in ("on", "off") for g in graph_flags):
+        raise typer.BadParameter("use on, off or on,off", param_hint="'--cuda-graphs'")
+    graph_modes = [g == "on" for g in graph_flags]
+    # pp runs once per combination, tg once per graph mode (an estimate on the CPU, where graphs are off).
+    tests = sum(1 for v in pp if v) + sum(1 for v in tg if v) * len(set(graph_modes))
+    runs = len(bits_list) * len(vrams) * len(colds) * tests * repetitions
     with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
                   transient=True) as progress:  # fmt: skip
         task = progress.add_task("bench", total=runs)
         report = benchmark.run_bench(
             model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
-            vram=vrams, cold=colds, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
+            vram=vrams, cold=colds, cuda_graphs=graph_modes, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
             ram=ram, progress=lambda: progress.advance(task),
         )  # fmt: skip
     if output == "json":
