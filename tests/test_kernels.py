@@ -203,6 +203,21 @@ def test_routing_mixtral_rule_equals_topk_then_softmax():
     torch.testing.assert_close(weights, torch.softmax(top.values, -1))
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("weights_dtype", [None, torch.bfloat16])
+def test_softmax_topk_through_the_kernel_equals_torch(renormalize, weights_dtype):
+    """The models' router call (moe/routing.softmax_topk) with the kernel forced, as on CUDA."""
+    from moerun.moe.routing import softmax_topk
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.stack([torch.randperm(12, generator=gen) for _ in range(5)]).float().div(4).to(DEVICE)
+    ref_ids, ref_w = softmax_topk(logits, 3, renormalize, weights_dtype, kernel=False)
+    ids, w = softmax_topk(logits, 3, renormalize, weights_dtype, kernel=True)
+    assert ids.dtype == ref_ids.dtype == torch.int64 and w.dtype == ref_w.dtype
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
 def test_config_nearest_batch_and_logged_fallback(caplog):
     with caplog.at_level("INFO", logger="moerun.kernels"):
         small = get_config("prefill", "D=1,I=1,bits=4", 1, "cpu")

@@ -22,6 +22,7 @@ from torch import nn
 from moerun.errors import MoerunError
 from moerun.models import deepseek_v2 as v2
 from moerun.models.deepseek_v2 import sanitize  # noqa: F401  (the same names and stacking)
+from moerun.moe.routing import routing_kernel_for
 
 # The router's bias stays in float32 whatever the model dtype, as in the reference:
 # in bf16 it would round away the small differences that decide the choice.
@@ -53,9 +54,19 @@ class Router(v2.Router):
         super().__init__(args)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x [N, D] -> ids [N, K], weights [N, K] float32
-        scores = self(x).sigmoid()  # [N, E]
+        logits = self(x)  # [N, E] float32
+        if routing_kernel_for(logits, kernel) and self._kernel_can_route():
+            from moerun import kernels
+
+            ids, weights, _ = kernels.route(
+                logits, self.top_k, kernel=True, scoring="sigmoid", renormalize=self.norm_topk_prob,
+                bias=self.e_score_correction_bias, n_group=self.n_group or 1, topk_group=self.topk_group or 1,
+                scaling=self.scaling,
+            )  # fmt: skip
+            return ids.long(), weights
+        scores = logits.sigmoid()  # [N, E]
         biased = scores + self.e_score_correction_bias.float()
         groups = biased.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
         group_scores = groups.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
@@ -67,6 +78,15 @@ class Router(v2.Router):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling
+
+
+    def _kernel_can_route(self) -> bool:
+        """The routing kernel's group rule needs power-of-two groups of >= 2 experts that
+        can hold the k picks; other configs route in torch."""
+        G, E = self.n_group or 1, self.n_experts
+        if G & (G - 1) or E % G:
+            return False
+        return G == 1 or (E // G >= 2 and self.top_k <= (self.topk_group or 1) * (E // G))
 
 
 class MoE(v2.MoE):
