@@ -104,7 +104,7 @@ class Model:
     def stats(self) -> dict:
         """Expert-cache counters, in total and per MoE layer: hits, misses, prefetch hits,
         prefetches, experts computed on the CPU, bytes copied host->device. Empty when the
-        experts are plain resident weights (bits=16 with everything on the device)."""
+        experts are plain resident weights (bits=16 with everything in RAM, on the CPU)."""
         return cache_stats(self.lm)
 
     def reset_stats(self) -> None:
@@ -234,7 +234,12 @@ def load(
     if memory_plan.verdict == "no":
         raise MoerunError(f"{name_or_path} does not fit: {memory_plan.reason}")
 
-    offload = bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts
+    # On CUDA even 16-bit resident experts go through the expert cache's slot buffers: that
+    # is what the Triton kernels read (no Python loop over experts, and capturable).
+    from moerun import kernels
+
+    on_kernels = device.type == "cuda" and kernels.available(device)
+    offload = bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts or on_kernels
     lm = load_model(folder, config, dtype, device, routed_experts=not offload)
     info = None
     if offload:

@@ -94,8 +94,11 @@ def attach_expert_cache(
 
         if bits == 16:
             stores = {}
+            to_device = device.type == "cuda" and slots >= max(n_experts.values())
             for done, i in enumerate(fmts, 1):
-                stores[i] = build(i)
+                # All resident on the GPU: each layer goes there as it is packed, so host
+                # RAM never holds more than one layer of it.
+                stores[i] = build(i).to(device) if to_device else build(i)
                 if progress:
                     progress(done, len(fmts))
             info["quantized_cache"] = None
