@@ -156,6 +156,36 @@ def test_in_graph_expert_path_equals_the_cache_path():
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, monkeypatch):
+    """What a GPU runs, under the interpreter: routing kernel, prefill grouped GEMM for the
+    prompt, decode kernels (in-graph path, through DecodeGraphs) for each new token."""
+    from moerun.moe import routing
+
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(8))
+    plain = moerun.load(str(mixtral), bits=bits, device="cpu")
+    model = moerun.load(str(mixtral), bits=bits, device="cpu")
+    if bits == 16:  # on CUDA load() does this itself; the CPU keeps plain weights
+        from moerun.models import get_architecture
+        from moerun.moe.offload import attach_expert_cache
+
+        attach_expert_cache(model.lm, get_architecture("mixtral"), mixtral, 16, 4, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(routing, "routing_kernel_for", lambda logits, kernel=None: kernel is not False)
+    modules = [m for _, _, m in routed_expert_modules(model.lm)]
+    assert all(isinstance(m, CachedExperts) and m.fully_resident for m in modules)
+    with torch.inference_mode():
+        expected = plain.logits(ids)
+        for m in modules:
+            m.kernel_mode = "prefill"
+        assert rel_err(model.logits(ids), expected) < 1e-5
+        expected_steps = eager_decode(plain, ids, 6)
+    for m in modules:
+        m.kernel_mode = "decode"
+    got_steps, cuts = run_as_if_capturing(model, ids, 6, monkeypatch)
+    assert cuts == []  # every expert layer ran inside the (would-be) graph
+    assert rel_err(got_steps, expected_steps) < 1e-5
+
+
 def test_generation_through_decode_graphs_equals_eager(mixtral):
     prompt = list(range(5, 17))
     model = moerun.load(str(mixtral), bits=8, device="cpu")
