@@ -30,15 +30,18 @@ PREFILL_TOKENS = [16, 64, 256, 1024, 4096]
 
 
 def decode_candidates(quick: bool):
-    ns, ps, ws = ([32, 64], [64, 128], [4]) if quick else ([16, 32, 64, 128], [32, 64, 128, 256], [2, 4, 8])
-    return [{"BLOCK_N": n, "BLOCK_P": p, "num_warps": w} for n, p, w in itertools.product(ns, ps, ws)]
+    # BLOCK_W: words per row step (the word path, every real shape); BLOCK_P stays at 64
+    # for odd sizes read in pairs. Small BLOCK_N keeps enough programs for the down
+    # projection (D / BLOCK_N of them per token).
+    ns, ws_, warps = ([8, 16, 32], [64, 128], [4]) if quick else ([4, 8, 16, 32, 64], [32, 64, 128, 256], [2, 4, 8])
+    return [{"BLOCK_N": n, "BLOCK_W": w, "BLOCK_P": 64, "num_warps": nw} for n, w, nw in itertools.product(ns, ws_, warps)]
 
 
 def prefill_candidates(quick: bool, m: int):
     ms = [16, 32, 64, 128] if not quick else [16, 64]
     ms = [b for b in ms if b <= max(16, m)]
-    grid = itertools.product(ms, [64, 128] if quick else [32, 64, 128], [32] if quick else [16, 32, 64],
-                             [4] if quick else [4, 8], [3] if quick else [2, 3, 4])  # fmt: skip
+    grid = itertools.product(ms, [32, 64] if quick else [32, 64, 128], [32] if quick else [16, 32, 64],
+                             [4] if quick else [4, 8], [2] if quick else [2, 3, 4])  # fmt: skip
     return [{"BLOCK_M": a, "BLOCK_N": b, "BLOCK_P": c, "num_warps": w, "num_stages": s} for a, b, c, w, s in grid]
 
 

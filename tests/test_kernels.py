@@ -27,7 +27,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-SHAPES = [(96, 80), (64, 32), (33, 17)]  # (D, I): blocks across rows; odd rows (mid-byte starts)
+SHAPES = [(96, 80), (64, 32), (33, 17), (64, 36)]  # (D, I): blocks across rows; odd rows (mid-byte starts); w13 in words, w2 in pairs
 HAS_BIAS_FORMAT = any(f.name == "bias" for f in dataclasses.fields(ExpertFormat))
 
 
@@ -92,18 +92,19 @@ def test_fused_experts_matches_reference(D, I, bits, mode, N):
     check(out, fused_experts_reference(x, ids, weights, slots, fmt), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode,N", [("decode", 3), ("prefill", 33)])
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_fused_experts_bfloat16(bits, mode, N):
-    # bf16 activations and 16-bit storage: kernels accumulate in float32, the reference
-    # rounds every intermediate to bf16, so compare with the float32 reference.
+def test_fused_experts_half_precision(bits, mode, N, dtype):
+    # 16-bit activations and storage: kernels accumulate in float32, the reference rounds
+    # every intermediate to 16 bits, so compare with the float32 reference.
     gen = torch.Generator().manual_seed(bits * 100 + N)
     D, I, S, K = 64, 48, 4, 2
-    fmt = ExpertFormat(bits, D, I, torch.bfloat16)
+    fmt = ExpertFormat(bits, D, I, dtype)
     slots = make_slots(fmt, S, gen)
-    x, ids, weights = make_inputs(N, K, D, S, gen, torch.bfloat16)
-    out = fused_experts(x, ids, weights, slots, fmt, torch.bfloat16, mode=mode)
-    assert out.dtype == torch.bfloat16
+    x, ids, weights = make_inputs(N, K, D, S, gen, dtype)
+    out = fused_experts(x, ids, weights, slots, fmt, dtype, mode=mode)
+    assert out.dtype == dtype
     check(out, fused_experts_reference(x.float(), ids, weights, slots, fmt, torch.float32), 2e-2)
 
 

@@ -72,6 +72,58 @@ def load_pairs(
 
 
 @triton.jit
+def word_tile_dot(
+    w_ptr,  # int32 view of this slot's matrix values: row r starts at word r * ROW_WORDS
+    s_ptr,  # float32 NF4 absmax of this matrix (BITS == 4)
+    nf4_ptr,  # float32 [16] NF4 code table
+    v_ptr,  # the vector dotted with every row: v[c] for column c (any float dtype)
+    rows,  # [BN] row indices
+    row_mask,  # [BN]
+    w,  # [BW] word indices within a row
+    w_mask,  # [BW]
+    ROW_WORDS,  # words per row: row length * BITS / 32 (a whole number on this path)
+    BITS: tl.constexpr,  # bits per value: 4 (NF4), 8 (int8), 16 (bf16/fp16), 32 (float32)
+    BF16: tl.constexpr,  # 16-bit values are bfloat16 (else float16)
+):
+    """Σ over the words `w` of rows `rows` of (dequantized value · v[column]): [BN] float32.
+
+    The decode kernels' weight read. A 32-bit word holds 8 NF4 codes, 4 int8 or 2 16-bit
+    values, so weights come in as whole words (vectorised to 128-bit loads, not a byte
+    load per pair), and each value is decoded from the word in registers: NF4 by the code
+    table (a 64-byte L1-resident gather), int8 by the exponent trick (float(0x4B000000 |
+    (b ^ 0x80)) - 2^23 - 128: two full-rate ops instead of a quarter-rate conversion), 16-bit
+    by a shift. NF4 absmax is applied per word (8 values share a 64-block); an int8 row
+    scale is left to the caller, which applies it once per row."""
+    VALS: tl.constexpr = 32 // BITS
+    mask = row_mask[:, None] & w_mask[None, :]
+    words = tl.load(w_ptr + rows[:, None] * ROW_WORDS + w[None, :], mask=mask, other=0)  # int32 [BN, BW]
+    part = tl.zeros((rows.shape[0], w.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(VALS):
+        vj = tl.load(v_ptr + w * VALS + j, mask=w_mask, other=0.0).to(tl.float32)  # column VALS*w + j
+        if BITS == 4:
+            # Byte j // 2 of the word; the first value of a byte is its high nibble.
+            code = (words >> (8 * (j // 2) + 4 * (1 - j % 2))) & 15
+            val = tl.load(nf4_ptr + code)
+        elif BITS == 8:
+            byte = ((words >> (8 * j)) & 255) ^ 128  # the int8 value + 128, in [0, 255]
+            val = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        elif BITS == 32:  # float32 storage (16-bit "as is" in a float32 model, the CPU tests)
+            val = words.to(tl.float32, bitcast=True)
+        elif BF16:
+            if j == 0:
+                val = (words << 16).to(tl.float32, bitcast=True)  # the low half, shifted into place
+            else:
+                val = ((words >> 16) << 16).to(tl.float32, bitcast=True)
+        else:
+            val = ((words >> (16 * j)) & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        part += val * vj[None, :]
+    if BITS == 4:
+        # Flat index of a word's first value is 8 * (row * ROW_WORDS + w); blocks hold 64.
+        part *= tl.load(s_ptr + ((rows[:, None] * ROW_WORDS + w[None, :]) >> 3), mask=mask, other=0.0)
+    return tl.sum(part, axis=1)
+
+
+@triton.jit
 def load_vec_pairs(ptr, pcols, n):
     """(v[2p], v[2p+1]) float32 of a contiguous vector v [n]; pcols [P]."""
     two = tl.arange(0, 2)
