@@ -95,15 +95,23 @@ def word_tile_dot(
     by a shift. NF4 absmax is applied per word (8 values share a 64-block); an int8 row
     scale is left to the caller, which applies it once per row."""
     VALS: tl.constexpr = 32 // BITS
+    table_base = nf4_ptr.to(tl.int64, bitcast=True)
     mask = row_mask[:, None] & w_mask[None, :]
     words = tl.load(w_ptr + rows[:, None] * ROW_WORDS + w[None, :], mask=mask, other=0)  # int32 [BN, BW]
     part = tl.zeros((rows.shape[0], w.shape[0]), dtype=tl.float32)
     for j in tl.static_range(VALS):
         vj = tl.load(v_ptr + w * VALS + j, mask=w_mask, other=0.0).to(tl.float32)  # column VALS*w + j
         if BITS == 4:
-            # Byte j // 2 of the word; the first value of a byte is its high nibble.
-            code = (words >> (8 * (j // 2) + 4 * (1 - j % 2))) & 15
-            val = tl.load(nf4_ptr + code)
+            # Byte j // 2 of the word; the first value of a byte is its high nibble. The
+            # table is 64-byte aligned, so its entry's address is base | (code * 4): one
+            # shift and one 3-input logic op instead of a 64-bit add (the gather is this
+            # loop's hot spot: see scripts/inspect_kernels.py).
+            shift = 8 * (j // 2) + 4 * (1 - j % 2)
+            if shift >= 2:
+                offset = (words >> (shift - 2)) & 60
+            else:
+                offset = (words << 2) & 60
+            val = tl.load((table_base | offset.to(tl.int64)).to(tl.pointer_type(tl.float32)))
         elif BITS == 8:
             byte = ((words >> (8 * j)) & 255) ^ 128  # the int8 value + 128, in [0, 255]
             val = (byte | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0

@@ -264,6 +264,7 @@ def moe_decode(
     pair_w = weights.contiguous().view(-1)
     qv, sv, bv = layout.views(slots)
     nf4 = nf4_table(x.device)
+    assert nf4.data_ptr() % 64 == 0, "the NF4 table must be 64-byte aligned (word_tile_dot ORs into its address)"
     ACT, ALPHA, LIMIT = act_params(act)
     h = empty((N * K, I), torch.float32, x.device)
     out = empty(x.shape, x.dtype, x.device)
