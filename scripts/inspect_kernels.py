@@ -86,8 +86,9 @@ def default_cases() -> list[Case]:
                 cases.append(Case("decode", name, D, I, bits, tokens=tokens))
             cases.append(Case("prefill", name, D, I, bits, tokens=512 if name != "odd" else 40))
     for dtype in (torch.float16, torch.float32):
-        cases.append(Case("decode", "mixtral", 4096, 14336, 4, dtype))
-        cases.append(Case("prefill", "mixtral", 4096, 14336, 4, dtype, tokens=512))
+        for bits in (4, 16):  # 16 bits in a float32 model: 32-bit values on the word path
+            cases.append(Case("decode", "mixtral", 4096, 14336, bits, dtype))
+            cases.append(Case("prefill", "mixtral", 4096, 14336, bits, dtype, tokens=512))
     cases.append(Case("decode", "gpt-oss", 2880, 2880, 4, top_k=4, bias=True))
     cases.append(Case("prefill", "gpt-oss", 2880, 2880, 4, tokens=512, top_k=4, bias=True))
     cases.append(Case("decode", "llama4", 5120, 8192, 4, top_k=1, weights_on_input=True))
