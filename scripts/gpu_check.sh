@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # What issue 5 (Triton kernels, CUDA-graph decode) needs a GPU for, in one command:
 #
-#   bash scripts/gpu_check.sh [OUTDIR]        # OUTDIR defaults to $OUT, else ./gpu-check
+#   bash scripts/gpu_check.sh [OUTDIR [STEP ...]]   # OUTDIR defaults to $OUT, else ./gpu-check
+#
+# STEPs (default: all, in this order): gpu_tests tune bench_kernels bench_resident
+# bench_offload. Where one command may run only 10 minutes (the lent H200), split it:
+#   bash scripts/gpu_check.sh "$OUT" gpu_tests tune
+#   bash scripts/gpu_check.sh "$OUT" bench_kernels bench_resident bench_offload
 #
 # 1. the GPU test tier (-m gpu): every kernel against its torch reference at real shapes
 #    (Mixtral 4096x14336, Qwen3 2048x768, odd sizes), captured decode steps against eager
@@ -19,6 +24,8 @@
 # Every step runs even if one before it failed; the exit status says whether all passed.
 set -u
 OUT_DIR=${1:-${OUT:-gpu-check}}
+shift || true
+STEPS=${*:-gpu_tests tune bench_kernels bench_resident bench_offload}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -29,9 +36,10 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # moerun from this checkout, uninstalled
 
 failed=0
-step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, keep going on failure
+step() {  # step NAME COMMAND...: run if asked for, log to OUTDIR/NAME.log, keep going on failure
   local name=$1
   shift
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name: $*"
   local t0=$SECONDS
   "$@" >"$OUT_DIR/$name.log" 2>&1
@@ -46,7 +54,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --form
 
 step gpu_tests "$PY" -m pytest -q -m gpu tests/test_kernels.py tests/test_graphs.py -p no:cacheprovider
 step tune "$PY" scripts/tune_kernels.py --quick
-cp moerun/kernels/configs/*.json "$OUT_DIR/" 2>/dev/null
+case " $STEPS " in *" tune "*) cp moerun/kernels/configs/*.json "$OUT_DIR/" 2>/dev/null ;; esac
 step bench_kernels "$PY" scripts/bench_kernels.py --out "$OUT_DIR/bench_kernels.json" --md "$OUT_DIR/bench_kernels.md"
 step bench_resident "$PY" -m moerun bench --synthetic mixtral-8x7b --layers 8 --bits 4 -p 512 -n 64 -r 2 \
   --cuda-graphs on,off -o json
