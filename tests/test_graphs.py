@@ -22,7 +22,7 @@ from moerun.moe.cache import CachedExperts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.offload import routed_expert_modules
 from tests.model_fixtures import make_checkpoint
-from tests.parity import rel_err
+from tests.parity import rel_err, static_steps
 
 N_MOE_LAYERS = 3  # mixtral fixture: every layer is sparse
 
@@ -75,37 +75,20 @@ def test_static_step_with_an_offloaded_expert_cache_equals_eager(mixtral):
     assert model.stats["total"]["misses"] > 0  # the cache really swapped experts in between
 
 
-class RunOnTheSpot:
-    """Stands in for a capture session on the CPU: records where the graph would be cut
-    and runs the host step at once (a real capture defers it to every replay)."""
-
-    def __init__(self):
-        self.cuts = []
-
-    def split(self, fn, inputs):
-        self.cuts.append(fn.__self__)
-        return fn(*inputs)
-
-
 @torch.inference_mode()
-def run_as_if_capturing(model, ids, n_prompt: int, monkeypatch) -> tuple[torch.Tensor, list]:
+def run_as_if_capturing(model, ids, n_prompt: int) -> tuple[torch.Tensor, list]:
+    """Static decode steps on the in-graph code paths under NoHostSync (tests/parity.py)."""
     lm = model.lm
     caches = lm.make_caches(1, ids.shape[1] + 4)
     lm(ids[:, :n_prompt], caches, 0)
-    steps = DecodeGraphs(lm, caches, capture_graphs=False, min_span=4)
-    session = RunOnTheSpot()
-    monkeypatch.setattr(graphs, "_capture", session)
-    try:
-        out = torch.cat([steps.step(int(ids[0, t]), t) for t in range(n_prompt, ids.shape[1])], dim=1)
-    finally:
-        monkeypatch.setattr(graphs, "_capture", None)
-    return out, session.cuts
+    return static_steps(lm, caches, ids, n_prompt, as_if_capturing=True)
 
 
 @pytest.mark.parametrize("case", ["offloaded", "plain 16-bit", "resident 4-bit kernels"])
-def test_where_a_capture_is_cut(mixtral, case, monkeypatch):
+def test_where_a_capture_is_cut(mixtral, case):
     """Host decisions (cache misses, the plain expert loop) cut the graph once per MoE
-    layer; fully resident quantized experts stay inside it (slot table + decode kernel)."""
+    layer; fully resident quantized experts stay inside it (slot table + decode kernel),
+    and nothing between the cuts syncs with the host."""
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     if case == "offloaded":
         model = moerun.load(str(mixtral), bits=4, device="cpu", expert_slots=1)
@@ -121,7 +104,7 @@ def test_where_a_capture_is_cut(mixtral, case, monkeypatch):
         kind = None
     with torch.inference_mode():
         expected = eager_decode(model, ids, 6)
-    got, cuts = run_as_if_capturing(model, ids, 6, monkeypatch)
+    got, cuts = run_as_if_capturing(model, ids, 6)
     assert rel_err(got, expected) < 1e-5
     steps = ids.shape[1] - 6
     if kind is None:
@@ -181,7 +164,7 @@ def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, mo
         expected_steps = eager_decode(plain, ids, 6)
     for m in modules:
         m.kernel_mode = "decode"
-    got_steps, cuts = run_as_if_capturing(model, ids, 6, monkeypatch)
+    got_steps, cuts = run_as_if_capturing(model, ids, 6)
     assert cuts == []  # every expert layer ran inside the (would-be) graph
     assert rel_err(got_steps, expected_steps) < 1e-5
 

@@ -92,8 +92,11 @@ class LongRoPE(nn.Module):
         # sync), from the length this call reaches, as the reference's max(position_ids) + 1.
         if self.inv_freq.device != positions.device:
             self.inv_freq, self.mscale = self.inv_freq.to(positions.device), self.mscale.to(positions.device)
-        long = (positions.max() + 1 > self.original_max).long()
-        inv_freq, mscale = self.inv_freq[long], self.mscale[long]
+        long = positions.max() + 1 > self.original_max  # 0-d bool on the device
+        # torch.where, not indexing by `long`: a 0-d tensor index is read back to the host
+        # (a sync, which a CUDA-graph capture forbids).
+        inv_freq = torch.where(long, self.inv_freq[1], self.inv_freq[0])
+        mscale = torch.where(long, self.mscale[1], self.mscale[0])
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
