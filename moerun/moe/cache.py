@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from moerun import graphs
 from moerun.moe.experts import SILU, ExpertActivation, apply_expert, group_by_expert
 from moerun.quant.format import ExpertFormat
 
@@ -209,8 +210,6 @@ class CachedExperts(nn.Module):
         return self.n_slots == self.n_experts
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from moerun import graphs
-
         if graphs.capturing():
             mode = self._kernel_mode()
             if self.fully_resident and mode is not None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.graphs import host_boundary
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertActivation:
@@ -77,8 +79,6 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[n, k] * expert_{ids[n, k]}(x[n])."""
-        from moerun.graphs import host_boundary
-
         # The loop syncs with the host for the expert counts: a CUDA graph breaks here.
         return host_boundary(self._forward, x, ids, weights)
 
