@@ -56,12 +56,14 @@ def eager_decode(model, ids, n_prompt: int):
     return torch.cat([lm(ids[:, t : t + 1], caches, t) for t in range(n_prompt, ids.shape[1])], dim=1)
 
 
-def static_decode(model, ids, n_prompt: int):
+@torch.inference_mode()
+def static_decode(model, ids, n_prompt: int, as_if_capturing: bool = False) -> tuple[torch.Tensor, list]:
+    """Prefill, then DecodeGraphs steps (tests/parity.py's static_steps): eagerly, or on the
+    in-graph code paths under NoHostSync -> (logits, where a capture would be cut)."""
     lm = model.lm
     caches = lm.make_caches(1, ids.shape[1] + 4)
     lm(ids[:, :n_prompt], caches, 0)
-    steps = DecodeGraphs(lm, caches, capture_graphs=False, min_span=4)
-    return torch.cat([steps.step(int(ids[0, t]), t) for t in range(n_prompt, ids.shape[1])], dim=1)
+    return static_steps(lm, caches, ids, n_prompt, as_if_capturing)
 
 
 @torch.inference_mode()
@@ -70,18 +72,9 @@ def test_static_step_with_an_offloaded_expert_cache_equals_eager(mixtral):
     model = moerun.load(str(mixtral), bits=4, device="cpu", expert_slots=1)
     expected = eager_decode(model, ids, 6)
     model.reset_stats()
-    got = static_decode(model, ids, 6)
+    got, _ = static_decode(model, ids, 6)
     assert rel_err(got, expected) < 1e-5
     assert model.stats["total"]["misses"] > 0  # the cache really swapped experts in between
-
-
-@torch.inference_mode()
-def run_as_if_capturing(model, ids, n_prompt: int) -> tuple[torch.Tensor, list]:
-    """Static decode steps on the in-graph code paths under NoHostSync (tests/parity.py)."""
-    lm = model.lm
-    caches = lm.make_caches(1, ids.shape[1] + 4)
-    lm(ids[:, :n_prompt], caches, 0)
-    return static_steps(lm, caches, ids, n_prompt, as_if_capturing=True)
 
 
 @pytest.mark.parametrize("case", ["offloaded", "plain 16-bit", "resident 4-bit kernels"])
@@ -104,7 +97,7 @@ def test_where_a_capture_is_cut(mixtral, case):
         kind = None
     with torch.inference_mode():
         expected = eager_decode(model, ids, 6)
-    got, cuts = run_as_if_capturing(model, ids, 6)
+    got, cuts = static_decode(model, ids, 6, as_if_capturing=True)
     assert rel_err(got, expected) < 1e-5
     steps = ids.shape[1] - 6
     if kind is None:
@@ -164,7 +157,7 @@ def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, mo
         expected_steps = eager_decode(plain, ids, 6)
     for m in modules:
         m.kernel_mode = "decode"
-    got_steps, cuts = run_as_if_capturing(model, ids, 6)
+    got_steps, cuts = static_decode(model, ids, 6, as_if_capturing=True)
     assert cuts == []  # every expert layer ran inside the (would-be) graph
     assert rel_err(got_steps, expected_steps) < 1e-5
 

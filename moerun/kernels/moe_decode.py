@@ -220,7 +220,7 @@ def word_views(slots: torch.Tensor, layout: SlotLayout):
     """The slots as int32 words, the bits of one value in them (4, 8, 16 or 32), and per
     matrix (words per row, word offset of its values), or (0, 0) when its rows are not
     whole words (odd sizes: the kernels read pairs)."""
-    value_size = torch.empty((), dtype=layout.value_dtype).element_size()
+    value_size = layout.value_dtype.itemsize
     value_bits = layout.bits if layout.bits < 16 else 8 * value_size  # "16-bit" may be stored as float32
 
     def matrix(m) -> tuple[int, int]:
