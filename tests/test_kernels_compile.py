@@ -5,7 +5,8 @@ happily may still fail to compile, spill registers, or need more shared memory t
 consumer card has (and fail at launch). scripts/inspect_kernels.py compiles every launch
 for a target architecture with Triton's own compiler and ptxas; this runs it for sm_86
 (RTX 30xx: the smallest shared memory moerun targets) on the Mixtral shapes, odd sizes
-(the pair path) and the routing kernel, in a subprocess without TRITON_INTERPRET.
+(the pair path) and the routing kernel, in a subprocess without TRITON_INTERPRET. The
+full set (fp16/fp32 models, gpt-oss, Llama 4, four architectures) is the script's own run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def rows(tmp_path_factory):
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # a real compile, not a cache hit
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "inspect_kernels.py"), "--arch", "86",
-         "--match", "mixtral", "odd", "E=", "--json", str(out)],
+         # bf16 Mixtral at every bits, odd sizes (the pair path) at 4 bits, routing: the
+         # rest of scripts/inspect_kernels.py's cases are left out to keep CI short.
+         "--match", "mixtral 4096x14336 4-bit bfloat16", "mixtral 4096x14336 8-bit bfloat16",
+         "mixtral 4096x14336 16-bit bfloat16", "odd 100x36 4-bit", "E=", "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +52,7 @@ def rows(tmp_path_factory):
 
 def test_every_launch_compiles_and_fits_an_rtx_30(rows):
     assert {r["op"] for r in rows} == {"decode", "prefill", "routing"}
-    assert len(rows) >= 40
+    assert len(rows) >= 25
     assert not [r for r in rows if "error" in r]
     for r in rows:
         assert r["shared_bytes"] <= 101376, r
