@@ -9,7 +9,8 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo chat test test-gpu clean
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds moerun's C kernels (moerun/kernels/cpu.c) in place: a changed source rebuilds.
+$(VENV)/.installed: pyproject.toml setup.py moerun/kernels/cpu.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -31,4 +32,4 @@ test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info moerun/kernels/_cpu*.so

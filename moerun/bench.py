@@ -62,7 +62,8 @@ def _random_blobs(fmt: ExpertFormat, n: int, generator: torch.Generator) -> torc
     """n experts of `fmt` made directly in quantized form. Speed does not depend on the
     values, so one random blob is drawn per layer and every expert is a view of it
     (stride 0): no RAM for 100+ copies. On CUDA the pinned host store is materialised
-    when the cache is installed, so copies there move real, distinct memory."""
+    when the cache is installed, so copies there move real, distinct memory; on the CPU
+    `synthetic_model` materialises it, or every expert would be read from the caches."""
     blob = torch.empty(fmt.blob_bytes, dtype=torch.uint8)
     views = fmt.views(blob)
     for s in fmt.sections:
@@ -148,6 +149,8 @@ def synthetic_model(
     if routed_expert_modules(lm):  # e.g. DeepSeek-V3's first layers are dense
         fmts, n_experts, _ = expert_formats(lm, bits, dtype)
         stores = {i: _random_blobs(fmts[i], n_experts[i], g) for i in fmts}
+        if device.type == "cpu":
+            stores = {i: s.contiguous() for i, s in stores.items()}
         install_expert_cache(lm, stores, fmts, memory_plan.expert_slots_per_layer, device, dtype, cold)
     return BenchModel(lm.eval(), name, memory_plan, device, True, note)
 

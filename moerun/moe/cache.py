@@ -7,6 +7,10 @@ already run) or computed where it lives, on the CPU ("cold" experts: at batch 1 
 an expert once from RAM beats copying it over PCIe). Next-layer prefetch guesses experts
 from the current hidden state and starts their copies early.
 
+Whatever runs on the CPU (every expert of a CPU-only model, cold experts of a GPU one)
+goes through the fused CPU kernels (`moerun.kernels.cpu_experts`): one call per layer,
+reading the stored bytes once, never a dequantized matrix.
+
 Shape legend: N tokens, K experts per token, E experts, S slots, D hidden.
 """
 
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from moerun import graphs
+from moerun.kernels import cpu_experts
 from moerun.moe.experts import SILU, ExpertActivation, apply_expert, group_by_expert
 from moerun.quant.format import ExpertFormat
 
@@ -88,11 +93,12 @@ class CacheStats:
 @dataclasses.dataclass
 class ColdPolicy:
     """Where to compute a non-resident expert: "gpu" copies it into a slot, "cpu" computes
-    it from the host store, "auto" compares the two costs for the tokens routed to it.
+    it from the host store, "auto" compares the two costs for the tokens routed to it, so
+    a decode step (one token per expert) computes on the CPU and a long prompt copies.
 
     copy_seconds: one blob over the host->device link; cpu_fixed_seconds and
-    cpu_token_seconds: dequantizing one expert on the CPU and applying it to one token.
-    Calibrated at load time (see `calibrate`)."""
+    cpu_token_seconds: reading one expert on the CPU, and applying it to each token.
+    Calibrated per expert format (each layer's own) at load time (see `calibrate`)."""
 
     mode: str = "gpu"
     copy_seconds: float = 0.0
@@ -157,6 +163,13 @@ class CachedExperts(nn.Module):
             # Built now, not in a CUDA-graph capture, where a host->device copy is illegal.
             table = [self.policy.slot_of[e] for e in range(n_experts)]
             self._slot_table = torch.tensor(table, dtype=torch.int32, device=self.device)
+        # Address tables for the CPU kernels: every expert in the host store, and (on the
+        # CPU) every slot; None where the kernels cannot serve this format.
+        self._store_addresses = self._slot_addresses = None
+        if cpu_experts.supports(fmt, compute_dtype) and self.store.device.type == "cpu":
+            self._store_addresses = cpu_experts.blob_table(self.store, fmt)
+            if self.slots.device.type == "cpu":
+                self._slot_addresses = cpu_experts.blob_table(self.slots, fmt)
 
     # -- residency -------------------------------------------------------------------
 
@@ -230,7 +243,24 @@ class CachedExperts(nn.Module):
             act=self.act, weights_on_input=self.weights_on_input, mode=mode,
         )  # fmt: skip
 
+    def _cpu_call(self, x, ids, weights, addresses: torch.Tensor, out_dtype=None) -> tuple[torch.Tensor, int]:
+        """The CPU kernels over the experts whose rows of `addresses` are set."""
+        return cpu_experts.moe_experts(x, ids, weights, addresses, self.fmt, self.act, self.weights_on_input,
+                                       out_dtype or self.compute_dtype)  # fmt: skip
+
+    def _addresses(self, experts: list[int], source: torch.Tensor, by_slot: bool) -> torch.Tensor:
+        """An address table holding only `experts` (their slots' rows, or their store rows)."""
+        table = torch.zeros(self.n_experts, source.shape[1], dtype=source.dtype)
+        rows = [self.policy.slot_of[e] for e in experts] if by_slot else experts
+        table[experts] = source[rows]
+        return table
+
     def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fully_resident and self._slot_addresses is not None and self._kernel_mode() is None:
+            # Every expert in host memory already: one kernel call, no per-expert Python.
+            out, used = self._cpu_call(x, ids, weights, self._slot_addresses)
+            self.stats.hits += used
+            return out
         groups = {e: (rows, w) for e, rows, w in group_by_expert(ids, weights, self.n_experts)}
 
         # Classify every needed expert: resident (hit), computed on the CPU, or copied in.
@@ -246,7 +276,8 @@ class CachedExperts(nn.Module):
                 self.stats.misses += 1
                 (on_cpu if self.cold.on_cpu(rows.numel()) else to_copy).append(e)
 
-        out = torch.zeros_like(x)
+        # Partial sums in float32 (a bf16 sum per round would round each round's experts).
+        out = torch.zeros(x.shape, dtype=torch.float32 if x.device.type == "cpu" else x.dtype, device=x.device)
 
         def run(e: int, blob: torch.Tensor, xs: torch.Tensor, target: torch.Tensor) -> None:
             rows, w = (t.to(xs.device) for t in groups[e])
@@ -271,6 +302,11 @@ class CachedExperts(nn.Module):
             if begin == 0 and self.prefetch_hook is not None:
                 # Queued behind this layer's own misses, ahead of its compute.
                 self.prefetch_hook(x)
+            if kernel_mode is None and self._slot_addresses is not None:
+                # Slots in host memory (a CPU-only model with an expert budget): one call.
+                table = self._addresses(group, self._slot_addresses, True)
+                out += self._cpu_call(x, ids, weights, table, torch.float32)[0]
+                continue
             if kernel_mode is not None:
                 # One launch for the experts already resident, one for those just copied
                 # in, so the first runs while the copies are still in flight.
@@ -291,12 +327,16 @@ class CachedExperts(nn.Module):
         if on_cpu:
             with self.timer("cpu_experts") if self.timer is not None else contextlib.nullcontext():
                 x_cpu = x.to("cpu")
-                acc = torch.zeros_like(x_cpu)
-                for e in on_cpu:
-                    run(e, self.store[e], x_cpu, acc)
-                    self.stats.cpu_experts += 1
+                if self._store_addresses is not None:
+                    table = self._addresses(on_cpu, self._store_addresses, False)
+                    acc = self._cpu_call(x_cpu, ids.cpu(), weights.cpu(), table, out.dtype)[0]
+                else:  # a format the CPU kernels do not read: dequantize and multiply
+                    acc = torch.zeros_like(x_cpu)
+                    for e in on_cpu:
+                        run(e, self.store[e], x_cpu, acc)
+                self.stats.cpu_experts += len(on_cpu)
                 out += acc.to(out.device)
-        return out
+        return out.to(x.dtype)
 
     def _kernel_mode(self) -> str | None:
         """The Triton mode to use for this forward, or None for the plain torch path."""

@@ -15,6 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.graphs import host_boundary
+from moerun.kernels import cpu_experts
+from moerun.quant.format import ExpertFormat
+
+# Routed experts on the CPU go through the C kernels while the average expert gets at most
+# this many tokens (measured on the development machine with bf16 weights: the C kernels
+# win at decode and short prompts; torch's bf16 GEMM wins at Mixtral's 16 tokens per expert
+# of a 64-token prompt).
+CPU_KERNEL_TOKENS_PER_EXPERT = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +87,36 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[n, k] * expert_{ids[n, k]}(x[n])."""
-        # The loop syncs with the host for the expert counts: a CUDA graph breaks here.
+        # Both paths decide on the host (the C kernels read ids there; the loop syncs for
+        # the expert counts): a CUDA graph breaks here.
+        if self._on_cpu_kernels(ids):
+            return host_boundary(self._cpu_forward, x, ids, weights)
         return host_boundary(self._forward, x, ids, weights)
+
+    def _on_cpu_kernels(self, ids: torch.Tensor) -> bool:
+        """Few tokens per expert on the CPU: one C call for the layer instead of a Python
+        loop over experts. Many tokens per expert (a long prompt into few experts): torch's
+        bf16 GEMM does twice the multiply-adds per instruction of the C kernel's."""
+        n_pairs = ids.numel()
+        return (
+            ids.device.type == "cpu"
+            and n_pairs <= CPU_KERNEL_TOKENS_PER_EXPERT * min(self.n_experts, n_pairs)
+            and cpu_experts.supports(self._cpu_format(), self.w13.dtype)
+            and all(t is None or t.is_contiguous() for t in (self.w13, self.w2, self.b13, self.b2))
+            and not torch.is_grad_enabled()
+        )
+
+    def _cpu_format(self) -> ExpertFormat:
+        return ExpertFormat(16, self.w13.shape[2], self.w13.shape[1] // 2, self.w13.dtype, bias=self.b13 is not None)
+
+    def _cpu_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        key = (self.w13.data_ptr(), self.w2.data_ptr())
+        if getattr(self, "_cpu_table_key", None) != key:  # built once; rebuilt if the weights move
+            self._cpu_table = cpu_experts.stacked_table(self.w13, self.w2, self.b13, self.b2)
+            self._cpu_table_key = key
+        out, _ = cpu_experts.moe_experts(x, ids, weights, self._cpu_table, self._cpu_format(), self.act,
+                                         self.weights_on_input, x.dtype)  # fmt: skip
+        return out
 
     def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
