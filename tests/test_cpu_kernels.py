@@ -194,3 +194,26 @@ def test_cpu_linears_swap_in_place_and_keep_results():
         long = torch.randn(40, 64, generator=gen)
         assert rel_err(model(long), torch.nn.functional.linear(
             torch.relu(torch.nn.functional.linear(long, weight, model[0].bias)), model[2].weight)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,Hk,T,S,Dh,Dv", [(32, 4, 1, 300, 128, 128), (16, 16, 2, 37, 192, 128), (8, 2, 3, 5, 64, 80)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa(isa, dtype, H, Hk, T, S, Dh, Dv, masked):
+    """Strided inputs as the model passes them: q transposed from [B, T, H, Dh], k and v
+    a prefix of a longer cache."""
+    from moerun.kernels.cpu_attention import attention, usable
+
+    gen = torch.Generator().manual_seed(H * S + T)
+    q = torch.randn(1, T, H, Dh, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(1, Hk, S + 7, Dh, generator=gen).to(dtype)[:, :, :S]
+    v = torch.randn(1, Hk, S + 7, Dv, generator=gen).to(dtype)[:, :, :S]
+    mask = torch.rand(T, S, generator=gen) > 0.3 if masked else None
+    if mask is not None:
+        mask[:, 0] = True  # every query sees a key
+    assert usable(q, k, v)
+    truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=Dh**-0.5,
+                                           enable_gqa=H != Hk)  # fmt: skip
+    got = attention(q, k, v, mask, Dh**-0.5)
+    assert got.dtype == dtype
+    assert rel_err(got.float(), truth) < (1e-5 if dtype == torch.float32 else 4e-3)

@@ -1064,6 +1064,164 @@ static int64_t dense_linear(int64_t x_addr, int x_dtype, int64_t M, int64_t K, i
     return N;
 }
 
+/* ---- attention for a few queries ---------------------------------------------------- *
+ * out [B, H, T, Dv] float32 = softmax(scale q k^T (+ mask)) v for a decode step, where the
+ * generic matmul + softmax path pays ~30 us per op for a few thousand multiply-adds.
+ * q [B, H, T, Dh], k [B, Hk, S, Dh], v [B, Hk, S, Dv] in float32/bf16/fp16 with any
+ * strides (a prefix of the KV cache), query head h reading kv head h / (H / Hk); mask
+ * uint8 [T, S] (1: attend) or none. One task per (b, h, t); scores in float32. */
+
+#ifdef MOERUN_X86
+/* exp for 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], Cephes' expf polynomial
+ * (about 1 ulp); below -87 it underflows to 0, as expf does. */
+AVX512 static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
+}
+
+/* 16 elements of a vector of `dtype` as float32 (masked at the end). */
+AVX512 static inline __m512 load16_any(const void *p, int64_t i, int dtype, __mmask16 m) {
+    switch (dtype) {
+    case DT_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
+    case DT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+    default: return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    }
+}
+
+AVX512 static void attend_one_avx512(const float *q, const char *k, int64_t ks, const char *v, int64_t vs, int dtype,
+                                     int64_t esize, int64_t S, int64_t Dh, int64_t Dv, const uint8_t *mask, float scale,
+                                     float *scores, float *out) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mask && !mask[s]) {
+            scores[s] = -INFINITY;
+            continue;
+        }
+        const char *row = k + s * ks * esize;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 16) {
+            const __mmask16 mk = Dh - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (Dh - d)) - 1);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), load16_any(row, d, dtype, mk), acc);
+        }
+        scores[s] = scale * _mm512_reduce_add_ps(acc);
+        m = scores[s] > m ? scores[s] : m;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m == -INFINITY ? 0.0f : m);
+    for (int64_t s = 0; s < S; s += 16) {
+        const __mmask16 mk = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, scores + s), mv)));
+        _mm512_mask_storeu_ps(scores + s, mk, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t d0 = 0; d0 < Dv; d0 += 128) { /* each value row read once per 128 columns */
+        const int64_t width = Dv - d0 < 128 ? Dv - d0 : 128, parts = (width + 15) / 16;
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+            if (scores[s] == 0.0f) continue; /* masked */
+            const __m512 p = _mm512_set1_ps(scores[s]);
+            const char *row = v + s * vs * esize;
+            for (int64_t j = 0; j < parts; j++) {
+                const int64_t left = width - 16 * j;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+                acc[j] = _mm512_fmadd_ps(p, load16_any(row, d0 + 16 * j, dtype, mk), acc[j]);
+            }
+        }
+        for (int64_t j = 0; j < parts; j++) {
+            const int64_t left = width - 16 * j;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            _mm512_mask_storeu_ps(out + d0 + 16 * j, mk, _mm512_mul_ps(acc[j], inv));
+        }
+    }
+}
+#endif
+
+static void attend_one_scalar(const float *q, const char *k, int64_t ks, const char *v, int64_t vs, int dtype,
+                              int64_t esize, int64_t S, int64_t Dh, int64_t Dv, const uint8_t *mask, float scale,
+                              float *scores, float *out) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mask && !mask[s]) {
+            scores[s] = -INFINITY;
+            continue;
+        }
+        float acc = 0.0f;
+        for (int64_t d = 0; d < Dh; d++) acc += q[d] * load_scalar(k + s * ks * esize, d, dtype);
+        scores[s] = scale * acc;
+        m = scores[s] > m ? scores[s] : m;
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - m);
+        sum += scores[s];
+    }
+    for (int64_t d = 0; d < Dv; d++) out[d] = 0.0f;
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t d = 0; d < Dv; d++) out[d] += scores[s] * load_scalar(v + s * vs * esize, d, dtype);
+    for (int64_t d = 0; d < Dv; d++) out[d] /= sum;
+}
+
+/* strides in elements: q (b, h, t, d), k and v (b, h, s, d); the last one must be 1. */
+static int64_t attention(int64_t q_addr, int64_t k_addr, int64_t v_addr, int dtype, int64_t B, int64_t H,
+                         int64_t Hk, int64_t T, int64_t S, int64_t Dh, int64_t Dv, const int64_t *qst,
+                         const int64_t *kst, const int64_t *vst, int64_t mask_addr, float scale, int64_t out_addr,
+                         int n_threads) {
+    const int isa = current_isa();
+    const int64_t esize = dtype == DT_F32 ? 4 : 2, G = H / Hk, tasks = B * H * T;
+#ifdef _OPENMP
+    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+    const int threads = 1;
+#endif
+    float *buf = (float *)scratch(sizeof(float) * (size_t)threads * (size_t)(S + Dh + 16));
+    if (!buf) return -2;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+#ifdef _OPENMP
+        const int me = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int me = 0, nt = 1;
+#endif
+        float *scores = buf + (int64_t)me * (S + Dh + 16), *qf = scores + S;
+        for (int64_t task = tasks * me / nt; task < tasks * (me + 1) / nt; task++) {
+            const int64_t b = task / (H * T), h = (task / T) % H, t = task % T, hk = h / G;
+            const char *qp = (const char *)q_addr + (b * qst[0] + h * qst[1] + t * qst[2]) * esize;
+            for (int64_t d = 0; d < Dh; d++) qf[d] = load_scalar(qp, d, dtype);
+            const char *kp = (const char *)k_addr + (b * kst[0] + hk * kst[1]) * esize;
+            const char *vp = (const char *)v_addr + (b * vst[0] + hk * vst[1]) * esize;
+            const uint8_t *mask = mask_addr ? (const uint8_t *)mask_addr + t * S : NULL;
+            float *o = (float *)out_addr + ((b * H + h) * T + t) * Dv;
+#ifdef MOERUN_X86
+            if (isa == ISA_AVX512) {
+                attend_one_avx512(qf, kp, kst[2], vp, vst[2], dtype, esize, S, Dh, Dv, mask, scale, scores, o);
+                continue;
+            }
+#endif
+            attend_one_scalar(qf, kp, kst[2], vp, vst[2], dtype, esize, S, Dh, Dv, mask, scale, scores, o);
+        }
+    }
+    (void)isa;
+    return tasks;
+}
+
 /* ---- Python bindings --------------------------------------------------------------- */
 
 static PyObject *py_moe_layer(PyObject *self, PyObject *args) {
@@ -1099,6 +1257,23 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 }
 
 /* Instruction sets by name; "avx512bf16" is AVX-512 with the bf16 dot-product path. */
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    long long q, k, v, B, H, Hk, T, S, Dh, Dv, mask, out;
+    long long qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2;
+    int dtype, n_threads;
+    float scale;
+    if (!PyArg_ParseTuple(args, "LLLiLLLLLLLLLLLLLLLLLfLi", &q, &k, &v, &dtype, &B, &H, &Hk, &T, &S, &Dh, &Dv,
+                          &qs0, &qs1, &qs2, &ks0, &ks1, &ks2, &vs0, &vs1, &vs2, &mask, &scale, &out, &n_threads))
+        return NULL;
+    const int64_t qst[3] = {qs0, qs1, qs2}, kst[3] = {ks0, ks1, ks2}, vst[3] = {vs0, vs1, vs2};
+    int64_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = attention(q, k, v, dtype, B, H, Hk, T, S, Dh, Dv, qst, kst, vst, mask, scale, out, n_threads);
+    Py_END_ALLOW_THREADS
+    if (r == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(r);
+}
+
 static const char *ISA_NAMES[] = {"scalar", "avx2", "avx512", "avx512bf16"};
 
 static int isa_level(void) { return current_isa() + (current_isa() == ISA_AVX512 && g_bf16dp > 0); }
@@ -1137,6 +1312,7 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 static PyMethodDef METHODS[] = {
     {"moe_layer", py_moe_layer, METH_VARARGS, "One MoE layer's routed experts (see moerun/kernels/cpu_experts.py)."},
     {"linear", py_linear, METH_VARARGS, "A dense layer at a few tokens (see moerun/kernels/cpu_linear.py)."},
+    {"attention", py_attention, METH_VARARGS, "Attention for a few queries (see moerun/kernels/cpu_attention.py)."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or scalar."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set this CPU supports (tests)."},
     {"openmp_threads", py_openmp, METH_NOARGS, "OpenMP's thread count here, 0 when built without OpenMP."},

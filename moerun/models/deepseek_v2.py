@@ -30,7 +30,7 @@ from torch import nn
 
 from moerun import rope
 from moerun.errors import MoerunError
-from moerun.layers import MLP, RMSNorm, Start, StaticPosition, attention_mask, context_full, token_positions
+from moerun.layers import MLP, RMSNorm, Start, StaticPosition, attend, attention_mask_or_none, context_full, token_positions
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
 from moerun.moe.experts import RoutedExperts
 
@@ -187,9 +187,7 @@ class LatentAttention(nn.Module):
         )
         k = torch.cat([k_nope, k_pe[:, None].expand(B, H, S, self.rope_dim)], dim=-1)  # [B, H, S, Dn+Dr]
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask(start, T, None, x.device), scale=self.scale
-        )  # [B, H, T, Dv]
+        out = attend(q, k, v, attention_mask_or_none(start, T, None, x.device), self.scale)  # [B, H, T, Dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 

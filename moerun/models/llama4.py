@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun import rope
-from moerun.layers import KVCache, MLP, Start, attention_mask, key_positions, token_positions
+from moerun.layers import KVCache, MLP, Start, attend, attention_mask, key_positions, token_positions
 from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer
 from moerun.moe.experts import RoutedExperts
 
@@ -157,9 +157,7 @@ class Llama4Attention(nn.Module):
             q_pos = token_positions(start, T, x.device)[:, None]
             kv_pos = key_positions(start, T, x.device)[None, :]
             mask &= (kv_pos // self.chunk) == (q_pos // self.chunk)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

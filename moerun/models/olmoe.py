@@ -22,7 +22,8 @@ from moerun.layers import (
     RotaryEmbedding,
     Start,
     apply_rope,
-    attention_mask,
+    attend,
+    attention_mask_or_none,
     check_rope_scaling,
     rope_theta,
     token_positions,
@@ -90,10 +91,8 @@ class OlmoeAttention(Attention):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(k, v, start)  # [B, K, S, Dh]
 
-        mask = attention_mask(start, T, None, x.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        mask = attention_mask_or_none(start, T, None, x.device)
+        out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
