@@ -26,7 +26,6 @@ from moerun.weights import CheckpointWeights
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -44,17 +43,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _resolve_dtype(dtype, config: dict, device: torch.device) -> torch.dtype:
-    """Default: the checkpoint's dtype on a GPU; float32 on the CPU, where half-precision
-    matmuls are slow on many processors and the models that fit are small."""
-    if dtype is None:
-        if device.type == "cpu":
-            return torch.float32
-        stored = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-        return _DTYPES.get(stored, torch.bfloat16)
+    """Default: the checkpoint's dtype, unless the CPU cannot compute in it at full speed
+    (then float32; see `plan.default_dtype`)."""
+    if dtype is None or dtype == "auto":
+        return plan.default_dtype(config, device.type)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in plan.DTYPES:
+            raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(plan.DTYPES)}")
+        return plan.DTYPES[dtype]
     return dtype
 
 
@@ -204,6 +200,7 @@ def load(
     ctx: int | None = None,
     progress=None,
     cuda_graphs: bool | None = None,
+    threads: int | None = None,
 ) -> Model:
     """Load a model from a folder in the Hub layout, an alias (`moerun models`), or a repo
     id in the local Hugging Face cache.
@@ -215,12 +212,18 @@ def load(
     where non-resident experts run, "gpu" (copied into a slot), "cpu" (computed in RAM) or
     "auto". prefetch: guess the next layer's experts and copy them early.
     progress: called as progress(done_layers, total_layers) while expert stores are built.
-    device: "auto" (CUDA when available), "cpu" or "cuda". dtype: default as stored on a
-    GPU and float32 on the CPU. cuda_graphs: replay decode steps from CUDA graphs; None
-    means on CUDA unless MOERUN_CUDA_GRAPHS=0 (False runs them eagerly; the CPU never uses them).
+    device: "auto" (CUDA when available), "cpu" or "cuda". dtype: None or "auto" keeps the
+    checkpoint's (on a CPU without native bf16/fp16 matmuls: float32). cuda_graphs: replay
+    decode steps from CUDA graphs; None means on CUDA unless MOERUN_CUDA_GRAPHS=0 (False
+    runs them eagerly; the CPU never uses them). threads: CPU threads for torch and the CPU
+    kernels (torch.set_num_threads, process-wide); None leaves torch's default.
     """
     if bits not in (4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
+    if threads is not None:
+        if threads < 1:
+            raise MoerunError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
@@ -246,6 +249,10 @@ def load(
         info = attach_expert_cache(
             lm, arch, folder, bits, memory_plan.expert_slots_per_layer, device, dtype, cold, prefetch, progress
         )
+    if device.type == "cpu":
+        from moerun.kernels.cpu_linear import use_cpu_linears
+
+        use_cpu_linears(lm)  # decode-step GEMVs through the C kernel
     model = Model(lm, tokenizer, config, folder, name_or_path, device, dtype)
     model.plan, model.offload_info = memory_plan, info
     # The KV cache for the planned context is allocated once, up front, as planned.

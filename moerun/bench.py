@@ -25,6 +25,7 @@ from torch import nn
 import moerun
 from moerun import plan
 from moerun.errors import MoerunError
+from moerun.kernels import cpu_experts
 from moerun.layers import Attention
 from moerun.models import get_architecture
 from moerun.moe.cache import CachedExperts
@@ -152,6 +153,10 @@ def synthetic_model(
         if device.type == "cpu":
             stores = {i: s.contiguous() for i, s in stores.items()}
         install_expert_cache(lm, stores, fmts, memory_plan.expert_slots_per_layer, device, dtype, cold)
+    if device.type == "cpu":
+        from moerun.kernels.cpu_linear import use_cpu_linears
+
+        use_cpu_linears(lm)  # as moerun.load does
     return BenchModel(lm.eval(), name, memory_plan, device, True, note)
 
 
@@ -333,6 +338,7 @@ def machine_info() -> dict:
     info = {
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_kernels": cpu_experts.isa() or "not built (torch fallback)",
         "ram_bytes": _ram_bytes(),
         "torch": torch.__version__,
         "moerun": moerun.__version__,
@@ -402,11 +408,21 @@ def run_bench(
     expert_slots: int | None = None,
     ram: str | None = None,
     progress=None,
+    dtype: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Every combination of bits x vram x cold x cuda_graphs, each with every pp and tg
     test (cuda_graphs only matters to tg on CUDA: it is forced off elsewhere). Returns
-    {"machine", "rows", "notes"}; a row per (combination, test)."""
+    {"machine", "rows", "notes"}; a row per (combination, test). dtype: as moerun.load's
+    (None: the checkpoint's, float32 on a CPU without native bf16). threads: CPU threads."""
     from moerun.api import _resolve_device, default_vram
+
+    if threads is not None:
+        if threads < 1:
+            raise MoerunError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    if dtype not in (None, "auto") and dtype not in plan.DTYPES:
+        raise MoerunError(f"unknown dtype '{dtype}': use one of auto, {', '.join(plan.DTYPES)}")
 
     if (model is None) == (synthetic is None):
         raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
@@ -424,8 +440,8 @@ def run_bench(
             config = shipped_config(synthetic)
             if config is None:
                 raise MoerunError(f"no shipped config for '{synthetic}': --synthetic takes an alias from `moerun models`")
-            dtype = torch.bfloat16
-            bm = synthetic_model(config, synthetic, combo["bits"], dev, dtype, budget, plan.parse_size(ram),
+            torch_dtype = plan.DTYPES[dtype] if dtype not in (None, "auto") else plan.default_dtype(config, dev.type)
+            bm = synthetic_model(config, synthetic, combo["bits"], dev, torch_dtype, budget, plan.parse_size(ram),
                                  layers=layers, cold=combo["cold"], ctx=ctx or 4096,
                                  expert_slots=expert_slots)  # fmt: skip
             vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
@@ -433,7 +449,7 @@ def run_bench(
                 notes.append(f"{synthetic}: {bm.layers_note}")
         else:
             m = moerun.load(model, bits=combo["bits"], device=dev, vram=budget, ram=ram, cold=combo["cold"], ctx=ctx,
-                            expert_slots=expert_slots)  # fmt: skip
+                            expert_slots=expert_slots, dtype=dtype)  # fmt: skip
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
         p = bm.plan
@@ -449,6 +465,8 @@ def run_bench(
             + (f" offload cold={combo['cold']}" if p.expert_slots_per_layer < p.n_experts else ""),
             "expert_slots_per_layer": p.expert_slots_per_layer,
             "n_experts": p.n_experts,
+            "dtype": p.dtype,
+            "decode_bytes_per_token": p.decode_bytes_per_token,
         }
         for test, counts in (("pp", prompt_tokens), ("tg", gen_tokens)):
             for n in counts:
@@ -462,7 +480,27 @@ def run_bench(
         gc.collect()  # prefetch hooks make reference cycles: free this model before the next
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    return {"machine": machine_info(), "rows": rows, "notes": notes}
+    machine = machine_info()
+    if dev.type == "cpu":
+        # The bound of a CPU decode step: every weight byte it reads, at the read bandwidth.
+        machine["ram_read_bytes_s"] = read_bandwidth()
+        for r in rows:
+            if r["test"].startswith("tg"):
+                r["bound_t_s"] = machine["ram_read_bytes_s"] / max(r["decode_bytes_per_token"], 1)
+    return {"machine": machine, "rows": rows, "notes": notes}
+
+
+def read_bandwidth(megabytes: int = 512) -> float:
+    """Bytes/s of a streaming read of host memory on torch's threads (a sum over a buffer
+    far beyond the caches; the median of 5)."""
+    a = torch.ones(megabytes << 18, dtype=torch.float32)
+    a.sum()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.numel() * 4 / statistics.median(times)
 
 
 def render_markdown(report: dict) -> str:
@@ -474,21 +512,25 @@ def render_markdown(report: dict) -> str:
             f"{r['backend']} | {r['test']} | {r['t_s_mean']:.2f} ± {r['t_s_std']:.2f} |"
         )
     lines += ["", "| test | bits | budget | slots | TTFT | peak VRAM | peak RAM | hit rate | copied/token | PCIe GB/s | "
-              "attention | experts | copies | CPU experts | other |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "read/token | bound t/s | attention | experts | copies | CPU experts | other |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in report["rows"]:
         sh = r["time_share"]
+        per_token = plan.gib(r["decode_bytes_per_token"]) if r["test"].startswith("tg") else "-"
+        bound = f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"
         lines.append(
             f"| {r['test']} | {r['bits']} | {r['budget']} | {r['expert_slots_per_layer']}/{r['n_experts']} | "
             f"{r['ttft_s'] * 1000:.1f} ms | {plan.gib(r['peak_vram_bytes'])} | {plan.gib(r['peak_ram_bytes'])} | "
             f"{r['expert_hit_rate']:.0%} | {plan.gib(r['bytes_copied_per_token'])} | {r['pcie_gb_s']:.2f} | "
-            f"{sh['attention']:.0%} | {sh['experts']:.0%} | {sh['copies']:.0%} | {sh['cpu_experts']:.0%} | "
-            f"{sh['other']:.0%} |"
+            f"{per_token} | {bound} | {sh['attention']:.0%} | {sh['experts']:.0%} | {sh['copies']:.0%} | "
+            f"{sh['cpu_experts']:.0%} | {sh['other']:.0%} |"
         )
     m = report["machine"]
     gpu = f"{m['gpu']} ({plan.gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
-    lines += ["", f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads); "
-              f"RAM {plan.gib(m['ram_bytes'] or 0)}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+    read = f", read {m['ram_read_bytes_s'] / 1e9:.1f} GB/s" if m.get("ram_read_bytes_s") else ""
+    lines += ["", f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
+              f"RAM {plan.gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+    lines += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
     lines += [f"note: {n}" for n in report["notes"]]
     lines += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ app = typer.Typer(
 # Errors a user can cause with a bad path or option; anything else is a bug in moerun.
 USER_ERRORS = (MoerunError, FileNotFoundError, ValueError)
 BITS = (4, 8, 16)
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _version_callback(value: bool) -> None:
@@ -60,6 +61,9 @@ ExpertSlots = typer.Option(None, "--expert-slots", min=1, help="Expert slots per
 Cold = typer.Option("gpu", "--cold", help="Where non-resident experts run: gpu (copied in), cpu, or auto.")
 Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")
 NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
+Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; float32 on a CPU "
+                     "without native bf16/fp16), bfloat16, float16 or float32.")
+Threads = typer.Option(None, "--threads", min=1, help="CPU threads for the CPU kernels and torch (default: the cores).")
 
 
 Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
@@ -127,9 +131,11 @@ def _pull(repo_id: str, revision: Optional[str], repo=None):
 
 
 def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=None, cold="gpu", ctx=None,
-          no_prefetch=False, force=False):  # fmt: skip
+          no_prefetch=False, force=False, dtype="auto", threads=None):  # fmt: skip
     if bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
+    if dtype not in DTYPE_CHOICES:
+        raise typer.BadParameter(f"{dtype} is not one of {', '.join(DTYPE_CHOICES)}", param_hint="'--dtype'")
     _pull_on_first_use(model, bits, vram, ram, ctx, force)
     import moerun  # the API (and torch) only now, when a model is really needed
     from rich.console import Console
@@ -151,7 +157,7 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     try:
         return moerun.load(
             model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
-            prefetch=not no_prefetch, ctx=ctx, progress=on_layer,
+            prefetch=not no_prefetch, ctx=ctx, progress=on_layer, dtype=dtype, threads=threads,
         )  # fmt: skip
     finally:
         progress.stop()
@@ -206,11 +212,13 @@ def generate(
     ctx: Optional[int] = Ctx,
     no_prefetch: bool = NoPrefetch,
     force: bool = Force,
+    dtype: str = Dtype,
+    threads: Optional[int] = Threads,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
 ) -> None:
     """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw
     if as_json:
@@ -258,12 +266,14 @@ def chat(
     ctx: Optional[int] = Ctx,
     no_prefetch: bool = NoPrefetch,
     force: bool = Force,
+    dtype: str = Dtype,
+    threads: Optional[int] = Threads,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /reset."),
 ) -> None:
     """Chat with a model in the terminal, like `ollama run` (type /help inside)."""
     from moerun.chat import run_repl
 
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force)
+    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
     run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
 
 
@@ -285,6 +295,8 @@ def bench(
     device: str = Device,
     output: str = typer.Option("md", "-o", "--output", help="md or json."),
     force: bool = typer.Option(False, "--force", help="Download and run even if the fit check says it will not fit."),
+    dtype: str = Dtype,
+    threads: Optional[int] = Threads,
 ) -> None:
     """Measure prompt processing (ppN) and generation (tgN) tokens/sec, llama-bench style."""
     if output not in ("md", "json"):
@@ -320,7 +332,7 @@ def bench(
         report = benchmark.run_bench(
             model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
             vram=vrams, cold=colds, cuda_graphs=graph_modes, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
-            ram=ram, progress=lambda: progress.advance(task),
+            ram=ram, progress=lambda: progress.advance(task), dtype=dtype, threads=threads,
         )  # fmt: skip
     if output == "json":
         sys.stdout.write(json.dumps(report, default=str) + "\n")

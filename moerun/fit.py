@@ -27,7 +27,6 @@ DEFAULT_PCIE_BW = 16e9
 DEFAULT_RAM_BW = 30e9
 VRAM_RESERVE = 1 << 30  # activations, CUDA context; as moerun.api.default_vram
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- metadata: config + (shape, dtype) of every tensor, from wherever it can be had -------------
@@ -364,10 +363,10 @@ def decode_bounds(s: plan.ModelSummary, p: plan.Plan, bw: Bandwidths, device: st
     whichever is faster (moerun --cold auto)."""
     if p.verdict == "no":
         return 0.0, 0.0
-    dense = p.non_expert_bytes - p.weight_bytes_by_role.get("embeddings", 0)
     experts = min(s.experts_per_token, p.n_experts) * p.n_moe_layers * p.expert_blob_bytes
+    dense = p.decode_bytes_per_token - experts
     local = bw.vram if device == "cuda" else bw.ram
-    high = local / max(dense + experts, 1)
+    high = local / max(p.decode_bytes_per_token, 1)
     if p.verdict == "gpu" or device == "cpu":  # on the CPU every expert is read from RAM anyway
         return high, high
     miss = experts / max(bw.pcie, bw.ram)
@@ -393,14 +392,12 @@ def fit(
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     warnings = list(summary.warnings)
-    # As moerun.load chooses: the checkpoint's 16-bit dtype on a GPU, float32 on the CPU.
     if dtype is None:
-        stored = plan._text_config(meta.config).get("torch_dtype") or meta.config.get("dtype") or "bfloat16"
-        torch_dtype = _DTYPES.get(stored, torch.bfloat16) if cuda else torch.float32
-    elif dtype in _DTYPES:
-        torch_dtype = _DTYPES[dtype]
+        torch_dtype = plan.default_dtype(meta.config, device)  # as moerun.load chooses
+    elif dtype in plan.DTYPES:
+        torch_dtype = plan.DTYPES[dtype]
     else:
-        raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(_DTYPES)}")
+        raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(plan.DTYPES)}")
     vram_budget = plan.parse_size(vram)
     ram_budget = plan.parse_size(ram)
     if vram_budget is None:
@@ -409,7 +406,8 @@ def fit(
             vram_budget = max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
         else:
             vram_budget = int(0.9 * free_ram())
-            warnings.append("no CUDA GPU: planned for the CPU, host RAM as the compute device (float32 unless --dtype)")
+            dtype_name = str(torch_dtype).removeprefix("torch.")
+            warnings.append(f"no CUDA GPU: planned for the CPU, host RAM as the compute device ({dtype_name} unless --dtype)")
     if ram_budget is None:
         ram_budget = int(0.9 * free_ram()) if cuda else None
     plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx) for b in (16, 8, 4)}

@@ -70,6 +70,35 @@ def _text_config(config: dict) -> dict:
     return {**config, **text} if isinstance(text, dict) else config
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cpu_computes(dtype: torch.dtype) -> bool:
+    """Does this CPU multiply `dtype` matrices at full speed (oneDNN's own test: AVX-512 or
+    ARM BF16 for bf16, AVX-512 FP16 / AMX-FP16 for fp16)? float32 always."""
+    if dtype == torch.float32:
+        return True
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN
+        pass
+    return False
+
+
+def default_dtype(config: dict, device_type: str) -> torch.dtype:
+    """The dtype non-expert weights are kept and computed in unless --dtype says otherwise:
+    the checkpoint's own; on a CPU that cannot multiply it at full speed, float32 (twice
+    the RAM and the bytes per token, but a half-precision matmul emulated there is slower
+    still). The one rule `load` and `fit` share."""
+    stored = DTYPES.get(_text_config(config).get("torch_dtype") or config.get("dtype") or "bfloat16", torch.bfloat16)
+    if device_type == "cpu" and not cpu_computes(stored):
+        return torch.float32
+    return stored
+
+
 def _first(config: dict, *keys, default=0):
     for key in keys:
         if config.get(key) is not None:
@@ -255,10 +284,18 @@ class Plan:
     ram_budget: int | None
     verdict: str
     reason: str = ""
+    experts_per_token: int = 0
 
     @property
     def weight_bytes(self) -> int:
         return sum(self.weight_bytes_by_role.values())
+
+    @property
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: the non-expert weights (less the embedding
+        table, of which one row is read) and k experts in every MoE layer."""
+        dense = self.non_expert_bytes - self.weight_bytes_by_role.get("embeddings", 0)
+        return dense + min(self.experts_per_token, self.n_experts) * self.n_moe_layers * self.expert_blob_bytes
 
     @property
     def gpu_bytes(self) -> int:
@@ -307,7 +344,7 @@ def make_plan(
             weight_bytes_by_role=by_role, non_expert_bytes=non_expert, kv_cache_bytes=kv,
             expert_blob_bytes=blob, n_moe_layers=L, n_experts=E, expert_slots_per_layer=slots,
             slot_bytes=slots * blob * L, host_store_bytes=host, vram_budget=vram, ram_budget=ram,
-            verdict=verdict, reason=reason,
+            verdict=verdict, reason=reason, experts_per_token=summary.experts_per_token,
         )  # fmt: skip
 
     if expert_slots is not None:

@@ -160,7 +160,7 @@ def check_static_decode(ours, vocab: int = 256) -> None:
 def check_offloaded_4bit_equals_resident(folder) -> None:
     """4-bit experts with one slot per layer give the logits of 4-bit fully resident."""
     ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5))
-    expected = moerun.load(str(folder), bits=4, device="cpu").logits(ids)
-    offloaded = moerun.load(str(folder), bits=4, device="cpu", expert_slots=1)
+    expected = moerun.load(str(folder), bits=4, device="cpu", dtype="float32").logits(ids)
+    offloaded = moerun.load(str(folder), bits=4, device="cpu", dtype="float32", expert_slots=1)
     assert rel_err(offloaded.logits(ids), expected) < 1e-6
     assert offloaded.stats["total"]["misses"] > 0

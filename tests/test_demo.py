@@ -15,7 +15,7 @@ from moerun.registry import DEMO_DIR
 
 @pytest.fixture(scope="module")
 def demo():
-    return moerun.load("demo", device="cpu")
+    return moerun.load("demo", device="cpu", dtype="float32")
 
 
 def reply(model, prompt) -> str:

@@ -197,7 +197,7 @@ def test_fit_plan_equals_what_load_allocates(tiny, bits, tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["source"] == "folder" and printed["verdict"] == "offload"
-    model = moerun.load(str(tiny), bits=bits, device="cpu", ctx=256, vram=budget)
+    model = moerun.load(str(tiny), bits=bits, device="cpu", ctx=256, vram=budget)  # the default dtype, as fit
     assert model.plan.expert_slots_per_layer == printed["expert_slots_per_layer"] == 2
     assert abs(device_bytes(model) - printed["gpu_bytes"]) <= 0.05 * printed["gpu_bytes"]
 

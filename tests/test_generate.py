@@ -16,7 +16,7 @@ from tests.model_fixtures import make_checkpoint
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     folder = make_checkpoint(tmp_path_factory.mktemp("gen"), "qwen3_moe", dtype=torch.float32, shards=1)
-    return moerun.load(str(folder), device="cpu")
+    return moerun.load(str(folder), device="cpu", dtype="float32")
 
 
 def kept(logits: torch.Tensor, params: SamplingParams, draws: int = 400) -> set[int]:
@@ -83,10 +83,10 @@ def test_stream_pieces_add_up_to_generate(model):
 
 def test_stops_on_any_eos_id_from_generation_config(tmp_path):
     folder = make_checkpoint(tmp_path, "mixtral", dtype=torch.float32, shards=1)
-    first = moerun.load(str(folder), device="cpu").generate("x", max_new_tokens=1).token_ids[0]
+    first = moerun.load(str(folder), device="cpu", dtype="float32").generate("x", max_new_tokens=1).token_ids[0]
     # A list of eos ids, as Qwen3 and Llama ship: the second one is what greedy emits first.
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [250, first]}))
-    m = moerun.load(str(folder), device="cpu")
+    m = moerun.load(str(folder), device="cpu", dtype="float32")
     assert {250, first} <= m.eos_token_ids
     out = m.generate("x", max_new_tokens=20)
     assert out.token_ids == [first] and out.stats.finish_reason == "stop"

@@ -179,9 +179,9 @@ def test_local_attention_matches_and_matters(tmp_path, family):
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = reference_model(folder)(ids).logits
-    assert rel_err(moerun.load(str(folder), device="cpu").logits(ids), expected) < 1e-4
+    assert rel_err(moerun.load(str(folder), device="cpu", dtype="float32").logits(ids), expected) < 1e-4
     plain = MAKERS[family](tmp_path / "p", dtype=torch.float32, shards=1, **wide)
-    assert rel_err(moerun.load(str(plain), device="cpu").logits(ids)[:, 8:], expected[:, 8:]) > 1e-3
+    assert rel_err(moerun.load(str(plain), device="cpu", dtype="float32").logits(ids)[:, 8:], expected[:, 8:]) > 1e-3
 
 
 @pytest.mark.parametrize("checkpoint", ["llama4"], indirect=True)
@@ -189,7 +189,7 @@ def test_llama4_ignores_the_vision_tower(checkpoint):
     _, folder = checkpoint
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert any(n.startswith("vision_model.") for n in index["weight_map"])
-    names = {n for n, _ in moerun.load(str(folder), device="cpu").lm.named_parameters()}
+    names = {n for n, _ in moerun.load(str(folder), device="cpu", dtype="float32").lm.named_parameters()}
     assert not any("vision" in n or "projector" in n for n in names)
     assert "model.layers.1.feed_forward.experts.w13" in names and "model.layers.0.feed_forward.gate_proj.weight" in names
 
@@ -296,9 +296,9 @@ def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
     ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = reference_model(dense)(ids).logits
-    got = moerun.load(str(quantized), device="cpu").logits(ids)
+    got = moerun.load(str(quantized), device="cpu", dtype="float32").logits(ids)
     assert rel_err(got, expected) < 1e-4
-    assert torch.equal(got, moerun.load(str(dense), device="cpu").logits(ids))
+    assert torch.equal(got, moerun.load(str(dense), device="cpu", dtype="float32").logits(ids))
     # And through the quantized expert store, offloaded to one slot.
-    four = moerun.load(str(quantized), bits=4, device="cpu")
-    assert rel_err(moerun.load(str(quantized), bits=4, device="cpu", expert_slots=1).logits(ids), four.logits(ids)) < 1e-6
+    four = moerun.load(str(quantized), bits=4, device="cpu", dtype="float32")
+    assert rel_err(moerun.load(str(quantized), bits=4, device="cpu", dtype="float32", expert_slots=1).logits(ids), four.logits(ids)) < 1e-6

@@ -69,7 +69,7 @@ def static_decode(model, ids, n_prompt: int, as_if_capturing: bool = False) -> t
 @torch.inference_mode()
 def test_static_step_with_an_offloaded_expert_cache_equals_eager(mixtral):
     ids = torch.randint(0, 256, (1, 18), generator=torch.Generator().manual_seed(0))
-    model = moerun.load(str(mixtral), bits=4, device="cpu", expert_slots=1)
+    model = moerun.load(str(mixtral), bits=4, device="cpu", dtype="float32", expert_slots=1)
     expected = eager_decode(model, ids, 6)
     model.reset_stats()
     got, _ = static_decode(model, ids, 6)
@@ -84,13 +84,13 @@ def test_where_a_capture_is_cut(mixtral, case):
     and nothing between the cuts syncs with the host."""
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     if case == "offloaded":
-        model = moerun.load(str(mixtral), bits=4, device="cpu", expert_slots=1)
+        model = moerun.load(str(mixtral), bits=4, device="cpu", dtype="float32", expert_slots=1)
         kind = CachedExperts
     elif case == "plain 16-bit":
-        model = moerun.load(str(mixtral), bits=16, device="cpu")
+        model = moerun.load(str(mixtral), bits=16, device="cpu", dtype="float32")
         kind = RoutedExperts
     else:
-        model = moerun.load(str(mixtral), bits=4, device="cpu")
+        model = moerun.load(str(mixtral), bits=4, device="cpu", dtype="float32")
         for _, _, m in routed_expert_modules(model.lm):
             assert m.fully_resident
             m.kernel_mode = "decode"  # the Triton kernel, under TRITON_INTERPRET=1
@@ -139,8 +139,8 @@ def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, mo
     from moerun.moe import routing
 
     ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(8))
-    plain = moerun.load(str(mixtral), bits=bits, device="cpu")
-    model = moerun.load(str(mixtral), bits=bits, device="cpu")
+    plain = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32")
+    model = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32")
     if bits == 16:  # on CUDA load() does this itself; the CPU keeps plain weights
         from moerun.models import get_architecture
         from moerun.moe.offload import attach_expert_cache
@@ -164,7 +164,7 @@ def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, mo
 
 def test_generation_through_decode_graphs_equals_eager(mixtral):
     prompt = list(range(5, 17))
-    model = moerun.load(str(mixtral), bits=8, device="cpu")
+    model = moerun.load(str(mixtral), bits=8, device="cpu", dtype="float32")
     assert model.decode_graphs is None  # never on the CPU by default
     expected = model.generate(prompt, max_new_tokens=20, ignore_eos=True).token_ids
     model.decode_graphs = DecodeGraphs(model.lm, model.kv_caches, capture_graphs=False, min_span=4)
@@ -174,7 +174,7 @@ def test_generation_through_decode_graphs_equals_eager(mixtral):
 @torch.inference_mode()
 def test_a_failed_capture_falls_back_to_eager_steps(mixtral, monkeypatch, caplog):
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    model = moerun.load(str(mixtral), bits=16, device="cpu")
+    model = moerun.load(str(mixtral), bits=16, device="cpu", dtype="float32")
     expected = eager_decode(model, ids, 6)
     caches = model.lm.make_caches(1, 16)
     model.lm(ids[:, :6], caches, 0)
@@ -193,7 +193,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(mixtral, monkeypatch, caplog
 
 def test_cuda_graphs_asked_for_on_the_cpu(mixtral):
     with pytest.raises(MoerunError, match="CUDA graphs need a CUDA device"):
-        moerun.load(str(mixtral), device="cpu", cuda_graphs=True)
+        moerun.load(str(mixtral), device="cpu", dtype="float32", cuda_graphs=True)
 
 
 def test_bench_rejects_a_bad_cuda_graphs_value():
@@ -232,11 +232,11 @@ class TestOnGPU:
         """float32 on both devices: the kernels (prefill and decode) against the CPU path
         on the same quantized experts, to 1e-4."""
         ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(6))
-        cpu = moerun.load(str(mixtral), bits=bits, device="cpu").logits(ids)
+        cpu = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32").logits(ids)
         gpu_model = moerun.load(str(mixtral), bits=bits, device="cuda", dtype="float32")
         assert rel_err(gpu_model.logits(ids).cpu(), cpu) < 1e-4
         # And token by token, through the decode kernels and the captured graphs.
         prompt = ids[0, :8].tolist()
-        cpu_tokens = moerun.load(str(mixtral), bits=bits, device="cpu").generate(prompt, 24, ignore_eos=True)
+        cpu_tokens = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32").generate(prompt, 24, ignore_eos=True)
         assert gpu_model.decode_graphs is not None
         assert gpu_model.generate(prompt, 24, ignore_eos=True).token_ids == cpu_tokens.token_ids

@@ -67,21 +67,21 @@ def test_static_decode_step_equals_eager_decode(pair):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sliding_window_matches_and_matters(tmp_path, arch):
     folder = make_checkpoint(tmp_path / "w", arch, dtype=torch.float32, shards=1, **WINDOWED[arch])
-    ours = moerun.load(str(folder), device="cpu")
+    ours = moerun.load(str(folder), device="cpu", dtype="float32")
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = reference_model(folder)(ids).logits
     assert rel_err(ours.logits(ids), expected) < 1e-4
     # The same weights without the window give other logits past the window's reach.
     plain = make_checkpoint(tmp_path / "p", arch, dtype=torch.float32, shards=1)
-    assert rel_err(moerun.load(str(plain), device="cpu").logits(ids)[:, 8:], expected[:, 8:]) > 1e-3
+    assert rel_err(moerun.load(str(plain), device="cpu", dtype="float32").logits(ids)[:, 8:], expected[:, 8:]) > 1e-3
 
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.float32])
 def test_other_storage_dtypes_load(tmp_path, stored):
     folder = make_checkpoint(tmp_path, "qwen3_moe", dtype=stored, shards=1)
     assert (folder / "model.safetensors").exists()
-    ours = moerun.load(str(folder), device="cpu")
+    ours = moerun.load(str(folder), device="cpu", dtype="float32")
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference_model(folder)(ids).logits
@@ -118,5 +118,5 @@ def test_unknown_architecture_is_refused_with_the_list(tmp_path):
     config["model_type"] = "llama2000"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoerunError, match="unsupported architecture 'llama2000'") as err:
-        moerun.load(str(folder), device="cpu")
+        moerun.load(str(folder), device="cpu", dtype="float32")
     assert all(name in str(err.value) for name in ARCHS)

@@ -134,12 +134,12 @@ def expert_uses(model) -> tuple[int, list]:
 def test_any_slot_count_prefetch_and_cold_equal_fully_resident(checkpoint, bits):
     arch, folder = checkpoint
     E = n_experts(arch)
-    resident = moerun.load(str(folder), bits=bits, device="cpu")
+    resident = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32")
     expected = resident.logits(IDS)
     assert resident.stats["total"]["misses"] == 0  # all resident: filled at load, never missed
     for slots in range(1, E + 1):
         for prefetch, cold in ((True, "gpu"), (False, "gpu"), (True, "cpu"), (False, "auto")):
-            model = moerun.load(str(folder), bits=bits, device="cpu", expert_slots=slots, prefetch=prefetch, cold=cold)
+            model = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=slots, prefetch=prefetch, cold=cold)
             uses, _ = expert_uses(model)
             got = model.logits(IDS)
             assert rel_err(got, expected) < 1e-6, (slots, prefetch, cold)
@@ -158,8 +158,8 @@ def test_any_slot_count_prefetch_and_cold_equal_fully_resident(checkpoint, bits)
 
 def test_16_bit_offloading_equals_the_plain_model(checkpoint):
     _, folder = checkpoint
-    expected = moerun.load(str(folder), device="cpu").logits(IDS)
-    model = moerun.load(str(folder), device="cpu", expert_slots=1)
+    expected = moerun.load(str(folder), device="cpu", dtype="float32").logits(IDS)
+    model = moerun.load(str(folder), device="cpu", dtype="float32", expert_slots=1)
     assert rel_err(model.logits(IDS), expected) < 1e-6
     assert model.stats["total"]["misses"] > 0
 
@@ -167,7 +167,7 @@ def test_16_bit_offloading_equals_the_plain_model(checkpoint):
 def test_warm_cache_stops_missing(tmp_path):
     # Enough slots for every expert: after one pass everything is resident.
     folder = make_checkpoint(tmp_path, "qwen3_moe", dtype=torch.float32, shards=1)
-    model = moerun.load(str(folder), bits=8, device="cpu", expert_slots=n_experts("qwen3_moe") - 1, prefetch=False)
+    model = moerun.load(str(folder), bits=8, device="cpu", dtype="float32", expert_slots=n_experts("qwen3_moe") - 1, prefetch=False)
     model.generate("warm up", max_new_tokens=8, ignore_eos=True)
     model.reset_stats()
     out = model.generate("warm up", max_new_tokens=8, ignore_eos=True)
@@ -182,8 +182,8 @@ def test_quantization_error_against_16_bit(checkpoint, bits, max_rel, min_top1):
     # compounds through the layers, most in Mixtral's all-MoE fixture. A nibble-swapped
     # NF4 gives 57-121 %. The per-weight bounds above are the tight check.
     _, folder = checkpoint
-    reference = moerun.load(str(folder), device="cpu").logits(IDS)
-    got = moerun.load(str(folder), bits=bits, device="cpu").logits(IDS)
+    reference = moerun.load(str(folder), device="cpu", dtype="float32").logits(IDS)
+    got = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32").logits(IDS)
     assert rel_err(got, reference) < max_rel
     assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= min_top1
 
@@ -193,7 +193,7 @@ def test_quantization_error_against_16_bit(checkpoint, bits, max_rel, min_top1):
 
 def test_second_load_does_not_requantize(tmp_path, monkeypatch):
     folder = make_checkpoint(tmp_path / "m", "mixtral", shards=1)
-    first = moerun.load(str(folder), bits=4, device="cpu")
+    first = moerun.load(str(folder), bits=4, device="cpu", dtype="float32")
     assert first.offload_info["cache_built"] is True
     manifest = json.load(open(os.path.join(first.offload_info["quantized_cache"], "manifest.json")))
     assert manifest["bits"] == 4 and manifest["moerun_version"] == moerun.__version__
@@ -203,28 +203,28 @@ def test_second_load_does_not_requantize(tmp_path, monkeypatch):
         raise AssertionError("quantized again")
 
     monkeypatch.setattr(ExpertFormat, "pack", no_quantizing)
-    second = moerun.load(str(folder), bits=4, device="cpu")
+    second = moerun.load(str(folder), bits=4, device="cpu", dtype="float32")
     assert second.offload_info["cache_built"] is False
     assert torch.equal(second.logits(IDS), first.logits(IDS))
 
 
 def test_corrupt_or_stale_cache_is_rebuilt(tmp_path):
     folder = make_checkpoint(tmp_path / "m", "qwen3_moe", shards=1)
-    path = moerun.load(str(folder), bits=8, device="cpu").offload_info["quantized_cache"]
+    path = moerun.load(str(folder), bits=8, device="cpu", dtype="float32").offload_info["quantized_cache"]
     layer = os.path.join(path, "layer-001.safetensors")
     with open(layer, "r+b") as f:  # truncate a layer file
         f.truncate(os.path.getsize(layer) // 2)
-    again = moerun.load(str(folder), bits=8, device="cpu")
+    again = moerun.load(str(folder), bits=8, device="cpu", dtype="float32")
     assert again.offload_info["cache_built"] is True and again.offload_info["quantized_cache"] == path
 
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     manifest["format_version"] = -1  # a cache written by an older format
     json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
-    assert moerun.load(str(folder), bits=8, device="cpu").offload_info["cache_built"] is True
+    assert moerun.load(str(folder), bits=8, device="cpu", dtype="float32").offload_info["cache_built"] is True
 
     # A new revision of the checkpoint (same shapes, other values) gets its own cache.
     make_checkpoint(tmp_path / "m", "qwen3_moe", shards=1, seed=1)
-    newer = moerun.load(str(folder), bits=8, device="cpu")
+    newer = moerun.load(str(folder), bits=8, device="cpu", dtype="float32")
     assert newer.offload_info["cache_built"] is True and newer.offload_info["quantized_cache"] != path
 
 
@@ -238,7 +238,7 @@ def test_killed_build_leaves_nothing_trusted(tmp_path):
         "def save_then_die(*a, **k):\n"
         "    real(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
         "s.save_file = save_then_die\n"
-        f"moerun.load({str(folder)!r}, bits=4, device='cpu')\n"
+        f"moerun.load({str(folder)!r}, bits=4, device='cpu', dtype='float32')\n"
     )
     env = {**os.environ, "MOERUN_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
@@ -246,7 +246,7 @@ def test_killed_build_leaves_nothing_trusted(tmp_path):
     leftovers = list((cache / "experts").iterdir())
     assert leftovers and all(p.name.startswith(".") and ".tmp-" in p.name for p in leftovers)
     assert not any((p / "manifest.json").exists() for p in leftovers)
-    model = moerun.load(str(folder), bits=4, device="cpu")
+    model = moerun.load(str(folder), bits=4, device="cpu", dtype="float32")
     assert model.offload_info["cache_built"] is True
 
 
@@ -270,13 +270,13 @@ def device_bytes(model) -> int:
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_planner_prediction_matches_allocation(checkpoint, bits):
     _, folder = checkpoint
-    full = moerun.load(str(folder), bits=bits, device="cpu", ctx=256)
+    full = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", ctx=256)
     assert full.plan.verdict == "gpu"
     assert abs(device_bytes(full) - full.plan.gpu_bytes) <= 0.05 * full.plan.gpu_bytes
     # A budget between "one slot" and "everything" gives an offload plan that fits it.
     p = full.plan
     budget = p.non_expert_bytes + p.kv_cache_bytes + 2 * p.expert_blob_bytes * p.n_moe_layers + 100
-    model = moerun.load(str(folder), bits=bits, device="cpu", ctx=256, vram=budget)
+    model = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", ctx=256, vram=budget)
     assert model.plan.verdict == "offload" and model.plan.expert_slots_per_layer == 2
     assert device_bytes(model) <= budget
     assert abs(device_bytes(model) - model.plan.gpu_bytes) <= 0.05 * model.plan.gpu_bytes
@@ -285,9 +285,9 @@ def test_planner_prediction_matches_allocation(checkpoint, bits):
 def test_model_that_cannot_fit_is_refused_with_numbers(checkpoint):
     _, folder = checkpoint
     with pytest.raises(MoerunError, match=r"does not fit: needs at least .* the budget is"):
-        moerun.load(str(folder), bits=4, device="cpu", vram="10KB")
+        moerun.load(str(folder), bits=4, device="cpu", dtype="float32", vram="10KB")
     with pytest.raises(MoerunError, match="RAM"):
-        moerun.load(str(folder), bits=4, device="cpu", expert_slots=1, ram="1KB")
+        moerun.load(str(folder), bits=4, device="cpu", dtype="float32", expert_slots=1, ram="1KB")
 
 
 def test_bad_options_are_refused(checkpoint):
@@ -299,7 +299,7 @@ def test_bad_options_are_refused(checkpoint):
         (dict(bits=4, cold="disk"), "cold must be one of"),
     ):
         with pytest.raises(MoerunError, match=message):
-            moerun.load(str(folder), device="cpu", **kwargs)
+            moerun.load(str(folder), device="cpu", dtype="float32", **kwargs)
 
 
 # -- expert variants: biases, gpt-oss' clamped SwiGLU, Llama 4's weights on the input ---

@@ -1,0 +1,80 @@
+"""On the CPU moerun keeps a bf16 checkpoint's non-expert weights in bf16 where the CPU
+multiplies bf16 natively (half the RAM and bytes per token of float32), and float32
+elsewhere or when asked; --dtype and --threads on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moerun
+from moerun import plan
+from moerun.moe.offload import routed_expert_modules
+from tests.model_fixtures import make_checkpoint
+from tests.parity import rel_err
+from tests.test_cli import run_cli
+
+IDS = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("bf16"), "qwen3_moe", dtype=torch.bfloat16)
+
+
+def test_default_dtype_follows_the_checkpoint_and_the_cpu(monkeypatch):
+    bf16, fp16, fp32 = {"torch_dtype": "bfloat16"}, {"torch_dtype": "float16"}, {"torch_dtype": "float32"}
+    monkeypatch.setattr(plan, "cpu_computes", lambda dtype: True)
+    assert plan.default_dtype(bf16, "cpu") == torch.bfloat16
+    assert plan.default_dtype(fp16, "cpu") == torch.float16
+    monkeypatch.setattr(plan, "cpu_computes", lambda dtype: dtype == torch.float32)
+    assert plan.default_dtype(bf16, "cpu") == torch.float32  # no native bf16: float32 is faster there
+    assert plan.default_dtype(bf16, "cuda") == torch.bfloat16
+    assert plan.default_dtype(fp32, "cpu") == plan.default_dtype(fp32, "cuda") == torch.float32
+    # multimodal configs keep it in text_config
+    assert plan.default_dtype({"text_config": {"torch_dtype": "float16"}}, "cuda") == torch.float16
+
+
+def non_expert_bytes(model) -> int:
+    experts = {id(p) for _, _, m in routed_expert_modules(model.lm) for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.lm.parameters() if id(p) not in experts)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_the_default_on_this_cpu_against_float32(bf16_checkpoint, bits, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
+    default = moerun.load(str(bf16_checkpoint), bits=bits, device="cpu")
+    wide = moerun.load(str(bf16_checkpoint), bits=bits, device="cpu", dtype="float32")
+    expected = torch.bfloat16 if plan.cpu_computes(torch.bfloat16) else torch.float32
+    assert default.dtype == expected and default.plan.dtype == str(expected).removeprefix("torch.")
+    if expected == torch.bfloat16:
+        assert non_expert_bytes(default) * 2 == non_expert_bytes(wide)
+        # bf16 rounding of activations and weights, nothing more
+        assert rel_err(default.logits(IDS), wide.logits(IDS)) < 3e-2
+    else:
+        assert torch.equal(default.logits(IDS), wide.logits(IDS))
+
+
+def test_cli_dtype_and_threads():
+    proc = run_cli("generate", "demo", "count from 7", "--dtype", "float32", "--threads", "1", "-n", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    text32 = json.loads(proc.stdout)["text"]
+    proc = run_cli("generate", "demo", "count from 7", "-n", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == text32  # the demo is exact in bf16 too
+    bad = run_cli("generate", "demo", "hi", "--dtype", "float64")
+    assert bad.returncode != 0 and "--dtype" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("generate", "demo", "hi", "--threads", "0")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def test_bench_reports_threads_kernels_and_the_bound():
+    proc = run_cli("bench", "demo", "-p", "8", "-n", "4", "-r", "1", "--bits", "4", "--threads", "1", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["machine"]["cpu_threads"] == 1
+    assert report["machine"]["ram_read_bytes_s"] > 1e8
+    tg = next(r for r in report["rows"] if r["test"] == "tg4")
+    assert tg["decode_bytes_per_token"] > 0 and tg["bound_t_s"] > 0
