@@ -14,7 +14,7 @@ import torch
 
 import moerun
 from moerun.errors import MoerunError
-from moerun.moe.cache import CachedExperts, LRUPolicy
+from moerun.moe.cache import CachedExperts, ColdPolicy, LRUPolicy
 from moerun.moe.experts import SILU, ExpertActivation, RoutedExperts
 from moerun.moe.offload import routed_expert_modules
 from moerun.quant import ExpertFormat, int8, nf4
@@ -370,3 +370,30 @@ def test_bitsandbytes_cpu_dequantizer_equals_the_torch_path(shape, dtype):
     reference = nf4.dequantize(packed, absmax, (1, *shape), dtype).view(shape)  # 3 dims: always the torch path
     assert torch.equal(fast, reference)
     assert nf4.dequantize_bitsandbytes(packed[: 7 * 48 // 2], absmax[:6], (7, 48), dtype) is None  # rows not whole blocks
+
+
+def test_auto_calibrates_each_expert_format_and_decides_by_token_count(tmp_path):
+    # Auto measures the copy and the CPU compute on this machine, per expert format; a
+    # policy then computes on the CPU exactly up to the token count it reports.
+    folder = make_checkpoint(tmp_path, "qwen3_moe", dtype=torch.float32, shards=1)
+    model = moerun.load(str(folder), bits=4, device="cpu", dtype="float32", expert_slots=1, cold="auto")
+    policies = model.offload_info["cold_policy"]
+    assert len(policies) == 1  # every layer has the same expert shape: one calibration
+    (measured,) = policies.values()
+    assert measured["copy_seconds"] > 0 and measured["cpu_fixed_seconds"] + measured["cpu_token_seconds"] > 0
+    policy = ColdPolicy("auto", measured["copy_seconds"], measured["cpu_fixed_seconds"], measured["cpu_token_seconds"])
+    limit = measured["cpu_up_to_tokens"]
+    assert limit == policy.cpu_up_to_tokens()
+    if 0 < limit < 1 << 20:
+        assert policy.on_cpu(limit) and not policy.on_cpu(limit + 1)
+    elif limit == 0:
+        assert not policy.on_cpu(1)
+    # All resident: nothing is cold, nothing to calibrate.
+    resident = moerun.load(str(folder), bits=4, device="cpu", dtype="float32", cold="auto")
+    assert "cold_policy" not in resident.offload_info
+
+
+def test_cold_policy_token_limit():
+    policy = ColdPolicy("auto", copy_seconds=4e-3, cpu_fixed_seconds=1e-3, cpu_token_seconds=1e-3)
+    assert policy.cpu_up_to_tokens() == 2 and policy.on_cpu(2) and not policy.on_cpu(3)
+    assert ColdPolicy("auto", 1e-3, 2e-3, 1e-3).cpu_up_to_tokens() == 0

@@ -110,6 +110,18 @@ class ColdPolicy:
             return self.mode == "cpu"
         return self.cpu_fixed_seconds + n_tokens * self.cpu_token_seconds < self.copy_seconds
 
+    def cpu_up_to_tokens(self) -> int:
+        """Under "auto": the most tokens for which a cold expert is computed on the CPU
+        (0: always copied), for the report; agrees with `on_cpu` at the boundary."""
+        if self.cpu_fixed_seconds >= self.copy_seconds:
+            return 0
+        if self.cpu_token_seconds <= 0:
+            return 1 << 30
+        n = int((self.copy_seconds - self.cpu_fixed_seconds) / self.cpu_token_seconds)
+        while n > 0 and not self.cpu_fixed_seconds + n * self.cpu_token_seconds < self.copy_seconds:
+            n -= 1  # the division rounded up onto the boundary, where the copy wins
+        return n
+
 
 class CachedExperts(nn.Module):
     """Drop-in for RoutedExperts: forward(x [N, D], ids [N, K], weights [N, K]) -> [N, D],

@@ -126,7 +126,7 @@ def install_expert_cache(
         raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
     on_cuda = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if on_cuda else None
-    policy = ColdPolicy(mode=cold)
+    policies: dict[ExpertFormat, ColdPolicy] = {}  # one per expert format: layers alike share it
     cached: list[tuple[int, str, CachedExperts]] = []
     for i, path, original in routed_expert_modules(lm):
         store = stores[i]
@@ -135,6 +135,7 @@ def install_expert_cache(
             store = torch.empty(store.shape, dtype=store.dtype, pin_memory=True).copy_(store)
         elif on_cuda:
             store = store.to(device)  # all resident: no host copy is kept
+        policy = policies.setdefault(fmts[i], ColdPolicy(mode=cold))
         module = CachedExperts(
             fmts[i], store, slots, device, dtype, policy, copy_stream, original.act, original.weights_on_input
         )
@@ -149,9 +150,13 @@ def install_expert_cache(
                 here.prefetch_hook = make_prefetch_hook(router, there, top_k)
 
     info = {}
-    if cold == "auto":
-        calibrate(policy, cached[0][2])
-        info["cold_policy"] = {k: getattr(policy, k) for k in ("copy_seconds", "cpu_fixed_seconds", "cpu_token_seconds")}
+    if cold == "auto" and slots < max(m.n_experts for _, _, m in cached):
+        info["cold_policy"] = {}
+        for fmt, policy in policies.items():
+            calibrate(policy, next(m for _, _, m in cached if m.fmt == fmt))
+            info["cold_policy"][fmt.name + f" {fmt.hidden_size}x{fmt.intermediate_size}"] = {
+                k: getattr(policy, k) for k in ("copy_seconds", "cpu_fixed_seconds", "cpu_token_seconds")
+            } | {"cpu_up_to_tokens": policy.cpu_up_to_tokens()}
     return info
 
 
@@ -172,10 +177,16 @@ def _router_of(block: nn.Module) -> tuple[nn.Module | None, int]:
 
 @torch.inference_mode()
 def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> None:
-    """Measure, on this machine, one expert's copy into a slot and its CPU compute for 1
-    and 8 tokens; `auto` then picks the cheaper place per expert and batch."""
+    """Measure, on this machine, one expert's copy into a slot and its CPU compute (the
+    path cold experts really take: the fused CPU kernels, else dequantize-and-multiply)
+    at 1 and 8 tokens; `auto` then picks the cheaper place per expert and token count.
+
+    The CPU side runs one expert per token over enough distinct experts (>= 64 MiB, their
+    pages faulted in first) that it reads RAM, as a cold expert does, not the caches."""
     fmt, store = module.fmt, module.store
     scratch = torch.empty_like(module.slots[0])
+    E = store.shape[0]
+    n = min(E, max(4, -(-(64 << 20) // fmt.blob_bytes)))
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -188,12 +199,18 @@ def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> No
             torch.cuda.synchronize(module.device)
         return (time.perf_counter() - t0) / repeats
 
-    def cpu_expert(n: int):
-        x = torch.randn(n, fmt.hidden_size, dtype=module.compute_dtype)
-        w = torch.ones(n, dtype=module.compute_dtype)
-        return lambda: apply_expert(x, w, *fmt.unpack(store[0].cpu(), module.compute_dtype), module.act, False)
+    def cpu_experts(tokens_each: int):
+        ids = torch.arange(n).repeat_interleave(tokens_each)[:, None]
+        x = torch.randn(ids.shape[0], fmt.hidden_size).to(module.compute_dtype)
+        ones = torch.ones(ids.shape[0], 1)
+        if module._store_addresses is not None:
+            return lambda: module._cpu_call(x, ids, ones, module._store_addresses)
+        return lambda: [apply_expert(x[ids[:, 0] == e], ones[ids[:, 0] == e, 0], *fmt.unpack(store[e].cpu(), module.compute_dtype),
+                                     module.act, False) for e in range(n)]  # fmt: skip
 
-    policy.copy_seconds = timed(lambda: scratch.copy_(store[0], non_blocking=True))
-    one, eight = timed(cpu_expert(1)), timed(cpu_expert(8))
+    for e in range(n):  # fault the pages in: the first touch of a memory-mapped store is not its steady cost
+        store[e].cpu().view(torch.uint8)[:: 4096].sum()
+    policy.copy_seconds = timed(lambda: [scratch.copy_(store[e], non_blocking=True) for e in range(n)]) / n
+    one, eight = timed(cpu_experts(1)) / n, timed(cpu_experts(8)) / n
     policy.cpu_token_seconds = max((eight - one) / 7, 0.0)
     policy.cpu_fixed_seconds = max(one - policy.cpu_token_seconds, 0.0)
