@@ -30,21 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moerun.bench import read_bandwidth
 from moerun.kernels import cpu_experts
 from moerun.quant.format import ExpertFormat
 
 SHAPES = {"mixtral": (4096, 14336, 2), "qwen3": (2048, 768, 8)}  # D, I, experts per token
-
-
-def read_bandwidth() -> float:
-    a = torch.ones(256 << 20, dtype=torch.float32)
-    a.sum()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t0)
-    return a.numel() * 4 / statistics.median(times)
 
 
 def timed(fn, calls: int) -> float:
@@ -160,7 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     D, I, K = SHAPES[args.shape]
-    bw = read_bandwidth()
+    bw = read_bandwidth(1024)
     print(f"shape {args.shape}: D={D} I={I}, {K} experts per call; {args.threads} threads; C kernels: {cpu_experts.isa()}; "
           f"read bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
     rows = []
