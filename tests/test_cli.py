@@ -7,7 +7,7 @@ exactly as it was (no half-written caches or converted files).
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-needs_api = pytest.mark.skipif(importlib.util.find_spec("moerun.api") is None, reason="moerun/api.py (moerun.load) is not written yet")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -59,25 +57,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _make_checkpoint():
-    """tests/model_fixtures.make_checkpoint, or a skip while it (or the library) is not written."""
-    if importlib.util.find_spec("moerun.api") is None:
-        pytest.skip("moerun/api.py (moerun.load) is not written yet")
-    try:
-        from tests.model_fixtures import make_checkpoint
-    except ImportError:
-        try:
-            from model_fixtures import make_checkpoint
-        except ImportError:
-            pytest.skip("tests/model_fixtures.py (make_checkpoint) is not written yet")
-    return make_checkpoint
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """One tiny two-shard Mixtral checkpoint, built once; tests copy it before damaging it."""
-    make_checkpoint = _make_checkpoint()
+    # Imported here, not skipped on failure: a broken fixture or library must fail the tests.
     import torch
+
+    from tests.model_fixtures import make_checkpoint
 
     return Path(make_checkpoint(tmp_path_factory.mktemp("pristine") / "tiny", arch="mixtral", dtype=torch.bfloat16, shards=2))
 
@@ -127,7 +113,6 @@ def test_usage_error_keeps_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@needs_api
 def test_missing_folder(tmp_path):
     missing = tmp_path / "no-such-model"
     proc = run_cli("generate", str(missing), "hello")
@@ -135,7 +120,6 @@ def test_missing_folder(tmp_path):
     assert not missing.exists()
 
 
-@needs_api
 def test_unknown_model_name():
     assert_one_line_error(run_cli("generate", "not-a-model-alias", "hello"))
 
@@ -210,11 +194,12 @@ def _wrong_shape(folder: Path) -> None:
     _rewrite_tensor(folder, _grow)
 
 
-def _truncated_shard(folder: Path) -> None:
+def _truncated_shard(folder: Path) -> str:
     shard = _shards(folder)[-1]
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)
+    return shard.name  # the error must say which file to re-download
 
 
 DAMAGE = {
@@ -230,12 +215,14 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_gives_one_error_line(ckpt, damage):
     damage_fn, expected = DAMAGE[damage]
-    damage_fn(ckpt)
+    named = damage_fn(ckpt)
+    if expected is None:
+        expected = named
+    assert expected, "every damage must name what the error line has to mention"
     before = listing(ckpt)
     proc = run_cli("generate", str(ckpt), "hello", "--max-new-tokens", "2", "--device", "cpu")
     line = assert_one_line_error(proc)
-    if expected is not None:
-        assert expected in line, line
+    assert expected in line, line
     assert listing(ckpt) == before, "a failed load left files behind in the model folder"
 
 
@@ -250,34 +237,115 @@ def test_debug_env_shows_traceback(ckpt):
 # --- success -----------------------------------------------------------------------------
 
 
+def _eos_ids(folder: Path) -> set[int]:
+    """eos_token_id (an int or a list) from config.json and generation_config.json."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
+
+
+def _templated_prompt_ids(folder: Path, prompt: str) -> list[int]:
+    """The prompt as one user turn of the checkpoint's chat template, computed from the
+    tokenizer alone rather than by the code under test."""
+    from moerun.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": prompt}]
+    return Tokenizer.from_dir(folder).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _reply_ids(out: dict, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Check how a greedy --json run ended; return its ids without the stopping eos.
+    It either ran to the limit with no eos, or stopped on an eos kept as the last id."""
+    ids, stats = out["token_ids"], out["stats"]
+    assert stats["generated_tokens"] == len(ids), stats
+    if stats["finish_reason"] == "length":
+        assert len(ids) == max_new_tokens and not set(ids) & eos, (ids, eos)
+        return ids
+    assert stats["finish_reason"] == "stop", stats
+    assert 1 <= len(ids) <= max_new_tokens and ids[-1] in eos and not set(ids[:-1]) & eos, (ids, eos)
+    return ids[:-1]
+
+
 def test_generate_json(ckpt):
+    from moerun.generate import GenerationStats
+    from moerun.tokenizer import Tokenizer
+
     proc = run_cli("generate", str(ckpt), "Hello there", "--max-new-tokens", "8", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"text", "token_ids", "stats"}
-    assert isinstance(out["text"], str)
-    assert 1 <= len(out["token_ids"]) <= 8
-    assert all(isinstance(t, int) for t in out["token_ids"])
-    stats = out["stats"]
-    assert stats["generated_tokens"] == len(out["token_ids"])
-    assert stats["prompt_tokens"] > 0
-    assert stats["finish_reason"] in ("stop", "length")
+    ids, stats = out["token_ids"], out["stats"]
+    assert all(type(t) is int for t in ids), ids
+    assert {f.name for f in dataclasses.fields(GenerationStats)} <= set(stats), stats
+    eos = _eos_ids(ckpt)
+    assert eos, "the fixture checkpoint declares no eos id"
+    reply = _reply_ids(out, 8, eos)
+    # Without --raw the prompt goes through the chat template.
+    assert stats["prompt_tokens"] == len(_templated_prompt_ids(ckpt, "Hello there"))
+    # The text is the decode of the generated ids, eos left out.
+    assert out["text"] == Tokenizer.from_dir(ckpt).decode(reply)
+
+
+def test_generate_json_stops_on_generation_config_eos(ckpt):
+    # The tiny model rarely emits a real eos, so make one of its greedy tokens an eos id
+    # (eos ids do not change the logits): the same run must then stop right on it.
+    from moerun.tokenizer import Tokenizer
+
+    args = ("generate", str(ckpt), "Hello there", "--max-new-tokens", "8", "--device", "cpu", "--json")
+    first_proc = run_cli(*args)
+    assert first_proc.returncode == 0, first_proc.stderr
+    first = json.loads(first_proc.stdout)
+    assert first["stats"]["finish_reason"] == "length", first
+    ids = first["token_ids"]
+    stop_at = ids.index(ids[2])  # the first time that id comes up
+    path = ckpt / "generation_config.json"
+    gen = json.loads(path.read_text())
+    gen["eos_token_id"] = sorted(_eos_ids(ckpt) | {ids[2]})
+    path.write_text(json.dumps(gen))
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["stats"]["finish_reason"] == "stop", out
+    assert out["token_ids"] == ids[: stop_at + 1]
+    assert _reply_ids(out, 8, _eos_ids(ckpt)) == ids[:stop_at]
+    assert out["text"] == Tokenizer.from_dir(ckpt).decode(ids[:stop_at])
 
 
 def test_generate_streams_text_to_stdout_and_stats_to_stderr(ckpt):
     common = ("generate", str(ckpt), "Hello there", "--max-new-tokens", "8", "--device", "cpu")
     proc = run_cli(*common)
     assert proc.returncode == 0, proc.stderr
-    # Greedy decoding is deterministic: the streamed text is the --json text, plus a newline.
-    expected = json.loads(run_cli(*common, "--json").stdout)["text"]
-    assert proc.stdout.rstrip("\n") == expected.rstrip("\n")
+    # Greedy decoding is deterministic: the streamed text is the --json text, plus a newline
+    # when the text does not already end with one.
+    as_json = json.loads(run_cli(*common, "--json").stdout)
+    expected = as_json["text"]
+    assert proc.stdout == (expected if expected == "" or expected.endswith("\n") else expected + "\n")
+    stats = as_json["stats"]
+    assert f"prompt: {stats['prompt_tokens']} tokens," in proc.stderr, proc.stderr
+    assert f"generation: {stats['generated_tokens']} tokens," in proc.stderr, proc.stderr
     assert "tok/s" not in proc.stdout
-    assert "prompt:" in proc.stderr and "generation:" in proc.stderr and "peak memory" in proc.stderr
-    assert "tok/s" in proc.stderr
+    assert "peak memory: " in proc.stderr and "tok/s" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_generate_raw(ckpt):
-    proc = run_cli("generate", str(ckpt), "The quick brown", "--max-new-tokens", "4", "--device", "cpu", "--raw", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["stats"]["generated_tokens"] <= 4
+    from moerun.tokenizer import Tokenizer
+
+    prompt = "The quick brown"
+    common = ("generate", str(ckpt), prompt, "--max-new-tokens", "4", "--device", "cpu", "--temperature", "0", "--json")
+    raw = run_cli(*common, "--raw")
+    assert raw.returncode == 0, raw.stderr
+    templated = run_cli(*common)
+    assert templated.returncode == 0, templated.stderr
+    raw_out, templated_out = json.loads(raw.stdout), json.loads(templated.stdout)
+    raw_stats, templated_stats = raw_out["stats"], templated_out["stats"]
+    # --raw encodes the prompt as is ...
+    plain = Tokenizer.from_dir(ckpt).encode(prompt)
+    assert raw_stats["prompt_tokens"] == len(plain)
+    # ... while the default wraps it in the chat template, whose role markers add tokens.
+    assert templated_stats["prompt_tokens"] == len(_templated_prompt_ids(ckpt, prompt))
+    assert templated_stats["prompt_tokens"] > raw_stats["prompt_tokens"]
+    _reply_ids(raw_out, 4, _eos_ids(ckpt))
