@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,37 @@ from moerun.tokenizer import Tokenizer
 from moerun.weights import CheckpointWeights
 
 Prompt = str | Sequence[int] | Sequence[dict]
+
+
+def pull_if_missing(
+    name: str,
+    bits: int = 16,
+    vram: str | int | None = None,
+    ram: str | int | None = None,
+    ctx: int | None = None,
+    force: bool = False,
+    notice: Callable | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Pull on first use, as `ollama run` does: an alias or repo id that is not in the
+    local cache is planned first from its Hub headers (`moerun.fit`, a few hundred KB),
+    refused when it cannot fit (unless `force`: nothing is downloaded), else downloaded.
+    Offline, or for a folder or a cached repo, nothing happens. notice(report) is called
+    with the fit before any download; on_start/on_bytes drive a progress bar."""
+    repo_id = hub.repo_id_for(name)
+    if repo_id is None or hub.is_cached(repo_id) or hub.is_offline():
+        return
+    from moerun import fit
+
+    report = fit.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
+    if notice is not None:
+        notice(report)
+    if report.plan.verdict == "no" and not force:
+        raise MoerunError(
+            f"{repo_id} will not fit: {report.plan.reason}; nothing was downloaded (--force, or force=True, pulls anyway)"
+        )
+    hub.pull(repo_id, None, on_start=on_start, on_bytes=on_bytes)
 
 
 
@@ -180,12 +211,6 @@ def default_vram(device: torch.device) -> int | None:
     return max(int(free - max(1 << 30, 0.05 * free)), 0)
 
 
-def checkpoint_summary(folder: Path, config: dict) -> plan.ModelSummary:
-    with CheckpointWeights.open(folder) as ckpt:
-        tensors = {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
-    return plan.summarize(config, tensors)
-
-
 def load(
     name_or_path: str,
     bits: int = 16,
@@ -201,6 +226,8 @@ def load(
     progress=None,
     cuda_graphs: bool | None = None,
     threads: int | None = None,
+    pull: bool = True,
+    force: bool = False,
 ) -> Model:
     """Load a model from a folder in the Hub layout, an alias (`moerun models`), or a repo
     id in the local Hugging Face cache.
@@ -217,6 +244,8 @@ def load(
     decode steps from CUDA graphs; None means on CUDA unless MOERUN_CUDA_GRAPHS=0 (False
     runs them eagerly; the CPU never uses them). threads: CPU threads for torch and the CPU
     kernels (torch.set_num_threads, process-wide); None leaves torch's default.
+    pull: an alias or repo id missing from the local cache is fit-checked from its Hub
+    headers and downloaded (see pull_if_missing; `force` pulls even when it will not fit).
     """
     if bits not in (4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
@@ -224,6 +253,8 @@ def load(
         if threads < 1:
             raise MoerunError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    if pull and revision is None:
+        pull_if_missing(name_or_path, bits, vram, ram, ctx, force)
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
@@ -231,7 +262,15 @@ def load(
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, config, device)
 
-    summary = checkpoint_summary(folder, config)
+    # The headers are read once, here: the plan, the loader and the expert stores share them.
+    with CheckpointWeights.open(folder) as ckpt:
+        return _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device, dtype, vram, ram, ctx,
+                          expert_slots, cold, prefetch, progress, cuda_graphs)  # fmt: skip
+
+
+def _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device, dtype, vram, ram, ctx, expert_slots,
+               cold, prefetch, progress, cuda_graphs) -> Model:  # fmt: skip
+    summary = plan.summarize(config, ckpt.headers())
     vram_budget = plan.parse_size(vram) if vram is not None else default_vram(device)
     memory_plan = plan.make_plan(summary, bits, dtype, vram_budget, plan.parse_size(ram), ctx, expert_slots)
     if memory_plan.verdict == "no":
@@ -243,11 +282,11 @@ def load(
 
     on_kernels = device.type == "cuda" and kernels.available(device)
     offload = bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts or on_kernels
-    lm = load_model(folder, config, dtype, device, routed_experts=not offload)
+    lm = load_model(folder, config, dtype, device, routed_experts=not offload, ckpt=ckpt)
     info = None
     if offload:
         info = attach_expert_cache(
-            lm, arch, folder, bits, memory_plan.expert_slots_per_layer, device, dtype, cold, prefetch, progress
+            lm, arch, folder, bits, memory_plan.expert_slots_per_layer, device, dtype, cold, prefetch, progress, ckpt
         )
     if device.type == "cpu":
         from moerun.kernels.cpu_linear import use_cpu_linears

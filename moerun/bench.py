@@ -26,8 +26,8 @@ import moerun
 from moerun import plan
 from moerun.errors import MoerunError
 from moerun.kernels import cpu_experts
-from moerun.layers import Attention
-from moerun.models import get_architecture
+from moerun.models import build_meta_model
+from moerun.models.base import parameter_roles
 from moerun.moe.cache import CachedExperts
 from moerun.moe.offload import (
     cache_stats,
@@ -36,7 +36,6 @@ from moerun.moe.offload import (
     reset_cache_stats,
     routed_expert_modules,
 )
-from moerun.plan import is_routed_expert
 from moerun.quant.format import ExpertFormat
 
 RANDOM_ROUTING_NOTE = (
@@ -80,23 +79,6 @@ def _random_blobs(fmt: ExpertFormat, n: int, generator: torch.Generator) -> torc
     return blob.expand(n, -1)
 
 
-def synthetic_headers(lm: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The tensors a checkpoint of this model would hold, routed experts per expert, so
-    that the one planner describes synthetic and real models alike."""
-    out = {}
-    for name, p in lm.named_parameters():
-        if not is_routed_expert(name):
-            out[name] = (tuple(p.shape), torch.bfloat16)
-    for i, _, m in routed_expert_modules(lm):
-        E, two_i, D = m.w13.shape
-        stem = f"model.layers.{i}.mlp.experts"  # the per-expert naming the planner reads
-        for e in range(E):
-            out[f"{stem}.{e}.gate_proj.weight"] = ((two_i // 2, D), torch.bfloat16)
-            out[f"{stem}.{e}.up_proj.weight"] = ((two_i // 2, D), torch.bfloat16)
-            out[f"{stem}.{e}.down_proj.weight"] = ((D, two_i // 2), torch.bfloat16)
-    return out
-
-
 @torch.inference_mode()
 def synthetic_model(
     config: dict,
@@ -123,11 +105,9 @@ def synthetic_model(
     if layers and layers < text.get("num_hidden_layers", layers):
         note = f"first {layers} of {text['num_hidden_layers']} layers"
         text["num_hidden_layers"] = layers
-    arch = get_architecture(config.get("model_type"))
-    args = arch.ModelArgs.from_dict(config)
-    with torch.device("meta"):
-        lm = arch.Model(args)
-    summary = plan.summarize(config, synthetic_headers(lm))
+    lm, arch = build_meta_model(config)
+    # The model itself says what it holds (no headers: its checkpoint description stands in).
+    summary = plan.describe_model(lm, config, arch.checkpoint_tensors(lm.args))
     if not summary.n_experts:
         note += (", " if note else "") + "no MoE layer among them (dense layers first): raise --layers"
         expert_slots = None
@@ -135,8 +115,9 @@ def synthetic_model(
     if memory_plan.verdict == "no":
         raise MoerunError(f"{name} does not fit: {memory_plan.reason}")
     g = torch.Generator().manual_seed(seed)
+    roles = parameter_roles(lm)
     for pname, p in list(lm.named_parameters()):
-        if is_routed_expert(pname):
+        if roles[pname] == "routed_experts":
             continue
         if "norm" in pname and p.dim() == 1:
             value = torch.ones(p.shape, dtype=dtype)
@@ -147,6 +128,7 @@ def synthetic_model(
             value = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
         owner, _, leaf = pname.rpartition(".")
         setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
+    lm.tie_weights()
     if routed_expert_modules(lm):  # e.g. DeepSeek-V3's first layers are dense
         fmts, n_experts, _ = expert_formats(lm, bits, dtype)
         stores = {i: _random_blobs(fmts[i], n_experts[i], g) for i in fmts}
@@ -202,7 +184,7 @@ def profiled(lm: nn.Module, timer: SectionTimer):
 
     moe_blocks = {path.rpartition(".")[0] for _, path, _ in routed_expert_modules(lm)}
     for path, module in lm.named_modules():
-        if isinstance(module, Attention) or path.endswith("self_attn"):
+        if getattr(module, "role", None) == "attention":  # the layers' mixers
             kind = "attention"
         elif path in moe_blocks:
             kind = "moe"

@@ -70,26 +70,41 @@ Force = typer.Option(False, "--force", help="Download and load even when the fit
 
 
 def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> None:
-    """An alias or repo id not in the cache: say how big it is and whether it fits, refuse
-    early when it will not (unless --force), else pull it. Offline, load's own message
-    ("not in the local Hugging Face cache") stands."""
+    """The library's pull on first use (moerun.api.pull_if_missing), rendered: the fit
+    line, then a download bar. Offline, load's own message ("not in the local Hugging
+    Face cache") stands."""
     from moerun import hub
 
-    repo_id = hub.repo_id_for(model)
-    if repo_id is None or hub.is_cached(repo_id) or hub.is_offline():
-        return
-    from moerun import fit as fitting
+    if hub.repo_id_for(model) is None or hub.is_cached(hub.repo_id_for(model)) or hub.is_offline():
+        return  # nothing to pull: spare the import of torch
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from moerun.api import pull_if_missing
     from moerun.plan import gib
 
-    report = fitting.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
-    p = report.plan
-    sys.stderr.write(
-        f"{repo_id} is not in the local cache: {gib(report.meta.download_bytes or 0)} to download; "
-        f"fit at {bits} bits: {_verdict_words(p)}\n"
-    )
-    if p.verdict == "no" and not force:
-        raise MoerunError(f"{repo_id} will not fit: {p.reason}; nothing was downloaded (--force to pull anyway)")
-    _pull(repo_id, None, repo=None)
+    repo_id = hub.repo_id_for(model)
+
+    def notice(report) -> None:
+        sys.stderr.write(f"{repo_id} is not in the local cache: {gib(report.meta.download_bytes or 0)} to download; "
+                         f"fit at {bits} bits: {_verdict_words(report.plan)}\n")  # fmt: skip
+
+    progress = Progress(
+        TextColumn("[bold]pulling {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    task = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal task
+        progress.start()
+        task = progress.add_task(repo_id, total=total, completed=done)
+
+    try:
+        pull_if_missing(model, bits, vram, ram, ctx, force, notice, on_start, lambda n: progress.advance(task, n))
+    finally:
+        if task is not None:  # a bar never started prints nothing, not even a blank line
+            progress.stop()
 
 
 def _verdict_words(p) -> str:
@@ -158,6 +173,7 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
         return moerun.load(
             model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
             prefetch=not no_prefetch, ctx=ctx, progress=on_layer, dtype=dtype, threads=threads,
+            pull=False,  # _pull_on_first_use did it, with a bar
         )  # fmt: skip
     finally:
         progress.stop()
@@ -430,7 +446,8 @@ def _render_fit(r) -> None:
     if r.meta.download_bytes:
         line += f"; `moerun pull` downloads {gib(r.meta.download_bytes)}"
     con.print(line)
-    kind = "MLA latent" if s.kv_kind == "mla" else "GQA"
+    words = {"kv": "GQA", "mla": "MLA latent", "kv+window": "sliding-window ring"}
+    kind = ", ".join(words.get(k, k) for k in s.kv_kind.split(", "))
     con.print(f"KV cache ({kind}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}")
     budget = f"VRAM budget {gib(p.vram_budget)}" if r.device == "cuda" else f"device = host RAM, budget {gib(p.vram_budget)}"
     if p.ram_budget is not None:

@@ -2,14 +2,11 @@
 download. Reads config.json and the safetensors headers only (a local folder, the Hub by
 HTTP range requests, or a shipped config for an alias), then asks the one planner
 (`moerun.plan`, which `load` also uses) for a placement at 16, 8 and 4 bits.
-
-Shape legend: D hidden size, I expert intermediate size, E experts, L layers, V vocab.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ VRAM_RESERVE = 1 << 30  # activations, CUDA context; as moerun.api.default_vram
 @dataclasses.dataclass
 class Metadata:
     config: dict
-    tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]]
+    tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]] | None  # None: no headers (shipped config)
     source: str  # "folder", "cache", "hub" or "shipped config"
     name: str
     download_bytes: int | None = None  # what `pull` would fetch (None: unknown or local)
@@ -45,7 +42,7 @@ class Metadata:
 def folder_metadata(folder: Path, source: str, name: str) -> Metadata:
     config = hub.read_config(folder)
     with CheckpointWeights.open(folder) as ckpt:
-        tensors = {n: (ckpt.shape(n), ckpt.dtype(n)) for n in ckpt.keys()}
+        tensors = ckpt.headers()
     return Metadata(config, tensors, source, name)
 
 
@@ -60,10 +57,12 @@ def hub_metadata(repo_id: str, revision: str | None = None) -> Metadata:
 
 
 def shipped_metadata(alias: str) -> Metadata | None:
+    """The config shipped for `alias`, without headers: the family's own description of
+    its checkpoint (checkpoint_tensors) stands in for them."""
     config = registry.shipped_config(alias)
     if config is None:
         return None
-    return Metadata(config, config_tensors(config), "shipped config", alias)
+    return Metadata(config, None, "shipped config", alias)
 
 
 def metadata(name: str, revision: str | None = None, offline_ok: bool = True) -> Metadata:
@@ -93,140 +92,6 @@ def metadata(name: str, revision: str | None = None, offline_ok: bool = True) ->
 def _shipped_for_repo(repo_id: str) -> Metadata | None:
     alias = registry.alias_for_repo(repo_id)
     return shipped_metadata(alias.name) if alias else None
-
-
-# -- tensor shapes from a config, for the families in the alias table ------------------------
-
-
-def _moe_layer(text: dict, i: int) -> bool:
-    mt = text.get("model_type", "")
-    if mt.startswith("deepseek"):
-        return i >= int(text.get("first_k_dense_replace") or 0) and i % int(text.get("moe_layer_freq") or 1) == 0
-    if mt.startswith("qwen"):
-        step = int(text.get("decoder_sparse_step") or 1)
-        return i not in (text.get("mlp_only_layers") or []) and (i + 1) % step == 0
-    if mt.startswith("llama4"):
-        step = int(text.get("interleave_moe_layer_step") or 1)
-        return (i + 1) % step == 0
-    return True
-
-
-def config_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensor names, shapes and stored dtypes of the checkpoint `config` describes, in
-    the real Hub layout of its family (mixtral, phimoe, qwen2_moe, qwen3_moe, olmoe,
-    deepseek_v2/v3 with MLA and FP8 block scales, gpt_oss with MXFP4 experts, llama4).
-    Used where no headers can be read: `moerun models` offline and synthetic benchmarks.
-    Vision towers and multi-token-prediction layers are left out (moerun never loads them)."""
-    mt = config.get("model_type", "")
-    text = plan._text_config(config)
-    if mt == "llama4":
-        text = {**text, "model_type": "llama4"}
-    D, L, V = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"])
-    H = int(text["num_attention_heads"])
-    KV = int(text.get("num_key_value_heads") or H)
-    hd = int(text.get("head_dim") or D // H)
-    E = int(plan._first(text, "num_local_experts", "num_experts", "n_routed_experts"))
-    I = int(plan._first(text, "moe_intermediate_size", "intermediate_size"))
-    dense_I = int(plan._first(text, "intermediate_size_mlp", "intermediate_size"))
-    fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
-    prefix = "language_model." if mt == "llama4" else ""
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-
-    def add(name: str, shape, dtype: str = "BF16") -> None:
-        out[prefix + name] = (tuple(int(s) for s in shape), dtype)
-
-    def linear(name: str, n_out: int, n_in: int, bias: bool = False) -> None:
-        if fp8:  # DeepSeek-V3: e4m3 weights with one float32 scale per 128 x 128 block
-            add(f"{name}.weight", (n_out, n_in), "F8_E4M3")
-            add(f"{name}.weight_scale_inv", (math.ceil(n_out / 128), math.ceil(n_in / 128)), "F32")
-        else:
-            add(f"{name}.weight", (n_out, n_in))
-        if bias:
-            add(f"{name}.bias", (n_out,))
-
-    def swiglu(p: str, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
-        linear(f"{p}.{names[0]}", inter, D)
-        linear(f"{p}.{names[1]}", inter, D)
-        linear(f"{p}.{names[2]}", D, inter)
-
-    norm_bias = mt == "phimoe"  # Phi-3.5-MoE uses LayerNorm with bias
-    add("model.embed_tokens.weight", (V, D))
-    for i in range(L):
-        p = f"model.layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            add(f"{p}.{norm}.weight", (D,))
-            if norm_bias:
-                add(f"{p}.{norm}.bias", (D,))
-        a = f"{p}.self_attn"
-        if text.get("kv_lora_rank"):  # MLA
-            nope, rope, vd = int(text["qk_nope_head_dim"]), int(text["qk_rope_head_dim"]), int(text["v_head_dim"])
-            kvr, qr = int(text["kv_lora_rank"]), text.get("q_lora_rank")
-            if qr:
-                linear(f"{a}.q_a_proj", qr, D)
-                add(f"{a}.q_a_layernorm.weight", (qr,))
-                linear(f"{a}.q_b_proj", H * (nope + rope), qr)
-            else:
-                linear(f"{a}.q_proj", H * (nope + rope), D)
-            linear(f"{a}.kv_a_proj_with_mqa", kvr + rope, D)
-            add(f"{a}.kv_a_layernorm.weight", (kvr,))
-            linear(f"{a}.kv_b_proj", H * (nope + vd), kvr)
-            linear(f"{a}.o_proj", D, H * vd)
-        else:
-            qkv_bias = mt in ("qwen2_moe", "phimoe", "gpt_oss") or bool(text.get("attention_bias"))
-            o_bias = mt in ("phimoe", "gpt_oss")
-            linear(f"{a}.q_proj", H * hd, D, qkv_bias)
-            linear(f"{a}.k_proj", KV * hd, D, qkv_bias)
-            linear(f"{a}.v_proj", KV * hd, D, qkv_bias)
-            linear(f"{a}.o_proj", D, H * hd, o_bias)
-            if mt == "qwen3_moe":
-                add(f"{a}.q_norm.weight", (hd,))
-                add(f"{a}.k_norm.weight", (hd,))
-            elif mt == "olmoe":
-                add(f"{a}.q_norm.weight", (H * hd,))
-                add(f"{a}.k_norm.weight", (KV * hd,))
-            elif mt == "gpt_oss":
-                add(f"{a}.sinks", (H,))
-        if not (E and _moe_layer(text, i)):
-            swiglu(f"{p}.feed_forward" if mt == "llama4" else f"{p}.mlp", dense_I)
-        elif mt in ("mixtral", "phimoe"):
-            m = f"{p}.block_sparse_moe"
-            add(f"{m}.gate.weight", (E, D))
-            for e in range(E):
-                swiglu(f"{m}.experts.{e}", I, ("w1", "w3", "w2"))
-        elif mt == "gpt_oss":  # MXFP4: 32 values per block, two per byte, one u8 scale per block
-            m = f"{p}.mlp"
-            add(f"{m}.router.weight", (E, D))
-            add(f"{m}.router.bias", (E,))
-            for proj, n_out, n_in in (("gate_up_proj", 2 * I, D), ("down_proj", D, I)):
-                add(f"{m}.experts.{proj}_blocks", (E, n_out, n_in // 32, 16), "U8")
-                add(f"{m}.experts.{proj}_scales", (E, n_out, n_in // 32), "U8")
-                add(f"{m}.experts.{proj}_bias", (E, n_out))
-        elif mt == "llama4":  # stacked experts [E, D, 2I] and [E, I, D]
-            m = f"{p}.feed_forward"
-            add(f"{m}.router.weight", (E, D))
-            add(f"{m}.experts.gate_up_proj", (E, D, 2 * I))
-            add(f"{m}.experts.down_proj", (E, I, D))
-            swiglu(f"{m}.shared_expert", I)
-        else:  # qwen2_moe, qwen3_moe, olmoe, deepseek: one tensor per expert under mlp.experts
-            m = f"{p}.mlp"
-            add(f"{m}.gate.weight", (E, D))
-            if mt == "deepseek_v3":
-                add(f"{m}.gate.e_score_correction_bias", (E,), "F32")
-            for e in range(E):
-                swiglu(f"{m}.experts.{e}", I)
-            if text.get("shared_expert_intermediate_size"):
-                swiglu(f"{m}.shared_expert", int(text["shared_expert_intermediate_size"]))
-                add(f"{m}.shared_expert_gate.weight", (1, D))
-            if text.get("n_shared_experts"):
-                swiglu(f"{m}.shared_experts", I * int(text["n_shared_experts"]))
-    add("model.norm.weight", (D,))
-    if norm_bias:
-        add("model.norm.bias", (D,))
-    if not config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)):
-        add("lm_head.weight", (V, D))
-        if text.get("lm_head_bias"):
-            add("lm_head.bias", (V,))
-    return out
 
 
 # -- budgets and bandwidths --------------------------------------------------------------------
@@ -413,10 +278,6 @@ def fit(
     plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx) for b in (16, 8, 4)}
     recommended = recommend(plans)
     chosen = plans[bits or recommended or 4]
-    known = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "phimoe", "gpt_oss",
-             "llama4", "granitemoe"}  # fmt: skip
-    if meta.config.get("model_type") not in known:
-        warnings.append(f"unknown architecture '{meta.config.get('model_type')}': a generic estimate from the headers")
     if meta.source == "shipped config":
         warnings.append("the Hub was not reached (offline): sizes from the config shipped with moerun, not the repo's headers")
     bw = bandwidths(cuda, measure)

@@ -110,25 +110,36 @@ def stream_tokens(
     graphs=None,
 ) -> Iterator[GenerationResponse]:
     """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each.
-    `caches`: preallocated KV caches, used when long enough (else fresh ones are made).
-    `graphs`: a moerun.graphs.DecodeGraphs over those caches, which then runs the decode
-    steps (replayed CUDA graphs); unused when fresh caches had to be made."""
+
+    `caches`: the layers' preallocated state (moerun.load makes it for the planned
+    context). The plan binds: generation never grows it. A prompt that leaves no room in
+    it is refused before prefill; otherwise generation stops when it is full (at the
+    planned context, as llama.cpp stops at n_ctx), with finish_reason "length".
+    Without `caches`, state for the prompt plus max_new_tokens (capped at max_context) is
+    made here. `graphs`: a moerun.graphs.DecodeGraphs over those caches, which then runs
+    the decode steps (replayed CUDA graphs)."""
     if not prompt_ids:
         raise MoerunError("the prompt is empty")
-    if len(prompt_ids) >= max_context:
-        raise MoerunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
     if max_new_tokens < 1:
         raise MoerunError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    if caches is None:
+        if len(prompt_ids) >= max_context:
+            raise MoerunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
+        caches = lm.make_caches(1, min(len(prompt_ids) + max_new_tokens, max_context))
+        graphs = None
+    elif graphs is not None and graphs.caches is not caches:
+        raise ValueError("graphs were captured over other caches")
+    cache_len = caches[0].max_len
+    if len(prompt_ids) >= cache_len:
+        raise MoerunError(
+            f"the prompt has {len(prompt_ids)} tokens; the planned context is {cache_len} "
+            f"(load with a larger ctx, e.g. --ctx {min(2 * (len(prompt_ids) + max_new_tokens), max_context)})"
+        )
     device = lm.lm_head.weight.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     decoder = tokenizer.stream_decoder()
-    cache_len = min(len(prompt_ids) + max_new_tokens, max_context)
-    if caches is None or caches[0].max_len < cache_len:
-        caches = lm.make_caches(1, cache_len)
-    if graphs is not None and graphs.caches is not caches:
-        graphs = None
 
     t0 = time.perf_counter()
     logits = lm(torch.tensor([prompt_ids], device=device), caches, 0, last_only=True)

@@ -1,5 +1,6 @@
-"""Pieces every architecture shares: RMSNorm, rotary embeddings, a static KV cache,
-grouped-query attention and the dense SwiGLU MLP.
+"""Pieces every architecture shares: RMSNorm, per-layer state (the static KV cache, full or
+a sliding-window ring), the one attention module with its options, and the dense SwiGLU
+MLP. Rotary embeddings live in moerun/rope.py.
 
 Shape legend: B batch, T new tokens, S cached positions, H query heads, K kv heads,
 Dh head dim, D hidden size, I intermediate size.
@@ -17,6 +18,8 @@ from moerun.kernels import cpu_attention
 
 
 class RMSNorm(nn.Module):
+    role = "norms"  # what the planner counts its weight as (see moerun.models.base.parameter_roles)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -29,55 +32,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-def rope_theta(config: dict, default: float = 10000.0) -> float:
-    """The rotary base, from `rope_theta` (Hub configs) or `rope_parameters` (transformers 5)."""
-    if config.get("rope_theta") is not None:
-        return float(config["rope_theta"])
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", default))
-
-
-def check_rope_scaling(config: dict) -> None:
-    """Refuse rope scaling this version does not implement instead of computing wrong logits."""
-    from moerun.errors import MoerunError
-
-    for key in ("rope_scaling", "rope_parameters"):
-        params = config.get(key) or {}
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind not in ("default", None):
-            raise MoerunError(f"rope scaling type '{kind}' is not supported yet")
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE; cos/sin are computed for the positions in use, never tabled up
-    to max_position_embeddings (131072 for some models)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        # A plain attribute, not a buffer: models are built on the meta device and
-        # this must hold real numbers; it is tiny and recomputed per device on demand.
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-        self.inv_freq = 1.0 / (theta**exponent)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T] -> cos, sin [T, Dh]
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, T, Dh]; cos, sin [T, Dh]
-    return x * cos + _rotate_half(x) * sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +57,7 @@ def token_positions(start: Start, n_new: int, device) -> torch.Tensor:
 
 
 def key_positions(start: Start, n_new: int, device) -> torch.Tensor:
-    """Positions [S] of the keys attention reads: the filled prefix, or the static span."""
+    """Positions [S] of the keys a full cache gives attention: the filled prefix, or the static span."""
     return torch.arange(start.span if isinstance(start, StaticPosition) else start + n_new, device=device)
 
 
@@ -113,19 +67,59 @@ def context_full(end: int, max_len: int):
     return MoerunError(f"context full: {end} tokens exceed the cache of {max_len}")
 
 
-class KVCache:
-    """Static per-layer key/value buffers: allocated once for the whole generation so
-    that decode steps have fixed shapes (a prerequisite for CUDA graphs)."""
+# -- per-layer state --------------------------------------------------------------------------
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """What one layer's decode state costs, known before anything is allocated: `per_token`
+    elements for each position it keeps (at most `window` of them, None: all), plus
+    `fixed` elements whatever the length (room for recurrent state). The planner sums
+    these; each layer's `make_state` allocates exactly this."""
+
+    per_token: int
+    window: int | None = None
+    fixed: int = 0
+    kind: str = "kv"  # "kv", "mla" (a compressed latent), ... : for the report
+
+    def elements(self, ctx: int) -> int:
+        return self.per_token * min(ctx, self.window or ctx) + self.fixed
+
+    def nbytes(self, ctx: int, dtype_bytes: int, batch: int = 1) -> int:
+        return batch * dtype_bytes * self.elements(ctx)
+
+
+class LayerState:
+    """A layer's decode state, allocated once for the whole generation so that decode
+    steps have fixed shapes (a prerequisite for CUDA graphs). `max_len`: the positions it
+    can serve; `nbytes`: what it holds; `reset()`: forget everything (a new sequence)."""
+
+    max_len: int
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def reset(self) -> None:
+        for t in self.buffers():
+            t.zero_()
+
+
+class KVCache(LayerState):
+    """Static key/value buffers [B, K, L, Dh] for every position up to max_len."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device, v_head_dim=None):
+        self.k = torch.zeros((batch, n_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros((batch, n_kv_heads, max_len, v_head_dim or head_dim), dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: Start) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B, K, T, Dh] written at [start, start+T); returns the keys attention reads
-        # [B, K, S, Dh]: the filled prefix, or the whole span for a StaticPosition.
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: Start):
+        """k, v [B, K, T, Dh] written at [start, start+T) -> (keys, values [B, K, S, Dh],
+        their positions [S] or None for 0..S-1): the filled prefix, or the whole span for
+        a StaticPosition."""
         if isinstance(start, StaticPosition):
             if start.span > self.max_len:
                 raise context_full(start.span, self.max_len)
@@ -133,32 +127,75 @@ class KVCache:
             k_span, v_span = self.k[:, :, : start.span], self.v[:, :, : start.span]
             k_span.index_copy_(2, token_positions(start, k.shape[2], k.device), k)
             v_span.index_copy_(2, token_positions(start, v.shape[2], v.device), v)
-            return k_span, v_span
+            return k_span, v_span, None
         end = start + k.shape[2]
         if end > self.max_len:
             raise context_full(end, self.max_len)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], None
 
 
-def attention_mask_or_none(start: Start, n_new: int, window: int | None, device) -> torch.Tensor | None:
-    """attention_mask, or None where it would mask nothing: one new token at a host
-    position and no window, so every key attention reads is in its past (a decode step)."""
-    if isinstance(start, int) and n_new == 1 and not window:
-        return None
-    return attention_mask(start, n_new, window, device)
+class SlidingKVCache(LayerState):
+    """Keys and values of the last `window` positions only, in a ring [B, K, W, Dh]
+    (position p in slot p % W), for layers that never look further back: the memory of
+    a sliding-window layer does not grow with the context."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, window: int, dtype, device):
+        self.window = window
+        self.k = torch.zeros((batch, n_kv_heads, window, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: Start):
+        W, T = self.window, k.shape[2]
+        if isinstance(start, StaticPosition):  # one token: write its slot, attend over the ring
+            if start.span > self.max_len:
+                raise context_full(start.span, self.max_len)
+            slot = torch.remainder(start.index, W)
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            # Slot s holds the latest position p <= index with p % W == s (negative: never written).
+            slots = torch.arange(W, device=k.device)
+            return self.k, self.v, start.index - torch.remainder(start.index - slots, W)
+        end = start + T
+        if end > self.max_len:
+            raise context_full(end, self.max_len)
+        # The earliest new query looks back W - 1 positions: those come from the ring
+        # (gathered before the new keys overwrite any of them), the rest are the new keys.
+        lo = max(0, start - (W - 1))
+        old = torch.arange(lo, start, device=k.device)
+        keys = torch.cat([self.k.index_select(2, old % W), k], dim=2)
+        values = torch.cat([self.v.index_select(2, old % W), v], dim=2)
+        keep = torch.arange(max(start, end - W), end, device=k.device)
+        self.k.index_copy_(2, keep % W, k[:, :, keep - start])
+        self.v.index_copy_(2, keep % W, v[:, :, keep - start])
+        return keys, values, torch.arange(lo, end, device=k.device)
 
 
-def attention_mask(start: Start, n_new: int, window: int | None, device) -> torch.Tensor:
-    """Boolean [T, S] mask, True where query start+t may attend to key s: causal, and
-    within the last `window` positions when a sliding window is set (kv > q - window).
-    Under a StaticPosition the keys past the new token (stale or empty) are masked too."""
-    q = token_positions(start, n_new, device)[:, None]
-    kv = key_positions(start, n_new, device)[None, :]
-    allowed = kv <= q
+def make_kv_state(batch, n_kv_heads, max_len, head_dim, dtype, device, window=None, v_head_dim=None) -> LayerState:
+    """The KV state of an attention layer: a ring when its window is shorter than the context."""
+    if window and window < max_len and v_head_dim in (None, head_dim):
+        return SlidingKVCache(batch, n_kv_heads, max_len, head_dim, window, dtype, device)
+    return KVCache(batch, n_kv_heads, max_len, head_dim, dtype, device, v_head_dim)
+
+
+# -- masks and the softmax -----------------------------------------------------------------------
+
+
+def attention_mask(
+    q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None, chunk: int | None = None
+) -> torch.Tensor:
+    """Boolean [T, S], True where the query at q_pos[t] may attend to the key at kv_pos[s]:
+    causal and written (kv >= 0; stale or empty slots past a static position are masked
+    too), within the last `window` positions (kv > q - window) when sliding, within the
+    query's own chunk of `chunk` positions when chunked (Llama 4)."""
+    q, kv = q_pos[:, None], kv_pos[None, :]
+    allowed = (kv <= q) & (kv >= 0)
     if window:
         allowed &= kv > q - window
+    if chunk:
+        allowed &= (kv // chunk) == (q // chunk)
     return allowed
 
 
@@ -189,8 +226,42 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs.transpose(-1, -2), v).view(B, H, T, v.shape[-1])
 
 
+def attend_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with one learned logit per head (gpt-oss' "sink") in every
+    denominator: it takes probability mass but adds no value. Shapes as `attend`."""
+    B, H, T, _ = q.shape
+    groups = H // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, S, Dh]
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    logits = torch.cat([scores, sinks.to(scores.dtype).view(1, -1, 1, 1).expand(B, -1, T, 1)], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share is dropped
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight (Llama 4's q/k norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention with optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
+    """Grouped-query softmax attention, the one module for every family whose mixer is
+    attention. The options say where families differ:
+
+    qkv_bias / o_bias: biases on the projections. qk_norm: "head" (RMSNorm per head over
+    Dh, Qwen3, GLM), "full" (RMSNorm over the whole q / k projection before the split into
+    heads, OLMoE) or "l2" (weightless, after RoPE, Llama 4). clip_qkv: clamp q, k, v to
+    ±clip after the norms (OLMoE). scale: the softmax scale (default Dh**-0.5; Granite's
+    attention_multiplier). sinks: one learned logit per head (gpt-oss). sliding_window:
+    attend to the last W positions only (its state is then a ring of W). chunk: attend
+    within the query's chunk only (Llama 4). rope: a moerun.rope.Rotary, None for a
+    layer without positions (Llama 4's NoPE layers). temperature: (floor_scale,
+    attn_scale), Llama 4's per-position query scaling on NoPE layers."""
+
+    role = "attention"
 
     def __init__(
         self,
@@ -198,11 +269,18 @@ class Attention(nn.Module):
         n_heads: int,
         n_kv_heads: int,
         head_dim: int,
-        rope: RotaryEmbedding,
+        rope,
+        *,
         qkv_bias: bool = False,
         o_bias: bool = False,
-        qk_norm_eps: float | None = None,
+        qk_norm: str | None = None,
+        qk_norm_eps: float = 1e-6,
+        clip_qkv: float | None = None,
+        scale: float | None = None,
+        sinks: bool = False,
         sliding_window: int | None = None,
+        chunk: int | None = None,
+        temperature: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -210,40 +288,72 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=o_bias)
-        if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-        self.rope = rope
-        self.sliding_window = sliding_window or None
+        if qk_norm not in (None, "head", "full", "l2"):
+            raise ValueError(f"qk_norm must be None, 'head', 'full' or 'l2', got {qk_norm!r}")
+        self.qk_norm, self.qk_norm_eps = qk_norm, qk_norm_eps
+        if qk_norm in ("head", "full"):
+            self.q_norm = RMSNorm(head_dim if qk_norm == "head" else n_heads * head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim if qk_norm == "head" else n_kv_heads * head_dim, qk_norm_eps)
+        self.clip_qkv = clip_qkv
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sinks = nn.Parameter(torch.empty(n_heads)) if sinks else None
+        self.sliding_window, self.chunk = sliding_window or None, chunk or None
+        self.rope, self.temperature = rope, temperature
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
+    def state_spec(self) -> StateSpec:
+        return StateSpec(2 * self.n_kv_heads * self.head_dim, self.sliding_window)
+
+    def make_state(self, batch: int, max_len: int, dtype, device) -> LayerState:
+        return make_kv_state(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device, self.sliding_window)
+
+    def forward(self, x: torch.Tensor, cache: LayerState, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Dh]
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H|K, T, Dh]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(k, v, start)  # [B, K, S, Dh]
+        positions = token_positions(start, T, x.device)
+        if self.rope is not None:
+            q, k = self.rope(q, k, positions)
+        if self.qk_norm == "l2":
+            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+        if self.temperature is not None:
+            # Longer contexts sharpen no-RoPE attention (arXiv 2501.19399): q scaled per position.
+            floor_scale, attn_scale = self.temperature
+            scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q = (q * scales.view(1, 1, T, 1)).to(q.dtype)
+        k, v, kv_pos = cache.update(k, v, start)  # [B, K, S, Dh]
 
-        mask = attention_mask_or_none(start, T, self.sliding_window, x.device)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        if isinstance(start, int) and T == 1 and kv_pos is None and not (self.sliding_window or self.chunk):
+            mask = None  # a decode step over the filled prefix: every key is in its past
+        else:
+            kv_pos = key_positions(start, T, x.device) if kv_pos is None else kv_pos
+            mask = attention_mask(positions, kv_pos, self.sliding_window, self.chunk)
+        if self.sinks is not None:
+            out = attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
+        else:
+            out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x)). `role` is what the planner
+    counts it as: a dense layer's MLP, or an MoE block's shared expert."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, role: str = "dense_mlp", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.role = role
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -17,51 +17,13 @@ import re
 import torch
 
 from moerun.errors import MoerunError
+from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1,
                 "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}  # fmt: skip
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
-# Quantization side tensors: stored bytes, but not parameters (FP8 block scales, MXFP4 scales).
-_SCALE = re.compile(r"(?:weight_scale_inv|weight_scale|_scales|\.scales)$")
-# MXFP4 blocks (gpt-oss): two 4-bit values per stored byte.
-_FP4_BLOCKS = re.compile(r"_blocks$")
-# Tensors a text-only run never loads: vision towers and projectors of multimodal checkpoints.
-_NOT_TEXT = re.compile(r"^(?:vision_model|vision_tower|visual|multi_modal_projector|mm_projector|audio)")
-# Multimodal checkpoints prefix the text model (Llama 4: language_model.model.layers...).
-_TEXT_PREFIX = re.compile(r"^(?:model\.)?language_model\.")
-
-
-_ROUTED = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
-
-
-def is_routed_expert(name: str) -> bool:
-    """A routed expert's tensor (per-expert, stacked or fused, as Granite's input_linear),
-    not a shared expert's."""
-    return bool(_ROUTED.search(name)) and "shared" not in name
-
-
-def classify(name: str) -> str:
-    """The role of a checkpoint tensor, from its name."""
-    name = _TEXT_PREFIX.sub("", name)
-    if is_routed_expert(name):
-        return "routed_experts"
-    if "embed_tokens" in name or name.endswith("wte.weight"):
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    if "shared_expert" in name:
-        return "shared_experts"
-    if "self_attn" in name:
-        return "attention"
-    if re.search(r"\.(block_sparse_moe|mlp)\.gate\.(weight|e_score_correction_bias)$", name) or ".router." in name:
-        return "routers"
-    if "norm" in name:
-        return "norms"
-    return "dense_mlp"
 
 
 def _text_config(config: dict) -> dict:
@@ -99,20 +61,13 @@ def default_dtype(config: dict, device_type: str) -> torch.dtype:
     return stored
 
 
-def _first(config: dict, *keys, default=0):
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    return default
-
-
 @dataclasses.dataclass
 class ModelSummary:
-    """What the planner needs to know about a checkpoint, from config.json and headers.
-
-    Parameters are counted from the tensors' shapes (MXFP4 blocks hold two per byte;
-    quantization scales are bytes, not parameters); stored bytes are what the files hold.
-    """
+    """What the planner needs to know about a model, asked of the model itself: built on
+    the meta device from config.json (no weights), it reports its parameters by role, its
+    MoE layers and their experts, and each layer's decode state. The checkpoint's headers,
+    when there are any, only add what the files store (bytes by role, and the tensors a
+    text-only run never loads: a vision tower, multi-token-prediction layers)."""
 
     params_by_role: dict[str, int]
     stored_bytes_by_role: dict[str, int]
@@ -122,18 +77,15 @@ class ModelSummary:
     hidden_size: int
     expert_intermediate_size: int
     n_layers: int
-    n_kv_heads: int
-    head_dim: int
     vocab_size: int
     max_context: int
-    # KV cache elements per token for each layer, with that layer's window (None: full context).
-    kv_layers: list[tuple[int, int | None]] = dataclasses.field(default_factory=list)
+    # What each layer's decode state costs (KV cache, latent, window ring, recurrent state).
+    state_specs: list[StateSpec] = dataclasses.field(default_factory=list)
     # Routed-expert parameters and expert count of each MoE layer.
     routed_by_layer: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    # Tensors a text-only run never loads (vision tower, multi-token-prediction layers).
+    # Tensors in the checkpoint the model never loads (vision tower, multi-token-prediction layers).
     unused_params: int = 0
     unused_bytes: int = 0
-    kv_kind: str = "gqa"  # "gqa" or "mla" (the cache holds the compressed latent)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -143,6 +95,16 @@ class ModelSummary:
     @property
     def stored_bytes(self) -> int:
         return sum(self.stored_bytes_by_role.values())
+
+    @property
+    def kv_kind(self) -> str:
+        """The kinds of state the layers keep, for the report ("kv", "mla", "kv+window")."""
+        kinds = []
+        for spec in self.state_specs:
+            kind = spec.kind + ("+window" if spec.window else "")
+            if kind not in kinds:
+                kinds.append(kind)
+        return ", ".join(kinds) or "none"
 
     @property
     def params_per_expert(self) -> int:
@@ -161,104 +123,90 @@ class ModelSummary:
         return self.total_params - routed + active_routed
 
     def kv_cache_bytes(self, ctx: int, dtype_bytes: int, batch: int = 1) -> int:
-        return batch * dtype_bytes * sum(elems * min(ctx, window or ctx) for elems, window in self.kv_layers)
+        """Bytes of every layer's decode state for `ctx` positions."""
+        return sum(spec.nbytes(ctx, dtype_bytes, batch) for spec in self.state_specs)
 
 
-def _kv_layers(text: dict, n_layers: int, n_kv_heads: int, head_dim: int) -> tuple[list, str]:
-    """KV cache elements per token per layer. MLA (DeepSeek) caches the compressed latent
-    and the shared rope key, kv_lora_rank + qk_rope_head_dim, not 2 x heads x head_dim."""
-    if text.get("kv_lora_rank"):
-        per = int(text["kv_lora_rank"]) + int(text.get("qk_rope_head_dim") or 0)
-        return [(per, None)] * n_layers, "mla"
-    per = 2 * n_kv_heads * head_dim
-    types = text.get("layer_types")
-    window = text.get("sliding_window")
-    if isinstance(types, list) and len(types) == n_layers and window:
-        return [(per, int(window) if t == "sliding_attention" else None) for t in types], "gqa"
-    return [(per, None)] * n_layers, "gqa"
+def _width(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else _DTYPE_BYTES.get(dtype, 2)
 
 
-def summarize(config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]]) -> ModelSummary:
-    """Describe a checkpoint from its config and its tensors' (shape, dtype): the dtype as
-    safetensors names it ("BF16") or as a torch.dtype. A tied lm_head is not a tensor of
-    its own and is counted once, as the embeddings.
+def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) -> ModelSummary:
+    """Summarize `lm` (a family's Model, on the meta device or loaded) for the planner.
 
-    Routed experts are found by name in every layout moerun knows: one tensor per expert
-    (`experts.{e}.w1`, `experts.{e}.gate_proj`), stacked (`experts.gate_up_proj` [E, ...],
-    gpt-oss MXFP4 `_blocks`), or fused (Granite's `input_linear` [E, 2I, D]). A checkpoint
-    whose experts cannot be found is planned as a dense model, with a warning."""
-    text = _text_config(config)
-    n_layers = int(_first(text, "num_hidden_layers", "n_layer", "num_layers"))
+    layout: the family's checkpoint_tensors(args), name -> (shape, dtype, role).
+    tensors: the checkpoint's headers, name -> (shape, dtype), when there are any; names
+    the layout lacks are tensors the model never loads. Without headers the layout stands
+    in for them (a shipped config, a synthetic model)."""
+    from moerun.models.base import SparseMoeBlock, parameter_roles
+    from moerun.moe.offload import routed_expert_modules
+
     params = dict.fromkeys(ROLES, 0)
+    for name, role in parameter_roles(lm).items():
+        params[role] = params.get(role, 0) + lm.get_parameter(name).numel()
+    routed_by_layer, intermediate = {}, 0
+    for i, _, module in routed_expert_modules(lm):
+        routed_by_layer[i] = (module.n_params, module.n_experts)
+        intermediate = module.intermediate_size
+    blocks = [m for m in lm.modules() if isinstance(m, SparseMoeBlock)]
     stored = dict.fromkeys(ROLES, 0)
     unused_params = unused_bytes = 0
-    per_expert: dict[int, set[int]] = {}  # layer -> expert ids seen in per-expert names
-    stacked: dict[int, int] = {}  # layer -> E from a stacked tensor's first dim
-    routed: dict[int, int] = {}  # layer -> routed parameters
-    intermediate = 0
-    for name, (shape, dtype) in tensors.items():
-        width = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else _DTYPE_BYTES.get(dtype, 2)
-        n = math.prod(shape)
-        nbytes = n * width
-        n_params = 0 if _SCALE.search(name) else (2 * n if _FP4_BLOCKS.search(name) else n)
-        layer = _LAYER.search(name)
-        if _NOT_TEXT.match(name) or (layer and n_layers and int(layer.group(1)) >= n_layers):
-            # Vision towers, and DeepSeek-V3's multi-token-prediction layer (index num_hidden_layers).
-            unused_params += n_params
+    for name, entry in (tensors if tensors is not None else layout).items():
+        shape, dtype = entry[0], entry[1]
+        nbytes = math.prod(shape) * _width(dtype)
+        if name in layout:
+            stored[layout[name][2]] += nbytes
+        else:
             unused_bytes += nbytes
-            continue
-        role = classify(name)
-        params[role] += n_params
-        stored[role] += nbytes
-        if role != "routed_experts" or layer is None:
-            continue
-        L = int(layer.group(1))
-        routed[L] = routed.get(L, 0) + n_params
-        m = _EXPERT_INDEX.search(name)
-        if m:
-            per_expert.setdefault(L, set()).add(int(m.group(1)))
-            if re.search(r"\.(w1|gate_proj)\.weight$", name):
-                intermediate = shape[0]
-        elif n_params and len(shape) >= 2:
-            stacked[L] = max(stacked.get(L, 0), shape[0])
-            if len(shape) >= 3 and re.search(r"gate_up|input_linear", name):
-                # [E, 2I, D] (Granite), [E, 2I, D/32, 16] (gpt-oss MXFP4) or [E, D, 2I] (Llama 4)
-                hidden_ = int(_first(text, "hidden_size", "n_embd", "d_model"))
-                intermediate = (shape[1] if shape[1] != hidden_ else shape[2]) // 2
-    experts_by_layer = {L: len(per_expert.get(L, ())) or stacked.get(L, 0) for L in routed}
-    routed_by_layer = {L: (routed[L], experts_by_layer[L]) for L in sorted(routed) if experts_by_layer[L]}
-    hidden = int(_first(text, "hidden_size", "n_embd", "d_model"))
-    if routed_by_layer and not intermediate and hidden:
-        # Stacked or fused layouts: I from the parameters of one expert (3 x D x I, plus biases).
-        p, e = next(iter(routed_by_layer.values()))
-        intermediate = p // e // (3 * hidden)
-    n_heads = int(_first(text, "num_attention_heads", "n_head", default=1))
-    head_dim = int(text.get("head_dim") or (hidden // n_heads if n_heads else 0))
-    n_kv_heads = int(_first(text, "num_key_value_heads", default=n_heads))
-    kv_layers, kv_kind = _kv_layers(text, n_layers, n_kv_heads, head_dim)
-    warnings = []
-    if not routed_by_layer:
-        warnings.append("no routed experts found in the tensor names: planned as a dense model (generic estimate)")
+            unused_params += math.prod(shape)
+    args = lm.args
     return ModelSummary(
         params_by_role=params,
         stored_bytes_by_role=stored,
         moe_layers=sorted(routed_by_layer),
         n_experts=max((e for _, e in routed_by_layer.values()), default=0),
-        experts_per_token=int(_first(text, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k")),
-        hidden_size=hidden,
+        experts_per_token=blocks[0].top_k if blocks else 0,
+        hidden_size=args.hidden_size,
         expert_intermediate_size=intermediate,
-        n_layers=n_layers,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        vocab_size=int(text.get("vocab_size") or 0),
-        max_context=int(text.get("max_position_embeddings") or 4096),
-        kv_layers=kv_layers,
+        n_layers=args.num_hidden_layers,
+        vocab_size=args.vocab_size,
+        max_context=int(getattr(args, "max_position_embeddings", None) or 4096),
+        state_specs=lm.state_specs(),
         routed_by_layer=routed_by_layer,
         unused_params=unused_params,
         unused_bytes=unused_bytes,
-        kv_kind=kv_kind,
-        warnings=warnings,
     )
+
+
+def summarize(config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]] | None = None) -> ModelSummary:
+    """Describe a checkpoint from its config (the family's model built on the meta device
+    and asked) and, when given, its tensors' (shape, dtype) headers: the dtype as
+    safetensors names it ("BF16") or as a torch.dtype. A model_type moerun does not
+    implement gets a generic estimate from the headers alone, planned as a dense model."""
+    from moerun.models import ARCHITECTURES, build_meta_model
+
+    if config.get("model_type") not in ARCHITECTURES:
+        return _generic_summary(config, tensors or {})
+    lm, arch = build_meta_model(config)
+    return describe_model(lm, config, arch.checkpoint_tensors(lm.args), tensors)
+
+
+def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
+    """An architecture moerun does not know: parameters and bytes from the headers, no
+    experts (no names are guessed at), no decode state."""
+    text = _text_config(config)
+    n = sum(math.prod(shape) for shape, _ in tensors.values())
+    nbytes = sum(math.prod(shape) * _width(dtype) for shape, dtype in tensors.values())
+    params, stored = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0)
+    params["dense_mlp"], stored["dense_mlp"] = n, nbytes
+    return ModelSummary(
+        params_by_role=params, stored_bytes_by_role=stored, moe_layers=[], n_experts=0, experts_per_token=0,
+        hidden_size=int(text.get("hidden_size") or 0), expert_intermediate_size=0,
+        n_layers=int(text.get("num_hidden_layers") or 0), vocab_size=int(text.get("vocab_size") or 0),
+        max_context=int(text.get("max_position_embeddings") or 4096),
+        warnings=[f"unknown architecture '{config.get('model_type')}': a generic estimate from the headers, "
+                  "planned as a dense model"],
+    )  # fmt: skip
 
 
 @dataclasses.dataclass

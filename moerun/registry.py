@@ -61,6 +61,12 @@ ALIASES: dict[str, Alias] = {
               "117B total, 5.1B active; 36 layers x 128 experts, top-4; MXFP4 experts"),
         Alias("llama-4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4",
               "109B total, 17B active; 48 layers x 16 experts, top-1 plus a shared expert"),
+        Alias("glm-4.5-air", "zai-org/GLM-4.5-Air", "glm4_moe",
+              "106B total, 12B active; 46 layers x 128 experts, top-8 plus a shared expert"),
+        Alias("glm-4.7-flash", "zai-org/GLM-4.7-Flash", "glm4_moe_lite",
+              "30B total, 3B active; MLA, 47 layers x 64 experts, top-4 plus a shared expert"),
+        Alias("ernie-4.5-21b-a3b", "baidu/ERNIE-4.5-21B-A3B-PT", "ernie4_5_moe",
+              "21B total, 3B active; 28 layers x 64 experts, top-6 plus 2 shared"),
     )
 }
 

@@ -8,6 +8,7 @@ and pickle (``.bin`` / ``.pt``) is never touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header without reading tensor data.
+def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header without reading tensor data
+    (the raw header bytes are appended to `raw_out` when given).
 
     Raises MoerunError naming the file if it is truncated, has trailing bytes, or its
     header is not valid safetensors JSON.
@@ -71,6 +73,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{name} is truncated (header needs {8 + header_len} bytes, found {size}); re-download it"
             )
         raw = f.read(header_len)
+    if raw_out is not None:
+        raw_out.append(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -135,9 +139,11 @@ class CheckpointWeights:
     come from the headers; `get` maps the tensor's bytes from disk only when asked.
     """
 
-    def __init__(self, folder: Path, tensors: dict[str, TensorInfo]):
+    def __init__(self, folder: Path, tensors: dict[str, TensorInfo], fingerprint: str | None = None):
         self.folder = folder
         self._tensors = tensors
+        # A hash of the files' names, sizes, times and headers (moerun.moe.store.source_fingerprint).
+        self.fingerprint = fingerprint
         # One mmap'd handle per file, opened only after every header passed validation.
         self._handles = {}
         for file in sorted({info.file for info in tensors.values()}):
@@ -148,12 +154,21 @@ class CheckpointWeights:
         """Validate every weight file in `folder` (headers and sizes only), then map them."""
         folder = Path(folder).expanduser()
         tensors: dict[str, TensorInfo] = {}
-        for file in _weight_files(folder):
-            for key, info in read_header(file).items():
+        h = hashlib.sha256()
+        for file in sorted(_weight_files(folder)):
+            raw: list[bytes] = []
+            for key, info in read_header(file, raw).items():
                 if key in tensors:
                     raise MoerunError(f"tensor {key} appears in both {tensors[key].file.name} and {file.name}")
                 tensors[key] = info
-        return cls(folder, tensors)
+            stat = file.stat()
+            h.update(f"{file.name}|{file.resolve().name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+            h.update(raw[0])
+        return cls(folder, tensors, h.hexdigest())
+
+    def headers(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of every tensor: what the planner reads."""
+        return {name: (info.shape, info.dtype) for name, info in self._tensors.items()}
 
     def keys(self) -> list[str]:
         """All tensor names, sorted."""

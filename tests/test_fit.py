@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moerun import fit, hub, plan, registry
+from moerun import fit, plan, registry
+from moerun.models import checkpoint_layout
 from tests.hub_server import HubServer, real_file, safetensors_header_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def header_repo(config: dict, shards: int) -> dict:
     """config.json plus `shards` virtual safetensors files holding the family's real
     tensor names and shapes (from the shipped config), as on the Hub."""
-    tensors = list(fit.config_tensors(config).items())
+    tensors = [(name, (shape, dtype)) for name, (shape, dtype, _) in checkpoint_layout(config).items()]
     per = -(-len(tensors) // shards)
     files = {"config.json": real_file(json.dumps(config).encode())}
     weight_map = {}
@@ -107,11 +108,11 @@ def test_fit_verdicts_follow_budgets(hub_env):
 
 def test_mla_kv_cache_holds_the_latent():
     cfg = registry.shipped_config("deepseek-v2-lite")
-    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    s = plan.summarize(cfg)
     assert s.kv_kind == "mla"
     assert s.kv_cache_bytes(1000, 2) == 27 * (512 + 64) * 1000 * 2
     cfg = registry.shipped_config("qwen3-30b-a3b")
-    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    s = plan.summarize(cfg)
     assert s.kv_cache_bytes(1000, 2) == 2 * 48 * 4 * 128 * 1000 * 2
 
 
@@ -129,11 +130,18 @@ def test_mla_kv_cache_holds_the_latent():
         ("gpt-oss-20b", 20.9e9, 4.19e9),  # OpenAI's 3.6 B leaves out the embedding table
         ("gpt-oss-120b", 116.8e9, 5.71e9),
         ("llama-4-scout", 107.8e9, 17.2e9),  # the vision tower (~1 B) is counted apart
+        # Published: 106B total, 12B active (without the embeddings and lm_head: 12.18B).
+        ("glm-4.5-air", 106.0e9, 13.42e9),
+        # Published: "30B-A3B"; active 3.26B without embeddings and lm_head.
+        ("glm-4.7-flash", 30.0e9, 3.90e9),
+        # Published: "21B total, 3B active", rounded down: transformers counts 21.83B / 3.35B
+        # on the meta device for this config (3.09B active without the embeddings).
+        ("ernie-4.5-21b-a3b", 21.83e9, 3.35e9),
     ],
 )
 def test_layouts_of_the_alias_table(alias, total, active):
     cfg = registry.shipped_config(alias)
-    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    s = plan.summarize(cfg)
     assert abs(s.total_params - total) / total < 0.01, s.total_params
     assert abs(s.active_params - active) / active < 0.01, s.active_params
     assert not s.warnings and s.n_experts > 1
@@ -141,32 +149,47 @@ def test_layouts_of_the_alias_table(alias, total, active):
 
 def test_other_formats_are_counted_by_stored_bytes():
     cfg = registry.shipped_config("deepseek-v3")
-    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    s = plan.summarize(cfg)
     # FP8 weights with float32 128x128 block scales: just over one byte per parameter.
     assert 1.0 < s.stored_bytes / s.total_params < 1.05
     cfg = registry.shipped_config("gpt-oss-20b")
-    s = plan.summarize(cfg, fit.config_tensors(cfg))
+    s = plan.summarize(cfg)
     routed = s.stored_bytes_by_role["routed_experts"] * 8 / s.params_by_role["routed_experts"]
     assert 4.2 < routed < 4.3  # MXFP4: 4 bits + one 8-bit scale per 32 values
     assert s.expert_intermediate_size == 2880
 
 
-def test_granite_fused_layout_and_unknown_architectures():
+def test_the_plan_asks_the_model_and_looks_headers_up_in_its_layout():
     D, I, E, L = 64, 32, 4, 2
-    tensors = {"model.embed_tokens.weight": ((100, D), "BF16")}
-    for i in range(L):
-        p = f"model.layers.{i}"
-        tensors[f"{p}.self_attn.q_proj.weight"] = ((D, D), "BF16")
-        tensors[f"{p}.block_sparse_moe.input_linear.weight"] = ((E, 2 * I, D), "BF16")
-        tensors[f"{p}.block_sparse_moe.output_linear.weight"] = ((E, D, I), "BF16")
-        tensors[f"{p}.block_sparse_moe.router.layer.weight"] = ((E, D), "BF16")
-    cfg = {"model_type": "granitemoe", "hidden_size": D, "num_hidden_layers": L, "num_attention_heads": 4,
-           "num_experts_per_tok": 2, "vocab_size": 100}  # fmt: skip
-    s = plan.summarize(cfg, tensors)
+    cfg = {"model_type": "granitemoe", "hidden_size": D, "intermediate_size": I, "num_hidden_layers": L,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": E, "num_experts_per_tok": 2,
+           "vocab_size": 100}  # fmt: skip
+    s = plan.summarize(cfg)  # no headers: the family's own description of its checkpoint
     assert s.n_experts == E and s.expert_intermediate_size == I and s.moe_layers == [0, 1]
     assert s.active_params == s.total_params - L * E * 3 * D * I // 2
+    assert s.stored_bytes == 2 * s.total_params and s.unused_params == 0
+    # Headers with a tensor the layout lacks: counted as stored but never loaded.
+    headers = {n: (shape, dtype) for n, (shape, dtype, _) in checkpoint_layout(cfg).items()}
+    headers["vision_model.patch_embed.weight"] = ((10, D), "BF16")
+    with_vision = plan.summarize(cfg, headers)
+    assert with_vision.unused_params == 10 * D and with_vision.total_params == s.total_params
     dense = plan.summarize({**cfg, "model_type": "mystery"}, {"model.embed_tokens.weight": ((100, D), "BF16")})
-    assert dense.n_experts == 0 and "generic estimate" in dense.warnings[0]
+    assert dense.n_experts == 0 and dense.total_params == 100 * D and "generic estimate" in dense.warnings[0]
+
+
+def test_no_module_outside_the_models_names_a_family_or_a_checkpoint_tensor():
+    import re
+
+    # A checkpoint name (`mlp.experts.0.w1`), not prose or a module like cpu_experts.
+    pattern = re.compile(r"model_type ==|(?<!\w)experts\.[\w{]|block_sparse_moe|input_linear|self_attn")
+    offenders = []
+    for path in sorted((ROOT / "moerun").rglob("*.py")):
+        if "models" in path.relative_to(ROOT / "moerun").parts:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
 
 
 def test_sizes_accept_units():
@@ -207,7 +230,8 @@ def test_models_table_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for alias in ("mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
                   "qwen3-235b-a22b", "deepseek-v2-lite", "deepseek-v3", "olmoe-1b-7b", "phi-3.5-moe",
-                  "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout"):  # fmt: skip
+                  "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout", "glm-4.5-air", "glm-4.7-flash",
+                  "ernie-4.5-21b-a3b"):  # fmt: skip
         assert alias in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if "mixtral-8x7b" in line)
     assert "46.7B" in row and "12.9B" in row and any(v in row for v in ("yes", "offload", "no"))

@@ -109,3 +109,18 @@ def test_context_limit(model):
     # Positions 500..511 take the fed tokens; the token sampled from position 511 needs
     # no cache slot, so 13 tokens come out of a 512-token context.
     assert len(out.token_ids) == 512 - 500 + 1 and out.stats.finish_reason == "length"
+
+
+def test_the_planned_context_binds(tmp_path):
+    """Loaded for ctx=64, generation never grows the state: a prompt that leaves no room is
+    refused before prefill, and a reply stops when the 64 positions are full."""
+    folder = make_checkpoint(tmp_path, "qwen3_moe", dtype=torch.float32, shards=1)
+    model = moerun.load(str(folder), device="cpu", dtype="float32", ctx=64)
+    caches = model.kv_caches
+    assert [c.max_len for c in caches] == [64] * len(caches) and model.plan.ctx == 64
+    assert sum(c.nbytes for c in caches) == model.plan.kv_cache_bytes  # the plan is what the layers allocate
+    with pytest.raises(MoerunError, match="planned context is 64"):
+        model.generate([7] * 64, max_new_tokens=1)
+    out = model.generate([7] * 50, max_new_tokens=100, ignore_eos=True)
+    assert len(out.token_ids) == 64 - 50 + 1 and out.stats.finish_reason == "length"
+    assert model.kv_caches is caches and all(c.max_len == 64 for c in model.kv_caches)

@@ -1,24 +1,20 @@
-"""OLMoE, Phi-3.5-MoE and GraniteMoE held against transformers on tiny random checkpoints
-saved by it (sharded, bf16): float32 logits within 1e-4 relative error, 32 greedy tokens
-identical, KV-cache decode equal to a full forward, and 4-bit experts through a one-slot
-cache equal to 4-bit fully resident. Each family's config turns its quirks on (clip_qkv,
-LongRoPE with mscale, attention and lm_head biases, multipliers != 1)."""
+"""OLMoE, Phi-3.5-MoE and GraniteMoE beyond the checks every family passes
+(tests/test_families.py runs them on the CONFIGS here, which turn each family's quirks
+on: clip_qkv, LongRoPE with mscale, attention and lm_head biases, multipliers != 1):
+OLMoE's routing options, SparseMixer and LongRoPE against transformers, sanitize, and the
+checkpoint layout of variants (a tied Granite)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 import moerun
-from moerun.models import get_architecture
-from tests.parity import (
-    check_greedy_32,
-    check_kv_cache_decode,
-    check_static_decode,
-    check_logits,
-    check_offloaded_4bit_equals_resident,
-    rel_err,
-)
+from moerun.models import build_meta_model, get_architecture
+from moerun.weights import CheckpointWeights
+from tests.parity import rel_err
 from tests.model_fixtures import make_checkpoint, reference_model
 
 HEAD_DIM = 16  # BASE: hidden 64 over 4 heads
@@ -55,52 +51,10 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def checkpoint(request, tmp_path_factory):
-    arch = request.param
-    folder = make_checkpoint(tmp_path_factory.mktemp(arch), arch, dtype=torch.bfloat16, shards=2, **CONFIGS[arch])
-    return arch, folder
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    arch, folder = checkpoint
-    ours = moerun.load(str(folder), device="cpu", dtype=torch.float32)
-    return arch, folder, ours, reference_model(folder)
-
-
-def test_logits_match_transformers(pair):
-    _, _, ours, ref = pair
-    check_logits(ours, ref)
-
-
-def test_32_greedy_tokens_match_transformers(pair):
-    _, _, ours, ref = pair
-    check_greedy_32(ours, ref)
-
-
-def test_kv_cache_decode_equals_full_forward(pair):
-    _, _, ours, _ = pair
-    check_kv_cache_decode(ours)
-
-
-def test_static_decode_step_equals_eager_decode(pair):
-    _, _, ours, _ = pair
-    check_static_decode(ours)
-
-
-def test_4bit_one_slot_cache_equals_fully_resident(checkpoint, tmp_path, monkeypatch):
-    _, folder = checkpoint
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-    check_offloaded_4bit_equals_resident(folder)
-
-
-# -- family quirks ------------------------------------------------------------------------
-
-
-def test_olmoe_norm_topk_prob_and_no_clip_match(tmp_path):
+@pytest.mark.parametrize("k", [2, 1])  # one pick renormalised is weight 1
+def test_olmoe_norm_topk_prob_and_no_clip_match(tmp_path, k):
     folder = make_checkpoint(
-        tmp_path, "olmoe", dtype=torch.float32, shards=1, num_experts=6, num_experts_per_tok=2,
+        tmp_path, "olmoe", dtype=torch.float32, shards=1, num_experts=6, num_experts_per_tok=k,
         intermediate_size=32, norm_topk_prob=True,
     )
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
@@ -127,9 +81,10 @@ def test_longrope_switches_to_long_factors_past_the_original_length():
 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from moerun.models.phimoe import LongRoPE
+    from moerun.rope import rotary_for
 
-    rope = LongRoPE(HEAD_DIM, 10000.0, LONGROPE, 512)
+    rope = rotary_for({"rope_parameters": LONGROPE, "max_position_embeddings": 512}, HEAD_DIM)
+    assert rope.kind == "longrope"
     config = SimpleNamespace(
         rope_parameters=LONGROPE, hidden_size=64, num_attention_heads=4, head_dim=HEAD_DIM,
         max_position_embeddings=512, standardize_rope_params=lambda: None,
@@ -140,12 +95,13 @@ def test_longrope_switches_to_long_factors_past_the_original_length():
         positions = torch.arange(end - 4, end)
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = rope(positions, torch.float32)
+        cos, sin = rope.cos_sin(positions, torch.float32)
         assert torch.equal(cos, emb.cos() * mscale) and torch.equal(sin, emb.sin() * mscale)
 
 
 def test_phimoe_reads_hub_style_longrope_config():
-    # Phi-3.5-MoE's own config.json: rope_scaling with "type", rope_theta at top level.
+    # Phi-3.5-MoE's own config.json: rope_scaling with "type", rope_theta and
+    # original_max_position_embeddings at top level.
     cfg = {
         "model_type": "phimoe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
         "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2, "rope_theta": 10000.0,
@@ -153,8 +109,10 @@ def test_phimoe_reads_hub_style_longrope_config():
         "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0],
                          "short_mscale": 1.2, "long_mscale": 1.2},
     }
-    args = get_architecture("phimoe").ModelArgs.from_dict(cfg)
-    assert args.rope_theta == 10000.0 and args.longrope["original_max_position_embeddings"] == 4096
+    lm, _ = build_meta_model(cfg)
+    rope = lm.model.layers[0].self_attn.rope
+    assert rope.kind == "longrope" and rope.theta == 10000.0 and rope.original_max == 4096
+    assert torch.allclose(rope.inv_freq[1], 1.0 / torch.tensor([2.0, 3.0 * 100.0]))  # long_factor * theta**(2i/Dh)
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "phimoe"])
@@ -186,5 +144,22 @@ def test_granite_sanitize_renames_fused_experts():
     fake = {f"{p}.input_linear.weight": torch.zeros(2, 6, 4), f"{p}.output_linear.weight": torch.zeros(2, 4, 3),
             f"{p}.router.layer.weight": torch.zeros(2, 4)}
     out = module.sanitize(fake, args)
-    assert set(out) == {f"{p}.experts.w13", f"{p}.experts.w2", f"{p}.router.layer.weight"}
+    assert set(out) == {f"{p}.experts.w13", f"{p}.experts.w2", f"{p}.router.weight"}
     assert module.sanitize(out, args).keys() == out.keys()
+
+
+# A tied granite (as the released ones) and qwen2_moe (shared experts, dense layers) too.
+LAYOUTS = {**CONFIGS, "granitemoe_tied": {**CONFIGS["granitemoe"], "tie_word_embeddings": True}, "qwen2_moe": {}}
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_checkpoint_tensors_are_the_saved_checkpoint_and_sanitize_to_the_model(case, tmp_path):
+    arch = case.removesuffix("_tied")
+    folder = make_checkpoint(tmp_path, arch, dtype=torch.bfloat16, shards=1, **LAYOUTS[case])
+    lm, module = build_meta_model(json.loads((folder / "config.json").read_text()))
+    layout = module.checkpoint_tensors(lm.args)
+    with CheckpointWeights.open(folder) as ckpt:
+        headers = ckpt.headers()
+    assert {n: tuple(s) for n, (s, _) in headers.items()} == {n: s for n, (s, _, _) in layout.items()}
+    ours = module.sanitize({n: torch.empty(s, device="meta") for n, (s, _, _) in layout.items()}, lm.args)
+    assert {n: tuple(t.shape) for n, t in ours.items()} == {n: tuple(p.shape) for n, p in lm.named_parameters()}

@@ -123,6 +123,18 @@ def test_generate_pulls_on_first_use_and_refuses_what_will_not_fit(server, env):
     assert "to download" in proc.stderr and hub.is_cached(REPO)
 
 
+def test_the_library_pulls_on_first_use_as_the_cli_does(server, env):
+    import moerun
+
+    with pytest.raises(MoerunError, match="will not fit.*nothing was downloaded"):
+        moerun.load(REPO, device="cpu", vram="10KB")
+    assert not hub.is_cached(REPO)
+    with pytest.raises(MoerunError, match="not in the local Hugging Face cache"):
+        moerun.load(REPO, device="cpu", pull=False)
+    model = moerun.load(REPO, device="cpu", dtype="float32")
+    assert hub.is_cached(REPO) and model.generate("hi", max_new_tokens=2).stats.generated_tokens >= 1
+
+
 def test_disk_space_is_checked_first(server, env, monkeypatch):
     import shutil
     from collections import namedtuple

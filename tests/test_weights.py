@@ -163,3 +163,23 @@ def test_read_header_metadata_only(tmp_path):
     info = read_header(path)
     assert list(info) == ["a"]
     assert info["a"].shape == (3, 5) and info["a"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_load_reads_each_header_once(tmp_path, monkeypatch, bits):
+    """The plan, the loader, the expert stores and the quantized cache's fingerprint all
+    share the one open checkpoint: each shard's header is parsed once per load."""
+    import moerun
+    from moerun import weights
+    from moerun.moe import store
+    from tests.model_fixtures import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt", "qwen3_moe", shards=3)
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
+    parsed = []
+    real = weights.read_header
+    monkeypatch.setattr(weights, "read_header", lambda path, raw_out=None: parsed.append(path.name) or real(path, raw_out))
+    monkeypatch.setattr(store, "source_fingerprint", lambda folder: pytest.fail("headers read again for the fingerprint"))
+    moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=2)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(parsed) == shards

@@ -7,6 +7,7 @@ from memory-mapped safetensors, one layer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import re
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.plan import is_routed_expert
+from moerun.models.base import parameter_roles
 from moerun.weights import CheckpointWeights
 
 # Every module here but `base` is an architecture, named by its config.json model_type.
@@ -40,39 +41,68 @@ def build_args(config: dict):
     return get_architecture(config.get("model_type")).ModelArgs.from_dict(config)
 
 
+def build_meta_model(config: dict):
+    """(the family's Model for `config` on the meta device, its module): no memory, no
+    weights; what the planner, fit and bench ask about shapes, roles and state."""
+    arch = get_architecture(config.get("model_type"))
+    args = arch.ModelArgs.from_dict(config)
+    with torch.device("meta"):
+        return arch.Model(args), arch
+
+
+def checkpoint_layout(config: dict) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """The family's description of the checkpoint `config` belongs to: name -> (shape,
+    stored dtype, role), as its checkpoint_tensors(args) gives it."""
+    arch = get_architecture(config.get("model_type"))
+    return arch.checkpoint_tensors(arch.ModelArgs.from_dict(config))
+
+
+def routed_checkpoint_names(arch, args, names) -> set[str]:
+    """The checkpoint tensors that hold routed experts, by the family's own layout."""
+    layout = arch.checkpoint_tensors(args)
+    return {n for n in names if n in layout and layout[n][2] == "routed_experts"}
+
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def load_model(
-    folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True
+    folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True,
+    ckpt: CheckpointWeights | None = None,
 ) -> nn.Module:
-    """Build the model for `config` and load its weights from `folder`, cast to `dtype` on `device`.
+    """Build the model for `config` and load its weights from `folder` (or the already
+    open `ckpt`), cast to `dtype` on `device`.
 
     Tensors are read per decoder layer, so host memory holds at most one layer's
     worth of checkpoint tensors beyond the model itself. With routed_experts=False the
-    routed experts stay unloaded (on the meta device) for the expert cache to replace.
-    """
+    routed experts stay unloaded (on the meta device) for the expert cache to replace."""
     arch = get_architecture(config.get("model_type"))
     args = arch.ModelArgs.from_dict(config)
+    if hasattr(arch, "check_loadable"):
+        arch.check_loadable(args)  # e.g. a storage format moerun cannot read yet
     with torch.device("meta"):
         model = arch.Model(args)
-    expected = {n: p for n, p in model.named_parameters() if routed_experts or not is_routed_expert(n)}
+    roles = parameter_roles(model)
+    expected = {n: p for n, p in model.named_parameters() if routed_experts or roles[n] != "routed_experts"}
 
     # Names an architecture keeps in float32 whatever `dtype` (e.g. DeepSeek-V3's router bias).
     keep_fp32 = tuple(getattr(arch, "FLOAT32_PARAMS", ()))
-    with CheckpointWeights.open(folder) as ckpt:
+    with contextlib.ExitStack() as stack:
+        if ckpt is None:
+            ckpt = stack.enter_context(CheckpointWeights.open(folder))
+        skip = set() if routed_experts else routed_checkpoint_names(arch, args, ckpt.keys())
         groups: dict[int | None, list[str]] = defaultdict(list)
         # Multimodal checkpoints (Llama 4) name the text model under a prefix; the rest
         # (vision tower, projector) is never read.
         prefix = getattr(arch, "CHECKPOINT_PREFIX", "")
         for name in ckpt.keys():
-            if not routed_experts and is_routed_expert(name):
-                continue
-            if not name.startswith(prefix):
+            if name in skip or not name.startswith(prefix):
                 continue
             m = _LAYER.match(name.removeprefix(prefix))
             groups[int(m.group(1)) if m else None].append(name)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):
+            if key is not None and key >= args.num_hidden_layers:
+                continue  # layers past the model (DeepSeek's multi-token-prediction layer)
             tensors = arch.sanitize({name: ckpt.get(name) for name in groups[key]}, args)
             for name, tensor in tensors.items():
                 if name not in expected:
@@ -84,9 +114,7 @@ def load_model(
                     )
                 _assign(model, name, tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype))
 
-    if "lm_head.weight" in expected and getattr(args, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight
-        expected.pop("lm_head.weight")
+    model.tie_weights()
     if expected:
         raise MoerunError(f"tensor {next(iter(expected))} is missing from the checkpoint in {folder}")
     return model.eval().requires_grad_(False)

@@ -3,46 +3,58 @@
 
 MLA: each token's keys and values come from one compressed latent, kv_lora_rank wide
 (RMS-normalised), and one rope'd key part shared by all heads, qk_rope_head_dim wide.
-The KV cache holds exactly those two per token and layer; keys and values are expanded
-through kv_b_proj at attention time. Queries come from q_proj, or through a low-rank
-q_a_proj -> q_a_layernorm -> q_b_proj when q_lora_rank is set. V2 rotates interleaved
-pairs (x0, x1), (x2, x3), ... as complex numbers. With YaRN rope scaling, cos/sin carry
-the attention factor and the softmax scale gets DeepSeek's mscale correction.
+The decode state holds exactly those two per token and layer; keys and values are
+expanded through kv_b_proj at attention time. Queries come from q_proj, or through a
+low-rank q_a_proj -> q_a_layernorm -> q_b_proj when q_lora_rank is set. V2 rotates
+interleaved pairs (x0, x1), (x2, x3), ... as complex numbers, in float32. With YaRN rope
+scaling, cos/sin carry the attention factor and the softmax scale gets DeepSeek's mscale
+correction.
 
-Routing: softmax over all experts (float32); "greedy" keeps the top-k, and
+Routing: softmax over all experts (float32 logits); "greedy" keeps the top-k, and
 "group_limited_greedy" first keeps the topk_group groups with the best single expert.
 The weights are scaled by routed_scaling_factor (or renormalised with norm_topk_prob,
 DeepSeek's own rule; transformers ignores norm_topk_prob for V2 and every released
 V2 config sets it false). The first `first_k_dense_replace` layers, and those off the
 `moe_layer_freq` grid, are dense.
 
+The module is shared: DeepSeek-V3 and GLM-4.7-Flash (glm4_moe_lite) build on it,
+changing the router and the rotary through `Model.make_router` / `Model.make_rotary`.
+
 Shape legend: B batch, T new tokens, S cached positions, H heads, R kv_lora_rank,
-Dr qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim, N tokens, E experts, K top-k.
+Dr qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moerun import rope
 from moerun.errors import MoerunError
-from moerun.layers import MLP, RMSNorm, Start, StaticPosition, attend, attention_mask_or_none, context_full, token_positions
-from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
+from moerun.layers import (
+    MLP,
+    LayerState,
+    RMSNorm,
+    Start,
+    StateSpec,
+    StaticPosition,
+    attend,
+    attention_mask,
+    context_full,
+    key_positions,
+    token_positions,
+)
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, stack_experts
 from moerun.moe.experts import RoutedExperts
+from moerun.moe.routing import Router
 
 
-@dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+@dataclasses.dataclass(kw_only=True)
+class ModelArgs(TransformerArgs):
     moe_intermediate_size: int
     n_routed_experts: int | None = None
     num_experts_per_tok: int | None = None
@@ -63,15 +75,14 @@ class ModelArgs(BaseModelArgs):
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
-    rope_theta: float | None = None
-    rope_scaling: dict | None = None
-    rope_parameters: dict | None = None
-    num_key_value_heads: int | None = None  # unused by MLA; kept for the planner's reading
+    quantization_config: dict | None = None  # planned from (see checkpoint_tensors), refused at load
+
+    # The router has DeepSeek-V3's e_score_correction_bias (checkpoint_tensors lists it).
+    correction_bias: ClassVar[bool] = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.hidden_act != "silu" or self.mlp_bias:
             raise MoerunError(f"{self.model_type}: only silu MLPs without bias are supported")
         self.rope = rope.rope_parameters(dataclasses.asdict(self))
@@ -86,11 +97,20 @@ class ModelArgs(BaseModelArgs):
             raise MoerunError(f"config.json lacks num_experts_per_tok (needed by {self.model_type})")
 
 
+def check_loadable(args: ModelArgs) -> None:
+    """Quantized releases (DeepSeek-V3's FP8) can be planned but not loaded yet."""
+    if args.quantization_config:
+        method = args.quantization_config.get("quant_method", "?")
+        raise MoerunError(
+            f"{args.model_type}: checkpoints quantized with '{method}' are not supported; use a bf16 conversion"
+        )
+
+
 # -- attention -----------------------------------------------------------------------------
 
 
-class LatentCache:
-    """Static per-layer MLA cache: per token, the normalised kv latent (R) followed by the
+class LatentCache(LayerState):
+    """Static per-layer MLA state: per token, the normalised kv latent (R) followed by the
     rope'd shared key (Dr), one buffer [B, max_len, R + Dr], never the expanded K/V
     (which would be H * (Dn + Dr + Dv) wide)."""
 
@@ -100,8 +120,8 @@ class LatentCache:
         self.max_len = max_len
 
     def update(self, kv: torch.Tensor, k_pe: torch.Tensor, start: Start) -> tuple[torch.Tensor, torch.Tensor]:
-        # kv [B, T, R], k_pe [B, T, Dr] written at [start, start+T) -> what attention reads,
-        # [B, S, R], [B, S, Dr]: the filled prefix, or the whole span for a StaticPosition.
+        """kv [B, T, R], k_pe [B, T, Dr] written at [start, start+T) -> what attention
+        reads, [B, S, R], [B, S, Dr]: the filled prefix, or the whole span for a StaticPosition."""
         R = self.kv_lora_rank
         if isinstance(start, StaticPosition):
             if start.span > self.max_len:
@@ -117,38 +137,14 @@ class LatentCache:
         return self.latent[:, :end, :R], self.latent[:, :end, R:]
 
 
-class LatentRotary:
-    """Scaled RoPE over qk_rope_head_dim. V2 rotates interleaved pairs as complex numbers
-    in float32; subclasses change `rotate` (V3 uses real cos/sin in the input's dtype)."""
-
-    def __init__(self, args: ModelArgs):
-        # A plain attribute, not a buffer: models are built on the meta device.
-        self.inv_freq, self.attention_factor = rope.inv_freq_and_scaling(
-            args.rope, args.qk_rope_head_dim, args.max_position_embeddings
-        )
-
-    def freqs(self, positions: torch.Tensor) -> torch.Tensor:
-        # positions [T] -> angles [T, Dr/2], float32
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        return positions.float()[:, None] * self.inv_freq[None, :]
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        # q [B, H, T, Dr], k [B, 1, T, Dr]
-        freqs = self.freqs(positions)
-        cis = torch.polar(torch.ones_like(freqs), freqs) * self.attention_factor  # [T, Dr/2] complex
-
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-            return torch.view_as_real(xc * cis).flatten(3).type_as(x)
-
-        return apply(q), apply(k)
-
-
 class LatentAttention(nn.Module):
-    """Multi-head latent attention; checkpoint names as in DeepSeek's releases."""
+    """Multi-head latent attention; checkpoint names as in DeepSeek's releases. `rotary`:
+    a moerun.rope.Rotary over qk_rope_head_dim (interleaved pairs rotate de-interleaved,
+    queries and keys alike, so the cached shared key is de-interleaved too)."""
 
-    def __init__(self, args: ModelArgs, rotary: LatentRotary):
+    role = "attention"
+
+    def __init__(self, args: ModelArgs, rotary: rope.Rotary):
         super().__init__()
         D, H = args.hidden_size, args.num_attention_heads
         self.n_heads, self.q_lora_rank, self.kv_lora_rank = H, args.q_lora_rank, args.kv_lora_rank
@@ -167,6 +163,12 @@ class LatentAttention(nn.Module):
         self.rotary = rotary
         self.scale = rope.softmax_scale(args.rope, qk**-0.5)
 
+    def state_spec(self) -> StateSpec:
+        return StateSpec(self.kv_lora_rank + self.rope_dim, kind="mla")
+
+    def make_state(self, batch: int, max_len: int, dtype, device) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+
     def forward(self, x: torch.Tensor, cache: LatentCache, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
@@ -177,8 +179,8 @@ class LatentAttention(nn.Module):
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_a_layernorm(kv)  # [B, T, R]
         positions = token_positions(start, T, x.device)
-        q_pe, k_pe = self.rotary.rotate(q_pe, k_pe[:, None], positions)
-        kv, k_pe = cache.update(kv, k_pe[:, 0], start)  # [B, S, R], [B, S, Dr]
+        q_pe, k_pe = self.rotary(q_pe, k_pe, positions)
+        kv, k_pe = cache.update(kv, k_pe, start)  # [B, S, R], [B, S, Dr]
         S = kv.shape[1]
 
         # Expand the latent to per-head keys and values (no weight absorption: plain and exact).
@@ -187,98 +189,61 @@ class LatentAttention(nn.Module):
         )
         k = torch.cat([k_nope, k_pe[:, None].expand(B, H, S, self.rope_dim)], dim=-1)  # [B, H, S, Dn+Dr]
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = attend(q, k, v, attention_mask_or_none(start, T, None, x.device), self.scale)  # [B, H, T, Dv]
+        if isinstance(start, int) and T == 1:
+            mask = None  # an eager decode step over the filled prefix: every key is in its past
+        else:
+            mask = attention_mask(positions, key_positions(start, T, x.device))
+        out = attend(q, k, v, mask, self.scale)  # [B, H, T, Dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
-# -- mixture of experts ----------------------------------------------------------------------
-
-
-class Router(nn.Module):
-    """The gate: float32 logits over the E routed experts. `route` applies the family's
-    rule; calling it gives the logits (what the expert prefetcher guesses from)."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
-        self.top_k, self.n_experts = args.num_experts_per_tok, args.n_routed_experts
-        self.n_group, self.topk_group = args.n_group, args.topk_group
-        self.scaling, self.norm_topk_prob = args.routed_scaling_factor, args.norm_topk_prob
-        self.method = args.topk_method
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())  # [N, E]
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x [N, D] -> ids [N, K], weights [N, K] float32
-        scores = self(x).softmax(dim=-1, dtype=torch.float32)
-        if self.method == "group_limited_greedy":
-            # A group's score is its best expert's; experts outside the topk_group best groups are zeroed.
-            groups = scores.view(-1, self.n_group, self.n_experts // self.n_group)
-            chosen = torch.topk(groups.max(dim=-1).values, k=self.topk_group, dim=-1, sorted=False)[1]
-            keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, chosen, True)
-            scores = scores.masked_fill(~keep[:, :, None].expand_as(groups).reshape(scores.shape), 0.0)
-        elif self.method != "greedy":
-            raise MoerunError(f"deepseek_v2: topk_method '{self.method}' is not supported")
-        weights, ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            weights = weights * self.scaling
-        return ids, weights
-
-
-class MoE(nn.Module):
-    """Routed experts (moerun's stacked RoutedExperts, so quantization and the expert
-    cache apply) plus the shared experts, one SwiGLU MLP n_shared_experts times as wide."""
-
-    router_class = Router
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate = self.router_class(args)
-        self.top_k = args.num_experts_per_tok
-        self.experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
-        if args.n_shared_experts:
-            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
-        else:
-            self.shared_experts = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [N, D]
-        ids, weights = self.gate.route(flat)
-        out = self.experts(flat, ids, weights).reshape(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+# -- the model -------------------------------------------------------------------------------
 
 
 class Model(CausalLM):
-    rotary_class = LatentRotary
-    moe_class = MoE
+    """MLA + DeepSeekMoE. Subclasses (V3) change the rule by overriding make_router /
+    make_rotary; everything else is shared."""
+
+    @staticmethod
+    def make_rotary(args: ModelArgs) -> rope.Rotary:
+        # V2's reference rotates as complex numbers in float32.
+        return rope.Rotary(args.rope, args.qk_rope_head_dim, args.max_position_embeddings, interleaved=True,
+                           float32=True)  # fmt: skip
+
+    @staticmethod
+    def make_router(args: ModelArgs) -> Router:
+        if args.topk_method not in ("greedy", "group_limited_greedy"):
+            raise MoerunError(f"{args.model_type}: topk_method '{args.topk_method}' is not supported")
+        grouped = args.topk_method == "group_limited_greedy"
+        renormalize = args.norm_topk_prob and args.num_experts_per_tok > 1
+        return Router(
+            args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, scoring="softmax",
+            renormalize=renormalize, renorm_eps=1e-20, scaling=1.0 if renormalize else args.routed_scaling_factor,
+            n_group=args.n_group if grouped else None, topk_group=args.topk_group if grouped else None,
+            group_score="max", float32_logits=True,
+        )  # fmt: skip
+
+    @classmethod
+    def moe_block(cls, args: ModelArgs) -> SparseMoeBlock:
+        shared = None
+        if args.n_shared_experts:  # one SwiGLU MLP n_shared_experts times as wide
+            shared = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        return SparseMoeBlock(cls.make_router(args), experts, shared=shared, names={"shared": "shared_experts"})
 
     def __init__(self, args: ModelArgs):
-        rotary = self.rotary_class(args)
+        rotary = self.make_rotary(args)
         layers = [
             DecoderLayer(
                 LatentAttention(args, rotary),
-                self.moe_class(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size),
+                self.moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size),
                 "mlp",
                 args.hidden_size,
                 args.rms_norm_eps,
             )
             for i in range(args.num_hidden_layers)
         ]
-        super().__init__(args, layers, 1, args.kv_lora_rank + args.qk_rope_head_dim)
-
-    def make_caches(self, batch: int, max_len: int) -> list[LatentCache]:
-        ref = self.model.embed_tokens.weight
-        a = self.args
-        return [
-            LatentCache(batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, ref.dtype, ref.device)
-            for _ in self.model.layers
-        ]
+        super().__init__(args, layers)
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -289,3 +254,62 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             weights, f"model.layers.{i}.mlp.experts", args.n_routed_experts, "gate_proj", "up_proj", "down_proj"
         )
     return weights
+
+
+# -- the released checkpoint -------------------------------------------------------------------
+
+
+class _Layout(CheckpointLayout):
+    """With quant_method "fp8" (DeepSeek-V3's release) every linear of the layers is e4m3
+    with a float32 `weight_scale_inv` per block (128 x 128), counted in the weight's role."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        q = args.quantization_config or {}
+        self.block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
+
+    def linear(self, name: str, n_out: int, n_in: int, role: str, bias: bool = False) -> None:
+        if self.block is None:
+            return super().linear(name, n_out, n_in, role, bias)
+        self.add(f"{name}.weight", (n_out, n_in), role, "F8_E4M3")
+        self.add(f"{name}.weight_scale_inv", (math.ceil(n_out / self.block[0]), math.ceil(n_in / self.block[1])),
+                 role, "F32")  # fmt: skip
+        if bias:
+            self.add(f"{name}.bias", (n_out,), role)
+
+
+def checkpoint_tensors(args: ModelArgs) -> dict:
+    """The released checkpoint's tensors: name -> (shape, stored dtype, role). The
+    multi-token-prediction layer (index num_hidden_layers) is left out: it is never loaded."""
+    D, V, E, H = args.hidden_size, args.vocab_size, args.n_routed_experts, args.num_attention_heads
+    nope, rope_dim, vd, kvr = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim, args.kv_lora_rank
+    bias = args.attention_bias
+    t = _Layout(args)
+    t.embeddings()
+    for i in range(args.num_hidden_layers):
+        p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        t.decoder_norms(p)
+        if args.q_lora_rank:
+            t.linear(f"{a}.q_a_proj", args.q_lora_rank, D, "attention", bias)
+            t.add(f"{a}.q_a_layernorm.weight", (args.q_lora_rank,), "attention")
+            t.linear(f"{a}.q_b_proj", H * (nope + rope_dim), args.q_lora_rank, "attention")
+        else:
+            t.linear(f"{a}.q_proj", H * (nope + rope_dim), D, "attention")
+        t.linear(f"{a}.kv_a_proj_with_mqa", kvr + rope_dim, D, "attention", bias)
+        t.add(f"{a}.kv_a_layernorm.weight", (kvr,), "attention")
+        t.linear(f"{a}.kv_b_proj", H * (nope + vd), kvr, "attention")
+        t.linear(f"{a}.o_proj", D, H * vd, "attention", bias)
+        if i in args.moe_layers:
+            t.add(f"{p}.mlp.gate.weight", (E, D), "routers")  # the router stays in bf16 in FP8 releases
+            if args.correction_bias:
+                t.add(f"{p}.mlp.gate.e_score_correction_bias", (E,), "routers", "F32")
+            t.experts(f"{p}.mlp.experts", E, args.moe_intermediate_size)
+            if args.n_shared_experts:
+                t.swiglu(f"{p}.mlp.shared_experts", args.moe_intermediate_size * args.n_shared_experts,
+                         "shared_experts")  # fmt: skip
+        else:
+            t.swiglu(f"{p}.mlp", args.intermediate_size, "dense_mlp")
+    t.add("model.norm.weight", (D,), "norms")
+    if not args.tie_word_embeddings:
+        t.add("lm_head.weight", (V, D), "lm_head")  # bf16 in FP8 releases too
+    return t.tensors

@@ -1,17 +1,17 @@
 """Llama 4 text model (meta-llama/Llama-4-Scout-17B-16E, Maverick-17B-128E): the language
 model of Llama4ForConditionalGeneration. config.json nests it in `text_config`; its
 tensors are named `language_model.model.layers...` beside a vision tower that a
-text-only run ignores.
+text-only run ignores (text-only checkpoints: moerun/models/llama4_text.py).
 
-Attention: RoPE on complex (interleaved) pairs, llama3 scaling; on RoPE layers an L2 q/k
-norm (`use_qk_norm`) and, when `layer_types` says so, chunked attention (a query sees only
-keys of its own `attention_chunk_size` chunk); on no-RoPE layers (`no_rope_layers[i] == 0`)
-full attention with query temperature tuning. MoE layers (`moe_layers`, else every
-`interleave_moe_layer_step`-th) route each token to the top-k experts by logit, scale the
-expert's INPUT by sigmoid(logit), and add a shared expert; other layers are dense MLPs.
+Attention: RoPE on complex (interleaved) pairs in float32, llama3 scaling; on RoPE layers
+an L2 q/k norm after RoPE (`use_qk_norm`) and, when `layer_types` says so, chunked
+attention (a query sees only keys of its own `attention_chunk_size` chunk); on no-RoPE
+layers (`no_rope_layers[i] == 0`) full attention with query temperature tuning. MoE
+layers (`moe_layers`, else every `interleave_moe_layer_step`-th) route each token to the
+top-k experts by logit, scale the expert's INPUT by sigmoid(logit), and add a shared
+expert; other layers are dense MLPs.
 
-Shape legend: B batch, T new tokens, S cached positions, N tokens flattened, H query
-heads, K kv heads, Dh head dim, D hidden, E experts.
+Shape legend: D hidden, E experts, I expert intermediate.
 """
 
 from __future__ import annotations
@@ -19,30 +19,20 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moerun import rope
-from moerun.layers import KVCache, MLP, Start, attend, attention_mask, key_positions, token_positions
-from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer
+from moerun.layers import MLP
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer
 from moerun.moe.experts import RoutedExperts
+from moerun.moe.routing import Router
 
 # Checkpoint names of the language model start with this; everything else (vision tower,
 # multimodal projector) is not ours.
 CHECKPOINT_PREFIX = "language_model."
 
 
-@dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+@dataclasses.dataclass(kw_only=True)
+class ModelArgs(TransformerArgs):
     intermediate_size_mlp: int = 16384
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
     num_local_experts: int = 16
     num_experts_per_tok: int = 1
     moe_layers: list[int] | None = None
@@ -57,11 +47,7 @@ class ModelArgs(BaseModelArgs):
     attn_temperature_tuning: bool = True
     floor_scale: int = 8192
     attn_scale: float = 0.1
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 131072
-    rope_theta: float | None = None
-    rope_parameters: dict | None = None
-    rope_scaling: dict | None = None
 
     @classmethod
     def from_dict(cls, config: dict):
@@ -72,9 +58,8 @@ class ModelArgs(BaseModelArgs):
         return super().from_dict(config)
 
     def __post_init__(self):
+        super().__post_init__()
         n = self.num_hidden_layers
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         # The reference's defaults, derived the same way.
         if not self.no_rope_layers:
             self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0) for i in range(n)]
@@ -83,122 +68,38 @@ class ModelArgs(BaseModelArgs):
             self.moe_layers = list(range(step - 1, n, step))
         if self.layer_types is None:
             self.layer_types = ["chunked_attention" if r else "full_attention" for r in self.no_rope_layers]
-        config = dataclasses.asdict(self)
-        if self.rope_theta is None and "rope_theta" not in (self.rope_parameters or self.rope_scaling or {}):
-            config["rope_theta"] = 500000.0
-        self.rope = rope.rope_parameters(config)
-        rope.check_supported(self.rope)
 
 
-class ComplexRotary(nn.Module):
-    """RoPE on consecutive pairs (x[2i], x[2i+1]) as complex numbers, in float32."""
-
-    def __init__(self, params: dict, head_dim: int, max_position_embeddings: int):
-        super().__init__()
-        # A plain attribute, not a buffer: models are built on the meta device.
-        self.inv_freq, self.scaling = rope.inv_freq_and_scaling(params, head_dim, max_position_embeddings)
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        # positions [T] -> complex64 [T, Dh/2]
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return torch.polar(torch.ones_like(freqs), freqs) * self.scaling
+def moe_block(args: ModelArgs) -> SparseMoeBlock:
+    # Top-k by logit (sigmoid is monotonic), weights sigmoid(logit), not normalised, in the logits' dtype.
+    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, scoring="sigmoid",
+                    weights_dtype="logits")  # fmt: skip
+    experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size, weights_on_input=True)
+    return SparseMoeBlock(router, experts, shared=MLP(args.hidden_size, args.intermediate_size),
+                          names={"router": "router"})  # fmt: skip
 
 
-def apply_complex_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # x [B, T, H, Dh], freqs_cis [T, Dh/2]
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
-
-
-def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-
-
-class Llama4Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, rotary: ComplexRotary):
-        super().__init__()
-        D, H, K, Dh = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = H, K, Dh
-        self.q_proj = nn.Linear(D, H * Dh, bias=args.attention_bias)
-        self.k_proj = nn.Linear(D, K * Dh, bias=args.attention_bias)
-        self.v_proj = nn.Linear(D, K * Dh, bias=args.attention_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=args.attention_bias)
-        self.use_rope = bool(args.no_rope_layers[layer])
-        self.rope = rotary
-        self.qk_norm_eps = args.rms_norm_eps if args.use_qk_norm and self.use_rope else None
-        self.temperature = (args.floor_scale, args.attn_scale) if args.attn_temperature_tuning and not self.use_rope else None
-        chunked = args.layer_types[layer] == "chunked_attention"
-        self.chunk = args.attention_chunk_size if chunked else None
-
-    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
-        B, T, _ = x.shape
-        positions = token_positions(start, T, x.device)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            freqs_cis = self.rope(positions)
-            q, k = apply_complex_rope(q, freqs_cis), apply_complex_rope(k, freqs_cis)
-        if self.qk_norm_eps is not None:
-            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
-        if self.temperature is not None:
-            # Longer contexts sharpen no-RoPE attention (arXiv 2501.19399): q scaled per position.
-            floor_scale, attn_scale = self.temperature
-            scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-            q = (q * scales.view(1, T, 1, 1)).to(q.dtype)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H|K, T, Dh]
-        k, v = cache.update(k, v, start)  # [B, K, S, Dh]
-
-        mask = attention_mask(start, T, None, x.device)
-        if self.chunk:
-            q_pos = token_positions(start, T, x.device)[:, None]
-            kv_pos = key_positions(start, T, x.device)[None, :]
-            mask &= (kv_pos // self.chunk) == (q_pos // self.chunk)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class MoeBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.top_k = args.num_experts_per_tok
-        self.router = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.experts = RoutedExperts(
-            args.num_local_experts, args.hidden_size, args.intermediate_size, weights_on_input=True
-        )
-        self.shared_expert = MLP(args.hidden_size, args.intermediate_size)
-
-    @property
-    def gate(self) -> nn.Linear:
-        """The router under the name the expert cache's next-layer prefetch looks for."""
-        return self.router
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, D]
-        logits = self.router(x)
-        top, ids = torch.topk(logits, self.top_k, dim=-1)
-        weights = torch.sigmoid(top.float()).to(logits.dtype)  # per expert, not normalised
-        return (self.shared_expert(x) + self.experts(x, ids, weights)).reshape(shape)
+def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
+    """Layer i: RoPE (and the L2 q/k norm, and chunks where layer_types says so) or NoPE
+    with temperature tuning; the MoE block or a dense MLP as `feed_forward`."""
+    use_rope = bool(args.no_rope_layers[i])
+    chunked = args.layer_types[i] == "chunked_attention"
+    tuned = args.attn_temperature_tuning and not use_rope
+    ffn = moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size_mlp)
+    return attention_layer(
+        args, rope if use_rope else None, ffn, "feed_forward",
+        qkv_bias=args.attention_bias, o_bias=args.attention_bias,
+        qk_norm="l2" if args.use_qk_norm and use_rope else None, qk_norm_eps=args.rms_norm_eps,
+        chunk=args.attention_chunk_size if chunked else None,
+        temperature=(args.floor_scale, args.attn_scale) if tuned else None,
+    )  # fmt: skip
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        rotary = ComplexRotary(args.rope, args.head_dim, args.max_position_embeddings)
-        layers = [
-            DecoderLayer(
-                Llama4Attention(args, i, rotary),
-                MoeBlock(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size_mlp),
-                "feed_forward",
-                args.hidden_size,
-                args.rms_norm_eps,
-            )
-            for i in range(args.num_hidden_layers)
-        ]
-        super().__init__(args, layers, args.num_key_value_heads, args.head_dim)
+        # Pairs (x[2i], x[2i+1]) rotated as complex numbers in float32, as the reference.
+        rope = args.rotary(default_theta=500000.0, interleaved=True, float32=True)
+        super().__init__(args, [decoder_layer(args, i, rope) for i in range(args.num_hidden_layers)])
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -219,3 +120,24 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
         if f"{p}.down_proj" in out:
             out[f"{p}.w2"] = out.pop(f"{p}.down_proj").transpose(1, 2).contiguous()
     return out
+
+
+def checkpoint_tensors(args: ModelArgs, prefix: str = CHECKPOINT_PREFIX) -> dict:
+    """The released checkpoint's text model: name -> (shape, stored dtype, role). The
+    vision tower and projector are left out (never loaded)."""
+    D, E, I = args.hidden_size, args.num_local_experts, args.intermediate_size
+    t = CheckpointLayout(args, prefix=prefix)
+    t.embeddings()
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        t.attention_layer(p, args.attention_bias, args.attention_bias)
+        f = f"{p}.feed_forward"
+        if i in args.moe_layers:
+            t.add(f"{f}.router.weight", (E, D), "routers")
+            t.add(f"{f}.experts.gate_up_proj", (E, D, 2 * I), "routed_experts")
+            t.add(f"{f}.experts.down_proj", (E, I, D), "routed_experts")
+            t.swiglu(f"{f}.shared_expert", I, "shared_experts")
+        else:
+            t.swiglu(f, args.intermediate_size_mlp, "dense_mlp")
+    t.final()
+    return t.tensors

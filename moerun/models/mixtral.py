@@ -2,7 +2,7 @@
 sliding window, and a sparse MoE block per layer (`block_sparse_moe`) whose router takes
 the top-k of the logits and softmaxes over those k.
 
-Shape legend: N tokens, D hidden, E experts, K experts per token.
+Shape legend: N tokens, D hidden, E experts, K experts per token, I expert intermediate.
 """
 
 from __future__ import annotations
@@ -10,76 +10,35 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
-from moerun.layers import Attention, RotaryEmbedding, check_rope_scaling, rope_theta
-from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, stack_experts
 from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import softmax_topk
+from moerun.moe.routing import Router
 
 
-@dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+@dataclasses.dataclass(kw_only=True)
+class ModelArgs(TransformerArgs):
     num_local_experts: int
     num_experts_per_tok: int
     rms_norm_eps: float = 1e-5
-    head_dim: int | None = None
     sliding_window: int | None = None
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
-    rope_theta: float | None = None
-    rope_parameters: dict | None = None
-    rope_scaling: dict | None = None
-
-    def __post_init__(self):
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        check_rope_scaling(dataclasses.asdict(self))
-        self.rope_theta = rope_theta(dataclasses.asdict(self), default=1e6)
 
 
-class SparseMoeBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.top_k = args.num_experts_per_tok
-        self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, D]
-        # Mixtral keeps the routing weights in float32 (renormalised top-k softmax).
-        ids, weights = softmax_topk(self.gate(x), self.top_k, renormalize=True)
-        return self.experts(x, ids, weights).reshape(shape)
+def moe_block(args: ModelArgs) -> SparseMoeBlock:
+    # Softmax over all, top-k, renormalised: the softmax over the top-k logits (float32 weights).
+    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True)
+    return SparseMoeBlock(router, RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size))
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+        rope = args.rotary(default_theta=1e6)
         layers = [
-            DecoderLayer(
-                Attention(
-                    args.hidden_size,
-                    args.num_attention_heads,
-                    args.num_key_value_heads,
-                    args.head_dim,
-                    rope,
-                    sliding_window=args.sliding_window,
-                ),
-                SparseMoeBlock(args),
-                "block_sparse_moe",
-                args.hidden_size,
-                args.rms_norm_eps,
-            )
+            attention_layer(args, rope, moe_block(args), "block_sparse_moe", sliding_window=args.sliding_window)
             for _ in range(args.num_hidden_layers)
         ]
-        super().__init__(args, layers, args.num_key_value_heads, args.head_dim)
+        super().__init__(args, layers)
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -88,3 +47,17 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     for i in range(args.num_hidden_layers):
         stack_experts(weights, f"model.layers.{i}.block_sparse_moe.experts", args.num_local_experts, "w1", "w3", "w2")
     return weights
+
+
+def checkpoint_tensors(args: ModelArgs) -> dict:
+    """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
+    t = CheckpointLayout(args)
+    t.embeddings()
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        t.attention_layer(p)
+        t.add(f"{p}.block_sparse_moe.gate.weight", (args.num_local_experts, args.hidden_size), "routers")
+        t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))
+    t.final()
+    return t.tensors
+

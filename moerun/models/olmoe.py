@@ -3,8 +3,7 @@ projection (all heads at once, before the split into heads) and optionally clamp
 ±clip_qkv with v; every layer sparse, routed by the softmax over all experts, top-k
 renormalised only when norm_topk_prob; no shared expert.
 
-Shape legend: B batch, T tokens, N tokens flattened, D hidden, H query heads, K kv heads,
-Dh head dim, E experts.
+Shape legend: N tokens, D hidden, E experts, K experts per token.
 """
 
 from __future__ import annotations
@@ -12,113 +11,38 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moerun.layers import (
-    Attention,
-    KVCache,
-    RMSNorm,
-    RotaryEmbedding,
-    Start,
-    apply_rope,
-    attend,
-    attention_mask_or_none,
-    check_rope_scaling,
-    rope_theta,
-    token_positions,
-)
-from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, stack_experts
 from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import softmax_topk
+from moerun.moe.routing import Router
 
 
-@dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+@dataclasses.dataclass(kw_only=True)
+class ModelArgs(TransformerArgs):
     num_experts: int
     num_experts_per_tok: int
-    num_key_value_heads: int | None = None
     rms_norm_eps: float = 1e-5
     norm_topk_prob: bool = False
     clip_qkv: float | None = None
     attention_bias: bool = False
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 4096
-    rope_theta: float | None = None
-    rope_parameters: dict | None = None
-    rope_scaling: dict | None = None
-
-    def __post_init__(self):
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.hidden_size // self.num_attention_heads
-        check_rope_scaling(dataclasses.asdict(self))
-        self.rope_theta = rope_theta(dataclasses.asdict(self))
 
 
-class OlmoeAttention(Attention):
-    """GQA whose q/k norms span the full projection ([H*Dh] and [K*Dh]), then clip_qkv."""
-
-    def __init__(self, args: ModelArgs, rope: RotaryEmbedding):
-        super().__init__(
-            args.hidden_size,
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-            rope,
-            qkv_bias=args.attention_bias,
-            o_bias=args.attention_bias,
-        )
-        self.q_norm = RMSNorm(args.num_attention_heads * args.head_dim, args.rms_norm_eps)
-        self.k_norm = RMSNorm(args.num_key_value_heads * args.head_dim, args.rms_norm_eps)
-        self.clip_qkv = args.clip_qkv
-
-    def forward(self, x: torch.Tensor, cache: KVCache, start: Start) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.q_norm(self.q_proj(x)), self.k_norm(self.k_proj(x)), self.v_proj(x)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-
-        cos, sin = self.rope(token_positions(start, T, x.device), x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(k, v, start)  # [B, K, S, Dh]
-
-        mask = attention_mask_or_none(start, T, None, x.device)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class SparseMoeBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
-        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, D]
-        logits = self.gate(x)
-        ids, weights = softmax_topk(logits, self.top_k, self.norm_topk_prob, weights_dtype=logits.dtype)
-        return self.experts(x, ids, weights).reshape(shape)
+def moe_block(args: ModelArgs) -> SparseMoeBlock:
+    # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
+    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
+                    weights_dtype="logits")  # fmt: skip
+    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.intermediate_size))
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        rope = RotaryEmbedding(args.head_dim, args.rope_theta)
+        rope = args.rotary()
         layers = [
-            DecoderLayer(OlmoeAttention(args, rope), SparseMoeBlock(args), "mlp", args.hidden_size, args.rms_norm_eps)
+            attention_layer(args, rope, moe_block(args), qkv_bias=args.attention_bias, o_bias=args.attention_bias,
+                            qk_norm="full", qk_norm_eps=args.rms_norm_eps, clip_qkv=args.clip_qkv)  # fmt: skip
             for _ in range(args.num_hidden_layers)
         ]
-        super().__init__(args, layers, args.num_key_value_heads, args.head_dim)
+        super().__init__(args, layers)
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -127,3 +51,16 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     for i in range(args.num_hidden_layers):
         stack_experts(weights, f"model.layers.{i}.mlp.experts", args.num_experts, "gate_proj", "up_proj", "down_proj")
     return weights
+
+
+def checkpoint_tensors(args: ModelArgs) -> dict:
+    """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
+    t = CheckpointLayout(args)
+    t.embeddings()
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        t.attention_layer(p, args.attention_bias, args.attention_bias, qk_norm="full")
+        t.add(f"{p}.mlp.gate.weight", (args.num_experts, args.hidden_size), "routers")
+        t.experts(f"{p}.mlp.experts", args.num_experts, args.intermediate_size)
+    t.final()
+    return t.tensors

@@ -1,7 +1,8 @@
 """Qwen2-MoE (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): attention with qkv bias, routed experts
 weighted by the full softmax (renormalised only with norm_topk_prob), plus a shared
 expert scaled by its own sigmoid gate; layers named by `mlp_only_layers` or off the
-`decoder_sparse_step` grid are dense.
+`decoder_sparse_step` grid are dense. Sliding windows, when used, are per layer
+(`layer_types`).
 
 Shape legend: N tokens, D hidden, E experts, K experts per token.
 """
@@ -10,30 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moerun.layers import MLP, Attention, RotaryEmbedding, check_rope_scaling, rope_theta
-from moerun.models.base import BaseModelArgs, CausalLM, DecoderLayer, moe_layer_indices, stack_experts
+from moerun.layers import MLP
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, moe_layer_indices
+from moerun.models.qwen3_moe import sanitize  # noqa: F401  (the same expert layout)
 from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import softmax_topk
+from moerun.moe.routing import Router
 
 
-@dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+@dataclasses.dataclass(kw_only=True)
+class ModelArgs(TransformerArgs):
+    # Required here (no fallback to num_attention_heads); a bare annotation would inherit the None default.
+    num_key_value_heads: int = dataclasses.field()
     num_experts: int
     num_experts_per_tok: int
     moe_intermediate_size: int
     shared_expert_intermediate_size: int
-    rms_norm_eps: float = 1e-6
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
@@ -42,16 +36,10 @@ class ModelArgs(BaseModelArgs):
     sliding_window: int | None = None
     max_window_layers: int = 28
     layer_types: list[str] | None = None
-    tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
-    rope_theta: float | None = None
-    rope_parameters: dict | None = None
-    rope_scaling: dict | None = None
 
     def __post_init__(self):
-        check_rope_scaling(dataclasses.asdict(self))
-        self.rope_theta = rope_theta(dataclasses.asdict(self))
-        self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
         if self.layer_types is None:
             # The reference's rule when the config does not spell the layer types out.
             self.layer_types = [
@@ -60,57 +48,56 @@ class ModelArgs(BaseModelArgs):
                 else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
+        # Each layer's window; the reference's config drops it without use_sliding_window.
+        self.windows = [
+            self.sliding_window if self.use_sliding_window and kind == "sliding_attention" else None
+            for kind in self.layer_types
+        ]
         self.moe_layers = moe_layer_indices(
             self.num_hidden_layers, self.num_experts, self.decoder_sparse_step, self.mlp_only_layers
         )
 
 
-class SparseMoeBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
-        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size)
-        self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+def moe_block(args: ModelArgs) -> SparseMoeBlock:
+    # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
+    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
+                    weights_dtype="logits")  # fmt: skip
+    return SparseMoeBlock(
+        router,
+        RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),
+        shared=MLP(args.hidden_size, args.shared_expert_intermediate_size),
+        shared_gate=nn.Linear(args.hidden_size, 1, bias=False),
+    )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, D]
-        logits = self.gate(x)
-        ids, weights = softmax_topk(logits, self.top_k, self.norm_topk_prob, weights_dtype=logits.dtype)
-        shared = F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (self.experts(x, ids, weights) + shared).reshape(shape)
+
+def ffn(args: ModelArgs, i: int) -> nn.Module:
+    """Layer i's feed-forward: the MoE block, or a dense MLP off the sparse grid."""
+    return moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
 
 
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        rope = RotaryEmbedding(args.head_dim, args.rope_theta)
-        window = args.sliding_window if args.use_sliding_window else None
+        rope = args.rotary()
         layers = [
-            DecoderLayer(
-                Attention(
-                    args.hidden_size,
-                    args.num_attention_heads,
-                    args.num_key_value_heads,
-                    args.head_dim,
-                    rope,
-                    qkv_bias=args.qkv_bias,
-                    sliding_window=window if args.layer_types[i] == "sliding_attention" else None,
-                ),
-                SparseMoeBlock(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size),
-                "mlp",
-                args.hidden_size,
-                args.rms_norm_eps,
-            )
-            for i in range(args.num_hidden_layers)
+            attention_layer(args, rope, ffn(args, i), qkv_bias=args.qkv_bias, sliding_window=window)
+            for i, window in enumerate(args.windows)
         ]
-        super().__init__(args, layers, args.num_key_value_heads, args.head_dim)
+        super().__init__(args, layers)
 
 
-def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    weights = dict(weights)
-    for i in args.moe_layers:
-        stack_experts(weights, f"model.layers.{i}.mlp.experts", args.num_experts, "gate_proj", "up_proj", "down_proj")
-    return weights
+def checkpoint_tensors(args: ModelArgs) -> dict:
+    """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
+    t = CheckpointLayout(args)
+    t.embeddings()
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}"
+        t.attention_layer(p, args.qkv_bias)
+        if i in args.moe_layers:
+            t.add(f"{p}.mlp.gate.weight", (args.num_experts, args.hidden_size), "routers")
+            t.experts(f"{p}.mlp.experts", args.num_experts, args.moe_intermediate_size)
+            t.swiglu(f"{p}.mlp.shared_expert", args.shared_expert_intermediate_size, "shared_experts")
+            t.add(f"{p}.mlp.shared_expert_gate.weight", (1, args.hidden_size), "shared_experts")
+        else:
+            t.swiglu(f"{p}.mlp", args.intermediate_size, "dense_mlp")
+    t.final()
+    return t.tensors

@@ -378,18 +378,28 @@ class CachedExperts(nn.Module):
             act=self.act, weights_on_input=self.weights_on_input, mode=mode,
         )  # fmt: skip
 
+    @property
+    def intermediate_size(self) -> int:
+        return self.fmt.intermediate_size
+
+    @property
+    def n_params(self) -> int:
+        D, I = self.fmt.hidden_size, self.fmt.intermediate_size
+        return self.n_experts * (3 * D * I + (2 * I + D if self.fmt.bias else 0))
+
     def resident_bytes(self) -> int:
         """Bytes this layer holds on the compute device (the slot buffer)."""
         return self.slots.numel() if self.slots.device == self.device else 0
 
 
-def make_prefetch_hook(next_gate: nn.Linear, next_experts: CachedExperts, top_k: int) -> Callable:
-    """Guess the next layer's experts by applying its router to this layer's input (the
-    speculative loading of Eliseev & Mazur): the residual stream changes little per layer."""
+def make_prefetch_hook(next_router: nn.Module, next_experts: CachedExperts) -> Callable:
+    """Guess the next layer's experts by applying its router (its own rule: softmax or
+    sigmoid, biases, groups) to this layer's input (the speculative loading of Eliseev &
+    Mazur): the residual stream changes little per layer."""
 
     def hook(x: torch.Tensor) -> None:
-        logits = next_gate(x)
-        guess = torch.topk(logits, top_k, dim=-1).indices.unique().tolist()
+        ids, _ = next_router(x)
+        guess = ids.unique().tolist()
         next_experts.prefetch(guess[: next_experts.n_slots])
 
     return hook

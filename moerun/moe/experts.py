@@ -65,6 +65,8 @@ class RoutedExperts(nn.Module):
     """All experts of one layer. `weights_on_input`: scale each token's input by its
     routing weight before the expert instead of scaling the output (Llama 4)."""
 
+    role = "routed_experts"
+
     def __init__(
         self,
         n_experts: int,
@@ -84,6 +86,14 @@ class RoutedExperts(nn.Module):
             self.b2 = nn.Parameter(torch.empty(n_experts, hidden_size))
         else:
             self.b13 = self.b2 = None
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in (self.w13, self.w2, self.b13, self.b2) if t is not None)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> sum_k weights[n, k] * expert_{ids[n, k]}(x[n])."""

@@ -4,6 +4,7 @@ Architectures are untouched: their MoE blocks call `experts(x, ids, weights)` ei
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def attach_expert_cache(
     cold: str = "gpu",
     prefetch: bool = True,
     progress=None,
+    ckpt: CheckpointWeights | None = None,
 ) -> dict:
     """Replace every RoutedExperts in `lm` by a CachedExperts with `slots` slots, with the
     experts of the checkpoint in `folder`.
@@ -87,7 +89,9 @@ def attach_expert_cache(
         raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
     fmts, n_experts, paths = expert_formats(lm, bits, dtype)
     info: dict = {"bits": bits, "slots": slots}
-    with CheckpointWeights.open(folder) as ckpt:
+    with contextlib.ExitStack() as stack:
+        if ckpt is None:  # the caller's open checkpoint, else one opened here
+            ckpt = stack.enter_context(CheckpointWeights.open(folder))
 
         def build(i: int) -> torch.Tensor:
             return layer_expert_blobs(ckpt, arch, lm.args, i, paths[i], fmts[i])
@@ -103,7 +107,7 @@ def attach_expert_cache(
                     progress(done, len(fmts))
             info["quantized_cache"] = None
         else:
-            qcache = QuantizedCache(folder, fmts, n_experts, bits)
+            qcache = QuantizedCache(folder, fmts, n_experts, bits, ckpt.fingerprint)
             stores, built = qcache.load_or_build(build, progress)
             info.update(quantized_cache=str(qcache.path), cache_built=built)
     info.update(install_expert_cache(lm, stores, fmts, slots, device, dtype, cold, prefetch))
@@ -144,10 +148,10 @@ def install_expert_cache(
         cached.append((i, owner_path, module))
 
     if prefetch and slots < max(m.n_experts for _, _, m in cached):
-        for (_, _, here), (_, next_owner, there) in zip(cached, cached[1:]):
-            router, top_k = _router_of(lm.get_submodule(next_owner))
+        for (_, _, here), (_, next_block, there) in zip(cached, cached[1:]):
+            router = _router_of(lm.get_submodule(next_block))
             if router is not None:
-                here.prefetch_hook = make_prefetch_hook(router, there, top_k)
+                here.prefetch_hook = make_prefetch_hook(router, there)
 
     info = {}
     if cold == "auto" and slots < max(m.n_experts for _, _, m in cached):
@@ -160,19 +164,12 @@ def install_expert_cache(
     return info
 
 
-def _router_of(block: nn.Module) -> tuple[nn.Module | None, int]:
-    """The linear router of an MoE block and its top-k, whatever the family calls them
-    (`gate`, `router`, Granite's `router.layer`); (None, 0) when there is no plain linear
-    router to guess with, and then that layer is simply not prefetched."""
-    for name in ("gate", "router", "router.layer"):
-        try:
-            module = block.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Linear):
-            top_k = getattr(block, "top_k", None) or getattr(block, "num_experts_per_tok", None) or 2
-            return module, int(top_k)
-    return None, 0
+def _router_of(block: nn.Module) -> nn.Module | None:
+    """The router of an MoE block: every family's block is a SparseMoeBlock, whose router
+    gives (ids, weights) for flat tokens, whatever its rule."""
+    from moerun.models.base import SparseMoeBlock
+
+    return block.router if isinstance(block, SparseMoeBlock) else None
 
 
 @torch.inference_mode()

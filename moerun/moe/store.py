@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 
 import moerun
 from moerun.errors import MoerunError
-from moerun.plan import is_routed_expert
 from moerun.quant.format import FORMAT_VERSION, ExpertFormat
 from moerun.weights import CheckpointWeights, read_header
 
@@ -61,8 +60,10 @@ def layer_expert_blobs(
     ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat
 ) -> torch.Tensor:
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
+    from moerun.models import routed_checkpoint_names
+
     layer_prefix = getattr(arch, "CHECKPOINT_PREFIX", "") + f"model.layers.{layer}."
-    names = [n for n in ckpt.keys() if n.startswith(layer_prefix) and is_routed_expert(n)]
+    names = sorted(routed_checkpoint_names(arch, args, [n for n in ckpt.keys() if n.startswith(layer_prefix)]))
     stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
     w13, w2 = stacked.get(f"{prefix}.w13"), stacked.get(f"{prefix}.w2")
     if w13 is None or w2 is None:
@@ -85,12 +86,14 @@ def layer_expert_blobs(
 class QuantizedCache:
     """The on-disk cache of one (checkpoint, format): `open()` if valid, else `build()`."""
 
-    def __init__(self, folder: Path, fmt_by_layer: dict[int, ExpertFormat], experts_per_layer: dict[int, int], bits: int):
+    def __init__(self, folder: Path, fmt_by_layer: dict[int, ExpertFormat], experts_per_layer: dict[int, int], bits: int,
+                 fingerprint: str | None = None):  # fmt: skip
         self.source = Path(folder)
         self.bits = bits
         self.fmt_by_layer = fmt_by_layer
         self.experts_per_layer = experts_per_layer
-        self.fingerprint = source_fingerprint(self.source)
+        # The open checkpoint's own (its headers were read once, at open), else read here.
+        self.fingerprint = fingerprint or source_fingerprint(self.source)
         formats = sorted({f.name for f in fmt_by_layer.values()})
         self.path = cache_root() / "experts" / f"{self.fingerprint[:20]}-{'+'.join(formats)}"
 

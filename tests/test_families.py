@@ -1,0 +1,113 @@
+"""Every family, one table: each row is a tiny random checkpoint saved by transformers
+5.23 (sharded, bf16) with the family's quirks turned on, and every row passes the same
+checks against the reference:
+
+- float32 logits within 1e-4 relative error, and 32 greedy tokens identical;
+- KV-cache decode equal to a full forward, and the static (CUDA-graph) decode step equal
+  to eager decode, without a host sync outside the expert layers;
+- 4-bit experts through a one-slot cache equal to 4-bit fully resident;
+- the family's checkpoint_tensors equal to the saved headers, and sanitize of that
+  layout (as meta tensors) giving exactly the model's parameters;
+- the plan counting what the loaded model holds (parameters, and the state its layers
+  allocate for the planned context).
+
+The rows' configs and makers live with each family's own tests (tests/test_<family>.py),
+which add what is particular to it."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+import moerun
+from moerun.models import build_meta_model
+from moerun.weights import CheckpointWeights
+from tests import test_deepseek, test_glm4_moe_lite, test_gpt_oss_llama4, test_more_families, test_new_families
+from tests.model_fixtures import make_checkpoint, reference_model
+from tests.parity import (
+    check_greedy_32,
+    check_kv_cache_decode,
+    check_logits,
+    check_offloaded_4bit_equals_resident,
+    check_static_decode,
+)
+
+
+def _plain(arch: str, folder, **config):
+    return make_checkpoint(folder, arch, dtype=torch.bfloat16, shards=3, **config)
+
+
+# row id -> (maker(folder) -> folder, checkpoint prefixes the model never loads)
+ROWS = {
+    "mixtral": (functools.partial(_plain, "mixtral"), ()),
+    "qwen2_moe": (functools.partial(_plain, "qwen2_moe"), ()),
+    "qwen3_moe": (functools.partial(_plain, "qwen3_moe"), ()),
+    **{arch: (functools.partial(_plain, arch, **config), ()) for arch, config in test_more_families.CONFIGS.items()},
+    "gpt_oss": (test_gpt_oss_llama4.make_gpt_oss, ()),
+    "llama4": (test_gpt_oss_llama4.make_llama4, test_gpt_oss_llama4.VISION),
+    "llama4_text": (test_gpt_oss_llama4.make_llama4_text, ()),
+    **{f"deepseek-{case}": (functools.partial(test_deepseek.make_deepseek, case=case), ())
+       for case in test_deepseek.CASES},
+    **{f"glm4_moe_lite-{case}": (functools.partial(test_glm4_moe_lite.make_glm, case=case), ())
+       for case in test_glm4_moe_lite.CASES},
+    **{arch: (functools.partial(test_new_families.make_family, arch), ()) for arch in test_new_families.CONFIGS},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
+@pytest.fixture(scope="module", params=list(ROWS))
+def checkpoint(request, tmp_path_factory):
+    make, not_loaded = ROWS[request.param]
+    return make(tmp_path_factory.mktemp(request.param)), not_loaded
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    folder, _ = checkpoint
+    return moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+
+
+def test_logits_match_transformers(pair):
+    check_logits(*pair)
+
+
+def test_32_greedy_tokens_match_transformers(pair):
+    check_greedy_32(*pair)
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    check_kv_cache_decode(pair[0])
+
+
+def test_static_decode_step_equals_eager_decode(pair):
+    check_static_decode(pair[0])
+
+
+def test_4bit_one_slot_equals_4bit_resident(checkpoint):
+    check_offloaded_4bit_equals_resident(checkpoint[0])
+
+
+def test_checkpoint_tensors_are_the_saved_checkpoint_and_sanitize_to_the_model(checkpoint):
+    folder, not_loaded = checkpoint
+    lm, arch = build_meta_model(json.loads((folder / "config.json").read_text()))
+    layout = arch.checkpoint_tensors(lm.args)
+    with CheckpointWeights.open(folder) as ckpt:
+        saved = {n: tuple(shape) for n, (shape, _) in ckpt.headers().items() if not n.startswith(not_loaded)}
+    assert {n: shape for n, (shape, _, _) in layout.items()} == saved
+    sanitized = arch.sanitize({n: torch.empty(shape, device="meta") for n, (shape, _, _) in layout.items()}, lm.args)
+    assert {n: tuple(t.shape) for n, t in sanitized.items()} == {n: tuple(p.shape) for n, p in lm.named_parameters()}
+
+
+def test_the_plan_is_what_the_model_holds(checkpoint):
+    folder, _ = checkpoint
+    model = moerun.load(str(folder), device="cpu", dtype=torch.float32, ctx=48)
+    assert model.plan.total_params == model.num_parameters
+    assert [c.max_len for c in model.kv_caches] == [48] * len(model.kv_caches)
+    assert sum(c.nbytes for c in model.kv_caches) == model.plan.kv_cache_bytes

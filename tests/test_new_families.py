@@ -1,0 +1,244 @@
+"""GLM-4.5 (glm4_moe) and ERNIE-4.5 (ernie4_5_moe) held against transformers on tiny
+random checkpoints saved by it (sharded, bf16), with every quirk on: partial rotary,
+q/k norm, attention biases, group-limited sigmoid routing with a correction bias,
+shared experts, dense first layers (GLM); interleaved float32 RoPE, an MoE layer range
+with dense layers on both sides, biases everywhere, a softmax router with a correction
+bias and a norm_min that bites (ERNIE). tests/test_families.py runs the checks every
+family passes on these checkpoints; here: the routing quirks change the logits, the
+router stays float32, partial rotary, ERNIE's layer range, MTP layers never loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moerun
+from moerun.models import get_architecture
+from moerun.weights import CheckpointWeights
+from tests.model_fixtures import make_checkpoint, reference_model
+from tests.parity import check_logits, rel_err
+
+CONFIGS = {
+    "glm4_moe": dict(
+        head_dim=32,
+        partial_rotary_factor=0.5,  # 16 of 32 dims rotated
+        rope_theta=1e6,
+        use_qk_norm=True,
+        attention_bias=True,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
+    "ernie4_5_moe": dict(
+        num_hidden_layers=4,  # dense, MoE, MoE, dense
+        moe_layer_start_index=1,
+        moe_layer_end_index=2,
+        moe_layer_interval=1,
+        moe_num_experts=8,
+        moe_k=3,
+        moe_num_shared_experts=2,
+        moe_intermediate_size=32,
+        moe_norm_min=0.6,  # larger than many top-3 sums: the clamp decides some weights
+        use_bias=True,
+        tie_word_embeddings=True,
+    ),
+}
+ARCHS = list(CONFIGS)
+IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite checkpoint tensors in place (keeping their stored dtype), in whichever shard holds them."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        weight_map = dict.fromkeys(values, "model.safetensors")
+    for shard in {weight_map[name] for name in values}:
+        tensors = load_file(folder / shard)
+        for name, value in values.items():
+            if weight_map[name] == shard:
+                tensors[name] = value.to(tensors[name].dtype)
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+
+
+def perturb_vectors(folder) -> None:
+    """transformers initialises biases and correction biases to zeros and norms to ones;
+    real ones are not, and a model that dropped them would pass. Randomise them all."""
+    g = torch.Generator().manual_seed(7)
+    with CheckpointWeights.open(folder) as ckpt:
+        headers = ckpt.headers()
+    values = {}
+    for name, (shape, _) in headers.items():
+        if name.endswith("e_score_correction_bias"):
+            values[name] = 0.2 * torch.randn(tuple(shape), generator=g)
+        elif name.endswith(".bias"):
+            values[name] = 0.3 * torch.randn(tuple(shape), generator=g)
+        elif len(shape) == 1 and name.endswith("norm.weight"):
+            values[name] = 1.0 + 0.3 * torch.randn(tuple(shape), generator=g)
+    set_tensors(folder, values)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
+def make_family(arch: str, folder):
+    folder = make_checkpoint(folder, arch, dtype=torch.bfloat16, shards=2, **CONFIGS[arch])
+    perturb_vectors(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def checkpoint(request, tmp_path_factory):
+    arch = request.param
+    return arch, make_family(arch, tmp_path_factory.mktemp(arch))
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    arch, folder = checkpoint
+    return arch, folder, moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+
+
+def test_router_params_kept_in_float32(checkpoint):
+    arch, folder = checkpoint
+    half = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    gate = half.lm.model.layers[1].mlp.gate
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    assert gate.weight.dtype == (torch.float32 if arch == "ernie4_5_moe" else torch.bfloat16)
+    assert half.lm.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+# -- the quirks matter -------------------------------------------------------------------
+
+
+def _routers(ours):
+    return [layer.mlp.gate for layer in ours.lm.model.layers if hasattr(layer.mlp, "experts")]
+
+
+ROUTER_ATTRS = ("n_group", "topk_group", "renorm_min", "renorm_eps", "scaling", "renormalize")
+
+
+def _changed(ours, edit) -> float:
+    """Relative change of the logits when `edit(router)` is applied to every router (then undone)."""
+    expected = ours.logits(IDS)
+    routers = _routers(ours)
+    saved = [({k: getattr(r, k) for k in ROUTER_ATTRS}, r.e_score_correction_bias.clone()) for r in routers]
+    try:
+        for r in routers:
+            edit(r)
+        return rel_err(ours.logits(IDS), expected)
+    finally:
+        for r, (attrs, bias) in zip(routers, saved):
+            with torch.no_grad():
+                r.e_score_correction_bias.copy_(bias)
+            for k, v in attrs.items():
+                setattr(r, k, v)
+
+
+def test_correction_bias_matters(pair):
+    _, _, ours, _ = pair
+    assert _changed(ours, lambda r: r.e_score_correction_bias.data.zero_()) > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint", ["glm4_moe"], indirect=True)
+def test_glm_groups_and_scaling_matter(pair):
+    _, _, ours, _ = pair
+    assert _routers(ours)[0].n_group == 2
+    assert _changed(ours, lambda r: setattr(r, "n_group", 1)) > 1e-3
+    assert _changed(ours, lambda r: setattr(r, "scaling", 1.0)) > 1e-3
+    assert _changed(ours, lambda r: setattr(r, "renormalize", False)) > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint", ["ernie4_5_moe"], indirect=True)
+def test_ernie_norm_min_matters(pair):
+    _, _, ours, _ = pair
+    assert _changed(ours, lambda r: setattr(r, "renorm_min", None)) > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint", ["glm4_moe"], indirect=True)
+def test_glm_partial_rotary_and_qk_norm(pair):
+    _, _, ours, _ = pair
+    attn = ours.lm.model.layers[0].self_attn
+    assert attn.rope.dim == 16 and not attn.rope.interleaved and attn.qk_norm == "head"
+    # Hub configs may omit partial_rotary_factor: transformers then rotates half of each head.
+    hub = get_architecture("glm4_moe").ModelArgs.from_dict(
+        {"model_type": "glm4_moe", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "moe_intermediate_size": 8,
+         "n_routed_experts": 4, "num_experts_per_tok": 2, "rope_theta": 1e6}
+    )
+    with torch.device("meta"):
+        model = get_architecture("glm4_moe").Model(hub)
+    assert model.model.layers[0].self_attn.rope.dim == 16
+
+
+@pytest.mark.parametrize(
+    "layers, start, end, interval", [(4, 1, 2, 1), (6, 0, -1, 2), (7, 2, 5, 3), (5, 1, -1, 1), (3, 5, -1, 1)]
+)
+def test_ernie_moe_layer_range_equals_transformers(layers, start, end, interval):
+    import transformers
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
+
+    config = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=layers, num_attention_heads=2,
+                  num_key_value_heads=1, moe_intermediate_size=4, moe_num_experts=4, moe_k=2,
+                  moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)  # fmt: skip
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("ernie4_5_moe", **config))
+    want = {i for i, layer in enumerate(ref.model.layers) if isinstance(layer.mlp, Ernie4_5_MoeSparseMoeBlock)}
+    args = get_architecture("ernie4_5_moe").ModelArgs.from_dict({"model_type": "ernie4_5_moe", **config})
+    assert args.moe_layers == want
+
+
+def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
+    """Real GLM checkpoints hold the multi-token-prediction layer as model.layers.{L}: the
+    loader skips it and the planner counts it as unused."""
+    from moerun import plan
+
+    folder = make_checkpoint(tmp_path, "glm4_moe", dtype=torch.bfloat16, shards=2, **CONFIGS["glm4_moe"])
+    ids = IDS[:1]
+    before = moerun.load(str(folder), device="cpu", dtype="float32").logits(ids)
+    L, D = 3, 64
+    mtp = {f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D), f"model.layers.{L}.enorm.weight": torch.ones(D),
+           f"model.layers.{L}.mlp.experts.0.gate_proj.weight": torch.randn(32, D)}  # fmt: skip
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    save_file({k: v.to(torch.bfloat16) for k, v in mtp.items()}, folder / "mtp.safetensors", metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((folder / "config.json").read_text())
+    with CheckpointWeights.open(folder) as c:
+        headers = c.headers()
+    summary = plan.summarize({**cfg, "num_nextn_predict_layers": 1}, headers)
+    assert summary.unused_params == sum(v.numel() for v in mtp.values())
+    after = moerun.load(str(folder), device="cpu", dtype="float32").logits(ids)
+    assert torch.equal(before, after)
+
+
+VARIANTS = {
+    # GLM-4.5-Air's shape: no q/k norm, head_dim and partial_rotary_factor left to their defaults, no groups.
+    "glm4_moe": dict(use_qk_norm=False, attention_bias=True, n_routed_experts=6, num_experts_per_tok=3,
+                     n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=2, num_hidden_layers=4,
+                     norm_topk_prob=False, routed_scaling_factor=1.0),
+    # Untied, no shared experts, every second layer from 0, top-1: the clamp still divides one weight.
+    "ernie4_5_moe": dict(num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2, moe_num_experts=6,
+                         moe_k=1, moe_num_shared_experts=0, moe_intermediate_size=32, moe_norm_min=0.5,
+                         use_bias=False, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_variant_logits_match_transformers(arch, tmp_path):
+    folder = make_checkpoint(tmp_path, arch, dtype=torch.float32, shards=1, **VARIANTS[arch])
+    perturb_vectors(folder)
+    ours = moerun.load(str(folder), device="cpu", dtype="float32")
+    check_logits(ours, reference_model(folder))
