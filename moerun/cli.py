@@ -447,8 +447,13 @@ def _render_fit(r) -> None:
         line += f"; `moerun pull` downloads {gib(r.meta.download_bytes)}"
     con.print(line)
     words = {"kv": "GQA", "mla": "MLA latent", "kv+window": "sliding-window ring"}
-    kind = ", ".join(words.get(k, k) for k in s.kv_kind.split(", "))
-    con.print(f"KV cache ({kind}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}")
+    kinds = [k for k in s.kv_kind.split(", ") if k in words]
+    recurrent = [k for k in s.kv_kind.split(", ") if k not in words and k != "none"]
+    line = f"KV cache ({', '.join(words[k] for k in kinds) or 'none'}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}"
+    if recurrent:
+        line += (f", of which {gib(d['fixed_state_bytes'])} is recurrent state ({', '.join(recurrent)}): "
+                 "a fixed size, not per token")  # fmt: skip
+    con.print(line)
     budget = f"VRAM budget {gib(p.vram_budget)}" if r.device == "cuda" else f"device = host RAM, budget {gib(p.vram_budget)}"
     if p.ram_budget is not None:
         budget += f", RAM budget {gib(p.ram_budget)}"

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from moerun.errors import MoerunError
+from moerun.layers import context_of
 
 
 @dataclasses.dataclass
@@ -129,7 +130,7 @@ def stream_tokens(
         graphs = None
     elif graphs is not None and graphs.caches is not caches:
         raise ValueError("graphs were captured over other caches")
-    cache_len = caches[0].max_len
+    cache_len = context_of(caches)
     if len(prompt_ids) >= cache_len:
         raise MoerunError(
             f"the prompt has {len(prompt_ids)} tokens; the planned context is {cache_len} "

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from moerun.layers import StaticPosition
+from moerun.layers import StaticPosition, context_of
 
 log = logging.getLogger("moerun")
 
@@ -162,7 +162,7 @@ class DecodeGraphs:
         self.capture_graphs = graphs_enabled(self.device) if capture_graphs is None else capture_graphs
         if self.capture_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.max_len = caches[0].max_len
+        self.max_len = context_of(caches)
         self.tokens = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.index = torch.zeros((1,), dtype=torch.long, device=self.device)
         self.steps: dict[int, CapturedStep] = {}

@@ -80,19 +80,29 @@ class StateSpec:
     per_token: int
     window: int | None = None
     fixed: int = 0
-    kind: str = "kv"  # "kv", "mla" (a compressed latent), ... : for the report
+    kind: str = "kv"  # "kv", "mla" (a compressed latent), "mamba2", ... : for the report
+    # Bytes per fixed element when the state keeps its own dtype (a recurrent state in
+    # float32 whatever the model's, as the references keep it); None: the model's dtype.
+    fixed_dtype_bytes: int | None = None
 
     def elements(self, ctx: int) -> int:
         return self.per_token * min(ctx, self.window or ctx) + self.fixed
 
     def nbytes(self, ctx: int, dtype_bytes: int, batch: int = 1) -> int:
-        return batch * dtype_bytes * self.elements(ctx)
+        per_position = self.per_token * min(ctx, self.window or ctx) * dtype_bytes
+        return batch * (per_position + self.fixed * (self.fixed_dtype_bytes or dtype_bytes))
+
+    def fixed_nbytes(self, dtype_bytes: int, batch: int = 1) -> int:
+        """The part that does not grow with the context (recurrent state)."""
+        return batch * self.fixed * (self.fixed_dtype_bytes or dtype_bytes)
 
 
 class LayerState:
     """A layer's decode state, allocated once for the whole generation so that decode
     steps have fixed shapes (a prerequisite for CUDA graphs). `max_len`: the positions it
-    can serve; `nbytes`: what it holds; `reset()`: forget everything (a new sequence)."""
+    can serve (a recurrent state serves any number; it records the planned context);
+    `nbytes`: what it holds; `reset()`: forget everything (a new sequence). A layer that
+    gets an int start of 0 begins a new sequence whatever its state holds."""
 
     max_len: int
 
@@ -171,6 +181,12 @@ class SlidingKVCache(LayerState):
         self.k.index_copy_(2, keep % W, k[:, :, keep - start])
         self.v.index_copy_(2, keep % W, v[:, :, keep - start])
         return keys, values, torch.arange(lo, end, device=k.device)
+
+
+def context_of(states: list) -> int:
+    """The positions a model's per-layer states can serve together (layers without state,
+    None, serve any)."""
+    return min(s.max_len for s in states if s is not None)
 
 
 def make_kv_state(batch, n_kv_heads, max_len, head_dim, dtype, device, window=None, v_head_dim=None) -> LayerState:
@@ -259,7 +275,9 @@ class Attention(nn.Module):
     attend to the last W positions only (its state is then a ring of W). chunk: attend
     within the query's chunk only (Llama 4). rope: a moerun.rope.Rotary, None for a
     layer without positions (Llama 4's NoPE layers). temperature: (floor_scale,
-    attn_scale), Llama 4's per-position query scaling on NoPE layers."""
+    attn_scale), Llama 4's per-position query scaling on NoPE layers. output_gate: q_proj
+    also gives each head a gate, after its query, and the output is multiplied by
+    sigmoid(gate) before o_proj (Qwen3-Next's gated attention)."""
 
     role = "attention"
 
@@ -281,10 +299,12 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         chunk: int | None = None,
         temperature: tuple[float, float] | None = None,
+        output_gate: bool = False,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
+        self.output_gate = output_gate
+        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=o_bias)
@@ -309,6 +329,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerState, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -341,7 +364,10 @@ class Attention(nn.Module):
             out = attend_with_sinks(q, k, v, mask, self.scale, self.sinks)
         else:
             out = attend(q, k, v, mask, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if self.output_gate:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):

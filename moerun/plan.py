@@ -126,6 +126,10 @@ class ModelSummary:
         """Bytes of every layer's decode state for `ctx` positions."""
         return sum(spec.nbytes(ctx, dtype_bytes, batch) for spec in self.state_specs)
 
+    def fixed_state_bytes(self, dtype_bytes: int, batch: int = 1) -> int:
+        """The part of the decode state that does not grow with the context (recurrent layers)."""
+        return sum(spec.fixed_nbytes(dtype_bytes, batch) for spec in self.state_specs)
+
 
 def _width(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else _DTYPE_BYTES.get(dtype, 2)

@@ -148,9 +148,11 @@ def check_static_decode(ours, vocab: int = 256) -> None:
         expected = torch.cat([lm(ids[:, t : t + 1], caches, t) for t in range(8, 20)], dim=1)
 
         caches = lm.make_caches(1, 24)
-        for cache in caches:  # stale entries past the position must be masked out
-            for buffer in vars(cache).values():
-                if isinstance(buffer, torch.Tensor):
+        # Garbage everywhere: stale KV entries past the position must be masked out, and a
+        # recurrent state must start afresh at position 0 (a new sequence).
+        for cache in (c for c in caches if c is not None):
+            for buffer in cache.buffers():
+                if buffer.is_floating_point():
                     buffer.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
         lm(ids[:, :8], caches, 0)
         got, _ = static_steps(lm, caches, ids, 8, as_if_capturing=True)
@@ -164,3 +166,39 @@ def check_offloaded_4bit_equals_resident(folder) -> None:
     offloaded = moerun.load(str(folder), bits=4, device="cpu", dtype="float32", expert_slots=1)
     assert rel_err(offloaded.logits(ids), expected) < 1e-6
     assert offloaded.stats["total"]["misses"] > 0
+
+
+def check_cli_greedy(folder, ref, n: int = 32) -> None:
+    """`moerun generate --json` (a fresh process: the state carried across its decode
+    steps) gives the reference's greedy tokens: all n, or up to the eos it stopped at."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "MOERUN_DEBUG": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moerun", "generate", str(folder), "The quick brown fox", "--raw",
+                           "--json", "-n", str(n), "--device", "cpu", "--dtype", "float32"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    prompt = out["stats"]["prompt_tokens"]
+    from moerun.tokenizer import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_dir(folder).encode("The quick brown fox")])
+    assert ids.shape[1] == prompt
+    with torch.no_grad():
+        for _ in range(len(out["token_ids"])):
+            ids = torch.cat([ids, ref(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out["token_ids"] == ids[0, prompt:].tolist()
+    assert len(out["token_ids"]) == n or out["stats"]["finish_reason"] == "stop"
+
+
+def check_second_generation_equals_a_fresh_one(ours, folder) -> None:
+    """A reply after another equals a fresh model's reply: no state leaks across prompts."""
+    ours.generate("first prompt, to leave state behind", max_new_tokens=6, ignore_eos=True)
+    again = ours.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True)
+    fresh = moerun.load(str(folder), device="cpu", dtype="float32").generate("The quick brown fox", max_new_tokens=12,
+                                                                             ignore_eos=True)  # fmt: skip
+    assert again.token_ids == fresh.token_ids

@@ -155,13 +155,17 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def state_specs(self) -> list[StateSpec]:
-        """What each layer's decode state costs per position (the planner's reading)."""
-        return [layer.mixer.state_spec() for layer in self.model.layers]
+        """What each layer's decode state costs (the planner's reading); a layer whose
+        mixer keeps none (an MLP-only block) costs nothing."""
+        return [layer.mixer.state_spec() if hasattr(layer.mixer, "state_spec") else StateSpec(0)
+                for layer in self.model.layers]  # fmt: skip
 
-    def make_caches(self, batch: int, max_len: int) -> list[LayerState]:
-        """One state object per layer (each mixer makes its own), for max_len positions."""
+    def make_caches(self, batch: int, max_len: int) -> list[LayerState | None]:
+        """One state object per layer (each mixer makes its own, None when it keeps none),
+        for max_len positions."""
         ref = self.model.embed_tokens.weight
-        return [layer.mixer.make_state(batch, max_len, ref.dtype, ref.device) for layer in self.model.layers]
+        return [layer.mixer.make_state(batch, max_len, ref.dtype, ref.device) if hasattr(layer.mixer, "make_state")
+                else None for layer in self.model.layers]  # fmt: skip
 
     def forward(
         self, input_ids: torch.Tensor, caches: list[LayerState], start: Start = 0, last_only: bool = False
