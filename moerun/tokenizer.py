@@ -8,8 +8,10 @@ held against transformers' AutoTokenizer by tests/test_tokenizer.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -17,13 +19,16 @@ from typing import Any, Iterable
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from moerun.errors import MoerunError
 
-# The names transformers passes to a chat template besides the messages (its special_tokens_map).
-_TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The named special tokens transformers passes to a chat template (its special_tokens_map): only
+# those the tokenizer has, so `bos_token is defined` is false for a model without one (Qwen).
+_TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Names a message's reasoning goes under; templates (Qwen3, gpt-oss) read one or the other.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -47,14 +52,17 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _pick_template(value: Any) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or a list of named templates."""
+def _named_templates(value: Any) -> dict[str, str]:
+    """tokenizer_config.json's chat_template: a string (named "default"), or a list of named templates."""
     if isinstance(value, str):
-        return value
+        return {"default": value}
     if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default")
-    return None
+        return {
+            t["name"]: t["template"]
+            for t in value
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        }
+    return {}
 
 
 def _raise_exception(message: str) -> None:
@@ -71,17 +79,92 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it
+    (for training masks); rendering just outputs the body, which is all inference needs."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """As transformers' sandbox: a namespace() refuses underscore-prefixed attribute names."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's signature trick: namespace(self=...) works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}"
+            )
+
+
+class _TemplateDict:
+    """As transformers' sandbox: `dict(...)` and `dict.fromkeys(...)`, and no attribute access beyond."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in the same sandbox transformers uses (templates are untrusted)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     try:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise MoerunError(f"chat template does not compile: {_one_line(e)}") from e
+
+
+def _plain(value: Any) -> Any:
+    """What a template may see, rebuilt from plain JSON-like types as transformers does: str/int/float
+    subclasses become the base type, dataclasses and pydantic models dicts, anything else an inert
+    "<TypeName>" placeholder (templates only test whether media keys are present)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray" and hasattr(value, "item"):
+        return _plain(value.item())  # a numpy scalar (np.generic): np.bool_(False) must stay falsy
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
 
 
 def _template_messages(messages: list[dict]) -> list[dict]:
@@ -91,7 +174,7 @@ def _template_messages(messages: list[dict]) -> list[dict]:
         if not isinstance(message, dict):
             raise MoerunError(f"a chat message must be a dict, got {type(message).__name__}")
         # transformers drops None-valued keys, so `message.tool_calls is defined` stays false.
-        message = {k: v for k, v in message.items() if v is not None}
+        message = _plain({k: v for k, v in message.items() if v is not None})
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
@@ -106,17 +189,27 @@ class Tokenizer:
     tokenizer_config.json and chat_template.jinja, as in a Hugging Face Hub repo.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, config: dict, chat_template: str | None):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        config: dict,
+        chat_template: str | dict[str, str] | None,
+    ):
+        """chat_template: one template, or named templates ({"default": ..., "tool_use": ...})."""
         self._tok = backend
         self._config = config
-        self.chat_template = chat_template
-        self.special_tokens = {name: _token_content(config.get(name)) for name in _TEMPLATE_TOKEN_NAMES}
+        templates = {"default": chat_template} if isinstance(chat_template, str) else dict(chat_template or {})
+        self._templates = templates
+        self.chat_template = templates.get("default")
+        tokens = {name: _token_content(config.get(name)) for name in _TEMPLATE_TOKEN_NAMES}
+        # What a template sees: only the named tokens that are set, as transformers' special_tokens_map.
+        self.special_tokens = {name: content for name, content in tokens.items() if content is not None}
         for content in self.special_tokens.values():
             # transformers adds named special tokens that tokenizer.json lacks; do the same so ids agree.
-            if content is not None and backend.token_to_id(content) is None:
+            if backend.token_to_id(content) is None:
                 backend.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
-        self.bos_token = self.special_tokens["bos_token"]
-        self.eos_token = self.special_tokens["eos_token"]
+        self.bos_token = tokens["bos_token"]
+        self.eos_token = tokens["eos_token"]
         self.bos_token_id = backend.token_to_id(self.bos_token) if self.bos_token is not None else None
         self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token is not None else None
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -127,8 +220,9 @@ class Tokenizer:
         """Load tokenizer.json, tokenizer_config.json and the chat template from `folder`.
 
         The chat template comes from chat_template.jinja if present, else from the config's
-        "chat_template" (a string, or a list of named templates of which "default" is used).
-        Raises MoerunError when tokenizer.json is missing or unreadable.
+        "chat_template" (a string, or a list of named templates: "default", and "tool_use" when
+        tools are passed and the model names one). Raises MoerunError when tokenizer.json is
+        missing or unreadable.
         """
         folder = Path(folder)
         path = folder / "tokenizer.json"
@@ -142,12 +236,11 @@ class Tokenizer:
         config = _read_json(config_path) if config_path.is_file() else {}
         # add_bos_token / add_eos_token in the config are deliberately not applied: transformers 5
         # drops them whenever tokenizer.json exists, so its post-processor alone decides BOS/EOS.
+        templates = _named_templates(config.get("chat_template"))
         template_path = folder / "chat_template.jinja"
         if template_path.is_file():
-            template = template_path.read_text(encoding="utf-8")
-        else:
-            template = _pick_template(config.get("chat_template"))
-        return cls(backend, config, template)
+            templates["default"] = template_path.read_text(encoding="utf-8")
+        return cls(backend, config, templates)
 
     @property
     def vocab_size(self) -> int:
@@ -158,6 +251,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         """Whether the model ships a chat template (else apply_chat_template uses a plain fallback)."""
         return self.chat_template is not None
+
+    def _template_for(self, tools: Any) -> str | None:
+        # As transformers' get_chat_template: a "tool_use" template when tools are passed, else the default.
+        if tools is not None and "tool_use" in self._templates:
+            return self._templates["tool_use"]
+        return self.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with add_special_tokens, the post-processor's BOS/EOS are added."""
@@ -181,20 +280,26 @@ class Tokenizer:
         """Render `messages` ([{"role", "content"}, ...]) with the model's chat template.
 
         Same result as transformers' apply_chat_template; extra kwargs (tools, documents,
-        enable_thinking, ...) reach the template. With tokenize=True returns the ids of the
-        rendered text, encoded without adding special tokens (the template writes them).
-        A template's raise_exception(...) surfaces as MoerunError.
+        enable_thinking, reasoning kwargs, ...) reach the template, e.g.
+        `apply_chat_template(messages, tools=[...], enable_thinking=False)`. Messages may carry
+        "reasoning_content" (or "thinking"/"reasoning") and "tool_calls". With tokenize=True
+        returns the ids of the rendered text, encoded without adding special tokens (the template
+        writes them). A template's raise_exception(...), or any error while rendering (e.g. a
+        filter given the wrong type), surfaces as MoerunError.
         """
-        if self.chat_template is None:
+        template_source = self._template_for(kwargs.get("tools"))
+        if template_source is None:
             text = self._fallback_chat(messages, add_generation_prompt)
         else:
-            variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-            template = _compile_template(self.chat_template)
+            variables = _plain({"tools": None, "documents": None, **self.special_tokens, **kwargs})
+            template = _compile_template(template_source)
             try:
                 text = template.render(
                     messages=_template_messages(messages), add_generation_prompt=add_generation_prompt, **variables
                 )
-            except jinja2.TemplateError as e:
+            except MoerunError:
+                raise
+            except Exception as e:  # jinja2.TemplateError, or a TypeError/ValueError from a filter or method
                 raise MoerunError(f"chat template failed: {_one_line(e)}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
