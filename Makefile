@@ -1,13 +1,14 @@
 # moerun: two commands on a fresh machine.
 #   make demo   install, then chat-free generation on the embedded demo model (no download)
 #   make test   install, then the test suite (what CI runs)
+#   make serve  install, then the demo model behind an OpenAI/Ollama API on 127.0.0.1:8000
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned so that pip takes the local CPU build instead of gigabytes of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo chat test test-gpu clean
+.PHONY: install demo chat serve test test-gpu clean
 
 # setup.py builds moerun's C kernels (moerun/kernels/cpu.c) in place: a changed source rebuilds.
 $(VENV)/.installed: pyproject.toml setup.py moerun/kernels/cpu.c
@@ -24,6 +25,9 @@ demo: install
 
 chat: install
 	$(VENV)/bin/moerun chat demo
+
+serve: install
+	$(VENV)/bin/moerun serve demo
 
 test: install
 	$(PY) -m pytest -q

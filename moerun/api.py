@@ -16,6 +16,7 @@ from moerun.generate import (
     GenerationResponse,
     GenerationStats,
     SamplingParams,
+    reusable_prefix,
     stream_tokens,
 )
 from moerun.graphs import DecodeGraphs, graphs_enabled
@@ -126,6 +127,10 @@ class Model:
         # Decode steps over kv_caches, replayed from CUDA graphs (see moerun/graphs.py);
         # None runs them eagerly.
         self.decode_graphs = None
+        # The token ids of the sequence kv_caches hold (positions 0..len-1), for prefix
+        # reuse; tied to the caches object they describe.
+        self.cached_ids: list[int] = []
+        self._cached_for = None
 
     @property
     def stats(self) -> dict:
@@ -136,6 +141,17 @@ class Model:
 
     def reset_stats(self) -> None:
         reset_cache_stats(self.lm)
+
+    def reusable_tokens(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of `ids` the next generation takes from the states
+        instead of prefilling them."""
+        if self.kv_caches is None or self._cached_for is not self.kv_caches:
+            return 0
+        return reusable_prefix(self.cached_ids, [int(t) for t in ids], self.kv_caches)
+
+    def forget_prefix(self) -> None:
+        """Drop the held sequence: the next generation prefills from position 0."""
+        self.cached_ids = []
 
     @property
     def num_parameters(self) -> int:
@@ -178,14 +194,28 @@ class Model:
         seed: int | None = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        reuse_prefix: bool = True,
     ) -> Iterator[GenerationResponse]:
         """Yield one GenerationResponse per generated token; the last carries the stats.
-        Closing the generator early is safe: each call starts from a fresh cache."""
+
+        The states keep the last sequence: a prompt that starts with it (the next turn of
+        a chat) is prefilled only past the common prefix, with the same logits as a fresh
+        prefill (`stats.reused_tokens` / `prefilled_tokens` count them). For states that
+        cannot be rewound (recurrent layers, sliding-window rings) only a prompt that
+        extends the whole held sequence reuses it. reuse_prefix=False prefills from 0.
+        Closing the generator early is safe: the states then hold what was computed."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode_prompt(prompt, chat)
+        held = None
+        if self.kv_caches is not None:
+            if self._cached_for is not self.kv_caches:  # new caches: they hold nothing yet
+                self.cached_ids, self._cached_for = [], self.kv_caches
+            held = self.cached_ids
+            if not reuse_prefix:
+                held.clear()
         for response in stream_tokens(
             self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos,
-            self.kv_caches, self.decode_graphs,
+            self.kv_caches, self.decode_graphs, held,
         ):
             if response.stats is not None:
                 self.last_stats = response.stats

@@ -96,9 +96,13 @@ class ChatSession:
 
 
 def _stats_line(stats) -> str:
+    # The history before this turn is already in the model's states (prefix reuse): only
+    # the rest of the prompt was computed, at prompt_tps.
+    reused = getattr(stats, "reused_tokens", 0)
+    prompt = f"prompt {stats.prompt_tokens} tokens" + (f", {reused} reused" if reused else "")
     return (
         f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s "
-        f"(prompt {stats.prompt_tokens} tokens · {stats.prompt_tps:.1f} tok/s)"
+        f"({prompt} · {stats.prompt_tps:.1f} tok/s)"
     )
 
 

@@ -294,6 +294,50 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="TCP port (0: any free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOERUN_API_KEY", show_envvar=True,
+                                          help="Require Authorization: Bearer KEY on every route but /health."),  # fmt: skip
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1,
+                                                 help="Default reply limit when a request sets none (default: the context)."),  # fmt: skip
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="Default when a request sets none (0: greedy)."),
+    top_p: float = TopP,
+    top_k: int = TopK,
+    seed: Optional[int] = Seed,
+    bits: int = Bits,
+    device: str = Device,
+    vram: Optional[str] = Vram,
+    ram: Optional[str] = Ram,
+    expert_slots: Optional[int] = ExpertSlots,
+    cold: str = Cold,
+    ctx: Optional[int] = Ctx,
+    no_prefetch: bool = NoPrefetch,
+    force: bool = Force,
+    dtype: str = Dtype,
+    threads: Optional[int] = Threads,
+) -> None:
+    """Serve MODEL over HTTP: OpenAI's /v1 (chat/completions, completions, models) and
+    Ollama's /api (chat, generate, tags, ps); one generation at a time, Ctrl-C stops."""
+    try:
+        from moerun import serve as server
+    except ImportError as e:  # an install without the server's dependencies
+        raise MoerunError(f"moerun serve needs {e.name} (pip install 'starlette' 'uvicorn')") from e
+    from moerun.server_protocol import Defaults
+
+    sock = server.bind(host, port)
+    try:
+        m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    except BaseException:
+        sock.close()
+        raise
+    defaults = Defaults(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
+    server.serve(m, host=host, port=port, api_key=api_key or None, name=server.model_name(model), defaults=defaults,
+                 sock=sock)
+
+
+@app.command()
 def bench(
     model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
     prompt_tokens: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."),

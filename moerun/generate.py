@@ -1,6 +1,9 @@
 """Token generation: one prefill over the prompt, then one decode step per token against
 a static KV cache; greedy or sampled (temperature, top-k, top-p, seed); stop on any eos
 id or at max_new_tokens. The generator yields small responses; rendering is the CLI's job.
+
+Prefix reuse: the caller may pass the token ids the states already hold; a prompt that
+starts with them is prefilled only past the common prefix (see `reusable_prefix`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class GenerationStats:
     generation_tps: float
     peak_memory_bytes: int
     finish_reason: str  # "stop" (an eos id) or "length" (max_new_tokens or the context)
+    # prompt_tokens = reused_tokens (already in the states) + prefilled_tokens (computed);
+    # prompt_tps counts the prefilled ones, the work that was done.
+    prefilled_tokens: int = 0
+    reused_tokens: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +96,46 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [V] where the model left them. Greedy takes the argmax there (one int comes
+    to the host, not the vocabulary); sampling draws on the CPU with the seeded generator."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    return sample(logits.float().cpu(), params, generator)
+
+
+def _rewindable(caches: list) -> bool:
+    """Can every layer's state be cut back to any shorter prefix? Full KV caches (and MLA
+    latents) keep each position apart, so yes; rings, recurrent states and anything
+    unknown fold the past in and cannot."""
+    from moerun.layers import KVCache
+
+    kinds: tuple = (KVCache,)
+    try:
+        from moerun.models.deepseek_v2 import LatentCache
+
+        kinds += (LatentCache,)
+    except ImportError:  # pragma: no cover - the family may move
+        pass
+    return all(s is None or isinstance(s, kinds) for s in caches)
+
+
+def reusable_prefix(held: list[int], prompt_ids: list[int], caches: list) -> int:
+    """How many leading prompt tokens the states already hold (`held`: the ids of the
+    sequence in them, positions 0..len-1). At least one prompt token is always left to
+    prefill (its logits pick the first token). Rewindable states reuse any common prefix;
+    others only the whole held sequence, else 0 (a fresh start)."""
+    if not held or len(prompt_ids) < 2:
+        return 0
+    limit = min(len(held), len(prompt_ids) - 1)
+    n = 0
+    while n < limit and held[n] == prompt_ids[n]:
+        n += 1
+    if _rewindable(caches):
+        return n
+    return n if n == len(held) else 0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory on CUDA; peak resident set of the process on the CPU."""
     if device.type == "cuda":
@@ -109,6 +156,7 @@ def stream_tokens(
     ignore_eos: bool = False,
     caches: list | None = None,
     graphs=None,
+    held: list[int] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each.
 
@@ -118,7 +166,12 @@ def stream_tokens(
     planned context, as llama.cpp stops at n_ctx), with finish_reason "length".
     Without `caches`, state for the prompt plus max_new_tokens (capped at max_context) is
     made here. `graphs`: a moerun.graphs.DecodeGraphs over those caches, which then runs
-    the decode steps (replayed CUDA graphs)."""
+    the decode steps (replayed CUDA graphs).
+
+    `held` (with `caches`): the ids of the sequence the caches hold, kept up to date in
+    place as positions are written (also when the generator is closed early, or a forward
+    is interrupted); the prompt is prefilled from `reusable_prefix(held, ...)`. None:
+    always from position 0."""
     if not prompt_ids:
         raise MoerunError("the prompt is empty")
     if max_new_tokens < 1:
@@ -127,7 +180,7 @@ def stream_tokens(
         if len(prompt_ids) >= max_context:
             raise MoerunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
         caches = lm.make_caches(1, min(len(prompt_ids) + max_new_tokens, max_context))
-        graphs = None
+        graphs = held = None
     elif graphs is not None and graphs.caches is not caches:
         raise ValueError("graphs were captured over other caches")
     cache_len = context_of(caches)
@@ -141,10 +194,30 @@ def stream_tokens(
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     decoder = tokenizer.stream_decoder()
+    if held is None:
+        held = []  # nobody reads it back
+    start = reusable_prefix(held, prompt_ids, caches)
+    del held[start:]
+    rewindable = _rewindable(caches)
+
+    def forward(ids: list[int], at: int, decode: bool):
+        # A forward cut short (Ctrl-C) leaves a rewindable state good up to `at`; any
+        # other state is then unknown, so nothing is held.
+        try:
+            if decode and graphs is not None:
+                out = graphs.step(ids[0], at)
+            else:
+                out = lm(torch.tensor([ids], device=device), caches, at, last_only=True)
+        except BaseException:
+            if not rewindable:
+                held.clear()
+            raise
+        held.extend(ids)
+        return out
 
     t0 = time.perf_counter()
-    logits = lm(torch.tensor([prompt_ids], device=device), caches, 0, last_only=True)
-    token = sample(logits[0, -1].float().cpu(), params, generator)
+    logits = forward(prompt_ids[start:], start, decode=False)
+    token = _next_token(logits[0, -1], params, generator)
     t_first = time.perf_counter()
 
     generated, position = 1, len(prompt_ids)  # position: where the next token's K/V go
@@ -153,26 +226,26 @@ def stream_tokens(
         text = "" if stop else decoder.add(token)
         if not (stop or generated >= max_new_tokens or position >= cache_len):
             yield GenerationResponse(text, token)
-            if graphs is not None:
-                logits = graphs.step(token, position)
-            else:
-                logits = lm(torch.tensor([[token]], device=device), caches, position)
+            logits = forward([token], position, decode=True)
             position += 1
-            token = sample(logits[0, -1].float().cpu(), params, generator)
+            token = _next_token(logits[0, -1], params, generator)
             generated += 1
             continue
 
         text += decoder.flush()
         prompt_s, gen_s = t_first - t0, time.perf_counter() - t_first
+        prefilled = len(prompt_ids) - start
         stats = GenerationStats(
             prompt_tokens=len(prompt_ids),
             generated_tokens=generated,
             prompt_seconds=prompt_s,
             generation_seconds=gen_s,
-            prompt_tps=len(prompt_ids) / prompt_s if prompt_s > 0 else 0.0,
+            prompt_tps=prefilled / prompt_s if prompt_s > 0 else 0.0,
             generation_tps=(generated - 1) / gen_s if generated > 1 and gen_s > 0 else 0.0,
             peak_memory_bytes=peak_memory_bytes(device),
             finish_reason="stop" if stop else "length",
+            prefilled_tokens=prefilled,
+            reused_tokens=start,
         )
         yield GenerationResponse(text, token, stats)
         return

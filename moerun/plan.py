@@ -87,6 +87,7 @@ class ModelSummary:
     unused_params: int = 0
     unused_bytes: int = 0
     warnings: list[str] = dataclasses.field(default_factory=list)
+    expert_gated: bool = True  # gate and up rows per expert (False: relu² up rows only, Nemotron-H)
 
     @property
     def total_params(self) -> int:
@@ -148,10 +149,10 @@ def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) 
     params = dict.fromkeys(ROLES, 0)
     for name, role in parameter_roles(lm).items():
         params[role] = params.get(role, 0) + lm.get_parameter(name).numel()
-    routed_by_layer, intermediate = {}, 0
+    routed_by_layer, intermediate, gated = {}, 0, True
     for i, _, module in routed_expert_modules(lm):
         routed_by_layer[i] = (module.n_params, module.n_experts)
-        intermediate = module.intermediate_size
+        intermediate, gated = module.intermediate_size, module.act.gated
     blocks = [m for m in lm.modules() if isinstance(m, SparseMoeBlock)]
     stored = dict.fromkeys(ROLES, 0)
     unused_params = unused_bytes = 0
@@ -179,6 +180,7 @@ def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) 
         routed_by_layer=routed_by_layer,
         unused_params=unused_params,
         unused_bytes=unused_bytes,
+        expert_gated=gated,
     )
 
 
@@ -283,7 +285,8 @@ def make_plan(
     E, L = summary.n_experts, len(summary.moe_layers)
     blob = 0
     if E:
-        blob = ExpertFormat(bits, summary.hidden_size, summary.expert_intermediate_size, dtype).blob_bytes
+        blob = ExpertFormat(bits, summary.hidden_size, summary.expert_intermediate_size, dtype,
+                            gated=summary.expert_gated).blob_bytes  # fmt: skip
     by_role["routed_experts"] = blob * E * L
     non_expert = sum(by_role[r] for r in non_expert_roles)
     kv = summary.kv_cache_bytes(ctx, dtype_bytes)

@@ -26,7 +26,16 @@ import torch
 import moerun
 from moerun.models import build_meta_model
 from moerun.weights import CheckpointWeights
-from tests import test_deepseek, test_glm4_moe_lite, test_gpt_oss_llama4, test_more_families, test_new_families
+from tests import (
+    test_deepseek,
+    test_glm4_moe_lite,
+    test_gpt_oss_llama4,
+    test_jamba_lfm2,
+    test_mamba2_families,
+    test_more_families,
+    test_new_families,
+    test_qwen3_next,
+)
 from tests.model_fixtures import make_checkpoint, reference_model
 from tests.parity import (
     check_cli_greedy,
@@ -57,6 +66,14 @@ ROWS = {
     **{f"glm4_moe_lite-{case}": (functools.partial(test_glm4_moe_lite.make_glm, case=case), ())
        for case in test_glm4_moe_lite.CASES},
     **{arch: (functools.partial(test_new_families.make_family, arch), ()) for arch in test_new_families.CONFIGS},
+    "jamba": (test_jamba_lfm2.make_jamba, ()),
+    "lfm2_moe": (test_jamba_lfm2.make_lfm2_moe, ()),
+    "qwen3_next": (test_qwen3_next.make_qwen3_next, ()),
+    "qwen3_5_moe_text": (test_qwen3_next.make_qwen3_5_moe_text, ()),
+    "qwen3_5_moe": (test_qwen3_next.make_qwen3_5_moe, test_qwen3_next.VISION),
+    "granitemoehybrid": (test_mamba2_families.make_granitemoehybrid, ()),
+    "nemotron_h": (test_mamba2_families.make_nemotron_h, ()),
+    "nemotron_h-latent": (test_mamba2_families.make_nemotron_h_latent, ()),
 }  # fmt: skip
 
 

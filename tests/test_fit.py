@@ -137,6 +137,20 @@ def test_mla_kv_cache_holds_the_latent():
         # Published: "21B total, 3B active", rounded down: transformers counts 21.83B / 3.35B
         # on the meta device for this config (3.09B active without the embeddings).
         ("ernie-4.5-21b-a3b", 21.83e9, 3.35e9),
+        # Published: 52B total / 12B active (AI21's model card and discussions).
+        ("jamba-mini", 52.0e9, 12.11e9),
+        # Published: 8.3B / 1.5B, the active count rounded: 1.56B with the (tied) embeddings.
+        ("lfm2-8b-a1b", 8.3e9, 1.56e9),
+        # Published 80B / 3B (active without embeddings and lm_head: 3.25B).
+        ("qwen3-next-80b-a3b", 80.0e9, 3.88e9),
+        # Published 35B / 3B (2.44B without embeddings and lm_head); the vision tower apart.
+        ("qwen3.5-35b-a3b", 35.0e9, 3.46e9),
+        # Published 122B / 10B (9.77B with embeddings: the published figure is rounded).
+        ("qwen3.5-122b-a10b", 122.0e9, 9.77e9),
+        # Published 7B / 1B (IBM's docs: "7B-A1B"); 1.47B active with the tied embeddings.
+        ("granite-4.0-h-tiny", 6.94e9, 1.47e9),
+        # Published 32B / 9B (one IBM page: 32.2B).
+        ("granite-4.0-h-small", 32.2e9, 8.80e9),
     ],
 )
 def test_layouts_of_the_alias_table(alias, total, active):

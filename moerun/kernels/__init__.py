@@ -79,7 +79,8 @@ def fused_experts(
     """
     dtype = dtype or x.dtype
     x = x.to(dtype)
-    if mode == "torch" or not available(x.device) or (mode == "auto" and x.device.type != "cuda"):
+    # The kernels compute gated experts only; non-gated (relu²) ones take the reference.
+    if mode == "torch" or not fmt.gated or not available(x.device) or (mode == "auto" and x.device.type != "cuda"):
         return fused_experts_reference(x, slot_ids, weights, slots, fmt, dtype, act, weights_on_input)
     layout = _layout(fmt)
     key = shape_key(fmt.hidden_size, fmt.intermediate_size, fmt.bits)

@@ -57,8 +57,9 @@ def set_isa(name: str) -> None:
 
 
 def supports(fmt: ExpertFormat, dtype: torch.dtype) -> bool:
-    """Can the kernels compute experts of `fmt` for activations in `dtype`?"""
-    return available() and fmt.dtype in _DTYPE_CODES and dtype in _DTYPE_CODES
+    """Can the kernels compute experts of `fmt` for activations in `dtype`? Not non-gated
+    (relu²) experts: those take the plain-torch path."""
+    return available() and fmt.gated and fmt.dtype in _DTYPE_CODES and dtype in _DTYPE_CODES
 
 
 @functools.lru_cache(maxsize=64)

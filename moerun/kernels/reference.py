@@ -12,7 +12,11 @@ import torch.nn.functional as F
 from moerun.quant.format import ExpertFormat
 
 
-def _act(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+def _act(h: torch.Tensor, act) -> torch.Tensor:
+    """The activation of h = x·w13ᵀ (+ b13): gated [n, 2I], or [n, I] for a non-gated act."""
+    if act is not None and not getattr(act, "gated", True):
+        return act.of(h)
+    gate, up = h.chunk(2, dim=-1)
     if act is None or getattr(act, "kind", "silu") == "silu":
         return F.silu(gate) * up
     return act(gate, up)
@@ -49,7 +53,6 @@ def fused_experts_reference(
             w13, w2, b13, b2 = cache[s]
             w = weights[n, k].to(dtype)
             xi = x[n : n + 1] * w if weights_on_input else x[n : n + 1]
-            gate, up = F.linear(xi, w13, b13).chunk(2, dim=-1)
-            y = F.linear(_act(gate, up, act), w2, b2)
+            y = F.linear(_act(F.linear(xi, w13, b13), act), w2, b2)
             out[n] += (y if weights_on_input else y * w)[0]
     return out

@@ -66,6 +66,19 @@ def routed_checkpoint_names(arch, args, names) -> set[str]:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def text_model_name(arch, name: str) -> str | None:
+    """Checkpoint tensor `name` under the model's own naming, or None when it is not the
+    text model's (a vision tower, a projector, multi-token prediction). A family's
+    CHECKPOINT_PREFIX is the prefix every text-model name carries (Llama 4's
+    `language_model.`), or a dict from checkpoint prefixes to ours when they differ by
+    part (Qwen3.5's `model.language_model.` -> `model.` beside a bare `lm_head.`)."""
+    prefix = getattr(arch, "CHECKPOINT_PREFIX", "")
+    for theirs, ours in (prefix.items() if isinstance(prefix, dict) else [(prefix, "")]):
+        if name.startswith(theirs):
+            return ours + name[len(theirs) :]
+    return None
+
+
 def load_model(
     folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True,
     ckpt: CheckpointWeights | None = None,
@@ -92,13 +105,13 @@ def load_model(
             ckpt = stack.enter_context(CheckpointWeights.open(folder))
         skip = set() if routed_experts else routed_checkpoint_names(arch, args, ckpt.keys())
         groups: dict[int | None, list[str]] = defaultdict(list)
-        # Multimodal checkpoints (Llama 4) name the text model under a prefix; the rest
-        # (vision tower, projector) is never read.
-        prefix = getattr(arch, "CHECKPOINT_PREFIX", "")
+        # Multimodal checkpoints (Llama 4, Qwen3.5) name the text model under a prefix;
+        # the rest (vision tower, projector) is never read.
         for name in ckpt.keys():
-            if name in skip or not name.startswith(prefix):
+            ours = text_model_name(arch, name)
+            if name in skip or ours is None:
                 continue
-            m = _LAYER.match(name.removeprefix(prefix))
+            m = _LAYER.match(ours)
             groups[int(m.group(1)) if m else None].append(name)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):
             if key is not None and key >= args.num_hidden_layers:

@@ -124,6 +124,28 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(self.post_attention_layernorm(h))
 
 
+class MixerBlock(nn.Module):
+    """Pre-norm residual block of one mixer and no separate feed-forward: x + mixer(norm(x))
+    (Nemotron-H, whose blocks are each Mamba-2, attention, an MLP or an MoE). A mixer that
+    keeps state (`make_state`) gets it and the position; any other gets x alone."""
+
+    def __init__(self, mixer: nn.Module, hidden_size: int, eps: float, mixer_name: str = "mixer",
+                 norm: nn.Module | None = None):  # fmt: skip
+        super().__init__()
+        self.norm = norm if norm is not None else RMSNorm(hidden_size, eps)
+        self.mixer_name = mixer_name
+        setattr(self, mixer_name, mixer)
+        self.stateful = hasattr(mixer, "make_state")
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self._modules[self.mixer_name]  # not getattr: the name may be "mixer" itself
+
+    def forward(self, x: torch.Tensor, state: LayerState | None, start: Start) -> torch.Tensor:
+        h = self.norm(x)
+        return x + (self.mixer(h, state, start) if self.stateful else self.mixer(h))
+
+
 class Backbone(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, layers: list[nn.Module], eps: float):
         super().__init__()

@@ -356,6 +356,8 @@ class CachedExperts(nn.Module):
             return None
         if self.weights_on_input and self.fmt.bias:
             return None  # a zero-weight pair would still add expert(0) = its biases
+        if not self.fmt.gated:
+            return None  # the Triton kernels compute gated experts only
         from moerun import kernels
 
         if self.kernel_mode is not None:
@@ -385,7 +387,8 @@ class CachedExperts(nn.Module):
     @property
     def n_params(self) -> int:
         D, I = self.fmt.hidden_size, self.fmt.intermediate_size
-        return self.n_experts * (3 * D * I + (2 * I + D if self.fmt.bias else 0))
+        R = self.fmt.rows13  # 2I gated, I not
+        return self.n_experts * (D * (R + I) + (R + D if self.fmt.bias else 0))
 
     def resident_bytes(self) -> int:
         """Bytes this layer holds on the compute device (the slot buffer)."""

@@ -1,5 +1,6 @@
 """Routed experts in the canonical stacked layout: w13 [E, 2I, D] (gate rows, then up
-rows), w2 [E, D, I], optional biases b13 [E, 2I] and b2 [E, D]. This is the plain-torch
+rows; [E, I, D], up only, for a non-gated activation), w2 [E, D, I], optional biases
+b13 [E, 2I] and b2 [E, D]. This is the plain-torch
 path (CPU, and the reference the kernels match); `expert_ffn` is the one definition of an
 expert's math, shared with the expert cache.
 
@@ -31,11 +32,17 @@ class ExpertActivation:
 
     "silu": silu(gate) * up (Mixtral, Qwen, DeepSeek, ...).
     "swiglu_clamped": gpt-oss' variant: gate clamped above at `limit`, up clamped to
-    [-limit, limit], gate * sigmoid(alpha * gate) * (up + 1)."""
+    [-limit, limit], gate * sigmoid(alpha * gate) * (up + 1).
+    "relu2": not gated, relu(up)² (Nemotron-H): w13 holds the I up rows only."""
 
     kind: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+
+    @property
+    def gated(self) -> bool:
+        """Does w13 hold gate and up rows (2I), or up rows only (I)?"""
+        return self.kind != "relu2"
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.kind == "silu":
@@ -44,8 +51,15 @@ class ExpertActivation:
         up = up.clamp(min=-self.limit, max=self.limit)
         return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
 
+    def of(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation of h = x·w13ᵀ (+ b13): [n, 2I] (gated) or [n, I] -> [n, I]."""
+        if not self.gated:
+            return torch.square(torch.relu(h))
+        return self(*h.chunk(2, dim=-1))
+
 
 SILU = ExpertActivation()
+RELU2 = ExpertActivation("relu2")
 
 
 def expert_ffn(
@@ -56,9 +70,11 @@ def expert_ffn(
     b2: torch.Tensor | None = None,
     act: ExpertActivation = SILU,
 ) -> torch.Tensor:
-    """One expert: x [n, D], w13 [2I, D], w2 [D, I] (+ b13 [2I], b2 [D]) -> [n, D]."""
-    gate, up = F.linear(x, w13, b13).chunk(2, dim=-1)
-    return F.linear(act(gate, up), w2, b2)
+    """One expert: x [n, D], w13 [2I, D] ([I, D] non-gated), w2 [D, I] (+ b13, b2 [D]) -> [n, D]."""
+    h = F.linear(x, w13, b13)
+    if not getattr(act, "gated", True):
+        return F.linear(act.of(h), w2, b2)
+    return F.linear(act(*h.chunk(2, dim=-1)), w2, b2)
 
 
 class RoutedExperts(nn.Module):
@@ -79,17 +95,18 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.n_experts = n_experts
         self.act, self.weights_on_input = act, weights_on_input
-        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        rows13 = (2 if act.gated else 1) * intermediate_size
+        self.w13 = nn.Parameter(torch.empty(n_experts, rows13, hidden_size))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         if bias:
-            self.b13 = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size))
+            self.b13 = nn.Parameter(torch.empty(n_experts, rows13))
             self.b2 = nn.Parameter(torch.empty(n_experts, hidden_size))
         else:
             self.b13 = self.b2 = None
 
     @property
     def intermediate_size(self) -> int:
-        return self.w13.shape[1] // 2
+        return self.w2.shape[2]
 
     @property
     def n_params(self) -> int:
@@ -117,7 +134,8 @@ class RoutedExperts(nn.Module):
         )
 
     def _cpu_format(self) -> ExpertFormat:
-        return ExpertFormat(16, self.w13.shape[2], self.w13.shape[1] // 2, self.w13.dtype, bias=self.b13 is not None)
+        return ExpertFormat(16, self.w13.shape[2], self.intermediate_size, self.w13.dtype, bias=self.b13 is not None,
+                            gated=self.act.gated)  # fmt: skip
 
     def _cpu_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         key = (self.w13.data_ptr(), self.w2.data_ptr())

@@ -59,8 +59,8 @@ def expert_formats(lm: nn.Module, bits: int, dtype: torch.dtype) -> tuple[dict, 
         raise MoerunError("this model has no routed experts to quantize or offload")
     fmts, n_experts, paths = {}, {}, {}
     for i, path, m in modules:
-        E, two_i, D = m.w13.shape
-        fmts[i] = ExpertFormat(bits, D, two_i // 2, dtype, bias=m.b13 is not None)
+        E, _, D = m.w13.shape
+        fmts[i] = ExpertFormat(bits, D, m.intermediate_size, dtype, bias=m.b13 is not None, gated=m.act.gated)
         n_experts[i], paths[i] = E, path
     return fmts, n_experts, paths
 
@@ -150,7 +150,9 @@ def install_expert_cache(
     if prefetch and slots < max(m.n_experts for _, _, m in cached):
         for (_, _, here), (_, next_block, there) in zip(cached, cached[1:]):
             router = _router_of(lm.get_submodule(next_block))
-            if router is not None:
+            # Not when this layer's experts see another width than the next router (a latent MoE).
+            width = getattr(getattr(router, "weight", None), "shape", (here.fmt.hidden_size,))[-1]
+            if router is not None and width == here.fmt.hidden_size:
                 here.prefetch_hook = make_prefetch_hook(router, there)
 
     info = {}

@@ -60,15 +60,16 @@ def layer_expert_blobs(
     ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat
 ) -> torch.Tensor:
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
-    from moerun.models import routed_checkpoint_names
+    from moerun.models import routed_checkpoint_names, text_model_name
 
-    layer_prefix = getattr(arch, "CHECKPOINT_PREFIX", "") + f"model.layers.{layer}."
-    names = sorted(routed_checkpoint_names(arch, args, [n for n in ckpt.keys() if n.startswith(layer_prefix)]))
+    layer_prefix = f"model.layers.{layer}."
+    in_layer = [n for n in ckpt.keys() if (text_model_name(arch, n) or "").startswith(layer_prefix)]
+    names = sorted(routed_checkpoint_names(arch, args, in_layer))
     stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
     w13, w2 = stacked.get(f"{prefix}.w13"), stacked.get(f"{prefix}.w2")
     if w13 is None or w2 is None:
         raise MoerunError(f"tensor {prefix}.0 weights are missing from the checkpoint")
-    want13 = (2 * fmt.intermediate_size, fmt.hidden_size)
+    want13 = (fmt.rows13, fmt.hidden_size)
     want2 = (fmt.hidden_size, fmt.intermediate_size)
     if tuple(w13.shape[1:]) != want13 or tuple(w2.shape[1:]) != want2:
         raise MoerunError(

@@ -42,6 +42,11 @@ class ExpertFormat:
     intermediate_size: int
     dtype: torch.dtype  # the 16-bit storage dtype, and the dtype dequantization returns
     bias: bool = False  # b13 [2I] and b2 [D], kept in `dtype` at every bit width (tiny)
+    gated: bool = True  # w13 holds gate and up rows [2I, D]; False: up rows only [I, D] (relu²)
+
+    @property
+    def rows13(self) -> int:
+        return (2 if self.gated else 1) * self.intermediate_size
 
     @property
     def name(self) -> str:
@@ -51,7 +56,7 @@ class ExpertFormat:
     def sections(self) -> tuple[Section, ...]:
         D, I = self.hidden_size, self.intermediate_size
         parts: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        for name, shape in (("w13", (2 * I, D)), ("w2", (D, I))):
+        for name, shape in (("w13", (self.rows13, D)), ("w2", (D, I))):
             numel = math.prod(shape)
             if self.bits == 16:
                 parts.append((name, self.dtype, shape))
@@ -63,7 +68,7 @@ class ExpertFormat:
                     (f"{name}.absmax", torch.float32, (nf4.n_blocks(numel),)),
                 ]
         if self.bias:
-            parts += [("b13", self.dtype, (2 * I,)), ("b2", self.dtype, (D,))]
+            parts += [("b13", self.dtype, (self.rows13,)), ("b2", self.dtype, (D,))]
         out, offset = [], 0
         for name, dtype, shape in parts:
             out.append(Section(name, dtype, shape, offset))
@@ -109,7 +114,7 @@ class ExpertFormat:
         views = self.views(blob)
         D, I = self.hidden_size, self.intermediate_size
         out = []
-        for name, shape in (("w13", (2 * I, D)), ("w2", (D, I))):
+        for name, shape in (("w13", (self.rows13, D)), ("w2", (D, I))):
             if self.bits == 16:
                 out.append(views[name].to(dtype))
             elif self.bits == 8:

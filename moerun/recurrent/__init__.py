@@ -1,0 +1,1 @@
+"""Recurrent mixers (state-space layers) of the hybrid families."""

@@ -1,0 +1,394 @@
+"""What `moerun serve` reads and writes, without a model or a socket: requests of OpenAI's
+chat/completions and Ollama's chat/generate turned into one `GenRequest`, stop strings
+held back while streaming, and tool calls parsed from the reply (Qwen's and Hermes'
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` format)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from typing import Any
+
+
+class RequestError(Exception):
+    """A bad request: becomes a 4xx JSON error, never a traceback."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.message, self.status, self.code, self.param, self.kind = message, status, code, param, kind
+
+    def openai(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def ollama(self) -> dict:
+        return {"error": self.message}
+
+
+@dataclasses.dataclass
+class Defaults:
+    """The server's sampling defaults (its command-line options), for fields a request omits."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = None  # None: up to the planned context
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class GenRequest:
+    """One generation, whatever the API: `messages` through the chat template, or `text`
+    encoded as is (raw)."""
+
+    messages: list[dict] | None
+    text: str | None
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    tools: list | None = None
+    include_usage: bool = False
+    echo: bool = False
+
+
+# -- field readers --------------------------------------------------------------------------------
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(f"'{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)}",
+                           code="invalid_value", param=key)  # fmt: skip
+    return value
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"'{key}' must be true or false, got {json.dumps(value)}", code="invalid_value", param=key)
+    return value
+
+
+def _stop(value, key: str = "stop") -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(value) > 16:
+        raise RequestError(f"'{key}' must be a string or a list of at most 16 strings", code="invalid_value", param=key)
+    return [s for s in value if s]
+
+
+def _text_content(content, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text is taken."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(f"{where}: only text content is supported, got a '{kind}' part", code="invalid_value",
+                                   param="messages")  # fmt: skip
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{where}: 'content' must be a string or a list of text parts", param="messages")
+
+
+def _tool_arguments(value):
+    # Templates (Qwen's) write arguments with tojson: a JSON string would be quoted twice.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _messages(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list", code="invalid_value", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object with 'role' and 'content'", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{where}: unknown role {json.dumps(role)} (use one of {', '.join(ROLES)})",
+                               code="invalid_value", param="messages")  # fmt: skip
+        if m.get("images"):
+            raise RequestError(f"{where}: images are not supported (text-only model)", param="messages")
+        message = {"role": "system" if role == "developer" else role, "content": _text_content(m.get("content"), where)}
+        for key in ("name", "tool_call_id"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise RequestError(f"{where}: 'tool_calls' must be a list", param="messages")
+            message["tool_calls"] = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise RequestError(f"{where}: each tool call needs function.name", param="messages")
+                fixed = {"name": fn["name"], "arguments": _tool_arguments(fn.get("arguments", {}))}
+                message["tool_calls"].append({"type": "function", "id": call.get("id"), "function": fixed})
+        out.append(message)
+    return out
+
+
+def _tools(value) -> list | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RequestError("'tools' must be a list of tool objects", code="invalid_value", param="tools")
+    return value
+
+
+def _common(body: dict, defaults: Defaults) -> dict:
+    temperature = _number(body, "temperature", 0, 2, defaults.temperature)
+    top_p = _number(body, "top_p", 0, 1, defaults.top_p)
+    return dict(
+        temperature=float(temperature),
+        top_p=max(float(top_p), 1e-9),  # 0 keeps only the likeliest token, as with any tiny mass
+        top_k=_number(body, "top_k", 0, 1 << 31, defaults.top_k, integer=True),
+        seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, defaults.seed, integer=True),
+    )
+
+
+def _openai_checks(body: dict) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise RequestError(f"only n=1 is supported, got {json.dumps(n)}", code="invalid_value", param="n")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
+        raise RequestError("logprobs are not supported", code="unsupported_parameter", param="logprobs")
+
+
+def _max_tokens(body: dict, keys: tuple[str, ...], default: int | None) -> int | None:
+    for key in keys:
+        if body.get(key) is not None:
+            return _number(body, key, 1, 1 << 31, None, integer=True)
+    return default
+
+
+def _stream_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object", param="stream_options")
+    return _bool(options, "include_usage", False)
+
+
+def openai_chat(body: dict, defaults: Defaults) -> GenRequest:
+    _openai_checks(body)
+    tools = _tools(body.get("tools"))
+    if body.get("tool_choice") == "none":
+        tools = None
+    return GenRequest(
+        messages=_messages(body.get("messages")), text=None,
+        max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), defaults.max_tokens),
+        stop=_stop(body.get("stop")), stream=_bool(body, "stream", False), tools=tools,
+        include_usage=_stream_usage(body), **_common(body, defaults),
+    )  # fmt: skip
+
+
+def openai_completion(body: dict, defaults: Defaults) -> GenRequest:
+    _openai_checks(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("'prompt' must be a non-empty string (one prompt per request)", code="invalid_value",
+                           param="prompt")  # fmt: skip
+    if body.get("suffix"):
+        raise RequestError("'suffix' (fill in the middle) is not supported", code="unsupported_parameter", param="suffix")
+    # 16 is OpenAI's own default for this endpoint.
+    return GenRequest(
+        messages=None, text=prompt, max_tokens=_max_tokens(body, ("max_tokens",), 16), stop=_stop(body.get("stop")),
+        stream=_bool(body, "stream", False), include_usage=_stream_usage(body), echo=_bool(body, "echo", False),
+        **_common(body, defaults),
+    )  # fmt: skip
+
+
+def _ollama_options(body: dict, defaults: Defaults) -> dict:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'options' must be an object", param="options")
+    if body.get("format"):
+        raise RequestError("'format' (structured output) is not supported", param="format")
+    predict = options.get("num_predict")
+    if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2):
+        raise RequestError("'options.num_predict' must be a positive integer, -1 or -2", param="options")
+    max_tokens = predict if predict is not None and predict > 0 else defaults.max_tokens  # -1, -2: to the context
+    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), **_common(options, defaults))
+
+
+def ollama_chat(body: dict, defaults: Defaults) -> GenRequest:
+    return GenRequest(messages=_messages(body.get("messages")), text=None,
+                      stream=_bool(body, "stream", True), tools=_tools(body.get("tools")),
+                      **_ollama_options(body, defaults))  # fmt: skip
+
+
+def ollama_generate(body: dict, defaults: Defaults) -> GenRequest:
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string", param="prompt")
+    for key in ("template", "suffix", "images"):
+        if body.get(key):
+            raise RequestError(f"'{key}' is not supported", param=key)
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RequestError("'system' must be a string", param="system")
+    raw = _bool(body, "raw", False)
+    options = _ollama_options(body, defaults)
+    if raw:
+        return GenRequest(messages=None, text=prompt, stream=_bool(body, "stream", True), **options)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return GenRequest(messages=messages, text=None, stream=_bool(body, "stream", True), **options)
+
+
+# -- streaming filters --------------------------------------------------------------------------
+
+
+def _held_tail(text: str, marks: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into one of `marks`."""
+    keep = 0
+    for mark in marks:
+        for k in range(min(len(mark) - 1, len(text)), keep, -1):
+            if text.endswith(mark[:k]):
+                keep = k
+                break
+    return keep
+
+
+class StopFilter:
+    """Cuts the reply at the first stop string. feed(text) -> (text safe to send, hit):
+    text that might be the start of a stop string is held back until it is not."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.buf += text
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        keep = _held_tail(self.buf, self.stops)
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+_TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CLOSE) + r"|$)", re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Qwen / Hermes tool calls: every `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    block (an unclosed last one too) -> (the text outside them, [{"name", "arguments"}]).
+    A block that is not such JSON stays in the text."""
+    calls, kept, pos = [], [], 0
+    for m in _TOOL_BLOCK.finditer(text):
+        try:
+            call = json.loads(m.group(1).strip())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        args = call.get("arguments", call.get("parameters", {}))
+        calls.append({"name": call["name"], "arguments": _tool_arguments(args)})
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+    kept.append(text[pos:])
+    return ("".join(kept).strip() if calls else text), calls
+
+
+class ToolFilter:
+    """While streaming with tools: content before a `<tool_call>` goes out as it comes;
+    from the tag on, everything is kept for parse_tool_calls at the end."""
+
+    def __init__(self):
+        self.buf, self.in_call = "", False
+
+    def feed(self, text: str) -> str:
+        if self.in_call:
+            self.buf += text
+            return ""
+        self.buf += text
+        i = self.buf.find(TOOL_OPEN)
+        if i >= 0:
+            out, self.buf, self.in_call = self.buf[:i], self.buf[i:], True
+            return out
+        keep = _held_tail(self.buf, [TOOL_OPEN])
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content still to send, tool calls)."""
+        text, self.buf = self.buf, ""
+        if not self.in_call:
+            return text, []
+        return parse_tool_calls(text)
+
+
+def openai_tool_calls(calls: list[dict], streaming: bool = False) -> list[dict]:
+    out = []
+    for i, call in enumerate(calls):
+        args = call["arguments"]
+        entry = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": call["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}  # fmt: skip
+        if streaming:
+            entry = {"index": i, **entry}
+        out.append(entry)
+    return out
+
+
+def ollama_tool_calls(calls: list[dict]) -> list[dict]:
+    return [{"function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], dict) else {}}}
+            for c in calls]  # fmt: skip
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def ndjson(data: dict) -> bytes:
+    return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
