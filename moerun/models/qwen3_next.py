@@ -25,14 +25,12 @@ from moerun.models.base import (
     CausalLM,
     CheckpointLayout,
     DecoderLayer,
-    SparseMoeBlock,
     TransformerArgs,
     attention_layer,
     moe_layer_indices,
     stack_experts,
 )
-from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import Router
+from moerun.models.qwen2_moe import moe_block  # Qwen2-MoE's block: the same router, experts, gated shared expert
 from moerun.recurrent.gated_deltanet import GatedDeltaNet
 
 
@@ -88,18 +86,6 @@ def zero_centre_norms(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is RMSNorm:
             module.__class__ = ZeroCentredRMSNorm
-
-
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
-    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
-                    weights_dtype="logits")  # fmt: skip
-    return SparseMoeBlock(
-        router,
-        RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),
-        shared=MLP(args.hidden_size, args.shared_expert_intermediate_size),
-        shared_gate=nn.Linear(args.hidden_size, 1, bias=False),
-    )
 
 
 def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
