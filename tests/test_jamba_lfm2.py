@@ -209,3 +209,15 @@ def test_jamba_in_bf16_rounds_as_transformers(tmp_path_factory):
         expected = reference_model(folder, torch.bfloat16)(ids).logits
     got = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16).logits(ids)
     assert rel_err(got, expected) < 1e-3
+
+
+def test_lfm2_in_bf16_routes_as_transformers(tmp_path_factory):
+    """LFM2's reference takes the sigmoid of the bf16 router logits, picks and renormalises
+    in bf16 (Router(scores_in_logits_dtype=True)); scoring in float32 instead left the bf16
+    logits ~5% apart, as far as bf16 is from float32."""
+    folder = make_lfm2_moe(tmp_path_factory.mktemp("lfm2_bf16"))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference_model(folder, torch.bfloat16)(ids).logits
+    got = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16).logits(ids)
+    assert rel_err(got, expected) < 1e-3

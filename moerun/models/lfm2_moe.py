@@ -69,7 +69,7 @@ class ModelArgs(TransformerArgs):
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
     router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, scoring="sigmoid",
                     renormalize=args.norm_topk_prob, renorm_eps=1e-6, scaling=args.routed_scaling_factor,
-                    correction_bias=args.use_expert_bias, weights_dtype="logits")  # fmt: skip
+                    correction_bias=args.use_expert_bias, weights_dtype="logits", scores_in_logits_dtype=True)  # fmt: skip
     return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size))
 
 

@@ -68,7 +68,9 @@ class Router(nn.Module):
     in float32 (DeepSeek); weights_dtype: "float32", "logits" (cast to the logits' dtype,
     as Qwen's reference does) or "input" (to the activations' dtype, ERNIE). renorm_eps:
     added to the sum when renormalizing (DeepSeek's 1e-20); renorm_min: the sum clamped
-    below instead (ERNIE's norm_min)."""
+    below instead (ERNIE's norm_min). scores_in_logits_dtype: score, pick and renormalise in
+    the logits' dtype instead of float32 (LFM2's reference takes the sigmoid of bf16 logits;
+    in float32 models it changes nothing)."""
 
     role = "routers"
 
@@ -90,6 +92,7 @@ class Router(nn.Module):
         weights_dtype: str = "float32",
         renorm_eps: float = 0.0,
         renorm_min: float | None = None,
+        scores_in_logits_dtype: bool = False,
     ):
         super().__init__()
         if scoring not in ("softmax", "sigmoid"):
@@ -102,6 +105,7 @@ class Router(nn.Module):
         self.n_group, self.topk_group, self.group_score = n_group or 1, topk_group or 1, group_score
         self.float32_logits, self.weights_dtype = float32_logits, weights_dtype
         self.renorm_eps, self.renorm_min = renorm_eps, renorm_min
+        self.scores_in_logits_dtype = scores_in_logits_dtype
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, E]"""
@@ -122,7 +126,7 @@ class Router(nn.Module):
                 scaling=self.scaling,
             )  # fmt: skip
             return ids.long(), weights.to(out_dtype)
-        f = logits.float()
+        f = logits if self.scores_in_logits_dtype else logits.float()
         scores = torch.softmax(f, dim=-1) if self.scoring == "softmax" else f.sigmoid()  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
@@ -158,6 +162,8 @@ class Router(nn.Module):
         groups of >= 2 experts that can hold the k picks. Others route in torch."""
         if not routing_kernel_for(logits, kernel) or self.renorm_min is not None:
             return False
+        if self.scores_in_logits_dtype and logits.dtype != torch.float32:
+            return False  # the kernel scores in float32
         G, E = self.n_group, self.n_experts
         if G > 1 and (self.group_score != "top2_sum" or G & (G - 1) or E % G or E // G < 2
                       or self.top_k > self.topk_group * (E // G)):  # fmt: skip
