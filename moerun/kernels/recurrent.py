@@ -1,0 +1,144 @@
+"""Triton kernels for the decode step of the recurrent layers: the gated delta rule
+(Qwen3-Next / Qwen3.5's GatedDeltaNet) and Mamba-2's selective-state update. Each is one
+launch with fixed shapes and no host sync (it runs inside CUDA-graph capture); the state
+is float32 and updated in place. The plain-torch references they are held against are
+`recurrent_gated_delta_step` (moerun/recurrent/gated_deltanet.py) and
+`selective_state_step` (moerun/recurrent/mamba2.py).
+
+Shape legend: B batch, H value heads (Mamba: heads), Hk key heads (H a multiple), Dk key
+dim, Dv value dim; Mamba: P head dim, G groups (H a multiple), N state size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gated_delta_step_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
+    H, HEADS_PER_K, Dk, Dv, scale,
+    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # One program per (batch, value head, block of the value dim): the tile S[b, h, :, vblock]
+    # is all this token's update touches for those columns, so programs never share state.
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // HEADS_PER_K  # the key head this value head reads
+    rk = tl.arange(0, BLOCK_K)
+    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = rk < Dk
+    mv = rv < Dv
+    q = tl.load(q_ptr + b * sq_b + hk * sq_h + rk, mask=mk, other=0.0).to(tl.float32) * scale
+    k = tl.load(k_ptr + b * sk_b + hk * sk_h + rk, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + rv, mask=mv, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * sg_b + h).to(tl.float32)
+    beta = tl.load(beta_ptr + b * sbeta_b + h).to(tl.float32)
+    s_offs = (pid_bh * Dk + rk[:, None]) * Dv + rv[None, :]  # S is contiguous [B, H, Dk, Dv]
+    smask = mk[:, None] & mv[None, :]
+    S = tl.load(S_ptr + s_offs, mask=smask, other=0.0)
+    S = S * tl.exp(g)
+    delta = (v - tl.sum(S * k[:, None], axis=0)) * beta
+    S = S + k[:, None] * delta[None, :]
+    tl.store(S_ptr + s_offs, S, mask=smask)
+    o = tl.sum(S * q[:, None], axis=0)
+    tl.store(o_ptr + pid_bh * Dv + rv, o, mask=mv)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # The kernels index the last dim with stride 1; other strides are passed through.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def gated_delta_step(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None = None):
+    """One token of the gated delta rule, the contract of `recurrent_gated_delta_step`:
+    q, k [B, Hk, Dk] (l2-normalised, q not yet scaled: the kernel scales by Dk**-0.5),
+    v [B, H, Dv], g, beta [B, H]; any float dtype, computed in float32. Hk may divide H
+    (value head h reads key head h // (H // Hk)); the reference's repeated heads are
+    Hk == H. S [B, H, Dk, Dv] float32 contiguous, updated in place -> (o [B, H, Dv]
+    float32, S). block_v: the value-dim tile (a power of two; tests force several)."""
+    B, H, Dv = v.shape
+    Hk, Dk = q.shape[1], q.shape[2]
+    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
+        raise ValueError(f"gated_delta_step: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
+    if not S.is_contiguous():
+        raise ValueError("gated_delta_step: the state must be contiguous (it is updated in place)")
+    q, k, v, g, beta = (_rows(t) for t in (q, k, v, g, beta))
+    o = torch.empty(B, H, Dv, dtype=torch.float32, device=v.device)
+    BLOCK_K = triton.next_power_of_2(Dk)
+    BLOCK_V = block_v or min(triton.next_power_of_2(Dv), max(16, 8192 // BLOCK_K))  # the tile in registers
+    grid = (B * H, triton.cdiv(Dv, BLOCK_V))
+    _gated_delta_step_kernel[grid](
+        q, k, v, g, beta, S, o, H, H // Hk, Dk, Dv, Dk**-0.5,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0),
+        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
+    )  # fmt: skip
+    return o, S
+
+
+@triton.jit
+def _mamba2_step_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, keep_ptr, h_ptr, y_ptr,
+    H, HEADS_PER_GROUP, P, N,
+    sx_b, sx_h, sdt_b, sb_b, sb_g, sc_b, sc_g,
+    HAS_KEEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program per (batch, head, block of the head dim): the state rows h[b, head, pblock, :].
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    bi = pid_bh // H
+    hd = pid_bh % H
+    grp = hd // HEADS_PER_GROUP
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    mp = rp < P
+    mn = rn < N
+    x = tl.load(x_ptr + bi * sx_b + hd * sx_h + rp, mask=mp, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + bi * sdt_b + hd).to(tl.float32)
+    dA = tl.exp(dt * tl.load(A_ptr + hd).to(tl.float32))
+    if HAS_KEEP:  # 0 on a sequence's first position: the stale state must not leak in
+        dA = dA * tl.load(keep_ptr).to(tl.float32)
+    Bv = tl.load(b_ptr + bi * sb_b + grp * sb_g + rn, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(c_ptr + bi * sc_b + grp * sc_g + rn, mask=mn, other=0.0).to(tl.float32)
+    h_offs = (pid_bh * P + rp[:, None]) * N + rn[None, :]  # h is contiguous [B, H, P, N]
+    hmask = mp[:, None] & mn[None, :]
+    state = tl.load(h_ptr + h_offs, mask=hmask, other=0.0)
+    state = state * dA + (dt * x)[:, None] * Bv[None, :]
+    tl.store(h_ptr + h_offs, state, mask=hmask)
+    y = tl.sum(state * Cv[None, :], axis=1) + x * tl.load(D_ptr + hd).to(tl.float32)
+    tl.store(y_ptr + (pid_bh * P + rp), y.to(y_ptr.dtype.element_ty), mask=mp)
+
+
+def mamba2_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None = None, *, block_p: int | None = None):
+    """Mamba-2's selective-state update for one token, the contract of
+    `selective_state_step`: xs [B, H, P]; dt [B, H] after softplus and the limits;
+    A [H] (negative, float32); b, c [B, G, N] (head h reads group h // (H // G)); D [H];
+    h [B, H, P, N] float32 contiguous, updated in place: h = h * exp(dt A) (* keep) +
+    dt B x; keep: a 0-d float tensor or None -> (y = C . h + D x [B, H, P] in xs.dtype, h).
+    Computed in float32 throughout (the reference rounds dt B x and C . h to xs.dtype).
+    block_p: the head-dim tile (a power of two; tests force several)."""
+    B, H, P = xs.shape
+    G, N = b.shape[1], b.shape[2]
+    if c.shape != b.shape or H % G or h.shape != (B, H, P, N) or h.dtype != torch.float32:
+        raise ValueError(f"mamba2_step: xs {tuple(xs.shape)} b {tuple(b.shape)} c {tuple(c.shape)} "
+                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if not h.is_contiguous():
+        raise ValueError("mamba2_step: the state must be contiguous (it is updated in place)")
+    xs, dt, b, c = (_rows(t) for t in (xs, dt, b, c))
+    A, D = A.contiguous(), D.contiguous()
+    y = torch.empty(B, H, P, dtype=xs.dtype, device=xs.device)
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_P = block_p or min(triton.next_power_of_2(P), max(16, 8192 // BLOCK_N))
+    grid = (B * H, triton.cdiv(P, BLOCK_P))
+    _mamba2_step_kernel[grid](
+        xs, dt, A, b, c, D, keep if keep is not None else h, h, y, H, H // G, P, N,
+        xs.stride(0), xs.stride(1), dt.stride(0), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        HAS_KEEP=keep is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return y, h
