@@ -142,3 +142,64 @@ def mamba2_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None =
         HAS_KEEP=keep is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return y, h
+
+
+@triton.jit
+def _gated_delta_sequence_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
+    H, HEADS_PER_K, T, Dk, Dv, scale,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sg_t, sbeta_b, sbeta_h, sbeta_t,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # The decode step's program, walking the T tokens with its state tile held in registers
+    # (flash-linear-attention's "fused recurrent" form): one load and one store of S in all.
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // HEADS_PER_K
+    rk = tl.arange(0, BLOCK_K)
+    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = rk < Dk
+    mv = rv < Dv
+    s_offs = (pid_bh * Dk + rk[:, None]) * Dv + rv[None, :]
+    smask = mk[:, None] & mv[None, :]
+    S = tl.load(S_ptr + s_offs, mask=smask, other=0.0)
+    for t in range(T):
+        q = tl.load(q_ptr + b * sq_b + hk * sq_h + t * sq_t + rk, mask=mk, other=0.0).to(tl.float32) * scale
+        k = tl.load(k_ptr + b * sk_b + hk * sk_h + t * sk_t + rk, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + t * sv_t + rv, mask=mv, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * sg_b + h * sg_h + t * sg_t).to(tl.float32)
+        beta = tl.load(beta_ptr + b * sbeta_b + h * sbeta_h + t * sbeta_t).to(tl.float32)
+        S = S * tl.exp(g)
+        delta = (v - tl.sum(S * k[:, None], axis=0)) * beta
+        S = S + k[:, None] * delta[None, :]
+        tl.store(o_ptr + (pid_bh * T + t) * Dv + rv, tl.sum(S * q[:, None], axis=0), mask=mv)
+    tl.store(S_ptr + s_offs, S, mask=smask)
+
+
+def gated_delta_sequence(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None = None):
+    """The gated delta rule over T tokens, token by token in one launch (not the chunked
+    WY form): q, k [B, Hk, T, Dk] (normalised, q not yet scaled), v [B, H, T, Dv], g, beta
+    [B, H, T]; S [B, H, Dk, Dv] float32 contiguous, the initial state, updated in place to
+    the final one -> (o [B, H, T, Dv] float32, S). Equals `chunk_gated_delta_rule` (which
+    reorders the sums) to float32 rounding. Not yet called by the layer (see the report
+    of issue 14: its speed on long prompts against the chunked torch path is unmeasured)."""
+    B, H, T, Dv = v.shape
+    Hk, Dk = q.shape[1], q.shape[3]
+    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
+        raise ValueError(f"gated_delta_sequence: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
+    if not S.is_contiguous():
+        raise ValueError("gated_delta_sequence: the state must be contiguous (it is updated in place)")
+    q, k, v = (_rows(t) for t in (q, k, v))
+    o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
+    BLOCK_K = triton.next_power_of_2(Dk)
+    BLOCK_V = block_v or min(triton.next_power_of_2(Dv), max(16, 8192 // BLOCK_K))
+    grid = (B * H, triton.cdiv(Dv, BLOCK_V))
+    _gated_delta_sequence_kernel[grid](
+        q, k, v, g, beta, S, o, H, H // Hk, T, Dk, Dv, Dk**-0.5,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
+        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
+    )  # fmt: skip
+    return o, S
