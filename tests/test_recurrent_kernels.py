@@ -7,13 +7,20 @@ steps carried through the state. The `gpu` tests run whole layers' decode on CUD
 kernels) against the CPU (the torch path).
 """
 
+import functools
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from moerun.kernels import available  # noqa: E402
-from moerun.kernels.recurrent import gated_delta_sequence, gated_delta_step, mamba2_step  # noqa: E402
+from moerun.kernels.recurrent import (  # noqa: E402
+    gated_delta_chunked,
+    gated_delta_sequence,
+    gated_delta_step,
+    mamba2_step,
+)
 from moerun.layers import StaticPosition  # noqa: E402
 from moerun.recurrent import gated_deltanet as gdn  # noqa: E402
 from moerun.recurrent.mamba2 import Mamba2Mixer, selective_state_step  # noqa: E402
@@ -143,10 +150,12 @@ def test_mamba2_decode_on_cuda_matches_the_cpu(n_groups):
     assert rel_err(cuda_state.ssm, cpu_state.ssm) < 1e-4
 
 
+@pytest.mark.parametrize("kernel", [gated_delta_sequence, functools.partial(gated_delta_chunked, chunk=4)],
+                         ids=["token-by-token", "chunks-of-4"])  # fmt: skip
 @pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
 @pytest.mark.parametrize("B, Hk, H, T, Dk, Dv, block", [(1, 1, 2, 9, 8, 16, None), (2, 1, 3, 6, 5, 33, 16)],
                          ids=["plain", "odd-dims-gqa3-two-v-blocks"])  # fmt: skip
-def test_gated_delta_sequence_matches_the_chunked_rule(B, Hk, H, T, Dk, Dv, block, fresh):
+def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, block, fresh, kernel):
     gen = torch.Generator().manual_seed(T * 10 + Dv)
     q = gdn.l2norm(torch.randn(B, Hk, T, Dk, generator=gen))
     k = gdn.l2norm(torch.randn(B, Hk, T, Dk, generator=gen))
@@ -158,6 +167,6 @@ def test_gated_delta_sequence_matches_the_chunked_rule(B, Hk, H, T, Dk, Dv, bloc
     o_ref, S_ref = gdn.chunk_gated_delta_rule(q.repeat_interleave(r, 1), k.repeat_interleave(r, 1), v, g, beta,
                                               None if fresh else S0.clone(), chunk=4)  # fmt: skip
     S = S0.to(DEVICE)
-    o, _ = gated_delta_sequence(*(t.to(DEVICE) for t in (q, k, v, g, beta)), S, block_v=block)
+    o, _ = kernel(*(t.to(DEVICE) for t in (q, k, v, g, beta)), S, block_v=block)
     assert rel_err(o, o_ref) < 1e-5
     assert rel_err(S, S_ref) < 1e-5

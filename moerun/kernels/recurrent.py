@@ -203,3 +203,97 @@ def gated_delta_sequence(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | No
         BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
     )  # fmt: skip
     return o, S
+
+
+@triton.jit
+def _solve_unit_lower(L, rhs, r, CHUNK: tl.constexpr):
+    # (I + L) x = rhs by forward substitution, L [C, C] strictly lower; one row per round
+    # (rows of a register tile are picked out by masked sums: Triton has no row indexing).
+    x = tl.zeros_like(rhs)
+    for i in range(CHUNK):
+        pick = r[:, None] == i
+        L_i = tl.sum(tl.where(pick, L, 0.0), axis=0)  # [C]: row i of L
+        rhs_i = tl.sum(tl.where(pick, rhs, 0.0), axis=0)
+        row = rhs_i - tl.sum(L_i[:, None] * x, axis=0)
+        x = tl.where(pick, row[None, :], x)
+    return x
+
+
+@triton.jit
+def _gated_delta_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
+    H, HEADS_PER_K, T, Dk, Dv, scale,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sg_t, sbeta_b, sbeta_h, sbeta_t,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # chunk_gated_delta_rule's form: within a chunk the delta updates are one unit-lower
+    # triangular system (the UT transform); between chunks one state pass per chunk.
+    pid_bh = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // HEADS_PER_K
+    r = tl.arange(0, CHUNK)
+    rk = tl.arange(0, BLOCK_K)
+    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = rk < Dk
+    mv = rv < Dv
+    s_offs = (pid_bh * Dk + rk[:, None]) * Dv + rv[None, :]
+    smask = mk[:, None] & mv[None, :]
+    S = tl.load(S_ptr + s_offs, mask=smask, other=0.0)
+    lower = r[:, None] >= r[None, :]
+    strictly = r[:, None] > r[None, :]
+    for start in range(0, T, CHUNK):
+        t = start + r
+        mt = t < T  # padded tokens: g = beta = 0, k = v = 0, as the torch rule pads
+        q = tl.load(q_ptr + b * sq_b + hk * sq_h + t[:, None] * sq_t + rk[None, :], mask=mt[:, None] & mk[None, :],
+                    other=0.0).to(tl.float32) * scale  # fmt: skip
+        k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + rk[None, :], mask=mt[:, None] & mk[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + t[:, None] * sv_t + rv[None, :], mask=mt[:, None] & mv[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        g = tl.load(g_ptr + b * sg_b + h * sg_h + t * sg_t, mask=mt, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + b * sbeta_b + h * sbeta_h + t * sbeta_t, mask=mt, other=0.0).to(tl.float32)
+        decay = tl.cumsum(g, axis=0)  # log of the decay from the chunk's start
+        last = tl.sum(tl.where(r == CHUNK - 1, decay, 0.0), axis=0)
+        pairwise = tl.where(lower, tl.exp(decay[:, None] - decay[None, :]), 0.0)
+        k_beta = k * beta[:, None]
+        kk = tl.sum(k_beta[:, None, :] * k[None, :, :], axis=2)  # [C, C]: k_beta_i . k_j
+        system = tl.where(strictly, kk * pairwise, 0.0)
+        values = _solve_unit_lower(system, v * beta[:, None], r, CHUNK)
+        k_decayed = _solve_unit_lower(system, k_beta * tl.exp(decay)[:, None], r, CHUNK)
+        v_new = values - tl.sum(k_decayed[:, :, None] * S[None, :, :], axis=1)  # [C, BV]
+        intra = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * pairwise
+        out = tl.sum((q * tl.exp(decay)[:, None])[:, :, None] * S[None, :, :], axis=1)
+        out += tl.sum(intra[:, :, None] * v_new[None, :, :], axis=1)
+        tl.store(o_ptr + (pid_bh * T + t[:, None]) * Dv + rv[None, :], out, mask=mt[:, None] & mv[None, :])
+        k_end = k * tl.exp(last - decay)[:, None]  # each token's key decayed to the chunk's end
+        S = S * tl.exp(last) + tl.sum(k_end[:, :, None] * v_new[:, None, :], axis=0)
+    tl.store(S_ptr + s_offs, S, mask=smask)
+
+
+def gated_delta_chunked(q, k, v, g, beta, S: torch.Tensor, *, chunk: int = 16, block_v: int | None = None):
+    """The gated delta rule over T tokens chunk by chunk, the form and contract of
+    `chunk_gated_delta_rule` (q, k [B, Hk, T, Dk] normalised, q not yet scaled; v [B, H,
+    T, Dv]; g, beta [B, H, T]; Hk may divide H) with S [B, H, Dk, Dv] float32 contiguous,
+    the initial state, updated in place to the final one -> (o [B, H, T, Dv] float32, S).
+    chunk: a power of two. Its products are broadcast sums in registers, not tl.dot, so
+    it serves small heads and tests; not yet called by the layer."""
+    B, H, T, Dv = v.shape
+    Hk, Dk = q.shape[1], q.shape[3]
+    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
+        raise ValueError(f"gated_delta_chunked: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
+    if not S.is_contiguous():
+        raise ValueError("gated_delta_chunked: the state must be contiguous (it is updated in place)")
+    q, k, v = (_rows(t) for t in (q, k, v))
+    o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
+    BLOCK_K = triton.next_power_of_2(Dk)
+    BLOCK_V = block_v or min(triton.next_power_of_2(Dv), 32)
+    grid = (B * H, triton.cdiv(Dv, BLOCK_V))
+    _gated_delta_chunk_kernel[grid](
+        q, k, v, g, beta, S, o, H, H // Hk, T, Dk, Dv, Dk**-0.5,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
+        CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
+    )  # fmt: skip
+    return o, S
