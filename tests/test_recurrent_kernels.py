@@ -170,3 +170,29 @@ def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, 
     o, _ = kernel(*(t.to(DEVICE) for t in (q, k, v, g, beta)), S, block_v=block)
     assert rel_err(o, o_ref) < 1e-5
     assert rel_err(S, S_ref) < 1e-5
+
+
+# -- the layers' kernel path, run on the CPU under the interpreter ---------------------
+
+
+def test_gated_deltanet_decode_through_the_kernel_equals_the_torch_path(monkeypatch):
+    mixer = random_params(gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6, grouped_projections=True), 1)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+    torch_out, torch_state = decode_on(mixer, x, "cpu", static=True)
+    monkeypatch.setattr(gdn, "use_step_kernel", lambda t: True)
+    kernel_out, kernel_state = decode_on(mixer, x, "cpu", static=True)
+    assert rel_err(kernel_out, torch_out) < 1e-5
+    assert rel_err(kernel_state.recurrent, torch_state.recurrent) < 1e-5
+
+
+def test_mamba2_decode_through_the_kernel_equals_the_torch_path(monkeypatch):
+    from moerun.recurrent import mamba2
+
+    mixer = random_params(Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6, conv_kernel=4,
+                                      chunk_size=4, eps=1e-6), 3)  # fmt: skip
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
+    torch_out, torch_state = decode_on(mixer, x, "cpu", static=True)
+    monkeypatch.setattr(mamba2, "use_step_kernel", lambda t: True)
+    kernel_out, kernel_state = decode_on(mixer, x, "cpu", static=True)
+    assert rel_err(kernel_out, torch_out) < 1e-5
+    assert rel_err(kernel_state.ssm, torch_state.ssm) < 1e-5

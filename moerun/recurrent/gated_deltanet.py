@@ -46,6 +46,13 @@ class GatedDeltaNetState(LayerState):
         self.max_len = max_len
 
 
+def use_step_kernel(t: torch.Tensor) -> bool:
+    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
+    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
+    kernel path under TRITON_INTERPRET=1)."""
+    return t.is_cuda and kernels_available(t.device)
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # The reference's (FLA's) form: rsqrt of the sum of squares plus eps.
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
@@ -194,7 +201,7 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, T, Hk, Dk).repeat_interleave(Hv // Hk, dim=2)
         q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v.reshape(B, T, Hv, Dv), beta, g))
         q, k = l2norm(q), l2norm(k)
-        if T == 1 and not fresh and x.is_cuda and kernels_available(x.device):
+        if T == 1 and not fresh and use_step_kernel(x):
             from moerun.kernels.recurrent import gated_delta_step
 
             # The key heads before their repeat: value head h reads key head h // (Hv // Hk).

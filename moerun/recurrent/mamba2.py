@@ -54,6 +54,13 @@ class GatedRMSNorm(nn.Module):
         return self.weight * g.view(h.shape).to(dtype)
 
 
+def use_step_kernel(t: torch.Tensor) -> bool:
+    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
+    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
+    kernel path under TRITON_INTERPRET=1)."""
+    return t.is_cuda and kernels_available(t.device)
+
+
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """a [..., l] -> [..., l, l]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above
     the diagonal (the reference's stable form: masked cumulative sums, no differences)."""
@@ -222,7 +229,7 @@ class Mamba2Mixer(nn.Module):
         xs, b, c = self._split(self._conv(full)[:, :, 0])  # [B, H, P], [B, G, N] x2
         dt = self._dt(dt[:, 0])  # [B, H]
         A = -torch.exp(self.A_log.float())
-        if xs.is_cuda and kernels_available(xs.device):
+        if use_step_kernel(xs):
             from moerun.kernels.recurrent import mamba2_step
 
             y, _ = mamba2_step(xs, dt, A, b, c, self.D, state.ssm, keep)  # state.ssm in place
