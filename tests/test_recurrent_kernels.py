@@ -129,7 +129,8 @@ def decode_on(mixer, x: torch.Tensor, device: str, static: bool):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("grouped", [True, False], ids=["qwen3_next", "qwen3_5"])
-def test_gated_deltanet_decode_on_cuda_matches_the_cpu(grouped):
+def test_gated_deltanet_decode_on_cuda_matches_the_cpu(grouped, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv in true float32, as the CPU
     mixer = random_params(gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6, grouped_projections=grouped), 1)
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2))
     cpu, cpu_state = decode_on(mixer, x, "cpu", static=False)
@@ -140,7 +141,8 @@ def test_gated_deltanet_decode_on_cuda_matches_the_cpu(grouped):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_groups", [1, 2])
-def test_mamba2_decode_on_cuda_matches_the_cpu(n_groups):
+def test_mamba2_decode_on_cuda_matches_the_cpu(n_groups, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv in true float32, as the CPU
     mixer = random_params(Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=n_groups, state_size=6, conv_kernel=4,
                                       chunk_size=4, eps=1e-6), 3)  # fmt: skip
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
