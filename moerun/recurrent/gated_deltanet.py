@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.kernels import available as kernels_available
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
 
 # Tokens per chunk of the prefill (the reference's chunk_size); a module global read at
@@ -43,6 +44,13 @@ class GatedDeltaNetState(LayerState):
         self.conv = torch.zeros((batch, channels, kernel - 1), dtype=torch.float32, device=device)
         self.recurrent = torch.zeros((batch, n_v_heads, k_dim, v_dim), dtype=torch.float32, device=device)
         self.max_len = max_len
+
+
+def use_step_kernel(t: torch.Tensor) -> bool:
+    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
+    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
+    kernel path under TRITON_INTERPRET=1)."""
+    return t.is_cuda and kernels_available(t.device)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -193,13 +201,21 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, T, Hk, Dk).repeat_interleave(Hv // Hk, dim=2)
         q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v.reshape(B, T, Hv, Dv), beta, g))
         q, k = l2norm(q), l2norm(k)
-        if T == 1 and not fresh:
+        if T == 1 and not fresh and use_step_kernel(x):
+            from moerun.kernels.recurrent import gated_delta_step
+
+            # The key heads before their repeat: value head h reads key head h // (Hv // Hk).
+            o, S = gated_delta_step(q[:, ::Hv // Hk, 0], k[:, ::Hv // Hk, 0], v[:, :, 0], g[:, :, 0],
+                                    beta[:, :, 0], state.recurrent)  # fmt: skip
+            o = o.unsqueeze(2)  # S is state.recurrent, updated in place
+        elif T == 1 and not fresh:
             o, S = recurrent_gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0],
                                               state.recurrent)  # fmt: skip
             o = o.unsqueeze(2)
         else:
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, None if fresh else state.recurrent, CHUNK)
-        state.recurrent.copy_(S)
+        if S is not state.recurrent:
+            state.recurrent.copy_(S)
 
         o = o.transpose(1, 2).to(x.dtype)  # [B, T, Hv, Dv]
         return self.out_proj(self.norm(o, z).reshape(B, T, Hv * Dv))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.kernels import available as kernels_available
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
 
 
@@ -53,6 +54,13 @@ class GatedRMSNorm(nn.Module):
         return self.weight * g.view(h.shape).to(dtype)
 
 
+def use_step_kernel(t: torch.Tensor) -> bool:
+    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
+    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
+    kernel path under TRITON_INTERPRET=1)."""
+    return t.is_cuda and kernels_available(t.device)
+
+
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """a [..., l] -> [..., l, l]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above
     the diagonal (the reference's stable form: masked cumulative sums, no differences)."""
@@ -61,6 +69,25 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     a = a.masked_fill(~torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), -1), 0)
     out = torch.cumsum(a, dim=-2)
     return out.masked_fill(~torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), 0), -math.inf)
+
+
+def selective_state_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None):
+    """Mamba-2's selective-state update for one token, as the reference's step: xs [B, H, P];
+    dt [B, H] after softplus and the limits; A [H] float32 (negative); b, c [B, G, N] (head
+    h reads group h // (H // G)); D [H]; h [B, H, P, N] float32; keep: a 0-d float tensor
+    (0 drops the state) or None -> (y [B, H, P] in xs.dtype, new h). The Triton kernel
+    moerun.kernels.recurrent.mamba2_step holds this contract."""
+    dA = torch.exp(dt.float() * A)  # [B, H]
+    if keep is not None:
+        dA = dA * keep
+    rep = xs.shape[1] // b.shape[1]
+    b = b.repeat_interleave(rep, dim=1)  # [B, H, N]
+    c = c.repeat_interleave(rep, dim=1)
+    # dt * B * x in the activations' dtype and the state in float32, as the reference's step.
+    dbx = (dt[:, :, None, None] * b[:, :, None, :]) * xs[..., None]  # [B, H, P, N]
+    h = h * dA[:, :, None, None] + dbx
+    y = torch.matmul(h.to(c.dtype), c[..., None])[..., 0]  # [B, H, P]
+    return y + xs * D[:, None].to(xs.dtype), h
 
 
 class Mamba2Mixer(nn.Module):
@@ -201,18 +228,14 @@ class Mamba2Mixer(nn.Module):
         state.conv.copy_(full[:, :, 1:])
         xs, b, c = self._split(self._conv(full)[:, :, 0])  # [B, H, P], [B, G, N] x2
         dt = self._dt(dt[:, 0])  # [B, H]
-        dA = torch.exp(dt.float() * -torch.exp(self.A_log.float()))  # [B, H]
-        if keep is not None:
-            dA = dA * keep
-        rep = self.n_heads // self.n_groups
-        b = b.repeat_interleave(rep, dim=1)  # [B, H, N]
-        c = c.repeat_interleave(rep, dim=1)
-        # dt * B * x in the activations' dtype and the state in float32, as the reference's step.
-        dbx = (dt[:, :, None, None] * b[:, :, None, :]) * xs[..., None]  # [B, H, P, N]
-        h = state.ssm * dA[:, :, None, None] + dbx
-        state.ssm.copy_(h)
-        y = torch.matmul(h.to(c.dtype), c[..., None])[..., 0]  # [B, H, P]
-        y = y + xs * self.D[:, None].to(xs.dtype)
+        A = -torch.exp(self.A_log.float())
+        if use_step_kernel(xs):
+            from moerun.kernels.recurrent import mamba2_step
+
+            y, _ = mamba2_step(xs, dt, A, b, c, self.D, state.ssm, keep)  # state.ssm in place
+        else:
+            y, h = selective_state_step(xs, dt, A, b, c, self.D, state.ssm, keep)
+            state.ssm.copy_(h)
         return self.norm(y.reshape(Bsz, 1, self.inner), z)
 
 
