@@ -52,7 +52,7 @@ step() {  # step NAME COMMAND...: run if asked for, log to OUTDIR/NAME.log, keep
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv | tee "$OUT_DIR/gpu.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/gpu.txt"
 
-step gpu_tests "$PY" -m pytest -q -m gpu tests/test_kernels.py tests/test_graphs.py -p no:cacheprovider
+step gpu_tests "$PY" -m pytest -q -m gpu tests/test_kernels.py tests/test_graphs.py tests/test_recurrent_kernels.py -p no:cacheprovider
 step tune "$PY" scripts/tune_kernels.py --quick
 case " $STEPS " in *" tune "*) cp moerun/kernels/configs/*.json "$OUT_DIR/" 2>/dev/null ;; esac
 step bench_kernels "$PY" scripts/bench_kernels.py --out "$OUT_DIR/bench_kernels.json" --md "$OUT_DIR/bench_kernels.md"

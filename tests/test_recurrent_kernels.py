@@ -1,7 +1,8 @@
-"""The decode-step kernels of the recurrent layers (moerun/kernels/recurrent.py) against
-their plain-torch references on fresh random inputs: the gated delta rule against
-`recurrent_gated_delta_step`, Mamba-2's selective-state update against
-`selective_state_step`. On the CPU they run under TRITON_INTERPRET=1 (set by conftest.py
+"""The kernels of the recurrent layers (moerun/kernels/recurrent.py) against their
+plain-torch references on fresh random inputs: the gated delta rule against
+`recurrent_gated_delta_step` and `chunk_gated_delta_rule`, Mamba-2's selective-state update
+against `selective_state_step`, Mamba's step and scan against `selective_scan_step` and
+MambaMixer's chunked scan. On the CPU they run under TRITON_INTERPRET=1 (set by conftest.py
 before triton is imported): tiny shapes, non-power-of-two dims, grouped heads, several
 steps carried through the state. The `gpu` tests run whole layers' decode on CUDA (the
 kernels) against the CPU (the torch path).
@@ -20,9 +21,13 @@ from moerun.kernels.recurrent import (  # noqa: E402
     gated_delta_sequence,
     gated_delta_step,
     mamba2_step,
+    mamba_scan,
+    mamba_step,
 )
 from moerun.layers import StaticPosition  # noqa: E402
 from moerun.recurrent import gated_deltanet as gdn  # noqa: E402
+from moerun.recurrent import mamba, mamba2  # noqa: E402
+from moerun.recurrent.mamba import MambaMixer, selective_scan_step  # noqa: E402
 from moerun.recurrent.mamba2 import Mamba2Mixer, selective_state_step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,6 +106,57 @@ def test_mamba2_step_matches_the_reference(B, G, H, P, N, keep, block, dtype):
         assert rel_err(h, h_ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "B, I, N, keep, block",
+    [(1, 16, 8, None, None), (2, 37, 6, 1.0, None), (2, 45, 5, 0.0, 16)],
+    ids=["plain", "odd-dims", "three-i-blocks-dropped-state"],
+)
+def test_mamba_step_matches_the_reference(B, I, N, keep, block, dtype):
+    gen = torch.Generator().manual_seed(B * 100 + I * 10 + N)
+    A = -torch.rand(I, N, generator=gen) * 2 - 0.1
+    D = torch.randn(I, generator=gen)
+    h_ref = torch.randn(B, I, N, generator=gen) * 0.3
+    h = h_ref.clone().to(DEVICE)
+    keep_t = None if keep is None else torch.tensor(keep)
+    for _ in range(STEPS):
+        x = torch.randn(B, I, generator=gen).to(dtype)
+        dt = (torch.rand(B, I, generator=gen) * 0.5 + 0.01).to(dtype)
+        b = torch.randn(B, N, generator=gen).to(dtype)
+        c = torch.randn(B, N, generator=gen).to(dtype)
+        y_ref, h_ref = selective_scan_step(x, dt, A, b, c, D.to(dtype), h_ref, keep_t)
+        y, h_out = mamba_step(*(t.to(DEVICE) for t in (x, dt, A, b, c, D.to(dtype))), h,
+                              None if keep_t is None else keep_t.to(DEVICE), block_i=block)  # fmt: skip
+        assert h_out is h and y.dtype == dtype
+        assert rel_err(y, y_ref) < TOLERANCE[dtype]
+        assert rel_err(h, h_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
+@pytest.mark.parametrize("B, I, N, T, block", [(1, 16, 8, 9, None), (2, 37, 5, 6, 16)],
+                         ids=["plain", "odd-dims-three-i-blocks"])  # fmt: skip
+def test_mamba_scan_matches_the_chunked_scan(B, I, N, T, block, fresh):
+    gen = torch.Generator().manual_seed(B * 100 + I * 10 + T)
+    mixer = MambaMixer(8, I, N, conv_kernel=4, dt_rank=2)
+    mixer.chunk_size = 4  # the reference scan over several chunks, one of them padded
+    state = mixer.make_state(B, 16, torch.float32, "cpu")
+    A = -torch.rand(I, N, generator=gen) * 2 - 0.1
+    with torch.no_grad():
+        mixer.D.copy_(torch.randn(I, generator=gen))
+    u = torch.randn(B, I, T, generator=gen)
+    dt = torch.rand(B, I, T, generator=gen) * 0.5 + 0.01
+    b = torch.randn(B, T, N, generator=gen)
+    c = torch.randn(B, T, N, generator=gen)
+    gate = torch.randn(B, I, T, generator=gen)
+    h0 = torch.zeros(B, I, N) if fresh else torch.randn(B, I, N, generator=gen) * 0.3
+    with torch.no_grad():
+        y_ref = mixer._scan(u, dt, A, b, c, gate, h0.clone(), state)
+        h = h0.to(DEVICE)
+        y, _ = mamba_scan(*(t.to(DEVICE) for t in (u, dt, A, b, c, mixer.D.detach())), h, block_i=block)
+    assert rel_err(y.cpu() * torch.nn.functional.silu(gate), y_ref) < 1e-5
+    assert rel_err(h, state.ssm) < 1e-5
+
+
 # -- whole layers on CUDA (the kernels) against the CPU (plain torch) ------------------
 
 
@@ -127,29 +183,34 @@ def decode_on(mixer, x: torch.Tensor, device: str, static: bool):
     return torch.cat(outs, dim=1).cpu(), state
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("grouped", [True, False], ids=["qwen3_next", "qwen3_5"])
-def test_gated_deltanet_decode_on_cuda_matches_the_cpu(grouped, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv in true float32, as the CPU
-    mixer = random_params(gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6, grouped_projections=grouped), 1)
-    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2))
-    cpu, cpu_state = decode_on(mixer, x, "cpu", static=False)
-    cuda, cuda_state = decode_on(mixer, x, "cuda", static=True)
-    assert rel_err(cuda, cpu) < 1e-4
-    assert rel_err(cuda_state.recurrent, cpu_state.recurrent) < 1e-4
+# Each recurrent layer kind: (the module whose `use_step_kernel` it reads, a tiny random
+# layer, its hidden size, the name of its recurrent state).
+LAYERS = {
+    "qwen3_next": (gdn, lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
+                                                  grouped_projections=True), 64, "recurrent"),
+    "qwen3_5": (gdn, lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
+                                               grouped_projections=False), 64, "recurrent"),
+    "gqa3": (gdn, lambda: gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6,
+                                            grouped_projections=True), 32, "recurrent"),
+    "mamba2-1-group": (mamba2, lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=1, state_size=6,
+                                                   conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
+    "mamba2-2-groups": (mamba2, lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6,
+                                                    conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
+    "jamba": (mamba, lambda: MambaMixer(32, 48, 6, conv_kernel=4, dt_rank=4, bcdt_norm_eps=1e-6), 32, "ssm"),
+}  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_groups", [1, 2])
-def test_mamba2_decode_on_cuda_matches_the_cpu(n_groups, monkeypatch):
+@pytest.mark.parametrize("layer", ["qwen3_next", "qwen3_5", "mamba2-1-group", "mamba2-2-groups", "jamba"])
+def test_recurrent_decode_on_cuda_matches_the_cpu(layer, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv in true float32, as the CPU
-    mixer = random_params(Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=n_groups, state_size=6, conv_kernel=4,
-                                      chunk_size=4, eps=1e-6), 3)  # fmt: skip
-    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
+    _, make, hidden, state_name = LAYERS[layer]
+    mixer = random_params(make(), 1)
+    x = torch.randn(2, 9, hidden, generator=torch.Generator().manual_seed(2))
     cpu, cpu_state = decode_on(mixer, x, "cpu", static=False)
     cuda, cuda_state = decode_on(mixer, x, "cuda", static=True)
     assert rel_err(cuda, cpu) < 1e-4
-    assert rel_err(cuda_state.ssm, cpu_state.ssm) < 1e-4
+    assert rel_err(getattr(cuda_state, state_name), getattr(cpu_state, state_name)) < 1e-4
 
 
 @pytest.mark.parametrize("kernel", [gated_delta_sequence, functools.partial(gated_delta_chunked, chunk=4)],
@@ -177,24 +238,13 @@ def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, 
 # -- the layers' kernel path, run on the CPU under the interpreter ---------------------
 
 
-def test_gated_deltanet_decode_through_the_kernel_equals_the_torch_path(monkeypatch):
-    mixer = random_params(gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6, grouped_projections=True), 1)
-    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("layer", ["gqa3", "mamba2-2-groups", "jamba"])
+def test_decode_through_the_kernel_equals_the_torch_path(layer, monkeypatch):
+    module, make, hidden, state_name = LAYERS[layer]
+    mixer = random_params(make(), 1)
+    x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(2))
     torch_out, torch_state = decode_on(mixer, x, "cpu", static=True)
-    monkeypatch.setattr(gdn, "use_step_kernel", lambda t: True)
+    monkeypatch.setattr(module, "use_step_kernel", lambda t: True)
     kernel_out, kernel_state = decode_on(mixer, x, "cpu", static=True)
     assert rel_err(kernel_out, torch_out) < 1e-5
-    assert rel_err(kernel_state.recurrent, torch_state.recurrent) < 1e-5
-
-
-def test_mamba2_decode_through_the_kernel_equals_the_torch_path(monkeypatch):
-    from moerun.recurrent import mamba2
-
-    mixer = random_params(Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6, conv_kernel=4,
-                                      chunk_size=4, eps=1e-6), 3)  # fmt: skip
-    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
-    torch_out, torch_state = decode_on(mixer, x, "cpu", static=True)
-    monkeypatch.setattr(mamba2, "use_step_kernel", lambda t: True)
-    kernel_out, kernel_state = decode_on(mixer, x, "cpu", static=True)
-    assert rel_err(kernel_out, torch_out) < 1e-5
-    assert rel_err(kernel_state.ssm, torch_state.ssm) < 1e-5
+    assert rel_err(getattr(kernel_state, state_name), getattr(torch_state, state_name)) < 1e-5

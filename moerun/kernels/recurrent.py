@@ -1,12 +1,15 @@
-"""Triton kernels for the decode step of the recurrent layers: the gated delta rule
-(Qwen3-Next / Qwen3.5's GatedDeltaNet) and Mamba-2's selective-state update. Each is one
-launch with fixed shapes and no host sync (it runs inside CUDA-graph capture); the state
-is float32 and updated in place. The plain-torch references they are held against are
-`recurrent_gated_delta_step` (moerun/recurrent/gated_deltanet.py) and
-`selective_state_step` (moerun/recurrent/mamba2.py).
+"""Triton kernels for the recurrent layers: the gated delta rule (Qwen3-Next / Qwen3.5's
+GatedDeltaNet), Mamba-2's selective-state update (Granite 4.0-H, Nemotron-H) and Mamba's
+selective scan (Jamba). The decode steps are one launch each with fixed shapes and no host
+sync (they run inside CUDA-graph capture); the state is float32 and updated in place. The
+plain-torch references they are held against are `recurrent_gated_delta_step` and
+`chunk_gated_delta_rule` (moerun/recurrent/gated_deltanet.py), `selective_state_step`
+(moerun/recurrent/mamba2.py) and `selective_scan_step` and MambaMixer's chunked scan
+(moerun/recurrent/mamba.py).
 
-Shape legend: B batch, H value heads (Mamba: heads), Hk key heads (H a multiple), Dk key
-dim, Dv value dim; Mamba: P head dim, G groups (H a multiple), N state size.
+Shape legend: B batch, T tokens, H value heads (Mamba-2: heads), Hk key heads (H a
+multiple), Dk key dim, Dv value dim; Mamba-2: P head dim, G groups (H a multiple), N state
+size; Mamba: I channels, N state size.
 """
 
 from __future__ import annotations
@@ -297,3 +300,122 @@ def gated_delta_chunked(q, k, v, g, beta, S: torch.Tensor, *, chunk: int = 16, b
         CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
     )  # fmt: skip
     return o, S
+
+
+@triton.jit
+def _mamba_step_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, keep_ptr, h_ptr, y_ptr,
+    I, N, sx_b, sdt_b, sb_b, sc_b,
+    HAS_KEEP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program per (batch, block of channels): the state rows h[b, iblock, :]. Unlike
+    # Mamba-2, A varies along the state dim too, so the decay is a tile, not a scalar.
+    bi = tl.program_id(0)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rn = tl.arange(0, BLOCK_N)
+    mi = ri < I
+    mn = rn < N
+    tile = mi[:, None] & mn[None, :]
+    x = tl.load(x_ptr + bi * sx_b + ri, mask=mi, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + bi * sdt_b + ri, mask=mi, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + ri[:, None] * N + rn[None, :], mask=tile, other=0.0)
+    dA = tl.exp(dt[:, None] * A)
+    if HAS_KEEP:  # 0 on a sequence's first position: the stale state must not leak in
+        dA = dA * tl.load(keep_ptr).to(tl.float32)
+    Bv = tl.load(b_ptr + bi * sb_b + rn, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(c_ptr + bi * sc_b + rn, mask=mn, other=0.0).to(tl.float32)
+    h_offs = (bi * I + ri[:, None]) * N + rn[None, :]  # h is contiguous [B, I, N]
+    state = tl.load(h_ptr + h_offs, mask=tile, other=0.0)
+    state = state * dA + (dt * x)[:, None] * Bv[None, :]
+    tl.store(h_ptr + h_offs, state, mask=tile)
+    y = tl.sum(state * Cv[None, :], axis=1) + x * tl.load(D_ptr + ri, mask=mi, other=0.0).to(tl.float32)
+    tl.store(y_ptr + bi * I + ri, y.to(y_ptr.dtype.element_ty), mask=mi)
+
+
+def _mamba_tiles(I: int, N: int, block_i: int | None) -> tuple[int, int]:
+    BLOCK_N = triton.next_power_of_2(N)
+    return block_i or min(triton.next_power_of_2(I), max(16, 4096 // BLOCK_N)), BLOCK_N
+
+
+def mamba_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None = None, *, block_i: int | None = None):
+    """Mamba's (Jamba's) selective-scan update for one token, the contract of
+    `selective_scan_step` (moerun/recurrent/mamba.py): x, dt [B, I] (dt after softplus);
+    A [I, N] float32 (negative); b, c [B, N]; D [I]; h [B, I, N] float32 contiguous,
+    updated in place: h = h * exp(dt A) (* keep) + dt B x; keep: a 0-d float tensor or
+    None -> (y = C . h + D x [B, I] in x.dtype, before the gate; h). Computed in float32
+    throughout (the reference rounds C . h to x.dtype). block_i: the channel tile (a power
+    of two; tests force several)."""
+    B, I = x.shape
+    N = b.shape[-1]
+    if dt.shape != x.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, N) \
+            or h.shape != (B, I, N) or h.dtype != torch.float32:
+        raise ValueError(f"mamba_step: x {tuple(x.shape)} A {tuple(A.shape)} b {tuple(b.shape)} "
+                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if not h.is_contiguous():
+        raise ValueError("mamba_step: the state must be contiguous (it is updated in place)")
+    x, dt, b, c = (_rows(t) for t in (x, dt, b, c))
+    A, D = A.float().contiguous(), D.contiguous()
+    y = torch.empty(B, I, dtype=x.dtype, device=x.device)
+    BLOCK_I, BLOCK_N = _mamba_tiles(I, N, block_i)
+    _mamba_step_kernel[(B, triton.cdiv(I, BLOCK_I))](
+        x, dt, A, b, c, D, keep if keep is not None else h, h, y, I, N,
+        x.stride(0), dt.stride(0), b.stride(0), c.stride(0),
+        HAS_KEEP=keep is not None, BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return y, h
+
+
+@triton.jit
+def _mamba_scan_kernel(
+    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, h_ptr, y_ptr,
+    I, N, T, su_b, su_i, su_t, sdt_b, sdt_i, sdt_t, sb_b, sb_t, sc_b, sc_t,
+    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # The step's program walking the T tokens with its state tile in registers (mamba_ssm's
+    # selective scan is sequential in time within a thread block too): one load and one
+    # store of h in all; the work is parallel over batch x channel blocks.
+    bi = tl.program_id(0)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rn = tl.arange(0, BLOCK_N)
+    mi = ri < I
+    mn = rn < N
+    tile = mi[:, None] & mn[None, :]
+    A = tl.load(A_ptr + ri[:, None] * N + rn[None, :], mask=tile, other=0.0)
+    Dv = tl.load(D_ptr + ri, mask=mi, other=0.0).to(tl.float32)
+    h_offs = (bi * I + ri[:, None]) * N + rn[None, :]
+    state = tl.load(h_ptr + h_offs, mask=tile, other=0.0)
+    for t in range(T):
+        x = tl.load(u_ptr + bi * su_b + ri * su_i + t * su_t, mask=mi, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * sdt_b + ri * sdt_i + t * sdt_t, mask=mi, other=0.0).to(tl.float32)
+        Bv = tl.load(b_ptr + bi * sb_b + t * sb_t + rn, mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(c_ptr + bi * sc_b + t * sc_t + rn, mask=mn, other=0.0).to(tl.float32)
+        state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(state * Cv[None, :], axis=1) + x * Dv
+        tl.store(y_ptr + (bi * I + ri) * T + t, y, mask=mi)
+    tl.store(h_ptr + h_offs, state, mask=tile)
+
+
+def mamba_scan(u, dt, A, b, c, D, h: torch.Tensor, *, block_i: int | None = None):
+    """Mamba's selective scan over T tokens in one launch: u, dt [B, I, T] (dt after
+    softplus); A [I, N] float32 (negative); b, c [B, T, N]; D [I]; h [B, I, N] float32
+    contiguous, the initial state, updated in place to the final one -> (y = C . h_t +
+    D u_t [B, I, T] float32, before the gate; h). Equals MambaMixer's chunked scan (which
+    reorders the products) to float32 rounding. Not yet called by the layer: its speed on
+    long prompts against the chunked torch path is unmeasured (no GPU has been lent)."""
+    B, I, T = u.shape
+    N = b.shape[-1]
+    if dt.shape != u.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, T, N) \
+            or h.shape != (B, I, N) or h.dtype != torch.float32:
+        raise ValueError(f"mamba_scan: u {tuple(u.shape)} A {tuple(A.shape)} b {tuple(b.shape)} "
+                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if not h.is_contiguous():
+        raise ValueError("mamba_scan: the state must be contiguous (it is updated in place)")
+    b, c = _rows(b), _rows(c)
+    A, D = A.float().contiguous(), D.contiguous()
+    y = torch.empty(B, I, T, dtype=torch.float32, device=u.device)
+    BLOCK_I, BLOCK_N = _mamba_tiles(I, N, block_i)
+    _mamba_scan_kernel[(B, triton.cdiv(I, BLOCK_I))](
+        u, dt, A, b, c, D, h, y, I, N, T, *u.stride(), *dt.stride(), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return y, h

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moerun.kernels import available as kernels_available
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
+from moerun.recurrent import use_step_kernel
 
 # Tokens per chunk of the prefill (the reference's chunk_size); a module global read at
 # each call, so that tests can make prompts span several chunks.
@@ -45,12 +45,6 @@ class GatedDeltaNetState(LayerState):
         self.recurrent = torch.zeros((batch, n_v_heads, k_dim, v_dim), dtype=torch.float32, device=device)
         self.max_len = max_len
 
-
-def use_step_kernel(t: torch.Tensor) -> bool:
-    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
-    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
-    kernel path under TRITON_INTERPRET=1)."""
-    return t.is_cuda and kernels_available(t.device)
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.layers import LayerState, RMSNorm, Start, StateSpec, StaticPosition
+from moerun.recurrent import use_step_kernel
 from moerun.recurrent.short_conv import causal_conv1d
 
 
@@ -57,6 +58,21 @@ def scan_chunk(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tens
         combine((av[:, :, :-1, 2 * s - 1], bv[:, :, :-1, 2 * s - 1]), (av[:, :, 1:, s - 1], bv[:, :, 1:, s - 1]))
         s //= 2
     return b.add_(a * h0[:, :, None])  # a is now the product from the chunk's start
+
+
+def selective_scan_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None):
+    """Mamba's selective-scan update for one token, as the reference's
+    selective_state_update: x, dt [B, I] (dt after softplus); A [I, N] float32 (negative);
+    b, c [B, N]; D [I]; h [B, I, N] float32; keep: a 0-d float tensor (0 drops the state)
+    or None -> (y = C . h + D x [B, I] in x.dtype, before the gate; new h). The Triton
+    kernel moerun.kernels.recurrent.mamba_step holds this contract."""
+    d = dt.float()
+    dA = torch.exp(d[..., None] * A)  # [B, I, N]
+    if keep is not None:
+        dA = dA * keep
+    h = h * dA + (d[..., None] * b[:, None, :].float()) * x.float()[..., None]
+    # C . h and D x in the activations' dtype, as the reference's step.
+    return torch.matmul(h.to(c.dtype), c[:, :, None])[..., 0] + x * D, h
 
 
 class MambaMixer(nn.Module):
@@ -102,10 +118,10 @@ class MambaMixer(nn.Module):
         dt, b, c = self._selection(u)
         A = -torch.exp(self.A_log.float())  # [I, N]
         if isinstance(start, StaticPosition):
-            h0 = torch.where(start.index > 0, state.ssm, 0)
-            y = self._step(u, dt, A, b, c, gate, h0, state)
+            # At index 0 the step must not read the stale state: scaled by 0 on the device.
+            y = self._step(u, dt, A, b, c, gate, state, keep=(start.index > 0).float())
         elif start > 0 and T == 1:
-            y = self._step(u, dt, A, b, c, gate, state.ssm, state)
+            y = self._step(u, dt, A, b, c, gate, state, keep=None)
         else:
             h0 = state.ssm if start > 0 else torch.zeros_like(state.ssm)
             y = self._scan(u, dt, A, b, c, gate, h0, state)
@@ -142,12 +158,15 @@ class MambaMixer(nn.Module):
         # [B, I, T] contiguous, as the reference's: out_proj then rounds as its does (bf16).
         return (y * F.silu(gate)).contiguous()
 
-    def _step(self, u, dt, A, b, c, gate, h0, state: MambaState) -> torch.Tensor:
-        """One token from h0 [B, I, N] -> y [B, I, 1] in the activations' dtype (D too), as
-        the reference's selective_state_update."""
-        x, d = u[..., 0], dt[..., 0].float()  # [B, I]
-        dbx = (d[..., None] * b[:, 0, None, :].float()) * x.float()[..., None]  # [B, I, N]
-        h = h0 * torch.exp(d[..., None] * A) + dbx
-        state.ssm.copy_(h)
-        y = torch.matmul(h.to(c.dtype), c[:, 0, :, None])[..., 0] + x * self.D
+    def _step(self, u, dt, A, b, c, gate, state: MambaState, keep: torch.Tensor | None) -> torch.Tensor:
+        """One token from the state -> y [B, I, 1] in the activations' dtype (D too), as
+        the reference's selective_state_update; keep as `selective_scan_step`'s."""
+        x, d, bt, ct = u[..., 0], dt[..., 0], b[:, 0], c[:, 0]  # [B, I] x2, [B, N] x2
+        if use_step_kernel(x):
+            from moerun.kernels.recurrent import mamba_step
+
+            y, _ = mamba_step(x, d, A, bt, ct, self.D, state.ssm, keep)  # state.ssm in place
+        else:
+            y, h = selective_scan_step(x, d, A, bt, ct, self.D, state.ssm, keep)
+            state.ssm.copy_(h)
         return (y * F.silu(gate[..., 0]))[..., None]

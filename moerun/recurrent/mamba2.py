@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moerun.kernels import available as kernels_available
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
+from moerun.recurrent import use_step_kernel
 
 
 class Mamba2State(LayerState):
@@ -53,12 +53,6 @@ class GatedRMSNorm(nn.Module):
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.view(h.shape).to(dtype)
 
-
-def use_step_kernel(t: torch.Tensor) -> bool:
-    """Does the decode step run as the Triton kernel (moerun/kernels/recurrent.py)? On
-    CUDA where the kernels can run; the CPU keeps plain torch (tests set this to run the
-    kernel path under TRITON_INTERPRET=1)."""
-    return t.is_cuda and kernels_available(t.device)
 
 
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
