@@ -20,6 +20,7 @@ from moerun.kernels.recurrent import (  # noqa: E402
     gated_delta_chunked,
     gated_delta_sequence,
     gated_delta_step,
+    mamba2_scan,
     mamba2_step,
     mamba_scan,
     mamba_step,
@@ -155,6 +156,29 @@ def test_mamba_scan_matches_the_chunked_scan(B, I, N, T, block, fresh):
         y, _ = mamba_scan(*(t.to(DEVICE) for t in (u, dt, A, b, c, mixer.D.detach())), h, block_i=block)
     assert rel_err(y.cpu() * torch.nn.functional.silu(gate), y_ref) < 1e-5
     assert rel_err(h, state.ssm) < 1e-5
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
+@pytest.mark.parametrize("B, G, H, P, N, T, block", [(1, 1, 2, 8, 16, 9, None), (2, 2, 6, 33, 5, 6, 16)],
+                         ids=["plain", "odd-dims-groups-three-p-blocks"])  # fmt: skip
+def test_mamba2_scan_matches_the_chunked_ssd(B, G, H, P, N, T, block, fresh):
+    gen = torch.Generator().manual_seed(B * 100 + H * 10 + T)
+    mixer = Mamba2Mixer(8, n_heads=H, head_dim=P, n_groups=G, state_size=N, conv_kernel=4, chunk_size=4, eps=1e-6)
+    with torch.no_grad():
+        mixer.A_log.copy_(torch.rand(H, generator=gen).add(0.1).log())
+        mixer.D.copy_(torch.randn(H, generator=gen))
+    xs = torch.randn(B, T, H, P, generator=gen)
+    dt = torch.rand(B, T, H, generator=gen) * 0.5 + 0.01
+    b = torch.randn(B, T, G, N, generator=gen)
+    c = torch.randn(B, T, G, N, generator=gen)
+    h0 = torch.zeros(B, H, P, N) if fresh else torch.randn(B, H, P, N, generator=gen) * 0.3
+    with torch.no_grad():
+        y_ref, h_ref = mixer.ssd(xs, dt, b, c, None if fresh else h0.clone())
+        A = -torch.exp(mixer.A_log.float())
+        h = h0.to(DEVICE)
+        y, _ = mamba2_scan(*(t.to(DEVICE) for t in (xs, dt, A, b, c, mixer.D.detach())), h, block_p=block)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(h, h_ref) < 1e-5
 
 
 # -- whole layers on CUDA (the kernels) against the CPU (plain torch) ------------------

@@ -419,3 +419,66 @@ def mamba_scan(u, dt, A, b, c, D, h: torch.Tensor, *, block_i: int | None = None
         BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     return y, h
+
+
+@triton.jit
+def _mamba2_scan_kernel(
+    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, h_ptr, y_ptr,
+    H, HEADS_PER_GROUP, P, N, T,
+    sx_b, sx_t, sx_h, sdt_b, sdt_t, sb_b, sb_t, sb_g, sc_b, sc_t, sc_g, sy_b, sy_t, sy_h,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # The decode step's program walking the T tokens, its state tile h[b, head, pblock, :]
+    # in registers: one load and one store of the state in all.
+    pid_bh = tl.program_id(0)
+    bi = pid_bh // H
+    hd = pid_bh % H
+    grp = hd // HEADS_PER_GROUP
+    rp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    mp = rp < P
+    mn = rn < N
+    A = tl.load(A_ptr + hd).to(tl.float32)
+    Dh = tl.load(D_ptr + hd).to(tl.float32)
+    h_offs = (pid_bh * P + rp[:, None]) * N + rn[None, :]
+    hmask = mp[:, None] & mn[None, :]
+    state = tl.load(h_ptr + h_offs, mask=hmask, other=0.0)
+    for t in range(T):
+        x = tl.load(x_ptr + bi * sx_b + t * sx_t + hd * sx_h + rp, mask=mp, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + bi * sdt_b + t * sdt_t + hd).to(tl.float32)
+        Bv = tl.load(b_ptr + bi * sb_b + t * sb_t + grp * sb_g + rn, mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(c_ptr + bi * sc_b + t * sc_t + grp * sc_g + rn, mask=mn, other=0.0).to(tl.float32)
+        state = state * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(state * Cv[None, :], axis=1) + x * Dh
+        tl.store(y_ptr + bi * sy_b + t * sy_t + hd * sy_h + rp, y, mask=mp)
+    tl.store(h_ptr + h_offs, state, mask=hmask)
+
+
+def mamba2_scan(xs, dt, A, b, c, D, h: torch.Tensor, *, block_p: int | None = None):
+    """Mamba-2's scan over T tokens in one launch, the contract of `Mamba2Mixer.ssd`: xs
+    [B, T, H, P]; dt [B, T, H] after softplus and the limits; A [H] float32 (negative);
+    b, c [B, T, G, N] (head h reads group h // (H // G)); D [H]; h [B, H, P, N] float32
+    contiguous, the initial state, updated in place to the final one -> (y [B, T, H, P]
+    float32 with the D skip, h). Equals the chunked SSD form to float32 rounding. Not yet
+    called by the layer: its speed on long prompts against the chunked torch path is
+    unmeasured (no GPU has been lent)."""
+    B, T, H, P = xs.shape
+    G, N = b.shape[2], b.shape[3]
+    if dt.shape != (B, T, H) or c.shape != b.shape or b.shape[:2] != (B, T) or H % G \
+            or h.shape != (B, H, P, N) or h.dtype != torch.float32:
+        raise ValueError(f"mamba2_scan: xs {tuple(xs.shape)} dt {tuple(dt.shape)} b {tuple(b.shape)} "
+                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if not h.is_contiguous():
+        raise ValueError("mamba2_scan: the state must be contiguous (it is updated in place)")
+    xs, b, c = _rows(xs), _rows(b), _rows(c)
+    A, D = A.float().contiguous(), D.contiguous()
+    y = torch.empty(B, T, H, P, dtype=torch.float32, device=xs.device)
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_P = block_p or min(triton.next_power_of_2(P), max(16, 8192 // BLOCK_N))
+    _mamba2_scan_kernel[(B * H, triton.cdiv(P, BLOCK_P))](
+        xs, dt, A, b, c, D, h, y, H, H // G, P, N, T,
+        xs.stride(0), xs.stride(1), xs.stride(2), dt.stride(0), dt.stride(1),
+        b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2), *y.stride()[:3],
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return y, h
