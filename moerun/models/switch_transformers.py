@@ -56,6 +56,8 @@ class ModelArgs(BaseModelArgs):
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
     decoder_start_token_id: int | None = None
+    torch_dtype: str | None = None  # the stored dtype (the released switch checkpoints: float32)
+    dtype: str | None = None
     # Relative positions have no learned limit; this caps the planned context (encoder
     # prompt and decoder tokens alike).
     max_position_embeddings: int = 4096
@@ -92,6 +94,14 @@ def check_loadable(args: ModelArgs) -> None:
     act = (args.feed_forward_proj or args.dense_act_fn or "relu").removeprefix("dense-")
     if act != "relu":
         raise MoerunError(f"switch_transformers: activation {act!r} is not supported (relu is)")
+
+
+def first_layers(config: dict, layers: int) -> str:
+    """Keep the first `layers` blocks of the encoder and of the decoder (a synthetic bench of
+    a slice), in `config` in place; the note says so."""
+    n_enc, n_dec = config["num_layers"], config.get("num_decoder_layers") or config["num_layers"]
+    config["num_layers"], config["num_decoder_layers"] = min(layers, n_enc), min(layers, n_dec)
+    return f"first {config['num_layers']} of {n_enc} encoder and {config['num_decoder_layers']} of {n_dec} decoder layers"
 
 
 def layer_paths(args: ModelArgs) -> list[str]:
@@ -392,7 +402,8 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
+    stored = {"float32": "F32", "float16": "F16"}.get(args.torch_dtype or args.dtype or "", "BF16")
+    t = CheckpointLayout(args, dtype=stored)
     D, I, E, inner = args.d_model, args.d_ff, args.num_experts, args.num_heads * args.d_kv
     t.add("shared.weight", (args.vocab_size, D), "embeddings")
 
