@@ -352,14 +352,10 @@ def _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device
     model.plan, model.offload_info = memory_plan, info
     # The KV cache for the planned context is allocated once, up front, as planned.
     model.kv_caches = lm.make_caches(1, memory_plan.ctx)
-    encoder_decoder = getattr(lm, "is_encoder_decoder", False)
     if cuda_graphs is None:
-        # Encoder-decoder decode steps run eagerly: their cross-attention spans the prompt.
-        cuda_graphs = graphs_enabled(device) and not encoder_decoder
+        cuda_graphs = graphs_enabled(device)
     elif cuda_graphs and device.type != "cuda":
         raise MoerunError("CUDA graphs need a CUDA device")
-    elif cuda_graphs and encoder_decoder:
-        raise MoerunError("CUDA graphs are not supported for encoder-decoder models yet")
     if cuda_graphs:
         model.decode_graphs = DecodeGraphs(lm, model.kv_caches, capture_graphs=True)
     return model

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.layers import KVCache, RMSNorm, Start, StateSpec, context_full, key_positions, token_positions
+from moerun.layers import (KVCache, RMSNorm, Start, StateSpec, StaticPosition, context_full, key_positions,
+                           token_positions)  # fmt: skip
 from moerun.models.base import BaseModelArgs, CheckpointLayout, SparseMoeBlock
 from moerun.moe.experts import RELU, RoutedExperts
 
@@ -133,13 +134,32 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
 class DecoderState(KVCache):
     """A decoder layer's state: its self-attention KV cache [B, H, L, Dh], and the keys and
     values of the encoder output for cross-attention (up to L encoder positions), written
-    once per prompt by Model.encode."""
+    once per prompt by Model.encode. `source_len` (host) slices them for eager steps;
+    `source_bias` [L] (device; 0 where written, -inf past the prompt) masks them for a
+    static step, so that one captured CUDA graph serves every prompt length."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__(batch, n_heads, max_len, head_dim, dtype, device)
         self.cross_k = torch.zeros_like(self.k)
         self.cross_v = torch.zeros_like(self.v)
+        self.source_bias = torch.zeros(max_len, dtype=dtype, device=device)
         self.source_len = 0
+
+    def set_source(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The encoder output's keys and values [B, H, S, Dh]."""
+        S = k.shape[2]
+        if S > self.max_len:
+            raise context_full(S, self.max_len)
+        self.cross_k[:, :, :S], self.cross_v[:, :, :S] = k, v
+        self.source_bias.fill_(float("-inf"))[:S] = 0.0
+        self.source_len = S
+
+    def source(self, start: Start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys, values, additive bias [1, 1, 1, L] or None) for cross-attention."""
+        if isinstance(start, StaticPosition):
+            return self.cross_k, self.cross_v, self.source_bias.view(1, 1, 1, -1)
+        S = self.source_len
+        return self.cross_k[:, :, :S], self.cross_v[:, :, :S], None
 
 
 class T5Attention(nn.Module):
@@ -218,7 +238,8 @@ class Top1Router(nn.Module):
         probs = self.probs(x)
         ids = probs.argmax(dim=-1)
         weights = probs.gather(-1, ids[..., None])[..., 0].float()
-        priority = torch.cumsum(F.one_hot(ids, self.n_experts), dim=1).gather(-1, ids[..., None])[..., 0]
+        chosen = ids[..., None] == torch.arange(self.n_experts, device=ids.device)  # one-hot [B, T, E], no host sync
+        priority = torch.cumsum(chosen.long(), dim=1).gather(-1, ids[..., None])[..., 0]
         return ids, weights.masked_fill(priority > self.expert_capacity, 0.0)
 
 
@@ -315,9 +336,10 @@ class Model(nn.Module):
 
     def state_specs(self) -> list[StateSpec]:
         """Encoder blocks keep nothing; a decoder block its self-attention K/V and the
-        encoder output's K/V for cross-attention (at most the context's worth of each)."""
+        encoder output's K/V for cross-attention, and the mask of the latter (at most the
+        context's worth of each)."""
         a = self.args
-        return [StateSpec(0)] * a.num_layers + [StateSpec(4 * a.num_heads * a.d_kv)] * a.num_decoder_layers
+        return [StateSpec(0)] * a.num_layers + [StateSpec(4 * a.num_heads * a.d_kv + 1)] * a.num_decoder_layers
 
     def make_caches(self, batch: int, max_len: int) -> list[DecoderState | None]:
         ref, a = self.shared.weight, self.args
@@ -331,7 +353,7 @@ class Model(nn.Module):
         states = caches[self.args.num_layers :]
         S = input_ids.shape[1]
         if S > states[0].max_len:
-            raise context_full(S, states[0].max_len)
+            raise context_full(S, states[0].max_len)  # before any work
         x = self.shared(input_ids)
         pos = torch.arange(S, device=x.device)
         bias = self.encoder.block[0].self_attention.position_bias(pos, pos, bidirectional=True)
@@ -344,9 +366,7 @@ class Model(nn.Module):
         enc = self.encoder.final_layer_norm(x)  # [B, S, D]
         for block, state in zip(self.decoder.block, states):
             cross = block.layer[1].EncDecAttention
-            state.cross_k[:, :, :S] = cross.heads(cross.k, enc)
-            state.cross_v[:, :, :S] = cross.heads(cross.v, enc)
-            state.source_len = S
+            state.set_source(cross.heads(cross.k, enc), cross.heads(cross.v, enc))
 
     def forward(self, input_ids: torch.Tensor, caches: list, start: Start = 0, last_only: bool = False) -> torch.Tensor:
         """Decoder ids [B, T] at positions [start, start+T), after encode() -> logits [B, T, V]."""
@@ -364,8 +384,7 @@ class Model(nn.Module):
             att = sa.SelfAttention
             k, v, _ = state.update(att.heads(att.k, h), att.heads(att.v, h), start)
             x = x + att.attend(h, k, v, bias)
-            S = state.source_len
-            x = x + ca.EncDecAttention.attend(ca.layer_norm(x), state.cross_k[:, :, :S], state.cross_v[:, :, :S], None)
+            x = x + ca.EncDecAttention.attend(ca.layer_norm(x), *state.source(start))
             x = block.layer[-1](x)
         if last_only:
             x = x[:, -1:]
