@@ -113,6 +113,15 @@ def layer_paths(args: ModelArgs) -> list[str]:
     ]
 
 
+def layer_of(name: str, args: ModelArgs) -> int | None:
+    """The layer (index into layer_paths) a checkpoint tensor belongs to, None for the rest:
+    the loader reads one layer's tensors at a time."""
+    stack, _, rest = name.partition(".block.")
+    if stack not in ("encoder", "decoder") or not rest.split(".", 1)[0].isdigit():
+        return None
+    return int(rest.split(".", 1)[0]) + (args.num_layers if stack == "decoder" else 0)
+
+
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
     """T5's bucketing of key - query distances (as Mesh TensorFlow and transformers do it)."""
     buckets = torch.zeros_like(relative)
