@@ -163,20 +163,46 @@ class Model:
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{self.name} · {self.config.get('model_type')} · {size} params · {self.device} · {dtype}"
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """An encoder-decoder model (the Switch Transformer): the prompt goes to the encoder."""
+        return bool(getattr(self.lm, "is_encoder_decoder", False))
+
+    @property
+    def is_chat_model(self) -> bool:
+        """Can it chat? Not an encoder-decoder span-corruption model, unless its checkpoint
+        ships a chat template."""
+        return not self.is_encoder_decoder or self.tokenizer.has_chat_template
+
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids LongTensor [B, T] -> float32 logits [B, T, vocab], from a fresh state."""
+    def logits(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids LongTensor [B, T] -> float32 logits [B, T, vocab], from a fresh state.
+        An encoder-decoder model takes the encoder's input_ids [B, S] and the decoder's
+        decoder_input_ids [B, T], and gives the decoder's logits [B, T, vocab]."""
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         if input_ids.dim() != 2:
             raise MoerunError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
-        caches = self.lm.make_caches(input_ids.shape[0], input_ids.shape[1])
-        return self.lm(input_ids.to(self.device), caches, 0).float()
+        if not self.is_encoder_decoder:
+            if decoder_input_ids is not None:
+                raise MoerunError("decoder_input_ids is for encoder-decoder models only")
+            caches = self.lm.make_caches(input_ids.shape[0], input_ids.shape[1])
+            return self.lm(input_ids.to(self.device), caches, 0).float()
+        if decoder_input_ids is None:
+            raise MoerunError("an encoder-decoder model needs decoder_input_ids as well as input_ids")
+        decoder_input_ids = torch.as_tensor(decoder_input_ids, dtype=torch.long)
+        if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_ids.shape[0]:
+            raise MoerunError(f"decoder_input_ids must be [{input_ids.shape[0]}, tokens], "
+                              f"got shape {list(decoder_input_ids.shape)}")  # fmt: skip
+        caches = self.lm.make_caches(input_ids.shape[0], max(input_ids.shape[1], decoder_input_ids.shape[1]))
+        self.lm.encode(input_ids.to(self.device), caches)
+        return self.lm(decoder_input_ids.to(self.device), caches, 0).float()
 
     def encode_prompt(self, prompt: Prompt, chat: bool) -> list[int]:
         """Token ids for `prompt`: ids pass through; a list of messages, or a string with
-        chat=True, goes through the chat template; a plain string is encoded as is."""
+        chat=True, goes through the chat template; a plain string is encoded as is (always,
+        for a model that does not chat: a span-corruption encoder-decoder)."""
         if isinstance(prompt, str):
-            if not chat:
+            if not chat or not self.is_chat_model:
                 return self.tokenizer.encode(prompt)
             prompt = [{"role": "user", "content": prompt}]
         prompt = list(prompt)

@@ -26,7 +26,7 @@ import moerun
 from moerun import plan
 from moerun.errors import MoerunError
 from moerun.kernels import cpu_experts
-from moerun.models import build_meta_model
+from moerun.models import build_meta_model, get_architecture
 from moerun.models.base import parameter_roles
 from moerun.moe.cache import CachedExperts
 from moerun.moe.offload import (
@@ -102,7 +102,10 @@ def synthetic_model(
     note = ""
     # Multimodal configs (Llama 4) keep the language model's fields in text_config.
     text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
-    if layers and layers < text.get("num_hidden_layers", layers):
+    family = get_architecture(text.get("model_type"))
+    if layers and hasattr(family, "first_layers"):  # a family whose layer counts have other names
+        note = family.first_layers(text, layers)
+    elif layers and layers < text.get("num_hidden_layers", layers):
         note = f"first {layers} of {text['num_hidden_layers']} layers"
         text["num_hidden_layers"] = layers
     lm, arch = build_meta_model(config)
@@ -215,7 +218,11 @@ def run_prompt(lm, n_tokens: int, device, vocab: int, seed: int) -> float:
     caches = lm.make_caches(1, n_tokens)
     _sync(device)
     t0 = time.perf_counter()
-    lm(ids, caches, 0, last_only=True)
+    if getattr(lm, "is_encoder_decoder", False):  # the prompt is the encoder's; the decoder takes its start token
+        lm.encode(ids, caches)
+        lm(ids[:, :1], caches, 0, last_only=True)
+    else:
+        lm(ids, caches, 0, last_only=True)
     _sync(device)
     return time.perf_counter() - t0
 

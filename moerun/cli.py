@@ -230,13 +230,14 @@ def generate(
     force: bool = Force,
     dtype: str = Dtype,
     threads: Optional[int] = Threads,
-    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template "
+                             "(always, for span-corruption models such as switch-base-8)."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
 ) -> None:
     """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
-    chat = not raw
+    chat = not raw and m.is_chat_model  # an encoder-decoder without a chat template: raw
     if as_json:
         out = m.generate(prompt, chat=chat, **kwargs)
         stats = out.stats.to_dict()
@@ -290,6 +291,9 @@ def chat(
     from moerun.chat import run_repl
 
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    if not m.is_chat_model:
+        raise MoerunError(f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
+                          "ships no chat template); use `moerun generate`, e.g. with <extra_id_0> in the prompt")
     run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
 
 

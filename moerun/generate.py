@@ -176,10 +176,15 @@ def stream_tokens(
         raise MoerunError("the prompt is empty")
     if max_new_tokens < 1:
         raise MoerunError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    # An encoder-decoder model (the Switch Transformer): the prompt goes to the encoder, once;
+    # the decoder starts from its start token. Its states hold up to cache_len encoder
+    # positions and as many decoder positions.
+    encoder_decoder = getattr(lm, "is_encoder_decoder", False)
+    decoder_needs = 1 + max_new_tokens if encoder_decoder else len(prompt_ids) + max_new_tokens
     if caches is None:
         if len(prompt_ids) >= max_context:
             raise MoerunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
-        caches = lm.make_caches(1, min(len(prompt_ids) + max_new_tokens, max_context))
+        caches = lm.make_caches(1, min(max(len(prompt_ids) + 1, decoder_needs), max_context))
         graphs = held = None
     elif graphs is not None and graphs.caches is not caches:
         raise ValueError("graphs were captured over other caches")
@@ -193,12 +198,16 @@ def stream_tokens(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    decoder = tokenizer.stream_decoder()
-    if held is None:
+    # Span-corruption models answer in sentinel tokens (<extra_id_0>): they are shown.
+    decoder = tokenizer.stream_decoder(skip_special_tokens=not encoder_decoder)
+    if held is None or encoder_decoder:
+        if held is not None:
+            held.clear()  # the decoder's states are never reused across prompts
         held = []  # nobody reads it back
     start = reusable_prefix(held, prompt_ids, caches)
     del held[start:]
     rewindable = _rewindable(caches)
+    encoder_ids = prompt_ids
 
     def forward(ids: list[int], at: int, decode: bool):
         # A forward cut short (Ctrl-C) leaves a rewindable state good up to `at`; any
@@ -216,6 +225,9 @@ def stream_tokens(
         return out
 
     t0 = time.perf_counter()
+    if encoder_decoder:
+        lm.encode(torch.tensor([encoder_ids], device=device), caches)
+        prompt_ids = [lm.decoder_start_token_id]
     logits = forward(prompt_ids[start:], start, decode=False)
     token = _next_token(logits[0, -1], params, generator)
     t_first = time.perf_counter()
@@ -234,9 +246,9 @@ def stream_tokens(
 
         text += decoder.flush()
         prompt_s, gen_s = t_first - t0, time.perf_counter() - t_first
-        prefilled = len(prompt_ids) - start
+        prefilled = len(encoder_ids) - start
         stats = GenerationStats(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=len(encoder_ids),
             generated_tokens=generated,
             prompt_seconds=prompt_s,
             generation_seconds=gen_s,

@@ -81,6 +81,15 @@ ALIASES: dict[str, Alias] = {
               "30B total, 3B active; MLA, 47 layers x 64 experts, top-4 plus a shared expert"),
         Alias("ernie-4.5-21b-a3b", "baidu/ERNIE-4.5-21B-A3B-PT", "ernie4_5_moe",
               "21B total, 3B active; 28 layers x 64 experts, top-6 plus 2 shared"),
+        Alias("switch-base-8", "google/switch-base-8", "switch_transformers",
+              "0.62B total, 0.22B active; T5 encoder-decoder, 12+12 layers, 8 experts top-1 every 2nd; "
+              "span corruption, not chat"),
+        Alias("switch-base-128", "google/switch-base-128", "switch_transformers",
+              "7.4B total, 0.22B active; T5 encoder-decoder, 12+12 layers, 128 experts top-1 every 2nd; "
+              "span corruption, not chat"),
+        Alias("switch-large-128", "google/switch-large-128", "switch_transformers",
+              "26B total, 0.74B active; T5 encoder-decoder, 24+24 layers, 128 experts top-1 every 2nd; "
+              "span corruption, not chat"),
     )
 }
 

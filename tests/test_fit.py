@@ -151,6 +151,11 @@ def test_mla_kv_cache_holds_the_latent():
         ("granite-4.0-h-tiny", 6.94e9, 1.47e9),
         # Published 32B / 9B (one IBM page: 32.2B).
         ("granite-4.0-h-small", 32.2e9, 8.80e9),
+        # Published 620M / 7.4B / 26B (the model cards); encoder and decoder counted, one
+        # expert active per token: T5-base's and T5-large's sizes (tied embeddings once).
+        ("switch-base-8", 0.619e9, 0.223e9),
+        ("switch-base-128", 7.42e9, 0.224e9),
+        ("switch-large-128", 26.3e9, 0.741e9),
     ],
 )
 def test_layouts_of_the_alias_table(alias, total, active):

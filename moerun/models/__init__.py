@@ -111,6 +111,9 @@ def load_model(
             ours = text_model_name(arch, name)
             if name in skip or ours is None:
                 continue
+            if hasattr(arch, "layer_of"):  # layers not named model.layers.N (an encoder-decoder)
+                groups[arch.layer_of(ours, args)].append(name)
+                continue
             m = _LAYER.match(ours)
             groups[int(m.group(1)) if m else None].append(name)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):

@@ -33,7 +33,8 @@ class ExpertActivation:
     "silu": silu(gate) * up (Mixtral, Qwen, DeepSeek, ...).
     "swiglu_clamped": gpt-oss' variant: gate clamped above at `limit`, up clamped to
     [-limit, limit], gate * sigmoid(alpha * gate) * (up + 1).
-    "relu2": not gated, relu(up)² (Nemotron-H): w13 holds the I up rows only."""
+    "relu2": not gated, relu(up)² (Nemotron-H): w13 holds the I up rows only.
+    "relu": not gated, relu(up) (the Switch Transformer's wi/wo experts): up rows only too."""
 
     kind: str = "silu"
     alpha: float = 1.702
@@ -42,7 +43,7 @@ class ExpertActivation:
     @property
     def gated(self) -> bool:
         """Does w13 hold gate and up rows (2I), or up rows only (I)?"""
-        return self.kind != "relu2"
+        return self.kind not in ("relu2", "relu")
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.kind == "silu":
@@ -53,6 +54,8 @@ class ExpertActivation:
 
     def of(self, h: torch.Tensor) -> torch.Tensor:
         """The activation of h = x·w13ᵀ (+ b13): [n, 2I] (gated) or [n, I] -> [n, I]."""
+        if self.kind == "relu":
+            return torch.relu(h)
         if not self.gated:
             return torch.square(torch.relu(h))
         return self(*h.chunk(2, dim=-1))
@@ -60,6 +63,7 @@ class ExpertActivation:
 
 SILU = ExpertActivation()
 RELU2 = ExpertActivation("relu2")
+RELU = ExpertActivation("relu")
 
 
 def expert_ffn(

@@ -23,11 +23,13 @@ COLD_MODES = ("gpu", "cpu", "auto")
 
 def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer index, module path, module) of every routed-experts module, in layer order."""
+    # A model whose layers are not `model.layers` (an encoder-decoder) names their paths.
+    paths = lm.layer_paths() if hasattr(lm, "layer_paths") else [f"model.layers.{i}" for i in range(len(lm.model.layers))]
     found = []
-    for i, layer in enumerate(lm.model.layers):
-        for name, module in layer.named_modules():
+    for i, path in enumerate(paths):
+        for name, module in lm.get_submodule(path).named_modules():
             if isinstance(module, (RoutedExperts, CachedExperts)):
-                found.append((i, f"model.layers.{i}.{name}", module))
+                found.append((i, f"{path}.{name}", module))
     return found
 
 

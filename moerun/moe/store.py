@@ -62,7 +62,8 @@ def layer_expert_blobs(
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
     from moerun.models import routed_checkpoint_names, text_model_name
 
-    layer_prefix = f"model.layers.{layer}."
+    paths = arch.layer_paths(args) if hasattr(arch, "layer_paths") else None
+    layer_prefix = f"{paths[layer]}." if paths else f"model.layers.{layer}."
     in_layer = [n for n in ckpt.keys() if (text_model_name(arch, n) or "").startswith(layer_prefix)]
     names = sorted(routed_checkpoint_names(arch, args, in_layer))
     stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
