@@ -290,6 +290,26 @@ def test_qwen3_5_moe_reads_the_release_and_a_transformers_resave_alike(tmp_path)
     assert rel_err(resaved_logits, expected) < 1e-6  # the same parameters
     with torch.no_grad():
         assert rel_err(expected, reference_model(released)(ids).logits) < 1e-4
+    # Quantized, the experts are read by name from either layout: the same blobs, one slot or all.
+    four_bit = [moerun.load(str(f), device="cpu", dtype="float32", bits=4, expert_slots=s).logits(ids)
+                for f, s in ((released, None), (resaved, 1))]  # fmt: skip
+    assert torch.equal(four_bit[0], four_bit[1])
+
+
+def test_qwen3_5_moe_text_reads_fused_experts_as_well(tmp_path):
+    """A text-only checkpoint saved with save_original_format=False (experts fused, as the
+    release stores them) loads like one tensor per expert, resident and at 4 bits."""
+    per_expert = make_qwen3_5_moe_text(tmp_path / "e", dtype=torch.float32, shards=1)
+    fused = tmp_path / "f"
+    reference_model(per_expert).save_pretrained(fused, save_original_format=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (fused / name).write_bytes((per_expert / name).read_bytes())
+    with CheckpointWeights.open(fused) as c:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in c.headers()
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
+    for kwargs in ({}, {"bits": 4, "expert_slots": 1}):
+        logits = [moerun.load(str(f), device="cpu", dtype="float32", **kwargs).logits(ids) for f in (per_expert, fused)]
+        assert torch.equal(logits[0], logits[1]), kwargs
 
 
 def test_qwen3_5_moe_counts_the_vision_tower_as_not_loaded(tmp_path):

@@ -57,10 +57,18 @@ def checkpoint_layout(config: dict) -> dict[str, tuple[tuple[int, ...], str, str
     return arch.checkpoint_tensors(arch.ModelArgs.from_dict(config))
 
 
+def checkpoint_layouts(arch, args) -> list[dict]:
+    """Every checkpoint layout the family reads, its released one first (the one `fit`
+    counts): a family that also reads another (Qwen3.5's experts fused, or one tensor per
+    expert) lists it in `other_checkpoint_layouts`."""
+    others = getattr(arch, "other_checkpoint_layouts", None)
+    return [arch.checkpoint_tensors(args)] + (others(args) if others else [])
+
+
 def routed_checkpoint_names(arch, args, names) -> set[str]:
-    """The checkpoint tensors that hold routed experts, by the family's own layout."""
-    layout = arch.checkpoint_tensors(args)
-    return {n for n in names if n in layout and layout[n][2] == "routed_experts"}
+    """The checkpoint tensors that hold routed experts, by the family's layouts."""
+    layouts = checkpoint_layouts(arch, args)
+    return {n for n in names if any(n in layout and layout[n][2] == "routed_experts" for layout in layouts)}
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

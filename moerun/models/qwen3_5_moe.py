@@ -22,7 +22,7 @@ import torch
 from moerun.models import qwen3_next
 from moerun.models.qwen3_next import Model
 
-__all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors"]
+__all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors", "other_checkpoint_layouts"]
 
 TEXT_PREFIX = "model.language_model."
 # The text model's checkpoint names -> ours; the rest (vision tower, mtp) is not read.
@@ -70,3 +70,8 @@ def checkpoint_tensors(args: ModelArgs, prefix: str = TEXT_PREFIX, fused_experts
     vision tower and the mtp layer are left out (never loaded)."""
     tensors = qwen3_next.text_layout(args, fused_experts).tensors
     return {(prefix + n.removeprefix("model.") if n.startswith("model.") else n): v for n, v in tensors.items()}
+
+
+def other_checkpoint_layouts(args: ModelArgs) -> list[dict]:
+    """sanitize reads the experts one tensor per expert too (save_pretrained's default)."""
+    return [checkpoint_tensors(args, fused_experts=False)]

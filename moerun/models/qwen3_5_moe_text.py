@@ -9,7 +9,7 @@ from __future__ import annotations
 from moerun.models import qwen3_5_moe
 from moerun.models.qwen3_5_moe import Model, ModelArgs, sanitize
 
-__all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors"]
+__all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors", "other_checkpoint_layouts"]
 
 # The text model only: an `mtp.*` layer the checkpoint may carry is not read.
 CHECKPOINT_PREFIX = {"model.": "model.", "lm_head.": "lm_head."}
@@ -18,3 +18,8 @@ CHECKPOINT_PREFIX = {"model.": "model.", "lm_head.": "lm_head."}
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The text model's layout without the prefix: name -> (shape, stored dtype, role)."""
     return qwen3_5_moe.checkpoint_tensors(args, prefix="model.", fused_experts=False)
+
+
+def other_checkpoint_layouts(args: ModelArgs) -> list[dict]:
+    """The experts fused (save_pretrained(save_original_format=False)) read too."""
+    return [qwen3_5_moe.checkpoint_tensors(args, prefix="model.", fused_experts=True)]

@@ -181,3 +181,8 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role). Its
     multi-token-prediction layer (`mtp.*`) is left out (never loaded)."""
     return text_layout(args).tensors
+
+
+def other_checkpoint_layouts(args: ModelArgs) -> list[dict]:
+    """sanitize reads the experts fused too (gate_up_proj / down_proj per layer)."""
+    return [text_layout(args, fused_experts=True).tensors]
