@@ -120,6 +120,9 @@ class Engine:
 
     def encode(self, gen: GenRequest) -> list[int]:
         """Prompt ids, through the chat template unless raw; refused when the planned context cannot hold them."""
+        if gen.messages is not None and not getattr(self.model, "is_chat_model", True):
+            raise RequestError("this model does not chat (a span-corruption encoder-decoder without a chat template): "
+                               "send the raw prompt to /v1/completions or /api/generate", code="invalid_value")  # fmt: skip
         if gen.messages is not None:
             extra = {"tools": gen.tools} if gen.tools else {}
             ids = self.model.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=True,

@@ -229,6 +229,26 @@ def test_moerun_chat_refuses_in_one_line(checkpoint):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a chat model" in lines[0], proc.stderr
 
 
+def test_the_server_completes_raw_prompts_and_refuses_chat(pair):
+    """Over the API as in the CLI: /v1/completions gives generate's tokens, sentinels shown;
+    /v1/chat/completions is a 400 for a model that does not chat."""
+    from starlette.testclient import TestClient
+
+    from moerun.serve import build_app
+
+    ours, _ = pair
+    text = "the quick <extra_id_0> jumps over <extra_id_1> dog"
+    expected = ours.generate(text, chat=False, max_new_tokens=8, ignore_eos=True)
+    with TestClient(build_app(ours, name="switch")) as http:
+        out = http.post("/v1/completions", json={"model": "switch", "prompt": text, "max_tokens": 8, "temperature": 0})
+        assert out.status_code == 200, out.text
+        served = out.json()["choices"][0]["text"]
+        assert served and expected.text.startswith(served)  # the same tokens, up to an end-of-text stop
+        assert out.json()["usage"]["prompt_tokens"] == len(ours.tokenizer.encode(text))
+        refused = http.post("/v1/chat/completions", json={"model": "switch", "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 400 and "does not chat" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_one_slot_equals_quantized_resident(checkpoint, bits):
     enc, dec = _ids((2, 11), 5), _ids((2, 6), 6)
