@@ -46,7 +46,10 @@ from moerun.registry import DEMO_DIR, shipped_config
 RUNNERS = ("moerun", "llama.cpp", "transformers")
 LLAMA_TYPES = {4: "Q4_0", 8: "Q8_0"}  # llama.cpp's nearest formats to NF4 / int8-per-row
 # BPE families whose converter asks for a known pre-tokenizer hash: the name it would find.
-BPE_PRE_TOKENIZER = {"qwen3_moe": "qwen2", "qwen2_moe": "qwen2", "mixtral": "llama-bpe", "olmoe": "olmo"}
+BPE_PRE_TOKENIZER = {"qwen3_moe": "qwen2", "qwen2_moe": "qwen2", "mixtral": "llama-bpe", "olmoe": "olmo",
+                     "qwen3_next": "qwen2", "qwen3_5_moe": "qwen2", "qwen3_5_moe_text": "qwen2"}
+# Families whose converter expects a multi-token-prediction layer unless told there is none.
+NO_MTP = {"qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"}
 
 
 # -- the checkpoint ----------------------------------------------------------------------
@@ -149,7 +152,8 @@ def llama_gguf(folder: Path, bits: int, root: Path) -> Path:
         )
         tmp = bf16.with_suffix(".tmp")
         subprocess.run([sys.executable, "-c", shim, str(root), BPE_PRE_TOKENIZER.get(model_type, "default"), str(folder),
-                        "--outtype", "bf16", "--outfile", str(tmp)], check=True)  # fmt: skip
+                        "--outtype", "bf16", "--outfile", str(tmp), *(["--no-mtp"] if model_type in NO_MTP else [])],
+                       check=True)  # fmt: skip
         tmp.rename(bf16)
     if bits == 16:
         return bf16
@@ -158,7 +162,8 @@ def llama_gguf(folder: Path, bits: int, root: Path) -> Path:
         quantize = llama_tool(root, "llama-quantize")
         # Overrides apply only under a quantized default type: the experts take the default
         # (--pure: no k-quant mixture), everything else is named back to bf16.
-        keep = ["attn_", "_shexp", r"ffn_(gate|up|down)\.", "ffn_gate_inp"]
+        # (ssm_: the recurrent layers' projections, convolution and decay of the hybrids.)
+        keep = ["attn_", "ssm_", "_shexp", r"ffn_(gate|up|down)\.", "ffn_gate_inp"]
         args = [a for pattern in keep for a in ("--tensor-type", f"{pattern}=bf16")]
         tmp = out.with_suffix(".tmp")
         subprocess.run([quantize, "--pure", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16", *args,
