@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from moerun.registry import DEMO_DIR  # noqa: E402
-from moerun.server_protocol import StopFilter, ToolFilter, parse_tool_calls  # noqa: E402
+from moerun.server_protocol import StopFilter  # noqa: E402
+from moerun.tool_calls import FORMATS, parse_reply  # noqa: E402
 from moerun.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,15 +382,15 @@ def test_stop_filter_holds_back_partial_stops():
 
 
 def test_parse_tool_calls_qwen_format():
+    qwen = FORMATS["qwen"]
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    content, calls = parse_tool_calls(text)
-    assert content == "Let me check." and calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert parse_reply(qwen, text) == ("Let me check.", "", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
     two = '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": 1}}'
-    assert [c["name"] for c in parse_tool_calls(two)[1]] == ["a", "b"]  # an unclosed last block too
-    assert parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    f = ToolFilter()
+    assert [c["name"] for c in parse_reply(qwen, two)[2]] == ["a", "b"]  # an unclosed last block too
+    assert parse_reply(qwen, "<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", "", [])
+    f = qwen.parser()
     out = f.feed("Sure. <tool") + f.feed('_call>{"name": "a", "arguments": {"q": 2}}</tool_call>')
-    assert out == "Sure. " and f.finish() == ("", [{"name": "a", "arguments": {"q": 2}}])
+    assert out == [("content", "Sure. ")] and f.finish() == ([], [{"name": "a", "arguments": {"q": 2}}])
 
 
 QWEN_LIKE_TEMPLATE = (
@@ -403,7 +404,8 @@ QWEN_LIKE_TEMPLATE = (
 class ScriptedModel:
     """What the server needs of a Model, replying with a fixed text in small pieces."""
 
-    name, device, dtype, config, num_parameters, plan, kv_caches = "scripted", "cpu", "float32", {}, 0, None, None
+    name, device, dtype, num_parameters, plan, kv_caches = "scripted", "cpu", "float32", 0, None, None
+    config = {"model_type": "qwen3_moe"}  # a family whose templates write <tool_call> (qwen)
     max_context = 4096
     stats: dict = {}
 
