@@ -71,6 +71,7 @@ class Job:
     route: str
     client: str
     reply_format: ToolFormat | None = None  # the parser the reply goes through, if any
+    prompt_tail: str = ""  # the end of the rendered prompt, for the parser
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -146,7 +147,23 @@ class Engine:
 
     def job(self, ids: list[int], gen: GenRequest, route: str, client: str) -> Job:
         room = self.context_length  # stream_tokens stops at the planned context anyway
-        return Job(ids, gen, min(gen.max_tokens or room, room), route, client, self.reply_format(gen))
+        fmt = self.reply_format(gen)
+        tail = self.model.tokenizer.decode(ids[-8:], skip_special_tokens=False) if fmt else ""
+        return Job(ids, gen, min(gen.max_tokens or room, room), route, client, fmt, tail)
+
+    @staticmethod
+    def parser(job: Job):
+        """A fresh reply parser for `job`, or None when its reply goes out as it comes."""
+        fmt = job.reply_format
+        return fmt.parser(job.gen.tools, job.prompt_tail, bool(job.gen.tools)) if fmt else None
+
+    @staticmethod
+    def parse(job: Job, text: str) -> tuple[str, str, list]:
+        """A whole reply -> (content, reasoning, calls), by the job's format."""
+        fmt = job.reply_format
+        if fmt is None:
+            return text, "", []
+        return parse_reply(fmt, text, job.gen.tools, job.prompt_tail, bool(job.gen.tools))
 
     def stop_all(self) -> None:
         """Shutting down: the running generation ends after its current token, queued ones never start."""
@@ -392,7 +409,7 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
             text, r = got
             message, finish = {"role": "assistant", "content": text}, r.finish_reason
             if job.reply_format is not None:
-                content, reasoning, calls = parse_reply(job.reply_format, text, gen.tools)
+                content, reasoning, calls = engine.parse(job, text)
                 message["content"] = content
                 if reasoning:
                     message["reasoning_content"] = reasoning
@@ -411,7 +428,7 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
             return [chunk({key[kind]: text}) for kind, text in pieces if text]
 
         async def body() -> AsyncIterator[bytes]:
-            parser = job.reply_format.parser(gen.tools) if job.reply_format else None
+            parser = engine.parser(job)
             yield chunk({"role": "assistant", "content": ""})
             async with contextlib.aclosing(engine.events(job)) as events:
                 async for kind, value in events:
@@ -525,7 +542,7 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
                 text, r = got
                 calls, thinking = [], ""
                 if job.reply_format is not None:
-                    text, thinking, calls = parse_reply(job.reply_format, text, gen.tools)
+                    text, thinking, calls = engine.parse(job, text)
                 return JSONResponse({**piece(text, True, calls, thinking), **ollama_stats(r)})
 
             def pieces_out(pieces, calls=None) -> list[bytes]:
@@ -536,7 +553,7 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
                 return out
 
             async def stream() -> AsyncIterator[bytes]:
-                parser = job.reply_format.parser(gen.tools) if job.reply_format else None
+                parser = engine.parser(job)
                 async with contextlib.aclosing(engine.events(job)) as events:
                     async for kind, value in events:
                         if kind == "text":

@@ -93,8 +93,13 @@ class ReplyParser:
 
     markers: tuple[str, ...] = ()
 
-    def __init__(self, tools: list | None = None):
+    def __init__(self, tools: list | None = None, prompt: str = "", find_calls: bool = True):
+        """tools: the request's (their parameter types guide some formats); prompt: the end
+        of the rendered prompt (a template may open a block the reply closes); find_calls:
+        False reads reasoning and content only (no tools were offered)."""
         self.tools = tools or []
+        self.prompt = prompt
+        self.find_calls = find_calls
         self.buf = ""
         self.held = False
 
@@ -111,11 +116,13 @@ class ReplyParser:
         return [("content", out)] if out else []
 
     def call_start(self, buf: str) -> int | None:
+        if not self.find_calls:
+            return None
         found = [i for i in (buf.find(m) for m in self.markers) if i >= 0]
         return min(found) if found else None
 
     def undecided_tail(self, buf: str) -> int:
-        return held_tail(buf, self.markers)
+        return held_tail(buf, self.markers) if self.find_calls else 0
 
     def finish(self) -> tuple[list[Piece], list[Call]]:
         text, self.buf = self.buf, ""
@@ -144,10 +151,58 @@ _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?
 
 
 class QwenParser(ReplyParser):
-    """`<tool_call>` blocks holding JSON or Qwen3-Coder's XML; an unclosed last block counts."""
+    """`<tool_call>` blocks holding JSON or Qwen3-Coder's XML; an unclosed last block counts.
+    A `<think>...</think>` block first is the reasoning; a prompt that ends in `<think>`
+    (Qwen3.5's, thinking on) leaves the reply inside one."""
 
     markers = ("<tool_call>",)
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+
+    def __init__(self, tools: list | None = None, prompt: str = "", find_calls: bool = True):
+        super().__init__(tools, prompt, find_calls)
+        # "maybe": the reply may open a think block; "in": inside one; "after": just closed; "no": past it.
+        self.think = "in" if prompt.rstrip().endswith("<think>") else "maybe"
+        self.tbuf = ""
+
+    def feed(self, text: str) -> list[Piece]:
+        if self.think == "no":
+            return super().feed(text)
+        self.tbuf += text
+        if self.think == "maybe":
+            start = self.tbuf.lstrip()
+            if start.startswith("<think>"):
+                self.think, self.tbuf = "in", start[len("<think>") :]
+            elif "<think>".startswith(start):
+                return []  # not yet known
+            else:
+                self.think = "no"
+                rest, self.tbuf = self.tbuf, ""
+                return super().feed(rest)
+        out: list[Piece] = []
+        if self.think == "in":
+            i = self.tbuf.find("</think>")
+            if i < 0:
+                keep = held_tail(self.tbuf, ["</think>"])
+                thought, self.tbuf = self.tbuf[: len(self.tbuf) - keep], self.tbuf[len(self.tbuf) - keep :]
+                return [("reasoning", thought)] if thought else []
+            if i:
+                out.append(("reasoning", self.tbuf[:i]))
+            self.think, self.tbuf = "after", self.tbuf[i + len("</think>") :]
+        rest, self.tbuf = self.tbuf.lstrip("\n"), ""  # templates put blank lines after </think>
+        if rest:
+            self.think = "no"
+            out += super().feed(rest)
+        return out
+
+    def finish(self) -> tuple[list[Piece], list[Call]]:
+        out: list[Piece] = []
+        if self.think == "in" and self.tbuf:  # cut off while thinking
+            out.append(("reasoning", self.tbuf))
+        elif self.think == "maybe" and self.tbuf:
+            out += super().feed(self.tbuf)
+        self.tbuf = ""
+        rest, calls = super().finish()
+        return out + rest, calls
 
     def parse_held(self, text: str) -> tuple[str, list[Call]]:
         calls, kept, pos = [], [], 0
@@ -234,12 +289,12 @@ class Llama4Parser(ReplyParser):
     _PYTHONIC_SO_FAR = re.compile(r"\[\s*(?:[A-Za-z_][\w.]*\s*)?")
     _JSON_SO_FAR = re.compile(r'\{\s*(?:"(?:n(?:a(?:m(?:e)?)?)?|t(?:y(?:p(?:e)?)?)?)?)?')
 
-    def __init__(self, tools: list | None = None):
-        super().__init__(tools)
+    def __init__(self, tools: list | None = None, prompt: str = "", find_calls: bool = True):
+        super().__init__(tools, prompt, find_calls)
         self.began = False  # the reply has begun with something that is not a call
 
     def call_start(self, buf: str) -> int | None:
-        if not self.began:
+        if not self.began and self.find_calls:
             start = buf.lstrip()
             if self._PYTHONIC.match(start) or self._JSON.match(start):
                 return 0
@@ -249,7 +304,7 @@ class Llama4Parser(ReplyParser):
         return super().call_start(buf)
 
     def undecided_tail(self, buf: str) -> int:
-        return len(buf) if not self.began else super().undecided_tail(buf)
+        return len(buf) if not self.began and self.find_calls else super().undecided_tail(buf)
 
     def parse_held(self, text: str) -> tuple[str, list[Call]]:
         body = text.replace("<|python_start|>", "").replace("<|python_end|>", "").strip()
@@ -303,8 +358,8 @@ class HarmonyParser(ReplyParser):
     markers = ("<|start|>", "<|channel|>", "<|constrain|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>")
     _ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
 
-    def __init__(self, tools: list | None = None):
-        super().__init__(tools)
+    def __init__(self, tools: list | None = None, prompt: str = "", find_calls: bool = True):
+        super().__init__(tools, prompt, True)  # a message to functions.* is a call whatever was offered
         self.in_header = True
         self.kind = "content"  # where the current message's text goes: content, reasoning, call
         self.body = ""  # a call's arguments so far
@@ -381,8 +436,8 @@ class HarmonyParser(ReplyParser):
 @dataclasses.dataclass(frozen=True)
 class ToolFormat:
     """A chat-template family's output format: its parser, the special tokens decoding
-    must keep for it, and whether the reply needs parsing even without tools (harmony's
-    channels carry the reasoning/content split)."""
+    must keep for it, and whether the reply needs parsing even without tools (for its
+    reasoning: harmony's channels, Qwen's think blocks)."""
 
     name: str
     parser: Callable[..., ReplyParser]
@@ -391,7 +446,7 @@ class ToolFormat:
 
 
 FORMATS = {
-    "qwen": ToolFormat("qwen", QwenParser, ("<tool_call>", "</tool_call>")),
+    "qwen": ToolFormat("qwen", QwenParser, ("<tool_call>", "</tool_call>", "<think>", "</think>"), always=True),
     "mistral": ToolFormat("mistral", MistralParser, ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")),
     "harmony": ToolFormat("harmony", HarmonyParser, HarmonyParser.markers, always=True),
     "llama4": ToolFormat("llama4", Llama4Parser, ("<|python_start|>", "<|python_end|>")),
@@ -410,12 +465,13 @@ def format_for(config: dict | None) -> ToolFormat | None:
     return FORMATS.get(name) if name else None
 
 
-def parse_reply(fmt: ToolFormat, text: str, tools: list | None = None) -> tuple[str, str, list[Call]]:
-    """A whole reply -> (content, reasoning, calls)."""
-    parser = fmt.parser(tools)
+def parse_reply(fmt: ToolFormat, text: str, tools: list | None = None, prompt: str = "",
+                find_calls: bool = True) -> tuple[str, str, list[Call]]:  # fmt: skip
+    """A whole reply -> (content, reasoning, calls); arguments as for ReplyParser."""
+    parser = fmt.parser(tools, prompt, find_calls)
     pieces = parser.feed(text)
     rest, calls = parser.finish()
     pieces += rest
     content = "".join(t for k, t in pieces if k == "content")
     reasoning = "".join(t for k, t in pieces if k == "reasoning")
-    return (content.strip() if calls else content), reasoning, calls
+    return (content.strip() if calls else content), reasoning.strip(), calls
