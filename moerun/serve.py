@@ -532,6 +532,8 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
                         out["message"]["tool_calls"] = ollama_tool_calls(calls)
                 else:
                     out["response"] = text
+                    if thinking:
+                        out["thinking"] = thinking
                 out["done"] = done
                 return out
 

@@ -5,7 +5,8 @@ module knows how to read each one, as a whole reply and while streaming:
 
 - "qwen": Qwen / Hermes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and
   the XML body of Qwen3-Coder / Qwen3.5 templates
-  (`<tool_call><function=NAME><parameter=KEY>value</parameter></function></tool_call>`).
+  (`<tool_call><function=NAME><parameter=KEY>value</parameter></function></tool_call>`);
+  a `<think>...</think>` block first is the reasoning (read with or without tools).
 - "mistral": `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` of the v3 templates
   and `[TOOL_CALLS]NAME[ARGS]{...}` (optionally `[CALL_ID]id` before `[ARGS]`) of the
   v11+ ones.

@@ -108,3 +108,22 @@ def test_demo_replies_with_json(tmp_path):
     assert isinstance(json.loads(out.text), dict)
     free = model.generate([{"role": "user", "content": "count from 7"}], max_new_tokens=40)
     assert free.text == "7 8 9 10 11 12 13 14"  # the same model unconstrained: not JSON
+
+
+def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
+    """Mixtral's and Llama 2's tokenizers: `▁` for a space and <0xNN> byte-fallback pieces."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0xC3>": 3, "<0xA9>": 4, "▁{": 5, '"a"': 6, "▁": 7, ":": 8, "}": 9}
+    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert [tok.token_bytes(i) for i in range(10)] == [b"<unk>", None, None, b"\xc3", b"\xa9", b" {", b'"a"', b" ", b":", b"}"]
+    state = JSONPrefix()
+    assert state.feed(b"".join(tok.token_bytes(i) for i in (5, 7, 6, 8, 7, 6, 9))) and state.complete  # ' { "a": "a"}'
