@@ -201,11 +201,11 @@ def stream_tokens(
             f"(load with a larger ctx, e.g. --ctx {min(2 * (len(prompt_ids) + max_new_tokens), max_context)})"
         )
     device = lm.lm_head.weight.device
+    choose = constraint.pick if constraint is not None else _next_token
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    decoder = tokenizer.stream_decoder(keep_special=keep_special)
-    choose = constraint.pick if constraint is not None else _next_token
+    decoder = tokenizer.stream_decoder()
     if held is None:
         held = []  # nobody reads it back
     start = reusable_prefix(held, prompt_ids, caches)
@@ -227,6 +227,8 @@ def stream_tokens(
         held.extend(ids)
         return out
 
+    if keep_special:  # a tool-call parser reads these special tokens
+        decoder = tokenizer.stream_decoder(keep_special=keep_special)
     t0 = time.perf_counter()
     logits = forward(prompt_ids[start:], start, decode=False)
     token = choose(logits[0, -1], params, generator)

@@ -9,14 +9,14 @@ from __future__ import annotations
 from moerun.models import qwen3_5_moe
 from moerun.models.qwen3_5_moe import Model, ModelArgs, sanitize
 
-# The tool-call format its chat template writes (moerun/tool_calls.py): As qwen3_5_moe:
-# `<tool_call><function=NAME><parameter=KEY>...`.
-TOOL_CALL_FORMAT = "qwen"
-
 __all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors"]
 
 # The text model only: an `mtp.*` layer the checkpoint may carry is not read.
 CHECKPOINT_PREFIX = {"model.": "model.", "lm_head.": "lm_head."}
+
+# The tool-call format its chat template writes (moerun/tool_calls.py): As qwen3_5_moe:
+# `<tool_call><function=NAME><parameter=KEY>...`.
+TOOL_CALL_FORMAT = "qwen"
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
