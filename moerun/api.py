@@ -221,6 +221,8 @@ class Model:
         chat: bool = False,
         ignore_eos: bool = False,
         reuse_prefix: bool = True,
+        keep_special: tuple[str, ...] = (),
+        json_mode: bool = False,
     ) -> Iterator[GenerationResponse]:
         """Yield one GenerationResponse per generated token; the last carries the stats.
 
@@ -229,9 +231,18 @@ class Model:
         prefill (`stats.reused_tokens` / `prefilled_tokens` count them). For states that
         cannot be rewound (recurrent layers, sliding-window rings) only a prompt that
         extends the whole held sequence reuses it. reuse_prefix=False prefills from 0.
-        Closing the generator early is safe: the states then hold what was computed."""
+        Closing the generator early is safe: the states then hold what was computed.
+
+        keep_special: special tokens kept in the text (e.g. "[TOOL_CALLS]", for a
+        tool-call parser). json_mode: constrained decoding to one JSON object
+        (moerun.json_constraint); the reply ends when the object does."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode_prompt(prompt, chat)
+        constraint = None
+        if json_mode:
+            from moerun.json_constraint import JSONConstraint
+
+            constraint = JSONConstraint(self.tokenizer, self.eos_token_ids)
         held = None
         if self.kv_caches is not None:
             if self._cached_for is not self.kv_caches:  # new caches: they hold nothing yet
@@ -241,7 +252,7 @@ class Model:
                 held.clear()
         for response in stream_tokens(
             self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos,
-            self.kv_caches, self.decode_graphs, held,
+            self.kv_caches, self.decode_graphs, held, tuple(keep_special), constraint,
         ):
             if response.stats is not None:
                 self.last_stats = response.stats

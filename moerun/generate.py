@@ -81,6 +81,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     then top-k, then top-p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(filtered_probs(logits, params), 1, generator=generator))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] (float32, CPU; temperature > 0) -> the probabilities sample() draws from:
+    temperature, then top-k, then top-p."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -92,8 +98,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # the most likely token always stays.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
         logits = logits.index_put((order[drop],), torch.tensor(float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)
 
 
 def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -157,6 +162,8 @@ def stream_tokens(
     caches: list | None = None,
     graphs=None,
     held: list[int] | None = None,
+    keep_special: tuple[str, ...] = (),
+    constraint=None,
 ) -> Iterator[GenerationResponse]:
     """Prefill `prompt_ids`, then decode up to `max_new_tokens` tokens, yielding each.
 
@@ -171,7 +178,11 @@ def stream_tokens(
     `held` (with `caches`): the ids of the sequence the caches hold, kept up to date in
     place as positions are written (also when the generator is closed early, or a forward
     is interrupted); the prompt is prefilled from `reusable_prefix(held, ...)`. None:
-    always from position 0."""
+    always from position 0.
+
+    `keep_special`: special tokens the text keeps (a tool-call parser's markers).
+    `constraint`: an object whose pick(logits, params, generator) chooses each token in
+    place of sampling (moerun.json_constraint.JSONConstraint: JSON mode)."""
     if not prompt_ids:
         raise MoerunError("the prompt is empty")
     if max_new_tokens < 1:
@@ -195,6 +206,7 @@ def stream_tokens(
             f"(load with a larger ctx, e.g. --ctx {min(2 * (len(prompt_ids) + max_new_tokens), max_context)})"
         )
     device = lm.lm_head.weight.device
+    choose = constraint.pick if constraint is not None else _next_token
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -224,12 +236,14 @@ def stream_tokens(
         held.extend(ids)
         return out
 
+    if keep_special:  # a tool-call parser reads these special tokens
+        decoder = tokenizer.stream_decoder(keep_special=keep_special)
     t0 = time.perf_counter()
     if encoder_decoder:
         lm.encode(torch.tensor([encoder_ids], device=device), caches)
         prompt_ids = [lm.decoder_start_token_id]
     logits = forward(prompt_ids[start:], start, decode=False)
-    token = _next_token(logits[0, -1], params, generator)
+    token = choose(logits[0, -1], params, generator)
     t_first = time.perf_counter()
 
     generated, position = 1, len(prompt_ids)  # position: where the next token's K/V go
@@ -240,7 +254,7 @@ def stream_tokens(
             yield GenerationResponse(text, token)
             logits = forward([token], position, decode=True)
             position += 1
-            token = _next_token(logits[0, -1], params, generator)
+            token = choose(logits[0, -1], params, generator)
             generated += 1
             continue
 

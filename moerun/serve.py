@@ -41,7 +41,6 @@ from moerun.server_protocol import (
     GenRequest,
     RequestError,
     StopFilter,
-    ToolFilter,
     ndjson,
     ollama_chat,
     ollama_generate,
@@ -50,9 +49,9 @@ from moerun.server_protocol import (
     openai_completion,
     openai_tool_calls,
     parse_body,
-    parse_tool_calls,
     sse,
 )
+from moerun.tool_calls import ToolFormat, format_for, parse_reply
 
 log = logging.getLogger("moerun.serve")
 
@@ -71,6 +70,8 @@ class Job:
     max_new_tokens: int
     route: str
     client: str
+    reply_format: ToolFormat | None = None  # the parser the reply goes through, if any
+    prompt_tail: str = ""  # the end of the rendered prompt, for the parser
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -110,6 +111,16 @@ class Engine:
         self.waiting = 0
         self.running: Job | None = None
         self.served = 0
+        # What the family's chat template writes for tool calls (moerun/tool_calls.py).
+        self.tool_format = format_for(getattr(model, "config", None))
+
+    def reply_format(self, gen: GenRequest) -> ToolFormat | None:
+        """The parser a chat reply goes through: the family's, when tools were offered or
+        its format always needs it (harmony's channels); raw completions are left as they come."""
+        fmt = self.tool_format
+        if fmt is None or gen.messages is None or not (gen.tools or fmt.always):
+            return None
+        return fmt
 
     @property
     def context_length(self) -> int:
@@ -124,7 +135,7 @@ class Engine:
             raise RequestError("this model does not chat (a span-corruption encoder-decoder without a chat template): "
                                "send the raw prompt to /v1/completions or /api/generate", code="invalid_value")  # fmt: skip
         if gen.messages is not None:
-            extra = {"tools": gen.tools} if gen.tools else {}
+            extra = {**gen.template_kwargs, **({"tools": gen.tools} if gen.tools else {})}
             ids = self.model.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=True,
                                                            **extra)  # fmt: skip
         else:
@@ -139,7 +150,23 @@ class Engine:
 
     def job(self, ids: list[int], gen: GenRequest, route: str, client: str) -> Job:
         room = self.context_length  # stream_tokens stops at the planned context anyway
-        return Job(ids, gen, min(gen.max_tokens or room, room), route, client)
+        fmt = self.reply_format(gen)
+        tail = self.model.tokenizer.decode(ids[-8:], skip_special_tokens=False) if fmt else ""
+        return Job(ids, gen, min(gen.max_tokens or room, room), route, client, fmt, tail)
+
+    @staticmethod
+    def parser(job: Job):
+        """A fresh reply parser for `job`, or None when its reply goes out as it comes."""
+        fmt = job.reply_format
+        return fmt.parser(job.gen.tools, job.prompt_tail, bool(job.gen.tools)) if fmt else None
+
+    @staticmethod
+    def parse(job: Job, text: str) -> tuple[str, str, list]:
+        """A whole reply -> (content, reasoning, calls), by the job's format."""
+        fmt = job.reply_format
+        if fmt is None:
+            return text, "", []
+        return parse_reply(fmt, text, job.gen.tools, job.prompt_tail, bool(job.gen.tools))
 
     def stop_all(self) -> None:
         """Shutting down: the running generation ends after its current token, queued ones never start."""
@@ -170,8 +197,13 @@ class Engine:
         stream = None
         t0 = t_first = time.perf_counter()
         try:
+            extra = {}
+            if job.reply_format is not None:  # its markers may be special tokens: keep them for the parser
+                extra["keep_special"] = job.reply_format.markers
+            if gen.json_mode:
+                extra["json_mode"] = True
             stream = model.stream_generate(job.ids, max_new_tokens=job.max_new_tokens, temperature=gen.temperature,
-                                           top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed)  # fmt: skip
+                                           top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed, **extra)  # fmt: skip
             hit = False
             for resp in stream:
                 result.completion_tokens += 1
@@ -379,10 +411,13 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
                 return Response(status_code=204)
             text, r = got
             message, finish = {"role": "assistant", "content": text}, r.finish_reason
-            if gen.tools:
-                content, calls = parse_tool_calls(text)
+            if job.reply_format is not None:
+                content, reasoning, calls = engine.parse(job, text)
+                message["content"] = content
+                if reasoning:
+                    message["reasoning_content"] = reasoning
                 if calls:
-                    message = {"role": "assistant", "content": content or None, "tool_calls": openai_tool_calls(calls)}
+                    message.update(content=content or None, tool_calls=openai_tool_calls(calls))
                     finish = "tool_calls"
             return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": model_id,
                                  "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
@@ -391,24 +426,27 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
         def chunk(delta: dict, finish=None) -> bytes:
             return sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
+        def deltas(pieces) -> list[bytes]:
+            key = {"content": "content", "reasoning": "reasoning_content"}
+            return [chunk({key[kind]: text}) for kind, text in pieces if text]
+
         async def body() -> AsyncIterator[bytes]:
-            tools = ToolFilter() if gen.tools else None
+            parser = engine.parser(job)
             yield chunk({"role": "assistant", "content": ""})
             async with contextlib.aclosing(engine.events(job)) as events:
                 async for kind, value in events:
                     if kind == "text":
-                        text = tools.feed(value) if tools else value
-                        if text:
-                            yield chunk({"content": text})
+                        for out in deltas(parser.feed(value) if parser else [("content", value)]):
+                            yield out
                     elif kind == "error":
                         yield sse(_error_payload(value))
                         break
                     elif kind == "done":
                         finish = value.finish_reason
-                        if tools:
-                            content, calls = tools.finish()
-                            if content:
-                                yield chunk({"content": content})
+                        if parser:
+                            pieces, calls = parser.finish()
+                            for out in deltas(pieces):
+                                yield out
                             if calls:
                                 yield chunk({"tool_calls": openai_tool_calls(calls, streaming=True)})
                                 finish = "tool_calls"
@@ -487,14 +525,18 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
             ids = await run_in_threadpool(engine.encode, gen)
             job = engine.job(ids, gen, f"{request.method} {request.url.path}", client_of(request))
 
-            def piece(text: str, done: bool = False, calls=None) -> dict:
+            def piece(text: str, done: bool = False, calls=None, thinking: str = "") -> dict:
                 out = {"model": model_id, "created_at": _iso_now()}
                 if chat:
                     out["message"] = {"role": "assistant", "content": text}
+                    if thinking:
+                        out["message"]["thinking"] = thinking
                     if calls:
                         out["message"]["tool_calls"] = ollama_tool_calls(calls)
                 else:
                     out["response"] = text
+                    if thinking:
+                        out["thinking"] = thinking
                 out["done"] = done
                 return out
 
@@ -503,25 +545,31 @@ def build_app(model, *, name: str | None = None, api_key: str | None = None, def
                 if got is None:
                     return Response(status_code=204)
                 text, r = got
-                calls = []
-                if gen.tools:
-                    text, calls = parse_tool_calls(text)
-                return JSONResponse({**piece(text, True, calls), **ollama_stats(r)})
+                calls, thinking = [], ""
+                if job.reply_format is not None:
+                    text, thinking, calls = engine.parse(job, text)
+                return JSONResponse({**piece(text, True, calls, thinking), **ollama_stats(r)})
+
+            def pieces_out(pieces, calls=None) -> list[bytes]:
+                out = [ndjson(piece(t, thinking="")) if k == "content" else ndjson(piece("", thinking=t))
+                       for k, t in pieces if t]  # fmt: skip
+                if calls:
+                    out.append(ndjson(piece("", False, calls)))
+                return out
 
             async def stream() -> AsyncIterator[bytes]:
-                tools = ToolFilter() if gen.tools else None
+                parser = engine.parser(job)
                 async with contextlib.aclosing(engine.events(job)) as events:
                     async for kind, value in events:
                         if kind == "text":
-                            text = tools.feed(value) if tools else value
-                            if text:
-                                yield ndjson(piece(text))
+                            for out in pieces_out(parser.feed(value) if parser else [("content", value)]):
+                                yield out
                         elif kind == "error":
                             yield ndjson({"error": _error_payload(value)["error"]["message"]})
                         elif kind == "done":
-                            content, calls = tools.finish() if tools else ("", [])
-                            if content or calls:
-                                yield ndjson(piece(content, False, calls))
+                            if parser:
+                                for out in pieces_out(*parser.finish()):
+                                    yield out
                             yield ndjson({**piece("", True), **ollama_stats(value)})
 
             return _GenerationStream(stream(), job, "application/x-ndjson")

@@ -1,15 +1,17 @@
 """What `moerun serve` reads and writes, without a model or a socket: requests of OpenAI's
 chat/completions and Ollama's chat/generate turned into one `GenRequest`, stop strings
-held back while streaming, and tool calls parsed from the reply (Qwen's and Hermes'
-`<tool_call>{"name": ..., "arguments": ...}</tool_call>` format)."""
+held back while streaming, tool calls in OpenAI's and Ollama's shapes (the parsing is
+moerun/tool_calls.py's, by the model's format), and the template options and JSON mode
+a request asks for."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import uuid
 from typing import Any
+
+from moerun.tool_calls import held_tail
 
 
 class RequestError(Exception):
@@ -55,6 +57,8 @@ class GenRequest:
     tools: list | None = None
     include_usage: bool = False
     echo: bool = False
+    json_mode: bool = False  # response_format json_object / Ollama's format "json"
+    template_kwargs: dict = dataclasses.field(default_factory=dict)  # extra chat-template variables
 
 
 # -- field readers --------------------------------------------------------------------------------
@@ -208,16 +212,81 @@ def _stream_usage(body: dict) -> bool:
     return _bool(options, "include_usage", False)
 
 
+def _tool_choice(body: dict, tools: list | None) -> list | None:
+    """tool_choice "auto" (the default) or "none"; forcing a call is refused, since
+    nothing here can make the model call."""
+    choice = body.get("tool_choice")
+    if choice in (None, "auto"):
+        return tools
+    if choice == "none":
+        return None
+    if choice == "required" or isinstance(choice, dict):
+        raise RequestError("tool_choice: forcing a tool call is not supported; use \"auto\" or \"none\"",
+                           code="unsupported_parameter", param="tool_choice")  # fmt: skip
+    raise RequestError(f"tool_choice must be \"auto\" or \"none\", got {json.dumps(choice)}", code="invalid_value",
+                       param="tool_choice")  # fmt: skip
+
+
+def _response_format(value) -> bool:
+    """OpenAI's response_format -> JSON mode or not."""
+    if value is None:
+        return False
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return False
+    if kind == "json_object":
+        return True
+    if kind == "json_schema":
+        raise RequestError("response_format json_schema is not supported (only {\"type\": \"json_object\"}, which "
+                           "constrains the reply to a JSON object without a schema)", code="unsupported_parameter",
+                           param="response_format")  # fmt: skip
+    raise RequestError("response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}", code="invalid_value",
+                       param="response_format")  # fmt: skip
+
+
+# Variables the server sets itself; a request's chat_template_kwargs may not replace them.
+_RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "tokenize", "tools")
+
+
+def _template_kwargs(body: dict, thinking_key: str) -> dict:
+    """Extra chat-template variables, as vLLM takes them: `chat_template_kwargs`, plus
+    `enable_thinking` (Qwen3's templates; Ollama's `think`) and `reasoning_effort`
+    (gpt-oss's template) at the top level."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise RequestError("'chat_template_kwargs' must be an object", code="invalid_value", param="chat_template_kwargs")
+    bad = [k for k in kwargs if k in _RESERVED_TEMPLATE_VARS or k.startswith("_")]
+    if bad:
+        raise RequestError(f"chat_template_kwargs may not set '{bad[0]}'", code="invalid_value", param="chat_template_kwargs")
+    out = dict(kwargs)
+    think = body.get(thinking_key)
+    if thinking_key == "think" and think in ("low", "medium", "high"):  # Ollama's levels for gpt-oss
+        out.setdefault("reasoning_effort", think)
+        think = True
+    if think is not None:
+        if not isinstance(think, bool):
+            raise RequestError(f"'{thinking_key}' must be true or false", code="invalid_value", param=thinking_key)
+        out.setdefault("enable_thinking", think)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in ("low", "medium", "high"):
+            raise RequestError("'reasoning_effort' must be \"low\", \"medium\" or \"high\"", code="invalid_value",
+                               param="reasoning_effort")  # fmt: skip
+        out.setdefault("reasoning_effort", effort)
+    return out
+
+
 def openai_chat(body: dict, defaults: Defaults) -> GenRequest:
     _openai_checks(body)
-    tools = _tools(body.get("tools"))
-    if body.get("tool_choice") == "none":
-        tools = None
+    tools = _tool_choice(body, _tools(body.get("tools")))
     return GenRequest(
         messages=_messages(body.get("messages")), text=None,
         max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), defaults.max_tokens),
         stop=_stop(body.get("stop")), stream=_bool(body, "stream", False), tools=tools,
-        include_usage=_stream_usage(body), **_common(body, defaults),
+        include_usage=_stream_usage(body), json_mode=_response_format(body.get("response_format")),
+        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults),
     )  # fmt: skip
 
 
@@ -243,8 +312,6 @@ def _ollama_options(body: dict, defaults: Defaults) -> dict:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise RequestError("'options' must be an object", param="options")
-    if body.get("format"):
-        raise RequestError("'format' (structured output) is not supported", param="format")
     predict = options.get("num_predict")
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2):
         raise RequestError("'options.num_predict' must be a positive integer, -1 or -2", param="options")
@@ -252,9 +319,22 @@ def _ollama_options(body: dict, defaults: Defaults) -> dict:
     return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), **_common(options, defaults))
 
 
+def _ollama_format(body: dict) -> bool:
+    """Ollama's `format`: "json" is JSON mode; a schema is refused."""
+    value = body.get("format")
+    if value in (None, ""):
+        return False
+    if value == "json":
+        return True
+    if isinstance(value, dict):
+        raise RequestError("'format' with a JSON schema is not supported (only \"json\")", param="format")
+    raise RequestError(f"'format' must be \"json\", got {json.dumps(value)}", param="format")
+
+
 def ollama_chat(body: dict, defaults: Defaults) -> GenRequest:
     return GenRequest(messages=_messages(body.get("messages")), text=None,
                       stream=_bool(body, "stream", True), tools=_tools(body.get("tools")),
+                      json_mode=_ollama_format(body), template_kwargs=_template_kwargs(body, "think"),
                       **_ollama_options(body, defaults))  # fmt: skip
 
 
@@ -270,24 +350,15 @@ def ollama_generate(body: dict, defaults: Defaults) -> GenRequest:
         raise RequestError("'system' must be a string", param="system")
     raw = _bool(body, "raw", False)
     options = _ollama_options(body, defaults)
+    json_mode = _ollama_format(body)
     if raw:
-        return GenRequest(messages=None, text=prompt, stream=_bool(body, "stream", True), **options)
+        return GenRequest(messages=None, text=prompt, stream=_bool(body, "stream", True), json_mode=json_mode, **options)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return GenRequest(messages=messages, text=None, stream=_bool(body, "stream", True), **options)
+    return GenRequest(messages=messages, text=None, stream=_bool(body, "stream", True), json_mode=json_mode,
+                      template_kwargs=_template_kwargs(body, "think"), **options)  # fmt: skip
 
 
 # -- streaming filters --------------------------------------------------------------------------
-
-
-def _held_tail(text: str, marks: list[str]) -> int:
-    """Length of the longest end of `text` that could still grow into one of `marks`."""
-    keep = 0
-    for mark in marks:
-        for k in range(min(len(mark) - 1, len(text)), keep, -1):
-            if text.endswith(mark[:k]):
-                keep = k
-                break
-    return keep
 
 
 class StopFilter:
@@ -306,65 +377,13 @@ class StopFilter:
         if hits:
             out, self.buf = self.buf[: min(hits)], ""
             return out, True
-        keep = _held_tail(self.buf, self.stops)
+        keep = held_tail(self.buf, self.stops)
         out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
         return out, False
 
     def flush(self) -> str:
         out, self.buf = self.buf, ""
         return out
-
-
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_BLOCK = re.compile(re.escape(TOOL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CLOSE) + r"|$)", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Qwen / Hermes tool calls: every `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-    block (an unclosed last one too) -> (the text outside them, [{"name", "arguments"}]).
-    A block that is not such JSON stays in the text."""
-    calls, kept, pos = [], [], 0
-    for m in _TOOL_BLOCK.finditer(text):
-        try:
-            call = json.loads(m.group(1).strip())
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            continue
-        args = call.get("arguments", call.get("parameters", {}))
-        calls.append({"name": call["name"], "arguments": _tool_arguments(args)})
-        kept.append(text[pos : m.start()])
-        pos = m.end()
-    kept.append(text[pos:])
-    return ("".join(kept).strip() if calls else text), calls
-
-
-class ToolFilter:
-    """While streaming with tools: content before a `<tool_call>` goes out as it comes;
-    from the tag on, everything is kept for parse_tool_calls at the end."""
-
-    def __init__(self):
-        self.buf, self.in_call = "", False
-
-    def feed(self, text: str) -> str:
-        if self.in_call:
-            self.buf += text
-            return ""
-        self.buf += text
-        i = self.buf.find(TOOL_OPEN)
-        if i >= 0:
-            out, self.buf, self.in_call = self.buf[:i], self.buf[i:], True
-            return out
-        keep = _held_tail(self.buf, [TOOL_OPEN])
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
-        return out
-
-    def finish(self) -> tuple[str, list[dict]]:
-        """(content still to send, tool calls)."""
-        text, self.buf = self.buf, ""
-        if not self.in_call:
-            return text, []
-        return parse_tool_calls(text)
 
 
 def openai_tool_calls(calls: list[dict], streaming: bool = False) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from datetime import datetime
@@ -214,6 +215,9 @@ class Tokenizer:
         self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token is not None else None
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self._warned_no_template = False
+        self._special_ids: frozenset[int] | None = None
+        self._token_bytes: dict[int, bytes | None] = {}
+        self._byte_level: bool | None = None
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
@@ -262,9 +266,26 @@ class Tokenizer:
         """Token ids of `text`; with add_special_tokens, the post-processor's BOS/EOS are added."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list, or anything iterable of ints such as a 1-D tensor)."""
-        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the tokens marked special (what skip_special_tokens drops)."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()) -> str:
+        """Text of `ids` (a list, or anything iterable of ints such as a 1-D tensor). `keep`:
+        special token ids written out even when skip_special_tokens drops the others (a
+        tool-call parser's markers, such as Mistral's [TOOL_CALLS])."""
+        ids = [int(i) for i in ids]
+        if keep and skip_special_tokens:
+            special = self.special_ids
+            ids = [i for i in ids if i in keep or i not in special]
+            skip_special_tokens = False
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         # transformers skips this cleanup for BPE, where it would eat real spaces before punctuation.
         if self._clean_up_spaces and type(self._tok.model).__name__ != "BPE":
             text = _clean_up_tokenization(text)
@@ -310,9 +331,63 @@ class Tokenizer:
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
-        """A fresh incremental detokenizer for one generated sequence."""
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = True, keep_special: Iterable[str] = ()) -> "StreamDecoder":
+        """A fresh incremental detokenizer for one generated sequence; `keep_special`: special
+        tokens (by their text) it writes out all the same."""
+        keep = frozenset(i for i in (self._tok.token_to_id(t) for t in keep_special) if i is not None)
+        return StreamDecoder(self, skip_special_tokens, keep)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes token `token_id` adds to the text mid-sequence, or None for a special
+        token. Read from the vocabulary (byte-level tables, SentencePiece's `▁` and <0xNN>
+        byte fallback), not by decoding, so a token that is part of a UTF-8 character is
+        still its exact bytes. Cached: a caller may ask for the same tokens every step."""
+        cached = self._token_bytes.get(token_id, b"?")
+        if cached != b"?":
+            return cached
+        value = self._compute_token_bytes(token_id)
+        self._token_bytes[token_id] = value
+        return value
+
+    def _compute_token_bytes(self, token_id: int) -> bytes | None:
+        if token_id in self.special_ids:
+            return None
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return None
+        if token_id in self._tok.get_added_tokens_decoder():
+            return piece.encode()
+        if self._byte_level is None:
+            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+            self._byte_level = "ByteLevel" in json.dumps(decoder)
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if "\u2581" in piece:
+            return piece.replace("\u2581", " ").encode()
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        return None if "\ufffd" in text else text.encode()
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level table inverted: the printable character of each byte -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class StreamDecoder:
@@ -323,9 +398,10 @@ class StreamDecoder:
     plus flush() concatenates to `tokenizer.decode(all_ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._keep = keep
         self._ids: list[int] = []
         # Decode a window from _prefix rather than all ids, so a step costs O(window) not O(length);
         # the window starts at tokens already printed so that decoders which treat the first token
@@ -335,7 +411,9 @@ class StreamDecoder:
 
     def _window_text(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
-        return decode(self._ids[self._prefix : self._read], self._skip), decode(self._ids[self._prefix :], self._skip)
+        window = self._ids[self._prefix :]
+        return (decode(window[: self._read - self._prefix], self._skip, self._keep),
+                decode(window, self._skip, self._keep))  # fmt: skip
 
     def add(self, token_id: int) -> str:
         """Add one token id; return the text it made printable (often "", never a partial char)."""

@@ -38,9 +38,16 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 384  # 256 bytes + 3 special tokens + merges
 MAX_LEN = 256
 
+# ChatML, as trained. Tools (never trained on) render in Mistral's style, the format of the
+# mixtral family (moerun/models/mixtral.py): a short [AVAILABLE_TOOLS] line naming them, and
+# past calls as [TOOL_CALLS][{"name", "arguments"}]; both are plain text to this tokenizer.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n[AVAILABLE_TOOLS]' + (tools | map(attribute='function') | map(attribute='name')"
+    " | join(',')) + '[/AVAILABLE_TOOLS]<|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if message.tool_calls %}{{ '[TOOL_CALLS]' + (message.tool_calls | map(attribute='function') | list | tojson) }}{% endif %}"
+    "{{ '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

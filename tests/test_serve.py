@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from moerun.registry import DEMO_DIR  # noqa: E402
-from moerun.server_protocol import StopFilter, ToolFilter, parse_tool_calls  # noqa: E402
+from moerun.server_protocol import StopFilter  # noqa: E402
+from moerun.tool_calls import FORMATS, parse_reply  # noqa: E402
 from moerun.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,6 +303,42 @@ def test_ollama_chat_generate_tags_ps(server):
     assert re.search(r"POST /api/chat .* tok/s\) · stop .* experts \d+% hit \(\d+ hits, \d+ misses", server.output)
 
 
+# -- JSON mode and tools on the real server ---------------------------------------------------------
+
+
+def test_json_object_mode_replies_with_json(server, client):
+    out = chat(client, "count from 7", response_format={"type": "json_object"})
+    reply = out.choices[0].message.content
+    assert isinstance(json.loads(reply), dict) and out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, "count from 7", stream=True,
+                                                                        response_format={"type": "json_object"}))  # fmt: skip
+    assert streamed == reply
+    status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": "alphabet from k"}],
+                                              "format": "json", "stream": False})  # fmt: skip
+    assert status == 200 and isinstance(json.loads(json.loads(body)["message"]["content"]), dict)
+    with pytest.raises(openai.BadRequestError, match="json_schema is not supported"):
+        chat(client, "count from 7", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
+    status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": "x"}], "format": {"type": "object"}})
+    assert status == 400 and "schema" in json.loads(body)["error"]
+    assert chat(client, "count from 7").choices[0].message.content == SKILLS["count from 7"]  # the next is free again
+
+
+DEMO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tools_reach_the_template(client, tok):
+    messages = [{"role": "user", "content": "count from 7"}]
+    with_tools = tok.apply_chat_template(messages, tools=DEMO_TOOLS, tokenize=True)
+    plain = tok.apply_chat_template(messages, tokenize=True)
+    assert len(with_tools) > len(plain)  # the demo's template names the tools
+    out = chat(client, "count from 7", tools=DEMO_TOOLS, max_tokens=2)
+    assert out.usage.prompt_tokens == len(with_tools)
+    out = chat(client, "count from 7", tools=DEMO_TOOLS, tool_choice="none", max_tokens=2)
+    assert out.usage.prompt_tokens == len(plain)
+    with pytest.raises(openai.BadRequestError, match="forcing a tool call is not supported"):
+        chat(client, "count from 7", tools=DEMO_TOOLS, tool_choice="required")
+
+
 # -- load, then Ctrl-C ------------------------------------------------------------------------------
 
 
@@ -381,29 +418,32 @@ def test_stop_filter_holds_back_partial_stops():
 
 
 def test_parse_tool_calls_qwen_format():
+    qwen = FORMATS["qwen"]
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    content, calls = parse_tool_calls(text)
-    assert content == "Let me check." and calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert parse_reply(qwen, text) == ("Let me check.", "", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
     two = '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": 1}}'
-    assert [c["name"] for c in parse_tool_calls(two)[1]] == ["a", "b"]  # an unclosed last block too
-    assert parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
-    f = ToolFilter()
+    assert [c["name"] for c in parse_reply(qwen, two)[2]] == ["a", "b"]  # an unclosed last block too
+    assert parse_reply(qwen, "<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", "", [])
+    f = qwen.parser()
     out = f.feed("Sure. <tool") + f.feed('_call>{"name": "a", "arguments": {"q": 2}}</tool_call>')
-    assert out == "Sure. " and f.finish() == ("", [{"name": "a", "arguments": {"q": 2}}])
+    assert out == [("content", "Sure. ")] and f.finish() == ([], [{"name": "a", "arguments": {"q": 2}}])
 
 
 QWEN_LIKE_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
     "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if reasoning_effort is defined %}effort={{ reasoning_effort }}\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 
 
 class ScriptedModel:
     """What the server needs of a Model, replying with a fixed text in small pieces."""
 
-    name, device, dtype, config, num_parameters, plan, kv_caches = "scripted", "cpu", "float32", {}, 0, None, None
+    name, device, dtype, num_parameters, plan, kv_caches = "scripted", "cpu", "float32", 0, None, None
+    config = {"model_type": "qwen3_moe"}  # a family whose templates write <tool_call> (qwen)
     max_context = 4096
     stats: dict = {}
 
@@ -412,12 +452,14 @@ class ScriptedModel:
         self.tokenizer.chat_template = QWEN_LIKE_TEMPLATE
         self.reply = reply
         self.prompts: list[str] = []
+        self.kwargs: list[dict] = []
 
     def encode_prompt(self, text, chat=False):
         return self.tokenizer.encode(text)
 
     def stream_generate(self, ids, max_new_tokens, **kwargs):
         self.prompts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
+        self.kwargs.append(kwargs)
         pieces = [self.reply[i : i + 5] for i in range(0, len(self.reply), 5)][:max_new_tokens]
         for i, p in enumerate(pieces):
             last = i == len(pieces) - 1
@@ -451,6 +493,7 @@ def test_tool_calls_openai_and_ollama(scripted):
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert '"name": "get_weather"' in model.prompts[-1]  # the tools reached the chat template
+    assert model.kwargs[-1]["keep_special"] == FORMATS["qwen"].markers  # decoding keeps the format's markers
 
     chunks = list(client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, stream=True))
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -488,3 +531,59 @@ def test_request_rules_in_process(scripted):
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "developer", "content": "be brief"},
                                                              {"role": "user", "content": parts}], "stop": ["look"]})  # fmt: skip
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "I will "
+
+
+def test_template_kwargs_and_reasoning(scripted):
+    model, http = scripted
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="scripted", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    client.chat.completions.create(model="scripted", messages=messages, extra_body={"enable_thinking": False},
+                                   reasoning_effort="low")  # fmt: skip
+    assert "effort=low" in model.prompts[-1] and model.prompts[-1].endswith("</think>\n\n")
+    http.post("/api/chat", json={"messages": messages, "think": False, "stream": False})
+    assert model.prompts[-1].endswith("</think>\n\n")
+    client.chat.completions.create(model="scripted", messages=messages)
+    assert "<think>" not in model.prompts[-1] and "effort" not in model.prompts[-1]
+    r = http.post("/v1/chat/completions", json={"messages": messages, "chat_template_kwargs": {"messages": []}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+    r = http.post("/v1/chat/completions", json={"messages": messages, "response_format": {"type": "yaml"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+    # A Qwen reply that thinks first: reasoning_content apart from the content, whole and streamed.
+    model.reply = "<think>\nThe user greets.\n</think>\n\nHello!"
+    out = client.chat.completions.create(model="scripted", messages=messages)
+    msg = out.choices[0].message
+    assert msg.content == "Hello!" and msg.model_extra["reasoning_content"] == "The user greets."
+    chunks = list(client.chat.completions.create(model="scripted", messages=messages, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Hello!"
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas).strip() == "The user greets."
+    r = http.post("/api/chat", json={"messages": messages, "stream": False})
+    assert r.json()["message"] == {"role": "assistant", "content": "Hello!", "thinking": "The user greets."}
+
+
+def test_harmony_reply_through_the_server():
+    """gpt-oss: the analysis channel is the reasoning, the final channel the content, a message to
+    functions.NAME the call; the markers are kept by decoding."""
+    from starlette.testclient import TestClient
+
+    from moerun.serve import build_app
+
+    model = ScriptedModel('<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary '
+                          'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')  # fmt: skip
+    model.config = {"model_type": "gpt_oss"}
+    with TestClient(build_app(model, name="scripted")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        messages = [{"role": "user", "content": "weather in Paris?"}]
+        out = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "Need weather."
+        assert choice.message.tool_calls[0].function.name == "get_weather" and not choice.message.content
+        assert model.kwargs[-1]["keep_special"] == FORMATS["harmony"].markers
+        model.reply = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Sunny."
+        chunks = list(client.chat.completions.create(model="scripted", messages=messages, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == "Sunny."
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Easy."

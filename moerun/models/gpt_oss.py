@@ -23,6 +23,10 @@ from moerun.moe.experts import ExpertActivation, RoutedExperts
 from moerun.moe.routing import Router
 from moerun.quant import mxfp4
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): gpt-oss replies in harmony:
+# analysis / final channels, calls to `functions.NAME`.
+TOOL_CALL_FORMAT = "harmony"
+
 # The reference keeps the norms in float32 whatever the model dtype (_keep_in_fp32_modules).
 FLOAT32_PARAMS = ("norm.weight",)
 

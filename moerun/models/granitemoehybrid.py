@@ -25,6 +25,10 @@ from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.mamba2 import Mamba2Mixer, mamba2_tensors
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Granite 4.0's template writes
+# `<tool_call>{json}</tool_call>`.
+TOOL_CALL_FORMAT = "qwen"
+
 # layer_types as Hub configs say them, and as transformers 5 saves them.
 KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention"}
 

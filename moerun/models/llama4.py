@@ -25,6 +25,10 @@ from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseM
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Llama 4's template asks for
+# `{"name": ..., "parameters": ...}` (the pythonic `[f(a=1)]` form is read too).
+TOOL_CALL_FORMAT = "llama4"
+
 # Checkpoint names of the language model start with this; everything else (vision tower,
 # multimodal projector) is not ours.
 CHECKPOINT_PREFIX = "language_model."

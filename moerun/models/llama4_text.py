@@ -8,6 +8,10 @@ from __future__ import annotations
 from moerun.models import llama4
 from moerun.models.llama4 import Model, ModelArgs, sanitize
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): As llama4: JSON `{"name": ...,
+# "parameters": ...}` or pythonic `[f(a=1)]` calls.
+TOOL_CALL_FORMAT = "llama4"
+
 __all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors"]
 
 

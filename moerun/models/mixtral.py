@@ -15,6 +15,10 @@ from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, Trans
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Mixtral-8x22B-Instruct's
+# tool_use template (v3 tokenizer) writes `[TOOL_CALLS] [{...}]`; 8x7B's template has no tools.
+TOOL_CALL_FORMAT = "mistral"
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):

@@ -19,6 +19,10 @@ from moerun.models.qwen3_moe import sanitize  # noqa: F401  (the same expert lay
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Qwen's templates write tool
+# calls as `<tool_call>{json}</tool_call>`.
+TOOL_CALL_FORMAT = "qwen"
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):

@@ -28,6 +28,10 @@ TEXT_PREFIX = "model.language_model."
 # The text model's checkpoint names -> ours; the rest (vision tower, mtp) is not read.
 CHECKPOINT_PREFIX = {TEXT_PREFIX: "model.", "lm_head.": "lm_head."}
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Qwen3.5's template writes
+# `<tool_call><function=NAME><parameter=KEY>...`.
+TOOL_CALL_FORMAT = "qwen"
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(qwen3_next.ModelArgs):

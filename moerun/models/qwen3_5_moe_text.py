@@ -14,6 +14,10 @@ __all__ = ["Model", "ModelArgs", "sanitize", "checkpoint_tensors", "other_checkp
 # The text model only: an `mtp.*` layer the checkpoint may carry is not read.
 CHECKPOINT_PREFIX = {"model.": "model.", "lm_head.": "lm_head."}
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): As qwen3_5_moe:
+# `<tool_call><function=NAME><parameter=KEY>...`.
+TOOL_CALL_FORMAT = "qwen"
+
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The text model's layout without the prefix: name -> (shape, stored dtype, role)."""

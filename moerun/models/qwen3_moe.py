@@ -25,6 +25,10 @@ from moerun.models.base import (
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Qwen3's templates write
+# `<tool_call>{json}</tool_call>`; Qwen3-Coder's the XML body `<function=...>`.
+TOOL_CALL_FORMAT = "qwen"
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):

@@ -33,6 +33,10 @@ from moerun.models.base import (
 from moerun.models.qwen2_moe import moe_block  # Qwen2-MoE's block: the same router, experts, gated shared expert
 from moerun.recurrent.gated_deltanet import GatedDeltaNet
 
+# The tool-call format its chat template writes (moerun/tool_calls.py): Qwen3-Next's template writes
+# `<tool_call>{json}</tool_call>`.
+TOOL_CALL_FORMAT = "qwen"
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
