@@ -619,7 +619,7 @@ def check_disk(repo: RemoteRepo, cache: Path) -> int:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if todo > free:
-        from moerun.plan import gib
+        from moerun.units import gib
 
         raise MoerunError(
             f"not enough disk space for {repo.repo_id}: {gib(todo)} to download, {gib(free)} free in {cache}"
