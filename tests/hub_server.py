@@ -22,6 +22,8 @@ Fault switches (tests set them and `reset()` clears them):
     ignore_range                     answer 200 with the whole file to every Range request
     chunk_delay_s                    sleep between 64 KiB chunks of a file (slow links, races)
     hostile_sha, no_blob_ids         model info with this commit / with no blobId nor lfs
+    raw_info                         model info answered with these bytes (malformed JSON)
+    extra_bytes                      this many bytes appended to every file body
 Hostile file names are just repos added with such names.
 """
 
@@ -134,6 +136,8 @@ class HubServer:
         self.chunk_delay_s = 0.0
         self.hostile_sha: str | None = None
         self.no_blob_ids = False
+        self.raw_info: bytes | None = None
+        self.extra_bytes = 0
 
     def gets(self, filename: str) -> list[str | None]:
         """The Range header of each GET of `filename` so far."""
@@ -213,7 +217,9 @@ class HubServer:
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if m:
             repo = self._repo(h, m.group(1), head)
-            if repo:
+            if repo and self.raw_info is not None:
+                self._send(h, 200, self.raw_info, {"Content-Type": "application/json"}, head)
+            elif repo:
                 siblings = []
                 for n, f in repo.files.items():
                     sib = {"rfilename": n, "size": f.size}
@@ -268,6 +274,7 @@ class HubServer:
         body = f.read(start, end)
         if name in self.wrong_bytes:  # the right length, every byte wrong
             body = bytes(b ^ 0x5A for b in body)
+        body += b"x" * self.extra_bytes
         with self._lock:
             cut = self.cut_after is not None and self.cuts_left > 0 and len(body) > self.cut_after
             cut = cut and self.cut_file in (None, name)

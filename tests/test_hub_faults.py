@@ -144,6 +144,34 @@ def test_a_bad_partial_left_by_an_earlier_pull_is_restarted_from_zero(server, en
     assert_clean(tmp_path)
 
 
+def test_more_bytes_than_the_listed_size_are_refused(server, env, tmp_path, capsys, monkeypatch):
+    server.extra_bytes = 10
+    line = one_line(*cli("pull", REPO, capsys=capsys, monkeypatch=monkeypatch))
+    assert "more than the" in line and PLAIN in line
+    assert_clean(tmp_path)
+
+
+def test_a_malformed_model_info_is_one_line(server, env, tmp_path, capsys, monkeypatch):
+    server.raw_info = b'{"id": "faults/tiny", "sha": "' + b"0" * 40 + b'", "siblings": [{"size": 3}]}'
+    line = one_line(*cli("pull", REPO, capsys=capsys, monkeypatch=monkeypatch))
+    assert "model info" in line and "malformed" in line
+    assert not Path(env["HF_HUB_CACHE"]).exists()
+
+
+def test_an_unreachable_hub_is_not_retried(env, tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MOERUN_RETRY_BASE_S", "1")
+    start = time.monotonic()
+    line = one_line(*cli("pull", REPO, capsys=capsys, monkeypatch=monkeypatch))
+    assert "cannot reach" in line and time.monotonic() - start < 1.0  # offline is answered at once
+    assert_clean(tmp_path)
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 
