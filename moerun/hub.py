@@ -58,7 +58,9 @@ def check_revision(revision: str | None) -> str | None:
 
 def _check_commit(repo_id: str, commit: object) -> str:
     if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
-        raise MoerunError(f"the Hub answered commit {commit!r} for {repo_id}: not a 40-hex commit id; nothing was written")
+        raise MoerunError(
+            f"the Hub answered commit {commit!r} for {repo_id}: not a 40-hex commit id; nothing was written"
+        )
     return commit
 
 
@@ -75,10 +77,13 @@ def _check_filename(repo_id: str, name: object) -> str:
 def _check_etag(repo_id: str, name: str, etag: object) -> str:
     if etag is None:
         raise MoerunError(
-            f"the Hub gave no blob id or sha256 for {name} of {repo_id}: it could not be verified, so nothing was written"
+            f"the Hub gave no blob id or sha256 for {name} of {repo_id}: "
+            "it could not be verified, so nothing was written"
         )
     if not isinstance(etag, str) or not _ETAG.fullmatch(etag):
-        raise MoerunError(f"the Hub gave {name} of {repo_id} the blob id {etag!r}: not a sha1 or sha256; nothing was written")
+        raise MoerunError(
+            f"the Hub gave {name} of {repo_id} the blob id {etag!r}: not a sha1 or sha256; nothing was written"
+        )
     return etag
 
 
@@ -586,10 +591,13 @@ def _fetch(url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[in
             "the partial file is kept in the cache and `moerun pull` resumes it"
         )
     if h.hexdigest() != etag:
-        raise _Mismatch(f"{filename}: the bytes received do not match the Hub's {'sha256' if len(etag) == 64 else 'git blob id'} {etag}")
+        kind = "sha256" if len(etag) == 64 else "git blob id"
+        raise _Mismatch(f"{filename}: the bytes received do not match the Hub's {kind} {etag}")
 
 
-def _fetch_verified(url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[int], None], filename: str) -> None:
+def _fetch_verified(
+    url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[int], None], filename: str
+) -> None:
     """_fetch, and a verified `partial` when it returns. A mismatch deletes the partial; if
     it had resumed an earlier partial (which may have been the bad part), once more from 0."""
     resumed = partial.exists() and partial.stat().st_size > 0
