@@ -535,7 +535,7 @@ def pull(
     """Download what moerun needs (safetensors, config, tokenizer, generation config, chat
     template) into the Hugging Face cache; an interrupted pull resumes."""
     from moerun import hub
-    from moerun.plan import gib
+    from moerun.units import gib  # not moerun.plan: a pull needs no torch
 
     repo_id = hub.repo_id_for(model)
     if repo_id is None:

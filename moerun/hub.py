@@ -6,7 +6,9 @@ that `hf download` fills, and nothing is fetched from the network.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -26,6 +28,63 @@ from moerun.registry import DEMO_DIR, EMBEDDED, lookup
 
 # owner/name with the characters the Hub allows; anything else is not a repo id.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# -- names that become paths: from the user (--revision) or the server (commit, etags, files)
+#
+# The cache is <cache>/models--o--n/{refs/<revision>, snapshots/<commit>/<file>, blobs/<etag>}:
+# each of these is checked before it is joined to a path, so no answer and no argument can
+# make moerun write or unlink outside the cache.
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_ETAG = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob sha1 (plain files) | sha256 (LFS)
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")  # git check-ref-format's rules
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_revision(revision: str | None) -> str | None:
+    """`revision` if it is a valid git ref name or commit (as `git check-ref-format` has it),
+    else a MoerunError: it becomes refs/<revision> in the cache."""
+    if revision is None:
+        return None
+    parts = revision.split("/")
+    if (not revision or _REF_BAD.search(revision) or revision == "@" or revision.startswith("/")
+            or revision.endswith(("/", ".")) or any(p.startswith(".") or p.endswith(".lock") for p in parts)):  # fmt: skip
+        raise MoerunError(
+            f"{revision!r} is not a valid revision: give a branch, tag or commit "
+            "(no '..', no leading '/', no spaces, control characters or ~^:?*[\\)"
+        )
+    return revision
+
+
+def _check_commit(repo_id: str, commit: object) -> str:
+    if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+        raise MoerunError(
+            f"the Hub answered commit {commit!r} for {repo_id}: not a 40-hex commit id; nothing was written"
+        )
+    return commit
+
+
+def _check_filename(repo_id: str, name: object) -> str:
+    """A repo file name: relative, '/'-separated, no empty, '.' or '..' part, no backslash,
+    drive letter or control character."""
+    ok = isinstance(name, str) and name and not name.startswith("/") and "\\" not in name
+    ok = ok and not _CONTROL.search(name) and not re.match(r"[A-Za-z]:", name)
+    if not ok or any(part in ("", ".", "..") for part in name.split("/")):
+        raise MoerunError(f"the Hub listed a file {name!r} in {repo_id}: not a safe relative path; nothing was written")
+    return name
+
+
+def _check_etag(repo_id: str, name: str, etag: object) -> str:
+    if etag is None:
+        raise MoerunError(
+            f"the Hub gave no blob id or sha256 for {name} of {repo_id}: "
+            "it could not be verified, so nothing was written"
+        )
+    if not isinstance(etag, str) or not _ETAG.fullmatch(etag):
+        raise MoerunError(
+            f"the Hub gave {name} of {repo_id} the blob id {etag!r}: not a sha1 or sha256; nothing was written"
+        )
+    return etag
 
 
 def hub_cache_dir() -> Path:
@@ -54,6 +113,7 @@ def _looks_like_path(text: str) -> bool:
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
     """The snapshot folder of `repo_id` in the local cache; never touches the network."""
+    check_revision(revision)
     cache = hub_cache_dir()
     try:
         # local_files_only: resolution must work offline (HF_HUB_OFFLINE or not) and fast.
@@ -116,8 +176,68 @@ NEEDED_FILES = re.compile(
     r"|^generation_config\.json$|^tokenizer(_config)?\.json$|^tokenizer\.model$|^special_tokens_map\.json$"
     r"|^chat_template\.(jinja|json)$|^vocab\.json$|^merges\.txt$"
 )
-DOWNLOAD_ATTEMPTS = 5  # per file; each retry resumes from the bytes already on disk
-RETRY_SLEEP_S = 1.0
+DOWNLOAD_ATTEMPTS = 5  # per request or file; each file retry resumes from the bytes on disk
+MAX_RETRY_AFTER_S = 30.0  # a 429's Retry-After up to this is waited out; longer gives up at once
+
+
+def _retry_base_s() -> float:
+    """The first retry's delay (doubled each time); MOERUN_RETRY_BASE_S sets it (tests: ~0)."""
+    text = os.environ.get("MOERUN_RETRY_BASE_S", "1")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 600:
+        raise MoerunError(f"MOERUN_RETRY_BASE_S={text!r} is not a number of seconds between 0 and 600")
+    return value
+
+
+def _transient(exc: BaseException, connect_too: bool) -> tuple[str, float | None] | None:
+    """(why, the server's Retry-After) when `exc` is worth retrying: a 5xx, a 429, a cut or
+    timed-out transfer; refused or unresolvable connections too when `connect_too` (during a
+    download the host was just there; a first metadata request that cannot connect means
+    offline, answered at once so that `fit` falls back without waiting)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)) and not connect_too:
+        return None
+    if isinstance(exc, httpx2.TransportError):
+        return type(exc).__name__, None
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        code = exc.response.status_code
+        if code == 429 or code >= 500:
+            try:
+                after = float(exc.response.headers.get("retry-after", ""))
+            except ValueError:  # absent, or an HTTP date: our own backoff
+                after = None
+            return f"HTTP {code}", after if after is not None and after >= 0 else None
+    return None
+
+
+def _pause(attempt: int, why: str, after: float | None, what: str) -> None:
+    """Sleep before retry number `attempt` + 1: the server's Retry-After when it asks for a
+    short wait, else exponential backoff."""
+    if after is not None and after > MAX_RETRY_AFTER_S:
+        raise MoerunError(f"the Hub answered {why} for {what} and asks to wait {after:.0f} s: try again later")
+    time.sleep(after if after is not None else min(_retry_base_s() * 2**attempt, 60.0))
+
+
+def _with_retries(what: str, fn: Callable[[], object]):
+    """fn(), retried on transient errors (metadata requests); one line after the last try."""
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as e:
+            t = _transient(e, connect_too=False)
+            if t is None:
+                raise
+            if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                raise MoerunError(
+                    f"{what} failed {DOWNLOAD_ATTEMPTS} times ({t[0]} from {endpoint()}): the Hub is having trouble; "
+                    "try again later"
+                ) from None
+            _pause(attempt, t[0], t[1], what)
 
 
 def endpoint() -> str:
@@ -228,14 +348,26 @@ def remote_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     """The commit and needed files of `repo_id` at `revision`: one model-info request."""
     from huggingface_hub import HfApi
 
+    check_revision(revision)
+    api = HfApi(endpoint=endpoint())
     with _HubErrors(repo_id, revision):
-        info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=revision, files_metadata=True)
+        try:
+            info = _with_retries(
+                f"the model info of {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True)
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:  # huggingface_hub's parse
+            raise MoerunError(f"the Hub's model info for {repo_id} is malformed ({type(e).__name__}: {e})") from None
+    commit = _check_commit(repo_id, info.sha)
     files = {}
     for s in info.siblings or []:
-        if NEEDED_FILES.match(s.rfilename):
-            etag = s.lfs.sha256 if s.lfs else s.blob_id
-            files[s.rfilename] = (int(s.size or 0), str(etag))
-    return RemoteRepo(repo_id, info.sha, files)
+        name = _check_filename(repo_id, s.rfilename)  # every name, needed or not: a hostile list is refused
+        if NEEDED_FILES.match(name):
+            etag = _check_etag(repo_id, name, s.lfs.sha256 if s.lfs else s.blob_id)
+            size = s.size if s.size is not None else (s.lfs.size if s.lfs else None)
+            if not isinstance(size, int) or size < 0:
+                raise MoerunError(f"the Hub gave {name} of {repo_id} the size {size!r}; nothing was written")
+            files[name] = (size, etag)
+    return RemoteRepo(repo_id, commit, files)
 
 
 class ByteCounter:
@@ -254,8 +386,13 @@ def _ranged_get(repo: RemoteRepo, filename: str, start: int, end: int, counter: 
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-    r = get_session().get(repo.url(filename), headers=headers, follow_redirects=True, timeout=30)
-    hf_raise_for_status(r)
+
+    def get():
+        r = get_session().get(repo.url(filename), headers=headers, follow_redirects=True, timeout=30)
+        hf_raise_for_status(r)
+        return r
+
+    r = _with_retries(f"bytes {start}-{end} of {filename} of {repo.repo_id}", get)
     data = r.content
     counter.add(len(data))
     if r.status_code == 200:  # the server ignored the range: keep only what was asked for
@@ -267,9 +404,13 @@ def read_remote_json(repo: RemoteRepo, filename: str, counter: ByteCounter) -> d
     """A small JSON file of the repo (config.json), fetched whole."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    with _HubErrors(repo.repo_id):
+    def get():
         r = get_session().get(repo.url(filename), headers=build_hf_headers(), follow_redirects=True, timeout=30)
         hf_raise_for_status(r)
+        return r
+
+    with _HubErrors(repo.repo_id):
+        r = _with_retries(f"{filename} of {repo.repo_id}", get)
     counter.add(len(r.content))
     try:
         return json.loads(r.content)
@@ -301,42 +442,120 @@ def read_remote_headers(repo: RemoteRepo, counter: ByteCounter) -> dict[str, tup
 
 
 # -- pull -----------------------------------------------------------------------------------
+#
+# The cache layout is huggingface_hub's: blobs/<etag> named by content (sha256 for LFS files,
+# the git blob sha1 for plain ones), snapshots/<commit>/<file> symlinks to them, refs/<name>
+# holding a commit, and .locks/models--o--n/<etag>.lock, the very file huggingface_hub flocks,
+# so `moerun pull` and `hf download` into one cache also wait for each other.
+
+CHUNK = 1 << 20
+
+
+def _storage(cache: Path, repo_id: str) -> Path:
+    return cache / f"models--{repo_id.replace('/', '--')}"
+
+
+def _inside(base: Path, path: Path) -> Path:
+    """`path`, after checking that it lies under `base` (the names were validated: this is
+    the last guard, not the first)."""
+    if not os.path.abspath(path).startswith(os.path.abspath(base) + os.sep):
+        raise MoerunError(f"refusing to write {path}: it is outside {base}")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a concurrent reader sees the old ref or the new one, never half
 
 
 def _write_ref(storage: Path, revision: str | None, commit: str) -> None:
     if revision and revision != commit:
-        ref = storage / "refs" / revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
+        _atomic_write(_inside(storage / "refs", storage / "refs" / check_revision(revision)), commit)
     elif not revision:
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / "main").write_text(commit)
+        _atomic_write(storage / "refs" / "main", commit)
 
 
 def _link(blob: Path, pointer: Path) -> None:
+    """Point snapshots/<commit>/<file> at its blob; built beside and renamed over, so that
+    concurrent pulls never see a missing pointer or collide while making one."""
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    if pointer.is_symlink() or pointer.exists():
-        pointer.unlink()
+    target = os.path.relpath(blob, pointer.parent)
+    if pointer.is_symlink() and os.readlink(pointer) == target:
+        return
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        tmp.symlink_to(target)
     except OSError:  # no symlinks (some Windows set-ups): the cache then holds copies
-        shutil.copyfile(blob, pointer)
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, pointer)
 
 
-def _download(url: str, partial: Path, size: int, on_bytes: Callable[[int], None], filename: str = "") -> None:
-    """GET `url` into `partial`, resuming from the bytes already there with a Range request,
-    and retrying a cut connection from where it stopped."""
-    import httpx2
+@contextlib.contextmanager
+def _blob_lock(cache: Path, repo_id: str, etag: str):
+    """An exclusive flock on .locks/models--o--n/<etag>.lock while one blob is checked or
+    fetched: a second pull of the same blob waits, then finds it done and verified."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no cross-process exclusion
+        yield
+        return
+    path = cache / ".locks" / _storage(cache, repo_id).name / f"{etag}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)  # group-writable, as huggingface_hub's
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the lock file stays (unlinking it would race)
+
+
+def _hasher(etag: str, size: int):
+    """What names a blob: sha256 of the bytes for LFS files, git's sha1 of "blob <len>\\0"
+    and the bytes for plain ones."""
+    if len(etag) == 64:
+        return hashlib.sha256()
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % size)
+    return h
+
+
+def _file_digest(path: Path, etag: str, size: int, h=None):
+    h = h or _hasher(etag, size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h
+
+
+def verifies(blob: Path, etag: str, size: int) -> bool:
+    """Whether `blob` holds exactly the bytes its name promises."""
+    try:
+        return blob.stat().st_size == size and _file_digest(blob, etag, size).hexdigest() == etag
+    except OSError:
+        return False
+
+
+class _Mismatch(MoerunError):
+    pass
+
+
+def _fetch(url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[int], None], filename: str) -> None:
+    """GET `url` into `partial`, hashing as the bytes arrive; resume from the bytes already
+    there with a Range request (rehashed once), retrying 5xx, 429 and cut or failed
+    connections with backoff. Raises _Mismatch if the bytes are not the ones `etag` names."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    last_error: Exception | None = None
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:  # not the file we expect: start over
+        partial.unlink()
+        have = 0
+    h = _file_digest(partial, etag, size) if have else _hasher(etag, size)
+    last_error = ""
     for attempt in range(DOWNLOAD_ATTEMPTS):
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > size:  # not the file we expect: start over
-            partial.unlink()
-            have = 0
         if have == size:
-            return
+            break
         headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -347,28 +566,56 @@ def _download(url: str, partial: Path, size: int, on_bytes: Callable[[int], None
                     hf_raise_for_status(r)
                 if have and r.status_code != 206:  # the server ignored the range: start over
                     on_bytes(-have)
-                    have = 0
+                    have, h = 0, _hasher(etag, size)
                 with open(partial, "ab" if have else "wb") as f:
                     for chunk in r.iter_bytes():  # as they arrive: a cut loses nothing received
+                        if have + len(chunk) > size:
+                            raise _Mismatch(f"the Hub sent more than the {size} bytes of {filename}")
                         f.write(chunk)
+                        h.update(chunk)
+                        have += len(chunk)
                         on_bytes(len(chunk))
-        except httpx2.TransportError as e:  # a cut connection or a timeout: resume
-            last_error = e
+        except _Mismatch:
+            raise
+        except Exception as e:
+            t = _transient(e, connect_too=True)
+            if t is None:
+                raise
+            last_error = t[0]
             if attempt + 1 < DOWNLOAD_ATTEMPTS:
-                time.sleep(RETRY_SLEEP_S)
-    have = partial.stat().st_size if partial.exists() else 0
+                _pause(attempt, t[0], t[1], filename)
     if have != size:
-        why = f" ({type(last_error).__name__})" if last_error else ""
+        why = f" ({last_error})" if last_error else ""
         raise MoerunError(
-            f"download of {filename or partial.name} stopped at {have} of {size} bytes after "
-            f"{DOWNLOAD_ATTEMPTS} attempts{why}; the partial file is kept in the cache and "
-            "`moerun pull` resumes it"
+            f"download of {filename} stopped at {have} of {size} bytes after {DOWNLOAD_ATTEMPTS} attempts{why}; "
+            "the partial file is kept in the cache and `moerun pull` resumes it"
         )
+    if h.hexdigest() != etag:
+        kind = "sha256" if len(etag) == 64 else "git blob id"
+        raise _Mismatch(f"{filename}: the bytes received do not match the Hub's {kind} {etag}")
+
+
+def _fetch_verified(
+    url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[int], None], filename: str
+) -> None:
+    """_fetch, and a verified `partial` when it returns. A mismatch deletes the partial; if
+    it had resumed an earlier partial (which may have been the bad part), once more from 0."""
+    resumed = partial.exists() and partial.stat().st_size > 0
+    for fresh in (False, True):
+        try:
+            _fetch(url, partial, size, etag, on_bytes, filename)
+            return
+        except _Mismatch as e:
+            got = partial.stat().st_size if partial.exists() else 0
+            partial.unlink(missing_ok=True)
+            on_bytes(-got)
+            if fresh or not resumed:
+                raise MoerunError(f"{e}; the download was deleted, nothing was kept: try `moerun pull` again") from None
 
 
 def check_disk(repo: RemoteRepo, cache: Path) -> int:
     """Bytes still to download; raise if the cache's disk cannot hold them."""
-    storage = cache / f"models--{repo.repo_id.replace('/', '--')}"
+    storage = _storage(cache, repo.repo_id)
     todo = 0
     for size, etag in repo.files.values():
         blob = storage / "blobs" / etag
@@ -380,12 +627,18 @@ def check_disk(repo: RemoteRepo, cache: Path) -> int:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if todo > free:
-        from moerun.plan import gib
+        from moerun.units import gib
 
         raise MoerunError(
             f"not enough disk space for {repo.repo_id}: {gib(todo)} to download, {gib(free)} free in {cache}"
         )
     return todo
+
+
+def _check_repo(repo: RemoteRepo) -> None:
+    _check_commit(repo.repo_id, repo.commit)
+    for name, (_, etag) in repo.files.items():
+        _check_etag(repo.repo_id, _check_filename(repo.repo_id, name), etag)
 
 
 def pull(
@@ -396,14 +649,18 @@ def pull(
     on_bytes: Callable[[int], None] | None = None,
 ) -> Path:
     """Download what moerun needs of `repo_id` into the Hugging Face cache; return the
-    snapshot folder. Files already in the cache are skipped; a partial file
-    (blobs/<etag>.incomplete) left by an interrupted pull is resumed, not restarted.
+    snapshot folder. Every blob is verified against its name (sha256 or git blob id): as it
+    is written, and again when it is already in the cache (a bad one is fetched again). A
+    partial file (blobs/<etag>.incomplete) left by an interrupted pull is resumed, not
+    restarted. Concurrent pulls into one cache wait for each other blob by blob.
     on_start(total_bytes, already_done) and on_bytes(n) drive a progress bar."""
+    check_revision(revision)
     repo = repo or remote_repo(repo_id, revision)
+    _check_repo(repo)
     cache = hub_cache_dir()
     todo = check_disk(repo, cache)
-    storage = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = storage / "snapshots" / repo.commit
+    storage = _storage(cache, repo_id)
+    snapshot = _inside(storage / "snapshots", storage / "snapshots" / repo.commit)
     (storage / "blobs").mkdir(parents=True, exist_ok=True)
     if on_start:
         on_start(repo.size, repo.size - todo)
@@ -412,11 +669,15 @@ def pull(
     for filename in sorted(repo.files, key=lambda f: repo.files[f][0]):
         size, etag = repo.files[filename]
         blob = storage / "blobs" / etag
-        if not blob.exists():
-            partial = blob.with_name(etag + ".incomplete")
-            with _HubErrors(repo_id, revision):
-                _download(repo.url(filename), partial, size, on_bytes, filename)
-            os.replace(partial, blob)
-        _link(blob, snapshot / filename)
+        with _blob_lock(cache, repo_id, etag):
+            if blob.exists() and not verifies(blob, etag, size):
+                blob.unlink()  # corrupt (an old pull, a disk fault): fetched again below
+                on_bytes(-size)
+            if not blob.exists():
+                partial = blob.with_name(etag + ".incomplete")
+                with _HubErrors(repo_id, revision):
+                    _fetch_verified(repo.url(filename), partial, size, etag, on_bytes, filename)
+                os.replace(partial, blob)
+            _link(blob, _inside(snapshot, snapshot / filename))
     _write_ref(storage, revision, repo.commit)
     return snapshot

@@ -19,6 +19,7 @@ import torch
 from moerun.errors import MoerunError
 from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
+from moerun.units import gib  # noqa: F401 (plan.gib: callers use it from here too)
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 
@@ -323,14 +324,6 @@ def make_plan(
         p.verdict = "no"
         p.reason = f"the expert store needs {gib(p.host_store_bytes)} of RAM; the budget is {gib(ram)}"
     return p
-
-
-def gib(n: int | float) -> str:
-    """Bytes for people: GiB, MiB or KiB, whichever reads best."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{n / 2**10:.1f} KiB"
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

@@ -35,7 +35,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def env(server, tmp_path, monkeypatch):
     e = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
-         "MOERUN_CACHE": str(tmp_path / "moerun"), "HF_TOKEN": ""}  # fmt: skip
+         "MOERUN_CACHE": str(tmp_path / "moerun"), "HF_TOKEN": "", "MOERUN_RETRY_BASE_S": "0.001"}  # fmt: skip
     for k, v in e.items():
         monkeypatch.setenv(k, v)
     server.cut_after, server.cuts_left, server.cut_file = None, 0, None
