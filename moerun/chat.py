@@ -119,15 +119,28 @@ class ChatSession:
         reserve = min(int(self.gen_kwargs.get("max_new_tokens") or ctx // 4), ctx // 4)
         limit = ctx - reserve
 
-        def length() -> int:
-            return len(tok.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True))
+        def length(messages: list[dict]) -> int:
+            return len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
-        if len(self.history) < 3 or length() <= limit:
+        if length(self.messages()) <= limit:
             return
-        while len(self.history) >= 3 and (self.dropped == 0 or length() > limit // 2):
+        # The message alone (with the system prompt) must fit, or dropping turns is no help.
+        alone = length(self._alone())
+        if alone >= ctx:
+            most = getattr(self.model, "max_context", ctx)
+            hint = f"load with a larger --ctx, up to {most}" if most > ctx else "the model's longest"
+            raise MoerunError(f"this message is {alone} tokens with the chat template; the context is {ctx} ({hint})")
+        while len(self.history) >= 3 and (self.dropped == 0 or length(self.messages()) > limit // 2):
             del self.history[:2]
             self.dropped += 1
-        # Nothing left to drop and still too long: the model's own error says so.
+
+    def _alone(self) -> list[dict]:
+        """The messages the template would see were the last user turn the only one."""
+        history, self.history = self.history, self.history[-1:]
+        try:
+            return self.messages()
+        finally:
+            self.history = history
 
     def send(
         self,
@@ -307,7 +320,10 @@ def history_path() -> Path:
 class LineEditor:
     """GNU readline for input(): line editing, bracketed paste, and a history file that the
     next session recalls with Up. Where readline is missing or is libedit, bracketed paste
-    is switched on by hand and parsed by _read_message."""
+    is switched on by hand and parsed by _read_message.
+
+    The file holds one message a line, newlines and backslashes escaped, so that a pasted
+    or \"\"\"-block message comes back whole (readline's own file would split it)."""
 
     def __init__(self, path: Optional[Path]):
         self.path = path
@@ -323,40 +339,73 @@ class LineEditor:
             # lines must be one message, not one turn per line.
             readline.parse_and_bind("set enable-bracketed-paste on")
             readline.set_history_length(HISTORY_LINES)
-            if path is not None and path.is_file():
-                try:
-                    readline.read_history_file(str(path))
-                except OSError:
-                    pass
+            for entry in self._load():
+                readline.add_history(entry)
         elif sys.stdout.isatty():
             self.manual_paste = True
             sys.stdout.write("\x1b[?2004h")
+
+    def _load(self) -> list[str]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines() if self.path is not None else []
+        except (OSError, UnicodeDecodeError):
+            return []
+        return [_unescape(line) for line in lines[-HISTORY_LINES:] if line]
 
     def read(self, input_fn: Callable[[str], str]) -> str:
         rl = self.readline
         before = rl.get_current_history_length() if rl else 0
         text = _read_message(input_fn)
-        if rl is not None and self.path is not None:
-            added = rl.get_current_history_length() - before
-            if added > 0:
-                try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    if not self.path.exists():
-                        self.path.touch()
-                    rl.append_history_file(added, str(self.path))
-                except OSError:
-                    pass  # a read-only cache: no history, the chat goes on
+        if rl is None:
+            return text
+        # Whatever lines readline added for this message become one entry: the message.
+        for _ in range(rl.get_current_history_length() - before):
+            rl.remove_history_item(rl.get_current_history_length() - 1)
+        entry = text.strip()
+        if entry:
+            rl.add_history(entry)
+            self._append(entry)
         return text
 
+    def _append(self, entry: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(_escape(entry) + "\n")
+        except OSError:
+            pass  # a read-only cache: no history, the chat goes on
+
     def close(self) -> None:
-        if self.readline is not None and self.path is not None and self.path.is_file():
-            try:  # the file's lines plus this session's, cut to the last HISTORY_LINES
-                self.readline.write_history_file(str(self.path))
-            except OSError:
+        if self.readline is not None and self.path is not None:
+            try:  # keep the file to the last HISTORY_LINES messages
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+                if len(lines) > HISTORY_LINES:
+                    tmp = self.path.with_suffix(".tmp")
+                    tmp.write_text("\n".join(lines[-HISTORY_LINES:]) + "\n", encoding="utf-8")
+                    os.replace(tmp, self.path)
+            except (OSError, UnicodeDecodeError):
                 pass
         if self.manual_paste:
             sys.stdout.write("\x1b[?2004l")
             sys.stdout.flush()
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unescape(line: str) -> str:
+    out, i = [], 0
+    while i < len(line):
+        if line[i] == "\\" and i + 1 < len(line):
+            out.append("\n" if line[i + 1] == "n" else line[i + 1])
+            i += 2
+        else:
+            out.append(line[i])
+            i += 1
+    return "".join(out)
 
 
 @contextmanager
