@@ -27,13 +27,13 @@ PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # bracketed paste (xterm's mo
 HISTORY_LINES = 1000
 
 HELP = """\
-/clear                      forget the conversation (the --system prompt is kept; also /reset)
-/set parameter NAME VALUE   temperature, top_p, top_k, seed or num_predict (tokens per reply)
-/show info                  the model, its context, bits, device and the parameters
-/stats                      statistics of the last reply and of the expert cache
-/help                       show this help
-/exit                       leave (also /bye or Ctrl-D)
-Ctrl-C stops a reply; \"\"\" starts and ends a multi-line message; a paste is one message."""
+/clear                     forget the conversation (keeps --system; also /reset)
+/set parameter NAME VALUE  temperature, top_p, top_k, seed, num_predict (tokens)
+/show info                 the model, its context, bits, device and parameters
+/stats                     figures of the last reply and of the expert cache
+/help                      this help
+/exit                      leave (also /bye or Ctrl-D)
+Ctrl-C stops a reply. \"\"\" opens and closes a multi-line message; a paste is one."""
 
 # ollama's parameter names -> stream_generate's keyword, type, check.
 PARAMETERS = {
@@ -91,7 +91,7 @@ class ChatSession:
         except MoerunError:
             return None  # the template is broken for plain turns too: each turn will say so
         self.merge_system = True
-        return f"warning: this model's chat template rejects a system prompt ({reason}); it is sent at the start of the first user message instead"
+        return f"warning: the chat template rejects a system prompt ({reason}); it goes at the start of the first user message instead"
 
     def messages(self) -> list[dict]:
         """What the template sees: the system prompt (if any) then the history."""
@@ -127,9 +127,11 @@ class ChatSession:
         # The message alone (with the system prompt) must fit, or dropping turns is no help.
         alone = length(self._alone())
         if alone >= ctx:
-            most = getattr(self.model, "max_context", ctx)
-            hint = f"load with a larger --ctx, up to {most}" if most > ctx else "the model's longest"
-            raise MoerunError(f"this message is {alone} tokens with the chat template; the context is {ctx} ({hint})")
+            most = getattr(self.model, "max_context", None) or ctx
+            if alone < most:
+                raise MoerunError(f"the message is {alone} tokens, over the {ctx}-token context "
+                                  f"(try --ctx {min(2 * alone, most)})")
+            raise MoerunError(f"the message is {alone} tokens, over the model's {most}-token context; shorten it")
         while len(self.history) >= 3 and (self.dropped == 0 or length(self.messages()) > limit // 2):
             del self.history[:2]
             self.dropped += 1
@@ -195,7 +197,7 @@ class ChatSession:
     def set_parameter(self, name: str, value: str) -> str:
         """`/set parameter NAME VALUE` with ollama's names; returns the line to show."""
         if name not in PARAMETERS:
-            raise MoerunError(f"unknown parameter {name!r}; one of {', '.join(PARAMETERS)}")
+            raise MoerunError(f"no parameter {name!r}; try {', '.join(PARAMETERS)}")
         key, kind, ok, expect = PARAMETERS[name]
         try:
             parsed = kind(value)
@@ -472,8 +474,13 @@ def run_repl(
         out.write(text)
         out.flush()
 
-    def notice(text: str, style: str = "dim") -> None:
-        (console if interactive else errors).print(text, style=style)
+    def notice(text: str, style: str = "dim", wrap: bool = False) -> None:
+        # In a terminal a long warning or error is wrapped at its width, between words;
+        # piped, each stays one greppable line on stderr.
+        if interactive:
+            console.print(text, style=style, soft_wrap=not wrap)
+        else:
+            errors.print(text, style=style)
 
     if interactive:
         describe = getattr(model, "describe", None)
@@ -482,7 +489,7 @@ def run_repl(
         console.print("Type /help for commands, /exit or Ctrl-D to leave.", style="dim")
     warning = session.check_system()
     if warning:
-        notice(warning, style="yellow")
+        notice(warning, style="yellow", wrap=True)
 
     failed = 0
     try:
@@ -520,7 +527,7 @@ def run_repl(
                     try:
                         console.print(session.set_parameter(words[2], words[3]))
                     except MoerunError as exc:
-                        console.print(f"error: {exc}", style="red")
+                        notice(f"error: {exc}", style="red", wrap=True)
                 elif command == "/set":
                     console.print("usage: /set parameter NAME VALUE (" + ", ".join(PARAMETERS) + ")", style="dim")
                 elif command == "/show" and words[1:] == ["info"]:
@@ -556,10 +563,7 @@ def run_repl(
                 if not ends_with_newline:
                     write("\n")
                 message = " ".join(str(exc).split())
-                if interactive:
-                    console.print("error: " + message, style="red")
-                else:
-                    errors.print("moerun: " + message)
+                notice(("error: " if interactive else "moerun: ") + message, style="red", wrap=True)
                 continue
             if not ends_with_newline:
                 write("\n")

@@ -406,12 +406,18 @@ def _turn(term: Terminal, prompt: str) -> str:
     return term.text[start : end.start() + 1]
 
 
+def _narrow(text: str) -> list[str]:
+    """The lines wider than 80 columns, but for what the user typed after the prompt."""
+    return [line for line in text.splitlines() if len(line) > 80 and not line.startswith(">>> ")]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 def test_demo_chat_in_80_columns(tmp_path):
     env = _env(tmp_path)
     # The demo learned short dialogues: past ~100 tokens of history its skills fail, so the
     # KV cache is planned for 96 of its 256 positions and the context policy keeps to that.
-    term = Terminal(["chat", "demo", "--device", "cpu", "--max-new-tokens", "200", "--ctx", "96"], env, columns=80)
+    args = ["chat", "demo", "--device", "cpu", "--max-new-tokens", "200", "--ctx", "96", "--system", "be brief"]
+    term = Terminal(args, env, columns=80)
     try:
         term.expect(r">>> ")
         assert b"\x1b[?2004h" in term.raw  # bracketed paste switched on for the terminal
@@ -422,27 +428,30 @@ def test_demo_chat_in_80_columns(tmp_path):
         assert sum("tok/s" in line for line in term.text[: pasted.start()].splitlines()) == 1, term.text
         term.sendline("/stats")
         stats = term.expect(r"  prompt tokens +(\d+)\n")
-        assert int(stats.group(1)) > 15  # all three lines reached the model (one alone is 11 tokens)
+        assert int(stats.group(1)) > 25  # all three lines reached the model (one alone is 17 tokens)
         term.expect(r"  generation +[\d.]+ s · \d+\.\d tok/s\n")
         term.expect(r"  finish +\w+\n")
         term.expect(r">>> ")
         term.sendline("/clear")
-        term.expect(r"history cleared")
+        term.expect(r"history cleared \(system prompt kept\)")
         term.expect(r">>> ")
         term.sendline("/set parameter num_predict 24")
         term.expect(r"Set parameter 'num_predict' to '24'")
         term.expect(r">>> ")
         term.sendline("/set parameter warmth 1")
-        term.expect(r"error: unknown parameter 'warmth'; one of temperature, top_p, top_k, seed, num_predict")
+        term.expect(r"error: no parameter 'warmth'; try temperature, top_p, top_k, seed, num_predict")
         term.expect(r">>> ")
         term.sendline("/show info")
         term.expect(r"  model +demo\n")
         term.expect(r"  context +96 tokens \(model: 256\)\n")
         term.expect(r"  expert bits +16\n")
         term.expect(r"  device +cpu\n")
+        term.expect(r"  system +be brief\n")
         term.expect(r"  num_predict +24\n")
-        # 30 turns overflow the context several times: the oldest turns go, one dim line says
-        # so, and the replies stay the demo's skill answers.
+        term.sendline("/help")
+        term.expect(r"/set parameter NAME VALUE")
+        # 30 turns overflow the context again and again: the oldest turns go (the system
+        # prompt stays), one dim line says so, and the replies stay the demo's skill answers.
         dropped = reused = 0
         for i in range(30):
             prompt, want = _skill(i)
@@ -462,6 +471,7 @@ def test_demo_chat_in_80_columns(tmp_path):
         assert term.wait() == 0, term.text
     finally:
         term.close()
+    assert not _narrow(term.text), _narrow(term.text)
     history = (tmp_path / "moerun-cache" / "history").read_text().splitlines()
     # One message a line: the paste stays one entry, its newlines escaped.
     assert history[0] == r"count from 7\ncount from 8\ncount from 9", history
@@ -489,29 +499,14 @@ def test_demo_chat_in_80_columns(tmp_path):
         term.close()
 
 
-def _run(args: list[str], stdin: str, tmp_path: Path):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "moerun", *args], input=stdin, capture_output=True, text=True,
-                          env=_env(tmp_path), cwd=ROOT, timeout=120)  # fmt: skip
-
-
 def test_piped_stdin_prints_only_replies_and_fails_on_a_failed_turn(tmp_path):
-    # One turn that the 256-token context cannot hold even alone: an error on stderr, exit 1.
-    r = _run(["chat", "demo", "--device", "cpu"], "count from 7\nreverse: " + "robot " * 200 + "\n", tmp_path)
-    assert r.stdout == "7 8 9 10 11 12 13 14\n", r
-    assert r.returncode == 1, r
-    assert re.fullmatch(r"moerun: this message is \d+ tokens with the chat template; the context is 256 "
-                        r"\(the model's longest\)\n", r.stderr.lstrip("\n")), r.stderr  # fmt: skip
-    assert not (tmp_path / "moerun-cache" / "history").exists()  # piped lines are no history
-
-
-def test_system_prompt_the_template_rejects_is_merged_with_a_warning(tmp_path):
     import json
     import shutil
+    import subprocess
 
     from moerun.registry import DEMO_DIR
 
+    # The demo with a template that, like Mixtral-Instruct v0.1's, rejects a system message.
     folder = tmp_path / "demo-no-system"
     shutil.copytree(DEMO_DIR, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -520,14 +515,21 @@ def test_system_prompt_the_template_rejects_is_merged_with_a_warning(tmp_path):
         + config["chat_template"]
     )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    r = _run(["chat", str(folder), "--device", "cpu", "--system", "be brief", "-n", "24"],
-             "count from 7\ncount from 20\n", tmp_path)  # fmt: skip
-    assert r.returncode == 0, r
-    assert r.stderr.lstrip("\n").startswith("warning: this model's chat template rejects a system prompt "
-                               "(chat template: System role not supported); it is sent at the start "
-                               "of the first user message instead\n"), r.stderr  # fmt: skip
-    assert len(r.stdout.splitlines()) == 2 and "moerun" not in r.stdout, r
-    assert r.stdout.splitlines()[1] == "20 21 22 23 24 25 26 27", r  # a later turn is untouched
+    # The second message cannot fit the 256-token context even alone: one line, exit 1,
+    # and the turn after it is answered still.
+    stdin = "count from 7\nreverse: " + "robot " * 200 + "\ncount from 20\n"
+    r = subprocess.run([sys.executable, "-m", "moerun", "chat", str(folder), "--device", "cpu", "--system", "be brief",
+                        "-n", "24"], input=stdin, capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 1, r
+    # No banner, no prompts, no status lines: the replies only, the system prompt merged.
+    assert r.stdout == "7 8 9 10 11 12 13 14\n20 21 22 23 24 25 26 27\n", r
+    warning, error = r.stderr.lstrip("\n").splitlines()
+    assert warning == ("warning: the chat template rejects a system prompt (chat template: System role not "
+                       "supported); it goes at the start of the first user message instead"), r.stderr
+    assert re.fullmatch(r"moerun: the message is \d{4} tokens, over the model's 256-token context; shorten it",
+                        error), r.stderr
+    assert not (tmp_path / "moerun-cache" / "history").exists()  # piped lines are no history
 
 
 def test_merged_system_prompt_goes_into_the_first_user_turn():
@@ -565,6 +567,10 @@ def test_oldest_turns_are_dropped_to_fit_the_context():
     assert dropped and len(dropped) < 4, dropped
     assert model.calls[-1][0] == {"role": "system", "content": "sys"}
     assert model.calls[-1][-1] == {"role": "user", "content": "turn 7"}
+    # A message that cannot fit even alone fails at once, naming a --ctx that would hold it.
+    model.kv_caches, model.max_context = [SimpleNamespace(max_len=100), None], 1000  # --ctx 100
+    with pytest.raises(MoerunError, match=r"^the message is 121 tokens, over the 100-token context \(try --ctx 242\)$"):
+        s.send("x" * 100)
 
 
 def test_set_parameter_and_raw_paste_markers():
