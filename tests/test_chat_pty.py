@@ -499,11 +499,13 @@ def test_demo_chat_in_80_columns(tmp_path):
         term.close()
 
 
-def test_piped_stdin_prints_only_replies_and_fails_on_a_failed_turn(tmp_path):
+def test_piped_stdin_prints_only_replies_and_fails_on_a_failed_turn(tmp_path, monkeypatch):
     import json
     import shutil
-    import subprocess
 
+    from typer.testing import CliRunner
+
+    from moerun.cli import app
     from moerun.registry import DEMO_DIR
 
     # The demo with a template that, like Mixtral-Instruct v0.1's, rejects a system message.
@@ -515,15 +517,15 @@ def test_piped_stdin_prints_only_replies_and_fails_on_a_failed_turn(tmp_path):
         + config["chat_template"]
     )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
     # The second message cannot fit the 256-token context even alone: one line, exit 1,
-    # and the turn after it is answered still.
+    # and the turn after it is answered still. In-process: CliRunner's stdin is no tty.
     stdin = "count from 7\nreverse: " + "robot " * 200 + "\ncount from 20\n"
-    r = subprocess.run([sys.executable, "-m", "moerun", "chat", str(folder), "--device", "cpu", "--system", "be brief",
-                        "-n", "24"], input=stdin, capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT,
-                       timeout=120)  # fmt: skip
-    assert r.returncode == 1, r
+    r = CliRunner().invoke(app, ["chat", str(folder), "--device", "cpu", "--system", "be brief", "-n", "24"], input=stdin)
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code == 1, (r.stdout, r.stderr)
     # No banner, no prompts, no status lines: the replies only, the system prompt merged.
-    assert r.stdout == "7 8 9 10 11 12 13 14\n20 21 22 23 24 25 26 27\n", r
+    assert r.stdout == "7 8 9 10 11 12 13 14\n20 21 22 23 24 25 26 27\n", (r.stdout, r.stderr)
     warning, error = r.stderr.lstrip("\n").splitlines()
     assert warning == ("warning: the chat template rejects a system prompt (chat template: System role not "
                        "supported); it goes at the start of the first user message instead"), r.stderr
@@ -553,7 +555,7 @@ def test_merged_system_prompt_goes_into_the_first_user_turn():
 def test_oldest_turns_are_dropped_to_fit_the_context():
     class Tok:
         def apply_chat_template(self, messages, **kwargs):
-            return [0] * (10 * len(messages) + 1)
+            return [0] * (10 * len(messages) + 1 + sum(m["content"].count("x") for m in messages))
 
     model = FakeModel()
     model.tokenizer, model.max_context = Tok(), 100
