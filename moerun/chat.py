@@ -374,7 +374,9 @@ class LineEditor:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
+            # What people type is theirs: the file is readable by its owner only, as bash's.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(fd, "a", encoding="utf-8") as f:
                 f.write(_escape(entry) + "\n")
         except OSError:
             pass  # a read-only cache: no history, the chat goes on
@@ -385,7 +387,9 @@ class LineEditor:
                 lines = self.path.read_text(encoding="utf-8").splitlines()
                 if len(lines) > HISTORY_LINES:
                     tmp = self.path.with_suffix(".tmp")
-                    tmp.write_text("\n".join(lines[-HISTORY_LINES:]) + "\n", encoding="utf-8")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with open(fd, "w", encoding="utf-8") as f:
+                        f.write("\n".join(lines[-HISTORY_LINES:]) + "\n")
                     os.replace(tmp, self.path)
             except (OSError, UnicodeDecodeError):
                 pass

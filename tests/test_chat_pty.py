@@ -472,7 +472,9 @@ def test_demo_chat_in_80_columns(tmp_path):
     finally:
         term.close()
     assert not _narrow(term.text), _narrow(term.text)
-    history = (tmp_path / "moerun-cache" / "history").read_text().splitlines()
+    history_file = tmp_path / "moerun-cache" / "history"
+    assert history_file.stat().st_mode & 0o077 == 0  # private, as bash's
+    history = history_file.read_text().splitlines()
     # One message a line: the paste stays one entry, its newlines escaped.
     assert history[0] == r"count from 7\ncount from 8\ncount from 9", history
     assert history[-3:] == [_skill(29)[0], "reverse: robot", "/exit"], history
@@ -588,3 +590,20 @@ def test_set_parameter_and_raw_paste_markers():
     from moerun.chat import _read_message
 
     assert _read_message(lambda p: next(lines)) == "first\nsecond\nthird"
+
+
+def test_history_file_round_trips_messages_and_keeps_the_last_ones(tmp_path):
+    from moerun.chat import HISTORY_LINES, LineEditor, _escape, _unescape
+
+    message = 'a pasted\nmessage with a \\n and "quotes"'
+    assert "\n" not in _escape(message) and _unescape(_escape(message)) == message
+    path = tmp_path / "history"
+    path.write_text("".join(f"old {i}\n" for i in range(HISTORY_LINES + 5)) + _escape(message) + "\n")
+    editor = LineEditor(path)
+    if editor.readline is None:
+        pytest.skip("no GNU readline: no history file")
+    assert editor._load()[-1] == message
+    editor.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == HISTORY_LINES and lines[0] == "old 6" and _unescape(lines[-1]) == message
+    assert path.stat().st_mode & 0o077 == 0
