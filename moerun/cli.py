@@ -285,7 +285,7 @@ def chat(
     force: bool = Force,
     dtype: str = Dtype,
     threads: Optional[int] = Threads,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /reset."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /clear."),
 ) -> None:
     """Chat with a model in the terminal, like `ollama run` (type /help inside)."""
     from moerun.chat import run_repl
@@ -294,7 +294,9 @@ def chat(
     if not m.is_chat_model:
         raise MoerunError(f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
                           "ships no chat template); use `moerun generate`, e.g. with <extra_id_0> in the prompt")
-    run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
+    failed = run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
+    if failed and not sys.stdin.isatty():
+        raise typer.Exit(1)  # `echo hi | moerun chat demo` in a script: a failed turn is a failure
 
 
 @app.command()
