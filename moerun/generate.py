@@ -211,7 +211,8 @@ def stream_tokens(
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     # Span-corruption models answer in sentinel tokens (<extra_id_0>): they are shown.
-    decoder = tokenizer.stream_decoder(skip_special_tokens=not encoder_decoder)
+    # keep_special: special tokens the text keeps (a tool-call parser reads them).
+    decoder = tokenizer.stream_decoder(skip_special_tokens=not encoder_decoder, keep_special=keep_special)
     if held is None or encoder_decoder:
         if held is not None:
             held.clear()  # the decoder's states are never reused across prompts
@@ -236,8 +237,6 @@ def stream_tokens(
         held.extend(ids)
         return out
 
-    if keep_special:  # a tool-call parser reads these special tokens
-        decoder = tokenizer.stream_decoder(keep_special=keep_special)
     t0 = time.perf_counter()
     if encoder_decoder:
         lm.encode(torch.tensor([encoder_ids], device=device), caches)
