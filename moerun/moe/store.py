@@ -192,6 +192,8 @@ class QuantizedCache:
         manifest = self.valid_manifest()
         if manifest is not None and not self.damaged_layers(manifest):
             return self.open(), False  # the common case: no lock, so a read-only cache works
+        if manifest is None:
+            self._check_space()  # before writing anything (the lock file included); again under the lock
         with self._locked():
             # Under the lock: a builder that was here before us has finished (or died).
             self._remove_temporaries()
@@ -266,8 +268,10 @@ class QuantizedCache:
                 p.unlink(missing_ok=True)
         _remove_abandoned(self.path.parent)
 
-    def _check_space(self, freed: int = 0) -> None:
+    def _check_space(self) -> None:
         need = self.data_bytes() + (1 << 20)  # headers, manifest, and a margin for the file system
+        # A stale cache in our place is never read again: its space counts as free.
+        freed = _tree_bytes(self.path) if self.path.is_dir() else 0
         free = _free_bytes(self.path.parent) + freed
         if free < need:
             raise MoerunError(
@@ -276,9 +280,7 @@ class QuantizedCache:
             )
 
     def _build(self, build_layer, progress=None) -> None:
-        # A stale cache in our place is never read again: its space counts as free.
-        stale = _tree_bytes(self.path) if self.path.exists() else 0
-        self._check_space(freed=stale)
+        self._check_space()
         if self.path.exists():
             # Move it aside first, so that the final rename below is atomic.
             trash = self.path.parent / f".{self.path.name}.stale-{uuid.uuid4().hex[:8]}"
@@ -340,7 +342,14 @@ def _file_crc32(path: Path) -> int:
 def _free_bytes(folder: Path) -> int:
     # MOERUN_TEST_FREE_BYTES stands in for a nearly full disk in tests (no test can fill a real one).
     override = os.environ.get("MOERUN_TEST_FREE_BYTES")
-    return int(override) if override else shutil.disk_usage(folder).free
+    if override:
+        return int(override)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the disk it will be on
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62  # e.g. a path under a file: the build's first write says why
 
 
 def _tree_bytes(folder: Path) -> int:
