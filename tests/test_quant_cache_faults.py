@@ -161,7 +161,7 @@ def test_zeroed_layer_region_is_named_and_that_layer_rebuilt(tiny, tmp_path, mon
     assert third.offload_info["cache_repaired"] == [] and not caplog.records
 
 
-def test_manifest_checksums_are_the_layer_files_crc32(tiny, tmp_path, monkeypatch):
+def test_manifest_checksums_are_the_layer_files_crc32_and_required(tiny, tmp_path, monkeypatch):
     import zlib
 
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
@@ -169,6 +169,12 @@ def test_manifest_checksums_are_the_layer_files_crc32(tiny, tmp_path, monkeypatc
     manifest = json.loads((cache / "manifest.json").read_text())
     for i, entry in manifest["layers"].items():
         assert entry["crc32"] == zlib.crc32((cache / f"layer-{int(i):03d}.safetensors").read_bytes())
+    # A cache written before checksums existed is stale: rebuilt once, then trusted.
+    for entry in manifest["layers"].values():
+        del entry["crc32"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert moerun.load(str(tiny), bits=8, device="cpu", dtype="float32").offload_info["cache_built"] is True
+    assert "crc32" in json.loads((cache / "manifest.json").read_text())["layers"]["0"]
 
 
 # -- a full disk, an unwritable cache -----------------------------------------------------
