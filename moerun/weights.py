@@ -113,6 +113,24 @@ def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo
     return tensors
 
 
+def check_finite(name: str, tensor: torch.Tensor, sample: int | None = None) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf (a model that would answer with
+    garbage, or nothing, and exit 0). `sample`: check only about that many evenly spaced
+    elements (for tensors too big to scan at every load)."""
+    if not tensor.is_floating_point():
+        return  # packed or quantized checkpoint storage: no NaN to see
+    flat = tensor.reshape(-1)
+    if sample is not None and flat.numel() > sample:
+        flat = flat[:: flat.numel() // sample]
+    if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        flat = flat.float()  # float8 storage: isfinite has no kernel for it
+    if not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise MoerunError(
+            f"tensor {name} holds NaN or Inf values ({bad} of {flat.numel()} checked); the checkpoint is damaged"
+        )
+
+
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files that make up the checkpoint, from the index if there is one."""
     single = folder / SINGLE_FILE

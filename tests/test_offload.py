@@ -243,11 +243,16 @@ def test_killed_build_leaves_nothing_trusted(tmp_path):
     env = {**os.environ, "MOERUN_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
-    leftovers = list((cache / "experts").iterdir())
+    leftovers = [p for p in (cache / "experts").iterdir() if not p.name.endswith(".lock")]
     assert leftovers and all(p.name.startswith(".") and ".tmp-" in p.name for p in leftovers)
     assert not any((p / "manifest.json").exists() for p in leftovers)
     model = moerun.load(str(folder), bits=4, device="cpu", dtype="float32")
     assert model.offload_info["cache_built"] is True
+    # The dead builder's lock is free, so its temporary folder went at once (not after an hour).
+    assert not any(p.exists() for p in leftovers)
+    assert [p.name for p in (cache / "experts").iterdir() if not p.name.startswith(".")] == [
+        os.path.basename(model.offload_info["quantized_cache"])
+    ]
 
 
 # -- the planner -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from moerun.errors import MoerunError
 from moerun.models.base import parameter_roles
-from moerun.weights import CheckpointWeights
+from moerun.weights import CheckpointWeights, check_finite
 
 # Every module here but `base` is an architecture, named by its config.json model_type.
 ARCHITECTURES = tuple(
@@ -136,7 +136,11 @@ def load_model(
                     raise MoerunError(
                         f"tensor {name} has shape {list(tensor.shape)}, expected {list(param.shape)}"
                     )
-                _assign(model, name, tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype))
+                tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype)
+                # NaN/Inf (or a value the cast overflowed) would answer with garbage: checked after
+                # the cast, in full but for resident routed experts (sampled: they are most bytes).
+                check_finite(name, tensor, sample=1 << 16 if roles[name] == "routed_experts" else None)
+                _assign(model, name, tensor)
 
     model.tie_weights()
     if expected:

@@ -111,7 +111,7 @@ def attach_expert_cache(
         else:
             qcache = QuantizedCache(folder, fmts, n_experts, bits, ckpt.fingerprint)
             stores, built = qcache.load_or_build(build, progress)
-            info.update(quantized_cache=str(qcache.path), cache_built=built)
+            info.update(quantized_cache=str(qcache.path), cache_built=built, cache_repaired=qcache.repaired)
     info.update(install_expert_cache(lm, stores, fmts, slots, device, dtype, cold, prefetch))
     return info
 

@@ -2,23 +2,33 @@
 
 Quantizing Mixtral's 45 B expert parameters takes minutes, so the first load writes the
 blobs to a local cache (safetensors, one uint8 [E, blob_bytes] tensor per MoE layer, so one
-contiguous blob per expert) with a manifest naming the source fingerprint, bits, format
-and moerun version; later loads memory-map it.
+contiguous blob per expert) with a manifest naming the source fingerprint, bits, format,
+moerun version and a CRC-32 of every layer file; later loads memory-map it.
 
 Writes are atomic: the cache is built in a temporary folder beside its final place and
 renamed into place only once complete, manifest last, so a killed build leaves nothing a
-later load would trust.
+later load would trust. One process builds a given (source, format) at a time: the build
+runs under an exclusive file lock, and processes that arrive meanwhile wait for it, then
+read what it wrote. Whoever holds the lock knows every temporary folder of that cache is a
+dead builder's, and removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
+import mmap
 import os
 import shutil
 import struct
 import time
 import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,9 +38,10 @@ from safetensors.torch import save_file
 import moerun
 from moerun.errors import MoerunError
 from moerun.quant.format import FORMAT_VERSION, ExpertFormat
-from moerun.weights import CheckpointWeights, read_header
+from moerun.weights import CheckpointWeights, check_finite, read_header
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("moerun")
 
 
 def cache_root() -> Path:
@@ -66,7 +77,10 @@ def layer_expert_blobs(
     layer_prefix = f"{paths[layer]}." if paths else f"model.layers.{layer}."
     in_layer = [n for n in ckpt.keys() if (text_model_name(arch, n) or "").startswith(layer_prefix)]
     names = sorted(routed_checkpoint_names(arch, args, in_layer))
-    stacked = arch.sanitize({n: ckpt.get(n) for n in names}, args)
+    tensors = {n: ckpt.get(n) for n in names}
+    for n, t in tensors.items():  # this pass reads every expert anyway: a full check is cheap
+        check_finite(n, t)
+    stacked = arch.sanitize(tensors, args)
     w13, w2 = stacked.get(f"{prefix}.w13"), stacked.get(f"{prefix}.w2")
     if w13 is None or w2 is None:
         raise MoerunError(f"tensor {prefix}.0 weights are missing from the checkpoint")
@@ -86,7 +100,8 @@ def layer_expert_blobs(
 
 
 class QuantizedCache:
-    """The on-disk cache of one (checkpoint, format): `open()` if valid, else `build()`."""
+    """The on-disk cache of one (checkpoint, format): `load_or_build()` opens it when
+    valid, else builds it (one process at a time, under a file lock)."""
 
     def __init__(self, folder: Path, fmt_by_layer: dict[int, ExpertFormat], experts_per_layer: dict[int, int], bits: int,
                  fingerprint: str | None = None):  # fmt: skip
@@ -98,6 +113,14 @@ class QuantizedCache:
         self.fingerprint = fingerprint or source_fingerprint(self.source)
         formats = sorted({f.name for f in fmt_by_layer.values()})
         self.path = cache_root() / "experts" / f"{self.fingerprint[:20]}-{'+'.join(formats)}"
+        self.repaired: list[int] = []  # layers whose file failed its checksum and was rebuilt
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer-{i:03d}.safetensors"
+
+    def data_bytes(self) -> int:
+        """Bytes of expert blobs the build writes (the files' headers add a few hundred)."""
+        return sum(self.experts_per_layer[i] * f.blob_bytes for i, f in self.fmt_by_layer.items())
 
     def expected_manifest(self) -> dict:
         return {
@@ -112,73 +135,237 @@ class QuantizedCache:
             },
         }
 
-    def is_valid(self) -> bool:
-        """A manifest that matches this source and format, and files whose headers and
-        sizes are intact (a truncated or foreign file makes the whole cache stale)."""
+    def valid_manifest(self) -> dict | None:
+        """The manifest when it matches this source and format, names a checksum for every
+        layer, and the files' headers and sizes are intact (a truncated or foreign file
+        makes the whole cache stale); else None. Reads no tensor data."""
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
         expected = self.expected_manifest()
-        if any(manifest.get(k) != v for k, v in expected.items() if k != "source"):
-            return False
+        if any(manifest.get(k) != v for k, v in expected.items() if k not in ("source", "layers")):
+            return None
+        layers = manifest.get("layers")
+        if not isinstance(layers, dict) or set(layers) != set(expected["layers"]):
+            return None
+        for i, want in expected["layers"].items():
+            got = layers[i]
+            if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items()):
+                return None
+            if not isinstance(got.get("crc32"), int):
+                return None  # a cache from before checksums: rebuilt once
         try:
             for i, fmt in self.fmt_by_layer.items():
-                info = read_header(self.path / f"layer-{i:03d}.safetensors")["experts"]
+                info = read_header(self.layer_file(i))["experts"]
                 if tuple(info.shape) != (self.experts_per_layer[i], fmt.blob_bytes):
-                    return False
+                    return None
         except (MoerunError, OSError, KeyError):
-            return False
-        return True
+            return None
+        return manifest
+
+    def is_valid(self) -> bool:
+        return self.valid_manifest() is not None
+
+    def damaged_layers(self, manifest: dict) -> list[int]:
+        """Layers whose file's CRC-32 differs from the manifest's: every byte is read once
+        (from the page cache the memory map then shares), layers in parallel."""
+
+        def bad(i: int) -> bool:
+            return _file_crc32(self.layer_file(i)) != manifest["layers"][str(i)]["crc32"]
+
+        layers = sorted(self.fmt_by_layer)
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(layers)))) as pool:
+            return [i for i, b in zip(layers, pool.map(bad, layers)) if b]
 
     def open(self) -> dict[int, torch.Tensor]:
         """Memory-map every layer's uint8 [E, blob_bytes] store."""
         stores = {}
         for i in self.fmt_by_layer:
-            with safe_open(str(self.path / f"layer-{i:03d}.safetensors"), framework="pt") as f:
+            with safe_open(str(self.layer_file(i)), framework="pt") as f:
                 stores[i] = f.get_tensor("experts")
         return stores
 
     def load_or_build(self, build_layer, progress=None) -> tuple[dict, bool]:
         """The stores, from the cache when valid, else built by `build_layer(i)` and
-        written atomically first. Returns (stores, built)."""
-        if self.is_valid():
-            return self.open(), False
-        self.build(build_layer, progress)
-        if not self.is_valid():
-            raise MoerunError(f"the quantized expert cache at {self.path} could not be verified after writing it")
-        return self.open(), True
+        written atomically first. A layer file that fails its checksum is named and
+        rebuilt alone. Returns (stores, built)."""
+        manifest = self.valid_manifest()
+        if manifest is not None and not self.damaged_layers(manifest):
+            return self.open(), False  # the common case: no lock, so a read-only cache works
+        if manifest is None:
+            self._check_space()  # before writing anything (the lock file included); again under the lock
+        with self._locked():
+            # Under the lock: a builder that was here before us has finished (or died).
+            self._remove_temporaries()
+            manifest, built = self.valid_manifest(), False
+            if manifest is None:
+                self._writing(self._build, build_layer, progress)
+                manifest, built = self.valid_manifest(), True
+                if manifest is None:
+                    raise MoerunError(f"the quantized expert cache at {self.path} could not be verified after writing it")
+            else:
+                for i in self.damaged_layers(manifest):
+                    log.warning(
+                        "moerun: %s in the quantized expert cache %s fails its checksum (damaged on disk); rebuilding "
+                        "that layer", self.layer_file(i).name, self.path,
+                    )  # fmt: skip
+                    self._writing(self._repair_layer, i, build_layer, manifest)
+                    self.repaired.append(i)
+            return self.open(), built
 
     def build(self, build_layer, progress=None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Build (or rebuild) the cache now, under its lock."""
+        with self._locked():
+            self._remove_temporaries()
+            self._writing(self._build, build_layer, progress)
+
+    # -- under the lock -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The exclusive build lock of this cache (a file beside it), waited for when
+        another process holds it. The kernel releases it when its holder dies."""
+        lock_path = self.path.parent / f".{self.path.name}.lock"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _not_writable(e, self.path.parent) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("moerun: waiting for another moerun process to finish building %s", self.path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _writing(self, fn, *args):
+        """Run a writing step, turning a full disk or an unwritable cache into one line."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MoerunError(
+                    f"the disk filled while writing the quantized expert cache to {self.path.parent} "
+                    f"({_gib(self.data_bytes())} needed in all); free space there or set MOERUN_CACHE to a "
+                    "folder on a disk with room"
+                ) from None
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+                raise _not_writable(e, self.path.parent) from None
+            raise
+
+    def _remove_temporaries(self) -> None:
+        """Every temporary folder or file of this cache is a dead builder's (we hold the
+        lock); those of other caches are removed when their own lock is free."""
+        for p in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.path.parent.glob(f".{self.path.name}.stale-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        if self.path.is_dir():
+            for p in self.path.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+        _remove_abandoned(self.path.parent)
+
+    def _check_space(self) -> None:
+        need = self.data_bytes() + (1 << 20)  # headers, manifest, and a margin for the file system
+        # A stale cache in our place is never read again: its space counts as free.
+        freed = _tree_bytes(self.path) if self.path.is_dir() else 0
+        free = _free_bytes(self.path.parent) + freed
+        if free < need:
+            raise MoerunError(
+                f"the quantized expert cache needs {_gib(need)} in {self.path.parent} but only {_gib(free)} is free; "
+                "free space there or set MOERUN_CACHE to a folder on a disk with room"
+            )
+
+    def _build(self, build_layer, progress=None) -> None:
+        self._check_space()
+        if self.path.exists():
+            # Move it aside first, so that the final rename below is atomic.
+            trash = self.path.parent / f".{self.path.name}.stale-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             started = time.perf_counter()
             layers = sorted(self.fmt_by_layer)
+            checksums = {}
             for done, i in enumerate(layers, 1):
-                blobs = build_layer(i)
-                save_file({"experts": blobs.contiguous()}, str(tmp / f"layer-{i:03d}.safetensors"))
+                checksums[i] = _write_layer(tmp / f"layer-{i:03d}.safetensors", build_layer(i))
                 if progress is not None:
                     progress(done, len(layers))
-            manifest = {
-                **self.expected_manifest(),
-                "moerun_version": moerun.__version__,
-                "build_seconds": round(time.perf_counter() - started, 3),
-            }
+            manifest = self.expected_manifest()
+            for i in layers:
+                manifest["layers"][str(i)]["crc32"] = checksums[i]
+            manifest.update(moerun_version=moerun.__version__, build_seconds=round(time.perf_counter() - started, 3))
             _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2))
-            for f in tmp.iterdir():
-                _fsync(f)
-            # Replace a stale cache: move it aside first so the rename below is atomic.
-            if self.path.exists():
-                trash = self.path.parent / f".{self.path.name}.stale-{uuid.uuid4().hex[:8]}"
-                os.rename(self.path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
             os.rename(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _remove_abandoned(self.path.parent)
+
+    def _repair_layer(self, i: int, build_layer, manifest: dict) -> None:
+        """Rewrite one damaged layer file in place (atomically: a temporary file renamed
+        over it); the manifest is rewritten only if the new bytes differ (they should not:
+        quantization is deterministic)."""
+        tmp = self.path / f".layer-{i:03d}.safetensors.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            crc = _write_layer(tmp, build_layer(i))
+            os.replace(tmp, self.layer_file(i))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if crc != manifest["layers"][str(i)]["crc32"]:
+            manifest["layers"][str(i)]["crc32"] = crc
+            tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
+            _write_synced(tmp, json.dumps(manifest, indent=2))
+            os.replace(tmp, self.path / MANIFEST)
+
+
+def _write_layer(path: Path, blobs: torch.Tensor) -> int:
+    """Write one layer's uint8 [E, blob_bytes] store, synced; return its file's CRC-32."""
+    save_file({"experts": blobs.contiguous()}, str(path))
+    _fsync(path)
+    return _file_crc32(path)
+
+
+def _file_crc32(path: Path) -> int:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return zlib.crc32(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return zlib.crc32(m)  # releases the GIL: layers are checked in parallel
+
+
+def _free_bytes(folder: Path) -> int:
+    # MOERUN_TEST_FREE_BYTES stands in for a nearly full disk in tests (no test can fill a real one).
+    override = os.environ.get("MOERUN_TEST_FREE_BYTES")
+    if override:
+        return int(override)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the disk it will be on
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62  # e.g. a path under a file: the build's first write says why
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _not_writable(e: OSError, folder: Path) -> MoerunError:
+    return MoerunError(
+        f"the cache {cache_root()} is not writable ({e.strerror or e}: {e.filename or folder}); "
+        "set MOERUN_CACHE to a writable folder"
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -193,12 +380,21 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _remove_abandoned(parent: Path, older_than_s: float = 3600) -> None:
-    """Temporary folders of builds killed more than an hour ago are never trusted; tidy them."""
-    now = time.time()
-    for p in parent.glob(".*.tmp-*"):
+def _remove_abandoned(parent: Path) -> None:
+    """Temporary or stale folders of other caches in `parent` whose build lock is free:
+    their builder is dead (a live one holds the lock), so they are never finished."""
+    for p in list(parent.glob(".*.tmp-*")) + list(parent.glob(".*.stale-*")):
+        name = p.name[1:].rsplit(".tmp-", 1)[0].rsplit(".stale-", 1)[0]
         try:
-            if now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
+            fd = os.open(parent / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            pass
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # its builder is alive
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            os.close(fd)
