@@ -161,6 +161,31 @@ def test_zeroed_layer_region_is_named_and_that_layer_rebuilt(tiny, tmp_path, mon
     assert third.offload_info["cache_repaired"] == [] and not caplog.records
 
 
+def test_an_intact_cache_is_read_whole_once_then_trusted_until_a_file_changes(tiny, tmp_path, monkeypatch, caplog):
+    from moerun.moe import store
+
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "VERIFY_RACY_S", 0.0)  # the files here are seconds old, not minutes
+    reads = []
+    crc32 = store._file_crc32
+    monkeypatch.setattr(store, "_file_crc32", lambda path: reads.append(path.name) or crc32(path))
+    cache = Path(moerun.load(str(tiny), bits=4, device="cpu", dtype="float32").offload_info["quantized_cache"])
+    reads.clear()  # the build's own checksums
+    moerun.load(str(tiny), bits=4, device="cpu", dtype="float32")  # verified whole, stamped
+    assert sorted(reads) == ["layer-000.safetensors", "layer-001.safetensors", "layer-002.safetensors"]
+    reads.clear()
+    moerun.load(str(tiny), bits=4, device="cpu", dtype="float32")
+    assert reads == []  # nothing changed: nothing read
+    layer = cache / "layer-002.safetensors"
+    with open(layer, "r+b") as f:
+        f.seek(layer.stat().st_size // 2)
+        f.write(bytes(512))
+    with caplog.at_level(logging.WARNING, logger="moerun"):
+        again = moerun.load(str(tiny), bits=4, device="cpu", dtype="float32")
+    assert again.offload_info["cache_repaired"] == [2] and "layer-002.safetensors" in reads
+    assert not any(r.startswith(("layer-000", "layer-001")) for r in reads)  # the unchanged files stay trusted
+
+
 def test_manifest_checksums_are_the_layer_files_crc32_and_required(tiny, tmp_path, monkeypatch):
     import zlib
 

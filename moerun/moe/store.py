@@ -37,6 +37,9 @@ from safetensors.torch import save_file
 
 import moerun
 from moerun.errors import MoerunError
+
+# A layer file younger than this (seconds) at its check is verified again next load.
+VERIFY_RACY_S = 2.0
 from moerun.quant.format import FORMAT_VERSION, ExpertFormat
 from moerun.weights import CheckpointWeights, check_finite, read_header
 
@@ -168,15 +171,61 @@ class QuantizedCache:
         return self.valid_manifest() is not None
 
     def damaged_layers(self, manifest: dict) -> list[int]:
-        """Layers whose file's CRC-32 differs from the manifest's: every byte is read once
-        (from the page cache the memory map then shares), layers in parallel."""
+        """Layers whose file's CRC-32 differs from the manifest's, layers in parallel.
+
+        A file is read whole only until it has been found intact once: that finding is
+        kept (beside the cache, `.<name>.verified`) as the file's size, mtime, ctime and
+        inode with its checksum, and a later load whose stat matches skips the read (a
+        multi-GiB cache is not re-read on every start; any write to a file changes its
+        times). As git does with its index, a file written within VERIFY_RACY_S of the
+        check is not stamped: a write in the same timestamp tick could hide behind it."""
+        stamps = self._verified_stamps()
+
+        def stamp(i: int) -> list:
+            st = self.layer_file(i).stat()
+            return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, manifest["layers"][str(i)]["crc32"]]
 
         def bad(i: int) -> bool:
+            try:
+                if stamps.get(str(i)) == stamp(i):
+                    return False
+            except OSError:
+                pass
             return _file_crc32(self.layer_file(i)) != manifest["layers"][str(i)]["crc32"]
 
         layers = sorted(self.fmt_by_layer)
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(layers)))) as pool:
-            return [i for i, b in zip(layers, pool.map(bad, layers)) if b]
+            damaged = [i for i, b in zip(layers, pool.map(bad, layers)) if b]
+        if not damaged:
+            settled = time.time_ns() - int(VERIFY_RACY_S * 1e9)
+            try:
+                fresh = {str(i): stamp(i) for i in layers}
+            except OSError:
+                return damaged
+            keep = {k: v for k, v in fresh.items() if max(v[1], v[2]) < settled}
+            if keep != stamps:
+                self._write_verified_stamps(keep)
+        return damaged
+
+    def _verified_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.verified"
+
+    def _verified_stamps(self) -> dict:
+        try:
+            stamps = json.loads(self._verified_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return stamps if isinstance(stamps, dict) else {}
+
+    def _write_verified_stamps(self, stamps: dict) -> None:
+        """Best effort: a read-only cache just verifies again next time."""
+        tmp = self.path.parent / f".{self.path.name}.verified-{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+        try:
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, self._verified_path())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def open(self) -> dict[int, torch.Tensor]:
         """Memory-map every layer's uint8 [E, blob_bytes] store."""
