@@ -111,9 +111,12 @@ def synthetic_model(
     if not summary.n_experts:
         note += (", " if note else "") + "no MoE layer among them (dense layers first): raise --layers"
         expert_slots = None
-    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots)
+    ram = ram if ram is not None else plan.ram_budget()  # as moerun.load checks it
+    unified = device.type == "cpu"
+    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots, unified=unified)
     if memory_plan.verdict == "no":
-        raise MoerunError(f"{name} does not fit: {memory_plan.reason}")
+        hint = "" if expert_slots else plan.bits_hint(summary, bits, dtype, vram, ram, ctx, unified)
+        raise MoerunError(f"{name} does not fit: {memory_plan.reason}{hint}")
     g = torch.Generator().manual_seed(seed)
     roles = parameter_roles(lm)
     for pname, p in list(lm.named_parameters()):

@@ -228,13 +228,15 @@ def test_fit_plan_equals_what_load_allocates(tiny, bits, tmp_path, monkeypatch):
     from tests.test_offload import device_bytes
 
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
-    full = fit.fit(str(tiny), bits=bits, ctx=256, measure=False).plan
+    full = fit.fit(str(tiny), bits=bits, ctx=256, measure=False, dtype="float32").plan
     budget = full.non_expert_bytes + full.kv_cache_bytes + 2 * full.expert_blob_bytes * full.n_moe_layers + 100
-    proc = run_cli("fit", str(tiny), "--bits", str(bits), "--ctx", "256", "--vram", str(budget), "--json")
+    # fit --vram plans a GPU of that size; the CPU's load with that budget simulates one.
+    proc = run_cli("fit", str(tiny), "--bits", str(bits), "--ctx", "256", "--vram", str(budget), "--json",
+                   "--dtype", "float32")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["source"] == "folder" and printed["verdict"] == "offload"
-    model = moerun.load(str(tiny), bits=bits, device="cpu", ctx=256, vram=budget)  # the default dtype, as fit
+    model = moerun.load(str(tiny), bits=bits, device="cpu", ctx=256, vram=budget, dtype="float32")
     assert model.plan.expert_slots_per_layer == printed["expert_slots_per_layer"] == 2
     assert abs(device_bytes(model) - printed["gpu_bytes"]) <= 0.05 * printed["gpu_bytes"]
 
