@@ -53,8 +53,11 @@ def pull_if_missing(
     if notice is not None:
         notice(report)
     if report.plan.verdict == "no" and not force:
+        fewer = [f"--bits {b}" for b in (8, 4) if b < bits and report.plans[b].verdict != "no"]
+        hint = f"; it fits with {' or '.join(fewer)}" if fewer else ""
         raise MoerunError(
-            f"{repo_id} will not fit: {report.plan.reason}; nothing was downloaded (--force, or force=True, pulls anyway)"
+            f"{repo_id} will not fit: {report.plan.reason}{hint}; nothing was downloaded "
+            "(--force, or force=True, pulls anyway)"
         )
     hub.pull(repo_id, None, on_start=on_start, on_bytes=on_bytes)
 

@@ -438,6 +438,12 @@ def run_bench(
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
         p = bm.plan
+        if ctx is not None:  # --ctx is the window: a test longer than it is refused, not run past it
+            for test, counts, extra in (("pp", prompt_tokens, 0), ("tg", gen_tokens, 1)):
+                too_long = [n for n in counts if n + extra > p.ctx]
+                if too_long:
+                    raise MoerunError(f"{test}{too_long[0]} needs {too_long[0] + extra} positions; the context is "
+                                      f"{p.ctx} (--ctx {ctx}, at most the model's)")  # fmt: skip
         base = {
             "model": bm.name + (" (synthetic)" if bm.synthetic else ""),
             "size_bytes": p.weight_bytes,

@@ -187,6 +187,7 @@ class FitReport:
             "weight_bytes_by_role": p.weight_bytes_by_role,
             "ctx": p.ctx,
             "kv_cache_bytes": p.kv_cache_bytes,
+            "decode_bytes_per_token": p.decode_bytes_per_token,
             # Of which recurrent state: a fixed size, whatever the context.
             "fixed_state_bytes": s.fixed_state_bytes(torch.empty((), dtype=self.dtype).element_size()),
             "kv_kind": s.kv_kind,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moerun import fit, plan, registry
+from moerun.errors import MoerunError
 from moerun.models import checkpoint_layout
 from tests.hub_server import HubServer, real_file, safetensors_header_file
 
@@ -253,3 +254,86 @@ def test_models_table_offline(tmp_path):
     assert "46.7B" in row and "12.9B" in row and any(v in row for v in ("yes", "offload", "no"))
     row = next(line for line in proc.stdout.splitlines() if "deepseek-v3" in line)
     assert "671.0B" in row and "no" in row
+
+
+# -- planning a machine that is not this one, and this CPU's RAM --------------------------------
+
+NO_GPU = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # a machine without a GPU, offline: shipped configs
+
+
+def test_fit_for_a_named_card_on_a_machine_without_one(tmp_path):
+    proc = run_cli("fit", "--gpu", "rtx-3060", "--ram", "32GiB", "mixtral-8x7b", "--json",
+                   env={**NO_GPU, "HF_HUB_CACHE": str(tmp_path)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["device"] == "cuda" and d["gpu"]["key"] == "rtx-3060"
+    assert d["vram_budget"] == 12 * 2**30 and d["ram_budget"] == 32 * 2**30
+    assert d["dtype"] == "bfloat16"  # the GPU's 16-bit dtype, not this CPU's float32
+    # bf16 K and V for 4096 positions: 32 layers x 8 KV heads x 128 dims x 2 bytes, not doubled.
+    assert d["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 4096 * 2
+    assert d["weight_bytes_by_role"]["attention"] == 2 * d["params_by_role"]["attention"]
+    assert d["verdicts_by_bits"] == {"16": "no", "8": "no", "4": "offload"} and d["recommended_bits"] == 4
+    assert d["gpu_bytes"] <= d["vram_budget"] and d["cpu_bytes"] <= d["ram_budget"]
+    bw = d["bandwidths"]
+    assert bw["vram"] == 360e9 and bw["source"]["vram"] == "rtx-3060 table"
+    assert abs(bw["pcie"] - 16 * 1.969e9 * 0.8) < 1e6  # PCIe 4.0 x16 as pinned copies achieve it
+    assert d["decode_tok_s"]["high"] == pytest.approx(360e9 / d["decode_bytes_per_token"])
+    assert 0 < d["decode_tok_s"]["low"] < d["decode_tok_s"]["high"]
+
+
+def test_fit_vram_plans_that_gpu_in_its_16_bit_dtype():
+    """--vram on any machine plans a GPU of that size: bf16, as the card table does."""
+    bare = fit.fit("mixtral-8x7b", bits=4, vram="12GiB", ram="32GiB", measure=False)
+    card = fit.fit("mixtral-8x7b", bits=4, gpu="rtx-3060", ram="32GiB", measure=False)
+    assert bare.device == "cuda" and bare.dtype == card.dtype == torch_bf16()
+    assert bare.plan.to_dict() == card.plan.to_dict()
+
+
+def torch_bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def test_cpu_plan_holds_everything_in_ram_and_never_offloads(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, without its GPU if it has one
+    for ram in ("20GiB", "40GiB", "200GiB"):
+        r = fit.fit("mixtral-8x7b", ram=ram, dtype="bfloat16", measure=False)
+        assert r.device == "cpu" and set(r.to_dict()["verdicts_by_bits"].values()) <= {"ram", "no"}
+        for p in r.plans.values():
+            assert p.vram_budget is None and p.unified
+            assert (p.verdict == "ram") == (p.ram_bytes <= p.ram_budget)  # RAM holds weights, KV cache and experts
+    r = fit.fit("mixtral-8x7b", ram="20GiB", dtype="bfloat16", measure=False)
+    assert r.plan.verdict == "no" and "of RAM" in r.plan.reason and r.recommended_bits is None
+    assert any("--bits 4 with" in s and "RAM" in s for s in r.suggestions)
+    r = fit.fit("mixtral-8x7b", ram="40GiB", dtype="bfloat16", measure=False)
+    assert r.to_dict()["verdicts_by_bits"] == {"16": "no", "8": "no", "4": "ram"} and r.recommended_bits == 4
+    assert r.tok_s[0] == r.tok_s[1] > 0
+
+
+def test_suggestions_when_it_does_not_fit():
+    r = fit.fit("mixtral-8x7b", bits=16, gpu="rtx-4090", ram="64GiB", measure=False)
+    assert r.plan.verdict == "no" and r.suggestions[0].startswith("--bits 8: offload")
+    r = fit.fit("mixtral-8x7b", bits=4, gpu="rtx-3060", ram="16GiB", measure=False)
+    assert r.suggestions == ["--bits 4 with 23.62 GiB of RAM: offload, 2 of 8 experts per layer on the GPU"]
+    r = fit.fit("qwen3-235b-a22b", gpu="m3-max", measure=False)  # unified: a larger chip, not more RAM
+    assert r.device == "unified" and r.plan.verdict == "no" and "--gpu m2-ultra" in r.suggestions[-1]
+    r = fit.fit("deepseek-v3", bits=16, gpu="rtx-4090", ram="64GiB", measure=False)
+    across = r.suggestions[-1]
+    assert "vLLM or SGLang with expert parallelism" in across and "~18 GPUs of 80 GB" in across, across
+
+
+def test_gpu_and_ram_specs():
+    from moerun import gpus
+
+    assert gpus.gpu("RTX 3060").key == gpus.gpu("3060").key == "rtx-3060"
+    assert gpus.gpu("m3-max").unified and gpus.gpu("4060-ti-16gb").pcie_lanes == 8
+    assert gpus.parse_ram("ddr5-5600x2") == (None, 89.6e9)
+    assert gpus.parse_ram("32GiB,ddr4-3200x4") == ("32GiB", 3200e6 * 8 * 4)
+    assert gpus.parse_bandwidth("90GB/s") == 90e9
+    with pytest.raises(MoerunError, match="--gpu list"):
+        gpus.gpu("voodoo-5")
+    r = fit.fit("mixtral-8x7b", gpu="rtx-4090", ram="64GiB,ddr5-5600x2", measure=False)
+    assert r.plan.ram_budget == 64 * 2**30 and r.bw.ram == 89.6e9 and r.bw.source["ram"] == "given"
