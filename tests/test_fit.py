@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,18 @@ def test_fit_from_hub_headers_counts_known_models(server, hub_env, alias, total,
     assert weights and all(r[2] and r[2].startswith("bytes=") for r in weights)
 
 
+def assert_fits_80_columns(text: str) -> None:
+    """No line wider than 80, no cell cut to "1…", no table title split over lines."""
+    for line in text.splitlines():
+        assert len(line) <= 80 and "…" not in line, line
+
+
 def test_fit_report_is_readable(hub_env):
     proc = run_cli("fit", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--vram", "24GB", "--ram", "64000MB", "--bits", "4",
-                   "--ctx", "8192", "--dtype", "bfloat16", env=hub_env)  # fmt: skip
+                   "--ctx", "8192", "--dtype", "bfloat16", env={**hub_env, "COLUMNS": "80"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert_fits_80_columns(proc.stdout)
+    assert "weights at 4 bits (experts), bfloat16 (the rest):" in proc.stdout.splitlines()
     out = " ".join(proc.stdout.split())
     for text in ("routed experts", "45.1B", "active per token: 12.9B of 46.7B", "KV cache (GQA) at 8192 tokens: 1.00 GiB",
                  "offload", "tok/s", "recommended: --bits"):  # fmt: skip
@@ -243,8 +252,13 @@ def test_fit_plan_equals_what_load_allocates(tiny, bits, tmp_path, monkeypatch):
 
 
 def test_models_table_offline(tmp_path):
-    proc = run_cli("models", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    proc = run_cli("models", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
+    assert_fits_80_columns(proc.stdout)
+    verdicts = {"yes", "yes, GPU", "offload", "no"} if "this GPU" in proc.stdout else {"yes", "no"}  # no GPU: no offload
+    for line in proc.stdout.splitlines()[2:]:
+        if line[:1].isalnum() and "B " in line:
+            assert re.split(r"\s{2,}", line.strip())[-1].split(" (")[0] in verdicts, line
     for alias in ("mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
                   "qwen3-235b-a22b", "deepseek-v2-lite", "deepseek-v3", "olmoe-1b-7b", "phi-3.5-moe",
                   "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout", "glm-4.5-air", "glm-4.7-flash",
@@ -337,3 +351,73 @@ def test_gpu_and_ram_specs():
         gpus.gpu("voodoo-5")
     r = fit.fit("mixtral-8x7b", gpu="rtx-4090", ram="64GiB,ddr5-5600x2", measure=False)
     assert r.plan.ram_budget == 64 * 2**30 and r.bw.ram == 89.6e9 and r.bw.source["ram"] == "given"
+
+
+@pytest.fixture(scope="module")
+def header_only_olmoe(tmp_path_factory) -> Path:
+    """OLMoE-1B-7B as a real folder whose one safetensors file has the real header and a
+    sparse, never-written data region (13 GiB on paper, nothing on disk): what a load must
+    refuse from its plan before it reads a weight."""
+    from tests.tokenizer_fixtures import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("olmoe")
+    config = registry.shipped_config("olmoe-1b-7b")
+    (folder / "config.json").write_text(json.dumps(config))
+    write_tokenizer(folder)
+    f = safetensors_header_file({n: (shape, dtype) for n, (shape, dtype, _) in checkpoint_layout(config).items()})
+    with open(folder / "model.safetensors", "wb") as out:
+        out.write(f.head)
+        out.truncate(f.size)
+    return folder
+
+
+def test_cpu_load_that_cannot_fit_in_ram_is_refused_before_allocating(header_only_olmoe, tmp_path):
+    env = {**NO_GPU, "MOERUN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = run_cli("generate", str(header_only_olmoe), "hi", "--device", "cpu", "--dtype", "bfloat16",
+                   "--ram", "8GiB", env=env)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: ") and "does not fit: needs" in lines[0] and "of RAM" in lines[0]
+    assert "the budget is 8.00 GiB; it fits with --bits 8" in lines[0] and "or --bits 4" in lines[0], lines[0]
+    assert not (tmp_path / "cache").exists()  # nothing was built
+    import moerun
+
+    # No bits fits 1 GiB: no hint.
+    with pytest.raises(MoerunError, match=r"needs .* of RAM .* the budget is 1.00 GiB$"):
+        moerun.load(str(header_only_olmoe), bits=4, device="cpu", dtype="bfloat16", ram="1GiB")
+
+
+def test_ctx_is_the_window_and_is_enforced(tmp_path):
+    """A 57-token prompt with --ctx 16 is refused in one line, as llama-cli refuses a prompt
+    longer than n_ctx; bench refuses a test longer than the window."""
+    prompt = " ".join(["hello"] * 57)
+    proc = run_cli("generate", "demo", prompt, "--raw", "--ctx", "16", "-n", "4", env={**NO_GPU, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and proc.stdout == "", proc.stderr
+    assert "the planned context is 16" in lines[0] and "--ctx" in lines[0]
+    from moerun import bench
+
+    with pytest.raises(MoerunError, match="pp57 needs 57 positions; the context is 16"):
+        bench.run_bench(model="demo", prompt_tokens=[57], gen_tokens=[4], repetitions=1, ctx=16, device="cpu")
+    with pytest.raises(MoerunError, match="tg16 needs 17 positions; the context is 16"):
+        bench.run_bench(model="demo", prompt_tokens=[0], gen_tokens=[16], repetitions=1, ctx=16, device="cpu")
+
+
+def test_fit_text_at_80_columns_says_what_would_make_it_fit(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moerun.cli import app
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    runner = CliRunner()
+    env = {"COLUMNS": "80", "HF_HUB_OFFLINE": "1"}
+    out = runner.invoke(app, ["fit", "--gpu", "list"], env=env)
+    assert out.exit_code == 0, out.output
+    assert_fits_80_columns(out.output)
+    for key in ("rtx-3060", "rtx-4090", "rtx-5090", "rx-7900-xtx", "rtx-a6000", "l4", "m3-ultra"):
+        assert f"\n{key} " in out.output
+    out = runner.invoke(app, ["fit", "deepseek-v3", "--bits", "16", "--gpu", "rtx-4090", "--ram", "64GiB"], env=env)
+    assert out.exit_code == 0, out.output
+    assert_fits_80_columns(out.output)
+    text = " ".join(out.output.split())
+    assert "to make it fit: --bits 4 on a 48 GiB card" in text and "vLLM or SGLang with expert parallelism" in text
