@@ -53,8 +53,11 @@ def pull_if_missing(
     if notice is not None:
         notice(report)
     if report.plan.verdict == "no" and not force:
+        fewer = [f"--bits {b}" for b in (8, 4) if b < bits and report.plans[b].verdict != "no"]
+        hint = f"; it fits with {' or '.join(fewer)}" if fewer else ""
         raise MoerunError(
-            f"{repo_id} will not fit: {report.plan.reason}; nothing was downloaded (--force, or force=True, pulls anyway)"
+            f"{repo_id} will not fit: {report.plan.reason}{hint}; nothing was downloaded "
+            "(--force, or force=True, pulls anyway)"
         )
     hub.pull(repo_id, None, on_start=on_start, on_bytes=on_bytes)
 
@@ -339,9 +342,13 @@ def _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device
                cold, prefetch, progress, cuda_graphs) -> Model:  # fmt: skip
     summary = plan.summarize(config, ckpt.headers())
     vram_budget = plan.parse_size(vram) if vram is not None else default_vram(device)
-    memory_plan = plan.make_plan(summary, bits, dtype, vram_budget, plan.parse_size(ram), ctx, expert_slots)
+    # RAM is checked as VRAM is, before anything is allocated: on the CPU it holds it all.
+    ram_budget = plan.parse_size(ram) if ram is not None else plan.ram_budget()
+    unified = device.type == "cpu"
+    memory_plan = plan.make_plan(summary, bits, dtype, vram_budget, ram_budget, ctx, expert_slots, unified=unified)
     if memory_plan.verdict == "no":
-        raise MoerunError(f"{name_or_path} does not fit: {memory_plan.reason}")
+        hint = "" if expert_slots else plan.bits_hint(summary, bits, dtype, vram_budget, ram_budget, ctx, unified)
+        raise MoerunError(f"{name_or_path} does not fit: {memory_plan.reason}{hint}")
 
     # On CUDA even 16-bit resident experts go through the expert cache's slot buffers: that
     # is what the Triton kernels read (no Python loop over experts, and capturable).

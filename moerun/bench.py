@@ -114,9 +114,12 @@ def synthetic_model(
     if not summary.n_experts:
         note += (", " if note else "") + "no MoE layer among them (dense layers first): raise --layers"
         expert_slots = None
-    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots)
+    ram = ram if ram is not None else plan.ram_budget()  # as moerun.load checks it
+    unified = device.type == "cpu"
+    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots, unified=unified)
     if memory_plan.verdict == "no":
-        raise MoerunError(f"{name} does not fit: {memory_plan.reason}")
+        hint = "" if expert_slots else plan.bits_hint(summary, bits, dtype, vram, ram, ctx, unified)
+        raise MoerunError(f"{name} does not fit: {memory_plan.reason}{hint}")
     g = torch.Generator().manual_seed(seed)
     roles = parameter_roles(lm)
     for pname, p in list(lm.named_parameters()):
@@ -442,6 +445,12 @@ def run_bench(
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
         p = bm.plan
+        if ctx is not None:  # --ctx is the window: a test longer than it is refused, not run past it
+            for test, counts, extra in (("pp", prompt_tokens, 0), ("tg", gen_tokens, 1)):
+                too_long = [n for n in counts if n + extra > p.ctx]
+                if too_long:
+                    raise MoerunError(f"{test}{too_long[0]} needs {too_long[0] + extra} positions; the context is "
+                                      f"{p.ctx} (--ctx {ctx}, at most the model's)")  # fmt: skip
         base = {
             "model": bm.name + (" (synthetic)" if bm.synthetic else ""),
             "size_bytes": p.weight_bytes,

@@ -111,7 +111,9 @@ def _verdict_words(p) -> str:
     from moerun.plan import gib
 
     if p.verdict == "gpu":
-        return f"everything on the {'GPU' if p.vram_budget else 'device'} ({gib(p.gpu_bytes)})"
+        return f"everything on the GPU ({gib(p.gpu_bytes)})"
+    if p.verdict == "ram":
+        return f"everything in RAM ({gib(p.ram_bytes)})"
     if p.verdict == "offload":
         return (f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device "
                 f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})")  # fmt: skip
@@ -408,33 +410,47 @@ def bench(
 
 @app.command()
 def models() -> None:
-    """List the model aliases: repo id, total / active parameters, and whether each fits
-    this machine (from the cache or the config shipped with moerun; no network)."""
+    """List the model aliases: total / active parameters, and whether each fits this
+    machine (from the cache or the config shipped with moerun; no network)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from moerun import fit as fitting
     from moerun.registry import ALIASES
 
-    table = Table(title="moerun models")
+    con = Console()  # as wide as the terminal (or COLUMNS); 80 when piped
+    wide = con.width >= 110  # the repo ids only when they fit
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("alias", style="bold", no_wrap=True)
-    table.add_column("repo id", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("active", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("repo id", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True, min_width=6)
+    table.add_column("active", justify="right", no_wrap=True, min_width=6)
     table.add_column("fits here", no_wrap=True)
+    words = {"gpu": "yes, GPU", "ram": "yes", "offload": "offload", "no": "no"}
+    device = None
     for key in sorted(ALIASES):
         a = ALIASES[key]
         r = fitting.quick_verdict(key)
         if r is None:
             params = active = verdict = "?"
         else:
+            device = device or r
             params, active = _params(r.summary.total_params), _params(r.summary.active_params)
-            verdict = {"gpu": "yes", "offload": "offload", "no": "no"}[r.plan.verdict]
+            verdict = words[r.plan.verdict]
             if r.recommended_bits:
                 verdict += f" ({r.recommended_bits}-bit)"
-        table.add_row(key, a.repo_id, params, active, verdict)
-    # Piped output would be cut at 80 columns; the table is meant to be read whole.
-    Console(width=None if sys.stdout.isatty() else 110).print(table)
+        table.add_row(key, *([a.repo_id] if wide else []), params, active, verdict)
+    con.print(table)
+    if device is not None:
+        from moerun.plan import gib
+
+        where = "in RAM, on the CPU" if device.device == "cpu" else "on this GPU, experts offloaded to RAM"
+        con.print(f"fits here: {where} (RAM budget {gib(device.plan.ram_budget)})")
+        con.print("`moerun fit ALIAS` says why; `--gpu NAME` plans another card", style="dim")
+    if not wide:
+        con.print("repo ids: in a terminal of 110 columns or more", style="dim")
 
 
 def _params(n: int) -> str:
@@ -443,30 +459,97 @@ def _params(n: int) -> str:
 
 @app.command()
 def fit(
-    model: str = typer.Argument(..., help="Alias, Hub repo id or local folder."),
+    model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this card, e.g. rtx-3060 (list: --gpu list)."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM)."),
-    ram: Optional[str] = typer.Option(None, "--ram", help="Host memory budget, e.g. 32GiB (default: free RAM)."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM: 32GiB, ddr5-5600x2 or both (default: free RAM)."),
+    ram_bandwidth: Optional[str] = typer.Option(None, "--ram-bandwidth", help="Host RAM bandwidth, e.g. 90GB/s."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Expert bits 4, 8 or 16 (default: the recommendation)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="Context to plan the KV cache for (default: min(model's, 4096))."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit on the Hub."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Non-expert weights' dtype (default: as load would choose)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Will MODEL fit, and how fast could it run? Reads config.json and the safetensors
-    headers only (HTTP range requests), never the weights."""
+    """Will MODEL fit, and how fast could it run, here or on another card? Reads
+    config.json and the safetensors headers only (HTTP range requests), never the weights."""
+    if gpu == "list":
+        _render_gpus(as_json)
+        return
+    if model is None:
+        raise typer.BadParameter("give a MODEL (an alias, a Hub repo id or a folder)", param_hint="'MODEL'")
     if bits is not None and bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
     from moerun import fit as fitting
 
-    report = fitting.fit(model, bits=bits, vram=vram, ram=ram, ctx=ctx, revision=revision, dtype=dtype)
+    report = fitting.fit(model, bits=bits, vram=vram, ram=ram, ctx=ctx, revision=revision, dtype=dtype, gpu=gpu,
+                         ram_bandwidth=ram_bandwidth)  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
         return
     _render_fit(report)
 
 
-def _render_fit(r) -> None:
+def _render_gpus(as_json: bool) -> None:
+    import dataclasses
+
+    from rich import box
     from rich.console import Console
+    from rich.table import Table
+
+    from moerun import gpus
+
+    if as_json:
+        sys.stdout.write(json.dumps([dataclasses.asdict(g) for g in gpus.GPUS.values()]) + "\n")
+        return
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("--gpu", no_wrap=True)
+    t.add_column("card", no_wrap=True)
+    t.add_column("memory", justify="right", no_wrap=True)
+    t.add_column("bandwidth", justify="right", no_wrap=True)
+    t.add_column("link", no_wrap=True)
+    for g in gpus.GPUS.values():
+        name = g.name.removeprefix("GeForce ").removeprefix("Radeon ")
+        t.add_row(g.key, name, f"{g.memory_gib} GiB", f"{g.bandwidth_gbs:.0f} GB/s", g.link)
+    con = Console()
+    con.print(t)
+    con.print("unified: Apple's one memory, no offload; the largest sold (--ram sets yours)", style="dim")
+
+
+def _say(con, text: str, indent: int = 0) -> None:
+    """Print `text` in lines no wider than the console, broken between phrases (after
+    ", ", "; " or ": ") where it can be, else between words; continuation lines indented
+    two more than the first."""
+    import re
+    import textwrap
+
+    width = max(con.width, 40)
+    first, rest = " " * indent, " " * (indent + 2)
+    phrases = re.split(r"(?<=[,;:]) ", text)
+    lines, line = [], first
+    for phrase in phrases:
+        joined = phrase if line.strip() == "" else f"{line} {phrase}"
+        if line.strip() == "":
+            joined = line + phrase
+        if len(joined) <= width:
+            line = joined
+            continue
+        if line.strip():
+            lines.append(line)
+        line = rest + phrase
+        if len(line) > width:  # one phrase wider than the line: between words
+            wrapped = textwrap.wrap(phrase, width=width, initial_indent=rest, subsequent_indent=rest,
+                                    break_long_words=False, break_on_hyphens=False)  # fmt: skip
+            lines += wrapped[:-1]
+            line = wrapped[-1]
+    lines.append(line)
+    for out in lines:
+        con.print(out, soft_wrap=True, highlight=False)
+
+
+def _render_fit(r) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from moerun.plan import ROLES, gib
@@ -475,58 +558,72 @@ def _render_fit(r) -> None:
     s, p, d = r.summary, r.plan, r.to_dict()
     src = {"hub": "config.json and safetensors headers from the Hub", "folder": "a local folder",
            "cache": "the local Hugging Face cache", "shipped config": "the config shipped with moerun"}[r.meta.source]  # fmt: skip
-    con.print(f"[bold]{r.meta.name}[/] · {r.meta.config.get('model_type')} · from {src}"
-              + (f" ({gib(r.meta.bytes_read)} read)" if r.meta.bytes_read else ""))  # fmt: skip
-    t = Table(title=f"weights at {p.bits} bits (experts), {p.dtype} (the rest)")
-    t.add_column("role")
-    t.add_column("params", justify="right")
-    t.add_column("bytes", justify="right")
+    con.print(f"[bold]{escape(r.meta.name)}[/] · {r.meta.config.get('model_type')}", soft_wrap=True)
+    _say(con, f"from {src}" + (f" ({gib(r.meta.bytes_read)} read)" if r.meta.bytes_read else ""))
+    con.print(f"weights at {p.bits} bits (experts), {p.dtype} (the rest):", highlight=False)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("role", no_wrap=True)
+    t.add_column("params", justify="right", no_wrap=True)
+    t.add_column("bytes", justify="right", no_wrap=True)
     for role in ROLES:
         n = s.params_by_role.get(role, 0)
         if n:
             t.add_row(role.replace("_", " "), _params(n), gib(p.weight_bytes_by_role[role]))
     t.add_row("[bold]total", f"[bold]{_params(s.total_params)}", f"[bold]{gib(p.weight_bytes)}")
     con.print(t)
-    con.print(f"active per token: {_params(s.active_params)} of {_params(s.total_params)} "
+    _say(con, f"active per token: {_params(s.active_params)} of {_params(s.total_params)} "
               f"({s.experts_per_token} of {p.n_experts} experts in {p.n_moe_layers} MoE layers)")  # fmt: skip
     if s.unused_params:
-        con.print(f"not loaded (vision tower / multi-token prediction): {_params(s.unused_params)}")
-    stored = d["stored_bytes"]
-    line = f"stored in the checkpoint: {gib(stored)}"
+        _say(con, f"not loaded (vision tower / multi-token prediction): {_params(s.unused_params)}")
+    _say(con, f"stored in the checkpoint: {gib(d['stored_bytes'])}")
     if r.meta.download_bytes:
-        line += f"; `moerun pull` downloads {gib(r.meta.download_bytes)}"
-    con.print(line)
+        _say(con, f"`moerun pull` downloads {gib(r.meta.download_bytes)}")
     words = {"kv": "GQA", "mla": "MLA latent", "kv+window": "sliding-window ring"}
     kinds = [k for k in s.kv_kind.split(", ") if k in words]
     recurrent = [k for k in s.kv_kind.split(", ") if k not in words and k != "none"]
-    line = f"KV cache ({', '.join(words[k] for k in kinds) or 'none'}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}"
+    _say(con, f"KV cache ({', '.join(words[k] for k in kinds) or 'none'}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}")
     if recurrent:
-        line += (f", of which {gib(d['fixed_state_bytes'])} is recurrent state ({', '.join(recurrent)}): "
-                 "a fixed size, not per token")  # fmt: skip
-    con.print(line)
-    budget = f"VRAM budget {gib(p.vram_budget)}" if r.device == "cuda" else f"device = host RAM, budget {gib(p.vram_budget)}"
-    if p.ram_budget is not None:
-        budget += f", RAM budget {gib(p.ram_budget)}"
-    con.print(f"plan ({budget}):")
+        _say(con, f"of which {gib(d['fixed_state_bytes'])} is recurrent state ({', '.join(recurrent)}): "
+                  "a fixed size, not per token", 2)  # fmt: skip
+    if r.gpu is not None:
+        g = r.gpu
+        target = f"{g.name}: {g.memory_gib} GiB, {g.bandwidth_gbs:.0f} GB/s, {g.link}"
+    elif r.device == "cuda":
+        target = f"a GPU with {gib(p.vram_budget)} for moerun"
+    else:
+        target = "this machine's CPU, no GPU"
+    _say(con, f"plan for {target}")
+    if r.device == "cpu" or r.device == "unified":
+        _say(con, f"memory: {gib(p.ram_budget)}, holding weights, KV cache and experts", 2)
+    else:
+        _say(con, f"VRAM budget {gib(p.vram_budget)}, host RAM budget {gib(p.ram_budget)}", 2)
     if p.verdict == "gpu":
-        con.print(f"  [green]fits[/]: everything on the {r.device} ({gib(p.gpu_bytes)})")
+        _say(con, f"fits: everything on the GPU ({gib(p.gpu_bytes)})", 2)
+    elif p.verdict == "ram":
+        _say(con, f"fits: everything in {'unified memory' if r.device == 'unified' else 'RAM'} ({gib(p.ram_bytes)})", 2)
     elif p.verdict == "offload":
-        con.print(f"  [yellow]offload[/]: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer "
-                  f"on the device ({gib(p.gpu_bytes)}), the expert store in RAM needs {gib(p.cpu_bytes)}")  # fmt: skip
+        _say(con, f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the GPU "
+                  f"({gib(p.gpu_bytes)}); the expert store in RAM needs {gib(p.cpu_bytes)}", 2)  # fmt: skip
     else:
         short = f", short by {gib(d['short_by_bytes'])}" if d["short_by_bytes"] else ""
-        con.print(f"  [red]does not fit[/]: {p.reason}{short}")
+        _say(con, f"does not fit: {p.reason}{short}", 2)
     if p.verdict != "no":
         lo, hi = r.tok_s
         bw = r.bw
-        con.print(f"decode at batch 1: {lo:.1f}-{hi:.1f} tok/s (bounds from bytes per token; VRAM "
-                  f"{bw.vram / 1e9:.0f} GB/s {bw.source['vram']}, PCIe {bw.pcie / 1e9:.0f} GB/s {bw.source['pcie']}, "
-                  f"RAM {bw.ram / 1e9:.0f} GB/s {bw.source['ram']})")  # fmt: skip
+        _say(con, f"decode at batch 1: {lo:.1f}-{hi:.1f} tok/s")
+        parts = [f"RAM {bw.ram / 1e9:.0f} GB/s {bw.source['ram']}"]
+        if r.device == "cuda":
+            parts[:0] = [f"VRAM {bw.vram / 1e9:.0f} GB/s {bw.source['vram']}", f"PCIe {bw.pcie / 1e9:.0f} GB/s {bw.source['pcie']}"]
+        _say(con, f"(bounds from bytes per token; {', '.join(parts)})", 2)
     verdicts = ", ".join(f"{b}-bit: {q.verdict}" for b, q in r.plans.items())
     rec = f"recommended: --bits {r.recommended_bits}" if r.recommended_bits else "nothing fits these budgets"
-    con.print(f"{verdicts}; [bold]{rec}[/]")
+    _say(con, f"{verdicts}; {rec}")
+    if r.suggestions:
+        con.print("to make it fit:")
+        for line in r.suggestions:
+            _say(con, line, 2)
     for w in r.warnings:
-        con.print(f"[yellow]warning:[/] {w}")
+        _say(con, f"warning: {w}")
 
 
 @app.command()

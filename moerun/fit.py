@@ -7,13 +7,12 @@ HTTP range requests, or a shipped config for an alias), then asks the one planne
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from moerun import hub, plan, registry
+from moerun import gpus, hub, plan, registry
 from moerun.errors import MoerunError
 from moerun.weights import CheckpointWeights
 
@@ -97,16 +96,7 @@ def _shipped_for_repo(repo_id: str) -> Metadata | None:
 # -- budgets and bandwidths --------------------------------------------------------------------
 
 
-def free_ram() -> int:
-    """Available host memory (MemAvailable), or total memory where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+free_ram = plan.free_ram  # kept here too: callers of moerun.fit.free_ram
 
 
 @dataclasses.dataclass
@@ -162,15 +152,22 @@ class FitReport:
     plan: plan.Plan
     plans: dict[int, plan.Plan]  # bits -> plan at the same budgets
     recommended_bits: int | None
-    device: str  # "cuda" or "cpu" (host RAM is the compute device)
+    device: str  # "cuda" (this GPU, or the one planned), "cpu" (host RAM computes) or "unified" (Apple)
     dtype: torch.dtype
     bw: Bandwidths
     tok_s: tuple[float, float]  # decode bounds at batch 1: (low, high)
     warnings: list[str]
+    gpu: gpus.Gpu | None = None  # the card planned for (--gpu), None: this machine
+    suggestions: list[str] = dataclasses.field(default_factory=list)  # the smallest changes that make it fit
 
     def to_dict(self) -> dict:
         p, s = self.plan, self.summary
-        need = p.gpu_bytes - p.vram_budget if p.vram_budget is not None and p.verdict == "no" else 0
+        need = 0
+        if p.verdict == "no":
+            if p.vram_budget is not None and p.gpu_bytes > p.vram_budget:
+                need = p.gpu_bytes - p.vram_budget
+            elif p.ram_budget is not None:
+                need = p.ram_bytes - p.ram_budget
         return {
             "model": self.meta.name,
             "source": self.meta.source,
@@ -185,15 +182,18 @@ class FitReport:
             "bits": p.bits,
             "dtype": p.dtype,
             "device": self.device,
+            "gpu": dataclasses.asdict(self.gpu) if self.gpu else None,
             "weight_bytes": p.weight_bytes,
             "weight_bytes_by_role": p.weight_bytes_by_role,
             "ctx": p.ctx,
             "kv_cache_bytes": p.kv_cache_bytes,
+            "decode_bytes_per_token": p.decode_bytes_per_token,
             # Of which recurrent state: a fixed size, whatever the context.
             "fixed_state_bytes": s.fixed_state_bytes(torch.empty((), dtype=self.dtype).element_size()),
             "kv_kind": s.kv_kind,
             "gpu_bytes": p.gpu_bytes,
             "cpu_bytes": p.cpu_bytes,
+            "ram_bytes": p.ram_bytes,
             "vram_budget": p.vram_budget,
             "ram_budget": p.ram_budget,
             "n_moe_layers": p.n_moe_layers,
@@ -205,6 +205,7 @@ class FitReport:
             "short_by_bytes": max(need, 0),
             "verdicts_by_bits": {str(b): q.verdict for b, q in self.plans.items()},
             "recommended_bits": self.recommended_bits,
+            "suggestions": self.suggestions,
             "decode_tok_s": {"low": self.tok_s[0], "high": self.tok_s[1]},
             "bandwidths": {"vram": self.bw.vram, "pcie": self.bw.pcie, "ram": self.bw.ram, "source": self.bw.source},
             "warnings": self.warnings,
@@ -212,10 +213,10 @@ class FitReport:
 
 
 def recommend(plans: dict[int, plan.Plan]) -> int | None:
-    """The most bits that keep everything on the device; else the fewest bits that offload
-    (fewest bytes per miss); None when nothing fits."""
+    """The most bits that keep everything resident (on the GPU, or in the one memory
+    pool); else the fewest bits that offload (fewest bytes per miss); None when nothing fits."""
     for bits in (16, 8, 4):
-        if bits in plans and plans[bits].verdict == "gpu":
+        if bits in plans and plans[bits].verdict in ("gpu", "ram"):
             return bits
     for bits in (4, 8, 16):
         if bits in plans and plans[bits].verdict == "offload":
@@ -234,10 +235,73 @@ def decode_bounds(s: plan.ModelSummary, p: plan.Plan, bw: Bandwidths, device: st
     dense = p.decode_bytes_per_token - experts
     local = bw.vram if device == "cuda" else bw.ram
     high = local / max(p.decode_bytes_per_token, 1)
-    if p.verdict == "gpu" or device == "cpu":  # on the CPU every expert is read from RAM anyway
+    if p.verdict in ("gpu", "ram") or device != "cuda":  # one memory pool: every expert is read from it anyway
         return high, high
     miss = experts / max(bw.pcie, bw.ram)
     return 1 / (dense / local + miss), high
+
+
+# Beyond this, no one machine holds the model: eight cards of the 80 GB class.
+ONE_MACHINE_BYTES = 8 * gpus.DATACENTER.memory_bytes
+
+
+def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: plan.Plan, dtype: torch.dtype,
+            unified: bool, card: gpus.Gpu | None) -> list[str]:
+    """When `chosen` does not fit: the smallest changes that make it fit, each one line:
+    fewer bits; else a shorter context; else more RAM (or a larger card); and when no one
+    machine holds the model at these bits, the engines that serve it across machines."""
+    if chosen.verdict != "no":
+        return []
+    out = []
+    vram, ram, ctx = chosen.vram_budget, chosen.ram_budget, chosen.ctx
+    fewer = [b for b in (8, 4) if b < chosen.bits and plans[b].verdict != "no"]
+    if fewer:
+        q = plans[fewer[0]]
+        need = q.ram_bytes if q.unified else q.gpu_bytes
+        out.append(f"--bits {fewer[0]}: {_fits_words(q)} ({plan.gib(need)})")
+    chip = card is not None and card.unified  # its memory is the chip's: a larger chip, not more RAM
+    low = min(chosen.bits, 4) if not fewer else None  # bits alone do not do it: try the rest at 4 bits
+    if low is not None:
+        shorter = ctx // 2
+        while shorter >= 256:
+            q = plan.make_plan(summary, low, dtype, vram, ram, shorter, unified=unified)
+            if q.verdict != "no":
+                out.append(f"--bits {low} --ctx {shorter}: {_fits_words(q, chip)}")
+                break
+            shorter //= 2
+        q = plan.make_plan(summary, low, dtype, vram, None, ctx, unified=unified)  # more RAM, the same GPU
+        if q.verdict != "no" and not chip:
+            out.append(f"--bits {low} with {plan.gib(q.ram_bytes)} of RAM: {_fits_words(q)}")
+        else:  # a larger card (or chip), with the RAM that then takes
+            budget = vram if not unified else ram
+            for g in sorted((g for g in gpus.GPUS.values() if g.unified == unified), key=lambda g: g.memory_gib):
+                if budget is not None and g.memory_bytes <= budget:
+                    continue
+                q = plan.make_plan(summary, low, dtype, None if unified else g.memory_bytes,
+                                   g.memory_bytes if unified else None, ctx, unified=unified)  # fmt: skip
+                if q.verdict != "no":
+                    extra = f" with {plan.gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
+                    out.append(f"--bits {low} on a {g.memory_gib} GiB {'chip' if unified else 'card'} "
+                               f"(--gpu {g.key}){extra}: {_fits_words(q, chip)}")  # fmt: skip
+                    break
+    need = chosen.non_expert_bytes + chosen.kv_cache_bytes + chosen.weight_bytes_by_role.get("routed_experts", 0)
+    if need > ONE_MACHINE_BYTES:
+        per = gpus.DATACENTER
+        n = -(-need // int(0.9 * per.memory_bytes))
+        line = (f"at {chosen.bits} bits no one machine holds its {plan.gib(need)}: vLLM or SGLang with "
+                f"expert parallelism serve it across machines, on ~{n} GPUs of 80 GB")  # fmt: skip
+        if card is not None and not card.unified:
+            line += f" (~{-(-need // int(0.9 * card.memory_bytes))} of the {card.key})"
+        out.append(line)
+    return out
+
+
+def _fits_words(p: plan.Plan, chip: bool = False) -> str:
+    if p.verdict == "gpu":
+        return "fits on the GPU"
+    if p.verdict == "ram":
+        return "fits in unified memory" if chip else "fits in RAM"
+    return f"offload, {p.expert_slots_per_layer} of {p.n_experts} experts per layer on the GPU"
 
 
 def fit(
@@ -250,41 +314,66 @@ def fit(
     dtype: str | None = None,
     measure: bool = True,
     meta: Metadata | None = None,
+    gpu: str | None = None,
+    ram_bandwidth: str | None = None,
 ) -> FitReport:
-    """Plan `name` (alias, repo id or folder) for this machine or the given budgets."""
+    """Plan `name` (alias, repo id or folder) for this machine, or for the card `gpu` (see
+    moerun.gpus; or a bare `vram` budget) in a host with `ram`: a size ("32GiB"), a memory
+    spec ("ddr5-5600x2", its bandwidth) or both ("32GiB,ddr5-5600x2"). A GPU that is
+    planned, this one or another, computes in the checkpoint's 16-bit dtype; only this
+    machine's CPU may need float32."""
     if bits not in (None, 4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
+    card = gpus.gpu(gpu) if gpu else None
+    if card is not None and vram is not None:
+        raise MoerunError("give --gpu or --vram, not both (--gpu sets the card's memory)")
+    ram_size, ram_bw = gpus.parse_ram(ram) if isinstance(ram, str) else (ram, None)
+    if ram_bandwidth is not None:
+        ram_bw = gpus.parse_bandwidth(ram_bandwidth)
     meta = meta or metadata(name, revision)
     summary = plan.summarize(meta.config, meta.tensors)
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    vram_budget, ram_budget = plan.parse_size(vram), plan.parse_size(ram_size)
+    if card is not None and card.unified:
+        device, ram_budget = "unified", ram_budget or card.memory_bytes
+    elif card is not None or vram_budget is not None:
+        device, vram_budget = "cuda", vram_budget or card.memory_bytes  # a GPU of that size, maybe not here
+    elif cuda:
+        free, _ = torch.cuda.mem_get_info()
+        device, vram_budget = "cuda", max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
+    else:
+        device = "cpu"
+    if ram_budget is None:
+        ram_budget = plan.ram_budget()
+    unified = device != "cuda"
     warnings = list(summary.warnings)
     if dtype is None:
-        torch_dtype = plan.default_dtype(meta.config, device)  # as moerun.load chooses
+        torch_dtype = plan.default_dtype(meta.config, "cpu" if device == "cpu" else "cuda")  # as moerun.load chooses
     elif dtype in plan.DTYPES:
         torch_dtype = plan.DTYPES[dtype]
     else:
         raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(plan.DTYPES)}")
-    vram_budget = plan.parse_size(vram)
-    ram_budget = plan.parse_size(ram)
-    if vram_budget is None:
-        if cuda:
-            free, _ = torch.cuda.mem_get_info()
-            vram_budget = max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
-        else:
-            vram_budget = int(0.9 * free_ram())
-            dtype_name = str(torch_dtype).removeprefix("torch.")
-            warnings.append(f"no CUDA GPU: planned for the CPU, host RAM as the compute device ({dtype_name} unless --dtype)")
-    if ram_budget is None:
-        ram_budget = int(0.9 * free_ram()) if cuda else None
-    plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx) for b in (16, 8, 4)}
+    if device == "cpu":
+        dtype_name = str(torch_dtype).removeprefix("torch.")
+        warnings.append(f"no CUDA GPU: planned for the CPU, host RAM holds it all ({dtype_name} unless --dtype)")
+    plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified)
+             for b in (16, 8, 4)}  # fmt: skip
     recommended = recommend(plans)
     chosen = plans[bits or recommended or 4]
     if meta.source == "shipped config":
         warnings.append("the Hub was not reached (offline): sizes from the config shipped with moerun, not the repo's headers")
-    bw = bandwidths(cuda, measure)
-    return FitReport(meta, summary, chosen, plans, recommended, device, torch_dtype, bw,
-                     decode_bounds(summary, chosen, bw, device), warnings)  # fmt: skip
+    bw = bandwidths(cuda and card is None, measure)
+    if card is not None:
+        bw.vram, bw.source["vram"] = card.bandwidth, f"{card.key} table"
+        bw.pcie, bw.source["pcie"] = card.pcie_bandwidth, f"{card.key} table" if not card.unified else "n/a"
+        if card.unified:
+            bw.ram, bw.source["ram"] = card.bandwidth, f"{card.key} table"
+    if ram_bw is not None:
+        bw.ram, bw.source["ram"] = ram_bw, "given"
+    report = FitReport(meta, summary, chosen, plans, recommended, device, torch_dtype, bw,
+                       decode_bounds(summary, chosen, bw, device), warnings, card)  # fmt: skip
+    report.suggestions = suggest(summary, plans, chosen, torch_dtype, unified, card)
+    return report
 
 
 def quick_verdict(name: str, offline_only: bool = True) -> FitReport | None:

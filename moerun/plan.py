@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from moerun.errors import MoerunError
 from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
-from moerun.units import gib  # noqa: F401 (plan.gib: callers use it from here too)
+from moerun.units import gib  # plan.gib: callers use it from here too
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 
@@ -218,8 +219,9 @@ def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
 
 @dataclasses.dataclass
 class Plan:
-    """Where everything goes, in bytes. `verdict`: "gpu" (all resident on the device),
-    "offload" (some expert slots per layer, the rest in host RAM) or "no"."""
+    """Where everything goes, in bytes. `verdict`: "gpu" (all resident on the GPU), "ram"
+    (one memory pool, the CPU's RAM or Apple's unified memory, holds it all), "offload"
+    (some expert slots per layer on the device, every expert in host RAM) or "no"."""
 
     bits: int
     dtype: str
@@ -240,6 +242,8 @@ class Plan:
     verdict: str
     reason: str = ""
     experts_per_token: int = 0
+    # One memory pool (the CPU, Apple silicon): `ram_budget` holds the device share too.
+    unified: bool = False
 
     @property
     def weight_bytes(self) -> int:
@@ -260,9 +264,15 @@ class Plan:
     def cpu_bytes(self) -> int:
         return self.host_store_bytes
 
+    @property
+    def ram_bytes(self) -> int:
+        """Host RAM the plan takes: the expert store, and on one memory pool everything."""
+        return self.gpu_bytes + self.host_store_bytes if self.unified else self.host_store_bytes
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(weight_bytes=self.weight_bytes, gpu_bytes=self.gpu_bytes, cpu_bytes=self.cpu_bytes)
+        d.update(weight_bytes=self.weight_bytes, gpu_bytes=self.gpu_bytes, cpu_bytes=self.cpu_bytes,
+                 ram_bytes=self.ram_bytes)  # fmt: skip
         return d
 
 
@@ -274,11 +284,14 @@ def make_plan(
     ram: int | None = None,
     ctx: int | None = None,
     expert_slots: int | None = None,
+    unified: bool = False,
 ) -> Plan:
     """Turn budgets into placement. vram=None means the device holds everything.
 
     Non-expert weights stay in `dtype`; routed experts are stored at `bits` (16 means
-    `dtype`). With fewer slots than experts, the host store holds every expert."""
+    `dtype`). With fewer slots than experts, the host store holds every expert.
+    unified: the device is host RAM (the CPU, Apple's unified memory), so `ram` must hold
+    the device share and the store together; a plan that holds it all is "ram"."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     ctx = min(ctx or min(summary.max_context, 4096), summary.max_context)
     non_expert_roles = [r for r in ROLES if r != "routed_experts"]
@@ -300,7 +313,7 @@ def make_plan(
             weight_bytes_by_role=by_role, non_expert_bytes=non_expert, kv_cache_bytes=kv,
             expert_blob_bytes=blob, n_moe_layers=L, n_experts=E, expert_slots_per_layer=slots,
             slot_bytes=slots * blob * L, host_store_bytes=host, vram_budget=vram, ram_budget=ram,
-            verdict=verdict, reason=reason, experts_per_token=summary.experts_per_token,
+            verdict=verdict, reason=reason, experts_per_token=summary.experts_per_token, unified=unified,
         )  # fmt: skip
 
     if expert_slots is not None:
@@ -320,10 +333,50 @@ def make_plan(
                                  f"KV cache {gib(kv)} at {ctx} tokens, one expert slot per layer "
                                  f"{gib(blob * L)}); the budget is {gib(vram)}")  # fmt: skip
         p = plan(min(int(slots), E), "offload")
-    if ram is not None and p.host_store_bytes > ram:
+    if unified and p.verdict == "gpu":
+        p.verdict = "ram"
+    if ram is not None and p.ram_bytes > ram:
         p.verdict = "no"
-        p.reason = f"the expert store needs {gib(p.host_store_bytes)} of RAM; the budget is {gib(ram)}"
+        if unified:
+            parts = f"weights {gib(non_expert + p.slot_bytes)}, KV cache {gib(kv)} at {ctx} tokens"
+            if p.host_store_bytes:
+                parts += f", expert store {gib(p.host_store_bytes)}"
+            p.reason = f"needs {gib(p.ram_bytes)} of RAM ({parts}); the budget is {gib(ram)}"
+        else:
+            p.reason = f"the expert store needs {gib(p.host_store_bytes)} of RAM; the budget is {gib(ram)}"
     return p
+
+
+def ram_budget() -> int:
+    """The host RAM a plan may take by default: 90% of what is available now (MemAvailable;
+    total memory where that cannot be read), the rest for the OS, activations and the
+    tokenizer. The one default `load` and `fit` share."""
+    return int(0.9 * free_ram())
+
+
+def free_ram() -> int:
+    """Available host memory (MemAvailable), or total memory where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bits_hint(summary: ModelSummary, bits: int, dtype: torch.dtype, vram: int | None, ram: int | None,
+              ctx: int | None = None, unified: bool = False) -> str:
+    """For a refusal at `bits`: the fewer bits that fit the same budgets, as options to
+    pass ("; it fits with --bits 8 (19.25 GiB) or --bits 4 (12.10 GiB)"), or ""."""
+    fits = []
+    for fewer in (8, 4):
+        if fewer < bits:
+            p = make_plan(summary, fewer, dtype, vram, ram, ctx, unified=unified)
+            if p.verdict != "no":
+                fits.append(f"--bits {fewer} ({gib(p.ram_bytes if unified else p.gpu_bytes)})")
+    return f"; it fits with {' or '.join(fits)}" if fits else ""
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

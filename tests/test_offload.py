@@ -276,7 +276,7 @@ def device_bytes(model) -> int:
 def test_planner_prediction_matches_allocation(checkpoint, bits):
     _, folder = checkpoint
     full = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", ctx=256)
-    assert full.plan.verdict == "gpu"
+    assert full.plan.verdict == "ram"  # on the CPU: everything in RAM
     assert abs(device_bytes(full) - full.plan.gpu_bytes) <= 0.05 * full.plan.gpu_bytes
     # A budget between "one slot" and "everything" gives an offload plan that fits it.
     p = full.plan
