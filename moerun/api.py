@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from moerun import hub, plan
+from moerun import hub, library, plan
 from moerun.errors import MoerunError
 from moerun.generate import (
     GenerationOutput,
@@ -287,6 +287,7 @@ def load(
         pull_if_missing(name_or_path, bits, vram, ram, ctx, force)
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
+    library.mark_used(folder)  # for `moerun ls`: one empty file's mtime
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
     tokenizer = Tokenizer.from_dir(folder)
     device = _resolve_device(device)
