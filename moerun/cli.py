@@ -18,6 +18,18 @@ import typer
 from moerun import __version__
 from moerun.errors import MoerunError
 
+def _flag_type(display_type_rich):
+    """Typer's help shows `<bool>` after flags, which take no value: show nothing there."""
+
+    def display(self, ctx):
+        return None if getattr(self, "is_flag", False) else display_type_rich(self, ctx)
+
+    return display
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # Typer >= 0.24 prints option types
+    typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
+
 app = typer.Typer(
     name="moerun",
     help="Run Mixture-of-Experts language models on one consumer GPU (or the CPU).",
@@ -68,6 +80,34 @@ Threads = typer.Option(None, "--threads", min=1, help="CPU threads for the CPU k
 
 
 Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
+Verbose = typer.Option(False, "--verbose", "-v", help="Also print the memory plan and timings to stderr.")
+
+
+class _Spinner:
+    """What is loading, on stderr, while nothing else shows: the first seconds (imports,
+    weights, the prompt) before the first token. Only when stderr is a terminal."""
+
+    def __init__(self):
+        self._status = None
+
+    def show(self, text: str) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self._status is None:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+SPINNER = _Spinner()
 
 
 def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> None:
@@ -153,6 +193,7 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     if dtype not in DTYPE_CHOICES:
         raise typer.BadParameter(f"{dtype} is not one of {', '.join(DTYPE_CHOICES)}", param_hint="'--dtype'")
     _pull_on_first_use(model, bits, vram, ram, ctx, force)
+    SPINNER.show(f"loading {model}: starting torch")
     import moerun  # the API (and torch) only now, when a model is really needed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -166,10 +207,12 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     def on_layer(done: int, total: int) -> None:
         nonlocal task
         if task is None:
+            SPINNER.stop()  # one live display at a time: the bar says what happens now
             progress.start()
             task = progress.add_task(f"preparing {bits}-bit experts (once; cached)", total=total)
         progress.update(task, completed=done)
 
+    SPINNER.show(f"loading {model} ({bits}-bit experts)")
     try:
         return moerun.load(
             model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
@@ -177,7 +220,8 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
             pull=False,  # _pull_on_first_use did it, with a bar
         )  # fmt: skip
     finally:
-        progress.stop()
+        if task is not None:  # a bar never started prints nothing, not even a blank line
+            progress.stop()
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> dict:
@@ -214,7 +258,8 @@ def format_expert_stats(total: dict, tokens: int) -> str:
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
-    prompt: str = typer.Argument(..., help="The prompt text."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text; - (or a pipe) reads it from stdin."),
+    prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
     max_new_tokens: int = MaxNewTokens,
     temperature: float = Temperature,
     top_p: float = TopP,
@@ -233,13 +278,24 @@ def generate(
     threads: Optional[int] = Threads,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
+    verbose: bool = Verbose,
 ) -> None:
-    """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
+    """Generate a reply to PROMPT (or -f FILE, or stdin): text streams to stdout,
+    statistics go to stderr."""
+    import time
+
+    prompt = _read_prompt(prompt, prompt_file)
+    t0 = time.perf_counter()
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    if verbose:
+        SPINNER.stop()
+        sys.stderr.write(format_plan(m, time.perf_counter() - t0) + "\n")
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw
+    SPINNER.show("reading the prompt")
     if as_json:
         out = m.generate(prompt, chat=chat, **kwargs)
+        SPINNER.stop()
         stats = out.stats.to_dict()
         if m.stats:  # expert-cache counters, in total and per layer
             stats["experts"] = m.stats
@@ -250,6 +306,7 @@ def generate(
     stats = None
     text_ends_with_newline = True
     for resp in m.stream_generate(prompt, chat=chat, **kwargs):
+        SPINNER.stop()  # the first token is here
         if resp.text:
             sys.stdout.write(resp.text)
             sys.stdout.flush()
@@ -262,8 +319,44 @@ def generate(
     if stats is not None:
         # Plain writes, not Rich: Rich would wrap at 80 columns and colour the numbers.
         sys.stderr.write(format_stats(stats) + "\n")
+        if verbose:
+            sys.stderr.write(f"time to first token: {stats.prompt_seconds * 1000:.0f} ms "
+                             f"({stats.prefilled_tokens} prefilled, {stats.reused_tokens} reused); "
+                             f"decode {stats.generation_seconds:.2f} s; stop: {stats.finish_reason}\n")  # fmt: skip
         if m.stats:
             sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """PROMPT, -f FILE, `-` or a piped stdin, as llama-cli and ollama read them."""
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give PROMPT or -f FILE, not both", param_hint="'--file'")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoerunError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise typer.BadParameter("give a PROMPT, -f FILE, or pipe the prompt into stdin", param_hint="'PROMPT'")
+    else:
+        return prompt
+    if not text.strip():
+        raise MoerunError(f"the prompt from {prompt_file or 'stdin'} is empty")
+    return text.removesuffix("\n")  # the newline that ends a file or `echo` is not part of the prompt
+
+
+def format_plan(m, load_seconds: float) -> str:
+    """--verbose: where the model went, and how long loading took."""
+    from moerun.plan import gib
+
+    p = m.plan
+    where = "everything on the device" if p.verdict == "gpu" else (
+        f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM")
+    return (f"loaded {m.name} in {load_seconds:.1f} s: {m.device}, {p.dtype}, {p.bits}-bit experts, ctx {p.ctx}\n"
+            f"plan: {where}; device {gib(p.gpu_bytes)}, host "
+            f"{gib(p.cpu_bytes) if p.verdict == 'offload' else 'n/a'}, KV cache {gib(p.kv_cache_bytes)}")  # fmt: skip
 
 
 @app.command()
@@ -291,6 +384,7 @@ def chat(
     from moerun.chat import run_repl
 
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    SPINNER.stop()
     run_repl(m, system=system, **_sampling(max_new_tokens, temperature, top_p, top_k, seed))
 
 
@@ -333,6 +427,8 @@ def serve(
     except BaseException:
         sock.close()
         raise
+    finally:
+        SPINNER.stop()
     defaults = Defaults(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
     server.serve(m, host=host, port=port, api_key=api_key or None, name=server.model_name(model), defaults=defaults,
                  sock=sock)
@@ -698,7 +794,10 @@ def main() -> None:
     """Console-script entry: run the app, turning every exception into one `error:` line."""
     debug = os.environ.get("MOERUN_DEBUG", "") not in ("", "0")
     try:
-        app()  # standalone mode: Typer/click usage errors print and exit 2 on their own
+        try:
+            app()  # standalone mode: Typer/click usage errors print and exit 2 on their own
+        finally:
+            SPINNER.stop()  # before any error line
     except USER_ERRORS as exc:
         if debug:
             raise
