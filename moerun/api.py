@@ -49,6 +49,9 @@ def pull_if_missing(
         return
     from moerun import fit
 
+    # The Hub first: unreachable, that is the error to report (a fit from the shipped config
+    # would say "0 bytes to download" and judge a download that cannot happen).
+    repo = hub.remote_repo(repo_id)
     report = fit.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
     if notice is not None:
         notice(report)
@@ -56,7 +59,7 @@ def pull_if_missing(
         raise MoerunError(
             f"{repo_id} will not fit: {report.plan.reason}; nothing was downloaded (--force, or force=True, pulls anyway)"
         )
-    hub.pull(repo_id, None, on_start=on_start, on_bytes=on_bytes)
+    hub.pull(repo_id, None, repo=repo, on_start=on_start, on_bytes=on_bytes)
 
 
 

@@ -72,3 +72,16 @@ def test_threads_is_one_option_on_every_verb_that_computes():
     for command in ("generate", "chat", "serve", "bench"):
         out = invoke([command, "--help"]).stdout
         assert "--threads" in out, command
+
+
+def test_an_unreachable_hub_is_a_network_error_and_offline_points_to_pull(tmp_path, monkeypatch):
+    from moerun import api, hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    with pytest.raises(hub.HubUnreachable, match="cannot reach http://127.0.0.1:9"):
+        api.pull_if_missing("mixtral-8x7b", bits=16)  # an alias with a shipped config: no fit from it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.MoerunError, match="`moerun pull mistralai/Mixtral-8x7B-Instruct-v0.1`"):
+        hub.resolve("mixtral-8x7b")
