@@ -483,18 +483,57 @@ def bench(
     # pp runs once per combination, tg once per graph mode (an estimate on the CPU, where graphs are off).
     tests = sum(1 for v in pp if v) + sum(1 for v in tg if v) * len(set(graph_modes))
     runs = len(bits_list) * len(vrams) * len(colds) * tests * repetitions
-    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
-                  transient=True) as progress:  # fmt: skip
+    if sys.stderr.isatty():
+        progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
+                            transient=True)  # fmt: skip
         task = progress.add_task("bench", total=runs)
+        advance = lambda: progress.advance(task)  # noqa: E731
+    else:  # piped: a Rich bar would stay silent until the end, so plain lines every few seconds
+        progress = _Ticker("bench", runs)
+        advance = progress.advance
+    with progress:
         report = benchmark.run_bench(
             model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
             vram=vrams, cold=colds, cuda_graphs=graph_modes, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
-            ram=ram, progress=lambda: progress.advance(task), dtype=dtype, threads=threads,
+            ram=ram, progress=advance, dtype=dtype, threads=threads,
         )  # fmt: skip
     if output == "json":
         sys.stdout.write(json.dumps(report, default=str) + "\n")
     else:
         sys.stdout.write(benchmark.render_markdown(report) + "\n")
+
+
+class _Ticker:
+    """Progress for a pipe or a log: `NAME: done/total runs, elapsed` on stderr every
+    MOERUN_PROGRESS_S seconds (default 10) while work is under way, from a thread, so a
+    long first run (a full-size synthetic model) still shows signs of life."""
+
+    def __init__(self, name: str, total: int):
+        import threading
+
+        self.name, self.total, self.done = name, total, 0
+        self.every = float(os.environ.get("MOERUN_PROGRESS_S") or 10)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def _run(self) -> None:
+        import time
+
+        t0 = time.monotonic()
+        while not self._stop.wait(self.every):
+            sys.stderr.write(f"{self.name}: {self.done}/{self.total} runs done, {time.monotonic() - t0:.0f} s\n")
+            sys.stderr.flush()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @app.command()

@@ -85,3 +85,30 @@ def test_an_unreachable_hub_is_a_network_error_and_offline_points_to_pull(tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.MoerunError, match="`moerun pull mistralai/Mixtral-8x7B-Instruct-v0.1`"):
         hub.resolve("mixtral-8x7b")
+
+
+def test_bench_at_80_columns_with_na_params_and_the_context_clip(monkeypatch, tmp_path):
+    from moerun import bench
+
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path))
+    # pp512 is the default: on the 256-token demo it is clipped to pp256, and a note says so.
+    report = bench.run_bench(model="demo", prompt_tokens=[512], gen_tokens=[2], repetitions=1, bits=[16],
+                             device="cpu")  # fmt: skip
+    assert [r["test"] for r in report["rows"]] == ["pp256", "tg2"]
+    assert any("pp512 clipped to pp256" in n for n in report["notes"])
+    assert all(r["peak_vram_bytes"] is None and r["pcie_gb_s"] is None for r in report["rows"])
+    md = bench.render_markdown(report)
+    wide = [line for line in md.splitlines() if len(line) > 80]
+    assert not wide, wide
+    assert "0.00 B" not in md and "| 1.87 M |" in md, md
+    assert "n/a" in md and "0.0 KiB | 422" not in md
+    with pytest.raises(bench.MoerunError, match="pp300 needs 300 positions; demo's context is 256"):
+        bench.run_bench(model="demo", prompt_tokens=[300], gen_tokens=[0], repetitions=1, bits=[16], device="cpu")
+
+
+def test_bench_piped_prints_progress_lines(tmp_path):
+    result = invoke(["bench", "demo", "-p", "8", "-n", "2", "-r", "1", "--bits", "16", "--device", "cpu"],
+                    env={"MOERUN_PROGRESS_S": "0.2", "MOERUN_CACHE": str(tmp_path)})  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert re.search(r"^bench: \d/2 runs done, \d+ s$", result.stderr, re.M), result.stderr
+    assert result.stdout.startswith("| model |")
