@@ -112,3 +112,18 @@ def test_bench_piped_prints_progress_lines(tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     assert re.search(r"^bench: \d/2 runs done, \d+ s$", result.stderr, re.M), result.stderr
     assert result.stdout.startswith("| model |")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+def test_a_spinner_says_what_is_loading_on_a_terminal(tmp_path):
+    from tests.test_chat_pty import ROOT, Terminal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "80",
+           "MOERUN_CACHE": str(tmp_path), "TERM": "xterm"}  # fmt: skip
+    term = Terminal(["generate", "demo", "count from 7", "-n", "3", "--device", "cpu"], env)
+    try:
+        term.expect(r"loading demo")  # while torch and the weights load, before any token
+        term.expect(r"prompt: \d+ tokens")
+        assert term.wait() == 0
+    finally:
+        term.close()

@@ -89,6 +89,19 @@ def test_ls_then_rm_one_revision_then_the_repo(env):
     assert "-y" in line and "not a terminal" in line
     assert first.is_dir() and a.caches[0].path.is_dir()
 
+    if sys.platform != "win32":  # on a terminal it asks; anything but y keeps everything
+        from tests.test_chat_pty import Terminal
+
+        term = Terminal(["rm", REPO], {**os.environ, "PYTHONPATH": str(ROOT), **e})
+        try:
+            term.expect(r"remove tiny/lib .*\? \[y/N\]")
+            term.sendline("n")
+            term.expect("nothing removed")
+            assert term.wait() == 0
+        finally:
+            term.close()
+        assert first.is_dir() and second.is_dir()
+
     blobs = Path(e["HF_HUB_CACHE"]) / "models--tiny--lib" / "blobs"
     old_config = (first / "config.json").resolve()
     shared = (first / shard).resolve()
