@@ -88,23 +88,28 @@ class _Spinner:
     weights, the prompt) before the first token. Only when stderr is a terminal."""
 
     def __init__(self):
-        self._status = None
+        self._live = self._spinner = None
 
     def show(self, text: str) -> None:
         if not sys.stderr.isatty():
             return
-        if self._status is None:
+        if self._live is None:
             from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
 
-            self._status = Console(stderr=True).status(text)
-            self._status.start()
+            self._spinner = Spinner("dots", text)
+            self._live = Live(self._spinner, console=Console(stderr=True), transient=True, refresh_per_second=12.5)
+            # Drawn now: while `import torch` holds the import lock, the refresh thread may not be.
+            self._live.start(refresh=True)
         else:
-            self._status.update(text)
+            self._spinner.update(text=text)
+            self._live.refresh()
 
     def stop(self) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = self._spinner = None
 
 
 SPINNER = _Spinner()
@@ -292,7 +297,7 @@ def generate(
         sys.stderr.write(format_plan(m, time.perf_counter() - t0) + "\n")
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw
-    SPINNER.show("reading the prompt")
+    SPINNER.show("processing the prompt")
     if as_json:
         out = m.generate(prompt, chat=chat, **kwargs)
         SPINNER.stop()

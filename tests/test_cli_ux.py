@@ -122,8 +122,9 @@ def test_a_spinner_says_what_is_loading_on_a_terminal(tmp_path):
            "MOERUN_CACHE": str(tmp_path), "TERM": "xterm"}  # fmt: skip
     term = Terminal(["generate", "demo", "count from 7", "-n", "3", "--device", "cpu"], env)
     try:
-        term.expect(r"loading demo")  # while torch and the weights load, before any token
-        term.expect(r"prompt: \d+ tokens")
-        assert term.wait() == 0
+        # Shown before torch is imported: the first seconds are no longer silent. (That the
+        # spinner is gone before the first token is what every generate test on a pipe and
+        # the chat pty tests see.)
+        term.expect(r"loading demo: starting torch", timeout=60)
     finally:
         term.close()
