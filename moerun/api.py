@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from moerun import hub, plan
+from moerun import hub, library, plan
 from moerun.errors import MoerunError
 from moerun.generate import (
     GenerationOutput,
@@ -49,6 +49,9 @@ def pull_if_missing(
         return
     from moerun import fit
 
+    # The Hub first: unreachable, that is the error to report (a fit from the shipped config
+    # would say "0 bytes to download" and judge a download that cannot happen).
+    repo = hub.remote_repo(repo_id)
     report = fit.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
     if notice is not None:
         notice(report)
@@ -59,7 +62,7 @@ def pull_if_missing(
             f"{repo_id} will not fit: {report.plan.reason}{hint}; nothing was downloaded "
             "(--force, or force=True, pulls anyway)"
         )
-    hub.pull(repo_id, None, on_start=on_start, on_bytes=on_bytes)
+    hub.pull(repo_id, None, repo=repo, on_start=on_start, on_bytes=on_bytes)
 
 
 
@@ -327,6 +330,7 @@ def load(
         pull_if_missing(name_or_path, bits, vram, ram, ctx, force)
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
+    library.mark_used(folder)  # for `moerun ls`: one empty file's mtime
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
     tokenizer = Tokenizer.from_dir(folder)
     device = _resolve_device(device)

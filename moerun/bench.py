@@ -38,6 +38,8 @@ from moerun.moe.offload import (
 )
 from moerun.quant.format import ExpertFormat
 
+DEFAULT_PP, DEFAULT_TG = 512, 128  # llama-bench's defaults: clipped, not refused, on a short-context model
+
 RANDOM_ROUTING_NOTE = (
     "synthetic weights route near-uniformly: the worst case for the expert cache, not the routing of a trained model"
 )
@@ -315,11 +317,12 @@ def bench_model(
         "t_s_mean": statistics.mean(rates),
         "t_s_std": statistics.pstdev(rates) if len(rates) > 1 else 0.0,
         "ttft_s": statistics.mean(ttfts),
-        "peak_vram_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0,
+        "peak_vram_bytes": int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None,  # n/a
         "peak_ram_bytes": peak_ram_bytes(),
         "expert_hit_rate": totals.get("hits", 0) / uses if uses else 1.0,
         "bytes_copied_per_token": totals.get("bytes_copied", 0) / max(counted, 1),
-        "pcie_gb_s": totals.get("bytes_copied", 0) / wall / 1e9 if wall else 0.0,
+        # No PCIe on the CPU: the "copies" there are host-to-host.
+        "pcie_gb_s": (totals.get("bytes_copied", 0) / wall / 1e9 if wall else 0.0) if device.type == "cuda" else None,
         "cpu_experts_per_token": totals.get("cpu_experts", 0) / max(counted, 1),
         "time_share": shares,
     }
@@ -445,8 +448,10 @@ def run_bench(
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
         p = bm.plan
+        limit = int(getattr(getattr(bm.lm, "args", None), "max_position_embeddings", None) or 4096)  # as the planner
+        pp_counts, tg_counts = _within_context(prompt_tokens, gen_tokens, limit, bm.name, notes)
         if ctx is not None:  # --ctx is the window: a test longer than it is refused, not run past it
-            for test, counts, extra in (("pp", prompt_tokens, 0), ("tg", gen_tokens, 1)):
+            for test, counts, extra in (("pp", pp_counts, 0), ("tg", tg_counts, 1)):
                 too_long = [n for n in counts if n + extra > p.ctx]
                 if too_long:
                     raise MoerunError(f"{test}{too_long[0]} needs {too_long[0] + extra} positions; the context is "
@@ -466,7 +471,7 @@ def run_bench(
             "dtype": p.dtype,
             "decode_bytes_per_token": p.decode_bytes_per_token,
         }
-        for test, counts in (("pp", prompt_tokens), ("tg", gen_tokens)):
+        for test, counts in (("pp", pp_counts), ("tg", tg_counts)):
             for n in counts:
                 if not n or (test == "pp" and combo["graphs"] != graph_modes[0]):
                     continue  # prefill never uses graphs: measured once per combination
@@ -488,6 +493,26 @@ def run_bench(
     return {"machine": machine, "rows": rows, "notes": notes}
 
 
+def _within_context(pp: list[int], tg: list[int], limit: int, name: str, notes: list[str]) -> tuple[list, list]:
+    """The tests that fit the model's context: the default pp512 / tg128 are clipped to it
+    (and a note says so); a size asked for explicitly that does not fit is refused."""
+
+    def clip(test: str, counts: list[int], default: int, room: int) -> list[int]:
+        out = []
+        for n in counts:
+            if n > room and n == default:
+                note = f"{name}: {test}{n} clipped to {test}{room}, the model's context ({limit} tokens)"
+                if note not in notes:
+                    notes.append(note)
+                n = room
+            elif n > room:
+                raise MoerunError(f"{test}{n} needs {n + (test == 'tg')} positions; {name}'s context is {limit} tokens")
+            out.append(n)
+        return out
+
+    return clip("pp", list(pp), DEFAULT_PP, limit), clip("tg", list(tg), DEFAULT_TG, limit - 1)
+
+
 def read_bandwidth(megabytes: int = 512) -> float:
     """Bytes/s of a streaming read of host memory on torch's threads (a sum over a buffer
     far beyond the caches; the median of 5)."""
@@ -501,34 +526,58 @@ def read_bandwidth(megabytes: int = 512) -> float:
     return a.numel() * 4 / statistics.median(times)
 
 
-def render_markdown(report: dict) -> str:
-    """llama-bench's table, then the per-test details, then the machine."""
+def render_markdown(report: dict, width: int = 80) -> str:
+    """llama-bench's table, then the per-test details in narrow tables, then the machine;
+    every line but a table row with a long model name fits `width` columns."""
+    import textwrap
+
+    from moerun.library import params_words
+
+    na = "n/a"
     lines = ["| model | size | params | bits | budget | backend | test | t/s |", "|---|---:|---:|---:|---|---|---|---:|"]
     for r in report["rows"]:
         lines.append(
-            f"| {r['model']} | {plan.gib(r['size_bytes'])} | {r['params'] / 1e9:.2f} B | {r['bits']} | {r['budget']} | "
+            f"| {r['model']} | {plan.gib(r['size_bytes'])} | {params_words(r['params'])} | {r['bits']} | {r['budget']} | "
             f"{r['backend']} | {r['test']} | {r['t_s_mean']:.2f} ± {r['t_s_std']:.2f} |"
         )
-    lines += ["", "| test | bits | budget | slots | TTFT | peak VRAM | peak RAM | hit rate | copied/token | PCIe GB/s | "
-              "read/token | bound t/s | attention | experts | copies | CPU experts | other |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in report["rows"]:
-        sh = r["time_share"]
+    # Details keyed by the test, plus whatever the sweep varies (bits, budget, backend).
+    rows = report["rows"]
+    varying = [k for k in ("bits", "budget", "backend") if len({str(r[k]) for r in rows}) > 1]
+    keys = ["test", *varying]
+
+    def table(columns: list[str], cells) -> list[str]:
+        out = ["| " + " | ".join(keys + columns) + " |", "|" + "---|" * len(keys) + "---:|" * len(columns)]
+        for r in rows:
+            out.append("| " + " | ".join([str(r[k]) for k in keys] + cells(r)) + " |")
+        return [""] + out
+
+    def memory(r):
         per_token = plan.gib(r["decode_bytes_per_token"]) if r["test"].startswith("tg") else "-"
-        bound = f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"
-        lines.append(
-            f"| {r['test']} | {r['bits']} | {r['budget']} | {r['expert_slots_per_layer']}/{r['n_experts']} | "
-            f"{r['ttft_s'] * 1000:.1f} ms | {plan.gib(r['peak_vram_bytes'])} | {plan.gib(r['peak_ram_bytes'])} | "
-            f"{r['expert_hit_rate']:.0%} | {plan.gib(r['bytes_copied_per_token'])} | {r['pcie_gb_s']:.2f} | "
-            f"{per_token} | {bound} | {sh['attention']:.0%} | {sh['experts']:.0%} | {sh['copies']:.0%} | "
-            f"{sh['cpu_experts']:.0%} | {sh['other']:.0%} |"
-        )
+        vram = plan.gib(r["peak_vram_bytes"]) if r["peak_vram_bytes"] is not None else na
+        return [f"{r['expert_slots_per_layer']}/{r['n_experts']}", f"{r['ttft_s'] * 1000:.1f} ms", vram,
+                plan.gib(r["peak_ram_bytes"]), per_token, f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"]  # fmt: skip
+
+    def experts(r):
+        pcie = f"{r['pcie_gb_s']:.2f}" if r["pcie_gb_s"] is not None else na
+        return [f"{r['expert_hit_rate']:.0%}", plan.gib(r["bytes_copied_per_token"]), pcie,
+                f"{r['cpu_experts_per_token']:.1f}"]  # fmt: skip
+
+    def shares(r):
+        sh = r["time_share"]
+        return [f"{sh[k]:.0%}" for k in ("attention", "experts", "copies", "cpu_experts", "other")]
+
+    lines += table(["slots", "TTFT", "peak VRAM", "peak RAM", "read/token", "bound t/s"], memory)
+    lines += table(["hit rate", "copied/token", "PCIe GB/s", "CPU experts/token"], experts)
+    lines += table(["attention", "experts", "copies", "CPU experts", "other"], shares)
     m = report["machine"]
     gpu = f"{m['gpu']} ({plan.gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
     read = f", read {m['ram_read_bytes_s'] / 1e9:.1f} GB/s" if m.get("ram_read_bytes_s") else ""
-    lines += ["", f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
-              f"RAM {plan.gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
-    lines += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
-    lines += [f"note: {n}" for n in report["notes"]]
-    lines += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]
+    text = [f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
+            f"RAM {plan.gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+    text += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
+    text += [f"note: {n}" for n in report["notes"]]
+    text += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]
+    lines.append("")
+    for t in text:
+        lines += textwrap.wrap(t, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines)

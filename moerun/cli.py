@@ -10,12 +10,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from moerun import __version__
 from moerun.errors import MoerunError
+
+def _flag_type(display_type_rich):
+    """Typer's help shows `<bool>` after flags, which take no value: show nothing there."""
+
+    def display(self, ctx):
+        return None if getattr(self, "is_flag", False) else display_type_rich(self, ctx)
+
+    return display
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # Typer >= 0.24 prints option types
+    typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
 
 app = typer.Typer(
     name="moerun",
@@ -67,6 +80,39 @@ Threads = typer.Option(None, "--threads", min=1, help="CPU threads for the CPU k
 
 
 Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
+Verbose = typer.Option(False, "--verbose", "-v", help="Also print the memory plan and timings to stderr.")
+
+
+class _Spinner:
+    """What is loading, on stderr, while nothing else shows: the first seconds (imports,
+    weights, the prompt) before the first token. Only when stderr is a terminal."""
+
+    def __init__(self):
+        self._live = self._spinner = None
+
+    def show(self, text: str) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self._live is None:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", text)
+            self._live = Live(self._spinner, console=Console(stderr=True), transient=True, refresh_per_second=12.5)
+            # Drawn now: while `import torch` holds the import lock, the refresh thread may not be.
+            self._live.start(refresh=True)
+        else:
+            self._spinner.update(text=text)
+            self._live.refresh()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = self._spinner = None
+
+
+SPINNER = _Spinner()
 
 
 def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> None:
@@ -154,6 +200,7 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     if dtype not in DTYPE_CHOICES:
         raise typer.BadParameter(f"{dtype} is not one of {', '.join(DTYPE_CHOICES)}", param_hint="'--dtype'")
     _pull_on_first_use(model, bits, vram, ram, ctx, force)
+    SPINNER.show(f"loading {model}: starting torch")
     import moerun  # the API (and torch) only now, when a model is really needed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -167,10 +214,12 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     def on_layer(done: int, total: int) -> None:
         nonlocal task
         if task is None:
+            SPINNER.stop()  # one live display at a time: the bar says what happens now
             progress.start()
             task = progress.add_task(f"preparing {bits}-bit experts (once; cached)", total=total)
         progress.update(task, completed=done)
 
+    SPINNER.show(f"loading {model} ({bits}-bit experts)")
     try:
         return moerun.load(
             model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
@@ -178,7 +227,8 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
             pull=False,  # _pull_on_first_use did it, with a bar
         )  # fmt: skip
     finally:
-        progress.stop()
+        if task is not None:  # a bar never started prints nothing, not even a blank line
+            progress.stop()
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int]) -> dict:
@@ -215,7 +265,8 @@ def format_expert_stats(total: dict, tokens: int) -> str:
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
-    prompt: str = typer.Argument(..., help="The prompt text."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text; - (or a pipe) reads it from stdin."),
+    prompt_file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
     max_new_tokens: int = MaxNewTokens,
     temperature: float = Temperature,
     top_p: float = TopP,
@@ -235,13 +286,24 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template "
                              "(always, for span-corruption models such as switch-base-8)."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
+    verbose: bool = Verbose,
 ) -> None:
-    """Generate a reply to PROMPT: text streams to stdout, statistics go to stderr."""
+    """Generate a reply to PROMPT (or -f FILE, or stdin): text streams to stdout,
+    statistics go to stderr."""
+    import time
+
+    prompt = _read_prompt(prompt, prompt_file)
+    t0 = time.perf_counter()
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    if verbose:
+        SPINNER.stop()
+        sys.stderr.write(format_plan(m, time.perf_counter() - t0) + "\n")
     kwargs = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     chat = not raw and m.is_chat_model  # an encoder-decoder without a chat template: raw
+    SPINNER.show("processing the prompt")
     if as_json:
         out = m.generate(prompt, chat=chat, **kwargs)
+        SPINNER.stop()
         stats = out.stats.to_dict()
         if m.stats:  # expert-cache counters, in total and per layer
             stats["experts"] = m.stats
@@ -252,6 +314,7 @@ def generate(
     stats = None
     text_ends_with_newline = True
     for resp in m.stream_generate(prompt, chat=chat, **kwargs):
+        SPINNER.stop()  # the first token is here
         if resp.text:
             sys.stdout.write(resp.text)
             sys.stdout.flush()
@@ -264,8 +327,44 @@ def generate(
     if stats is not None:
         # Plain writes, not Rich: Rich would wrap at 80 columns and colour the numbers.
         sys.stderr.write(format_stats(stats) + "\n")
+        if verbose:
+            sys.stderr.write(f"time to first token: {stats.prompt_seconds * 1000:.0f} ms "
+                             f"({stats.prefilled_tokens} prefilled, {stats.reused_tokens} reused); "
+                             f"decode {stats.generation_seconds:.2f} s; stop: {stats.finish_reason}\n")  # fmt: skip
         if m.stats:
             sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """PROMPT, -f FILE, `-` or a piped stdin, as llama-cli and ollama read them."""
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give PROMPT or -f FILE, not both", param_hint="'--file'")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoerunError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
+    elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    elif prompt is None:
+        raise typer.BadParameter("give a PROMPT, -f FILE, or pipe the prompt into stdin", param_hint="'PROMPT'")
+    else:
+        return prompt
+    if not text.strip():
+        raise MoerunError(f"the prompt from {prompt_file or 'stdin'} is empty")
+    return text.removesuffix("\n")  # the newline that ends a file or `echo` is not part of the prompt
+
+
+def format_plan(m, load_seconds: float) -> str:
+    """--verbose: where the model went, and how long loading took."""
+    from moerun.plan import gib
+
+    p = m.plan
+    where = "everything on the device" if p.verdict == "gpu" else (
+        f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM")
+    return (f"loaded {m.name} in {load_seconds:.1f} s: {m.device}, {p.dtype}, {p.bits}-bit experts, ctx {p.ctx}\n"
+            f"plan: {where}; device {gib(p.gpu_bytes)}, host "
+            f"{gib(p.cpu_bytes) if p.verdict == 'offload' else 'n/a'}, KV cache {gib(p.kv_cache_bytes)}")  # fmt: skip
 
 
 @app.command()
@@ -293,6 +392,7 @@ def chat(
     from moerun.chat import run_repl
 
     m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    SPINNER.stop()
     if not m.is_chat_model:
         raise MoerunError(f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
                           "ships no chat template); use `moerun generate`, e.g. with <extra_id_0> in the prompt")
@@ -340,6 +440,8 @@ def serve(
     except BaseException:
         sock.close()
         raise
+    finally:
+        SPINNER.stop()
     defaults = Defaults(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
     server.serve(m, host=host, port=port, api_key=api_key or None, name=server.model_name(model), defaults=defaults,
                  sock=sock)
@@ -394,18 +496,57 @@ def bench(
     # pp runs once per combination, tg once per graph mode (an estimate on the CPU, where graphs are off).
     tests = sum(1 for v in pp if v) + sum(1 for v in tg if v) * len(set(graph_modes))
     runs = len(bits_list) * len(vrams) * len(colds) * tests * repetitions
-    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
-                  transient=True) as progress:  # fmt: skip
+    if sys.stderr.isatty():
+        progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
+                            transient=True)  # fmt: skip
         task = progress.add_task("bench", total=runs)
+        advance = lambda: progress.advance(task)  # noqa: E731
+    else:  # piped: a Rich bar would stay silent until the end, so plain lines every few seconds
+        progress = _Ticker("bench", runs)
+        advance = progress.advance
+    with progress:
         report = benchmark.run_bench(
             model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
             vram=vrams, cold=colds, cuda_graphs=graph_modes, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
-            ram=ram, progress=lambda: progress.advance(task), dtype=dtype, threads=threads,
+            ram=ram, progress=advance, dtype=dtype, threads=threads,
         )  # fmt: skip
     if output == "json":
         sys.stdout.write(json.dumps(report, default=str) + "\n")
     else:
         sys.stdout.write(benchmark.render_markdown(report) + "\n")
+
+
+class _Ticker:
+    """Progress for a pipe or a log: `NAME: done/total runs, elapsed` on stderr every
+    MOERUN_PROGRESS_S seconds (default 10) while work is under way, from a thread, so a
+    long first run (a full-size synthetic model) still shows signs of life."""
+
+    def __init__(self, name: str, total: int):
+        import threading
+
+        self.name, self.total, self.done = name, total, 0
+        self.every = float(os.environ.get("MOERUN_PROGRESS_S") or 10)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def _run(self) -> None:
+        import time
+
+        t0 = time.monotonic()
+        while not self._stop.wait(self.every):
+            sys.stderr.write(f"{self.name}: {self.done}/{self.total} runs done, {time.monotonic() - t0:.0f} s\n")
+            sys.stderr.flush()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @app.command()
@@ -644,6 +785,152 @@ def pull(
     sys.stderr.write(f"pulled {repo_id} ({gib(repo.size)}, {len(repo.files)} files) into {folder}\n")
 
 
+# -- the local library: ls, rm, show (moerun.library does the work) --------------------------
+
+WIDTH = 80  # what `ls` and `show` fit in, whatever the terminal
+
+
+def _fit_text(text: str, width: int = WIDTH) -> str:
+    """Cut a line to `width` characters, keeping its end (paths end with what matters)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
+def _cache_words(c) -> str:
+    return f"{c.bits}-bit experts ({c.formats})" if c.bits else f"experts ({c.formats})"
+
+
+@app.command("ls")
+def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """List the models pulled into the Hugging Face cache: revision, size on disk, their
+    quantized expert caches and when each was last used."""
+    from moerun import library
+
+    revisions = library.pulled()
+    others = library.other_caches(revisions)
+    if as_json:
+        payload = {"models": [r.to_dict() for r in revisions], "other_quantized_caches": [c.to_dict() for c in others]}
+        sys.stdout.write(json.dumps(payload) + "\n")
+        return
+    if not revisions and not others:
+        sys.stderr.write(f"no models pulled into {library.hub.hub_cache_dir()} (try `moerun pull ALIAS`)\n")
+        return
+    rows = []  # (name, revision, size, last used); a blank revision for sub-rows
+    for r in revisions:
+        rev = r.commit[:12]
+        rows.append((r.alias or r.repo_id, rev, library.size_words(r.size), library.ago(r.last_used)))
+        if r.alias:
+            rows.append(("  " + r.repo_id, "", "", ""))
+        for c in r.caches:
+            rows.append(("  " + _cache_words(c), "", library.size_words(c.size), library.ago(c.last_used)))
+    tail = 2 + 12 + 2 + 10 + 2 + 14  # revision, size and "59 minutes ago"
+    w = min(max([len("NAME")] + [len(n) for n, rev, size, _ in rows if size]), WIDTH - tail)
+    lines = [f"{'NAME':<{w}}  {'REVISION':<12}  {'SIZE':<10}  LAST USED"] if rows else []
+    for name, rev, size, used in rows:
+        if not size:
+            lines.append(_fit_text(name))
+        elif len(name) > w:
+            lines += [_fit_text(name), f"{'':<{w}}  {rev:<12}  {size:<10}  {used}"]
+        else:
+            lines.append(f"{name:<{w}}  {rev:<12}  {size:<10}  {used}")
+    if others:
+        lines += ["" if lines else None, "quantized caches of local folders (or of removed snapshots):"]
+        for c in others:
+            gone = "" if Path(c.source).exists() else " (source gone)"
+            lines.append(f"  {_cache_words(c)}, {library.size_words(c.size)}, last used {library.ago(c.last_used)}{gone}")
+            lines.append(_fit_text("    " + c.source))
+    sys.stdout.write("\n".join(line for line in lines if line is not None) + "\n")
+
+
+@app.command("rm")
+def rm_(
+    model: str = typer.Argument(..., help="Alias or Hub repo id of a pulled model (see `moerun ls`)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Only this revision (commit, prefix or ref)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
+) -> None:
+    """Remove a pulled model: its snapshots, the blobs no other revision uses, and the
+    quantized expert caches built from it."""
+    from moerun import library
+
+    removal = library.plan_removal(model, revision)
+    revs = ", ".join(r.commit[:12] for r in removal.revisions) or "partial download"
+    n = len(removal.caches)
+    what = (f"{removal.repo_id} ({revs}" + (f"; {n} quantized cache{'s' if n != 1 else ''}" if n else "")
+            + f"; {library.size_words(removal.bytes)})")  # fmt: skip
+    if not yes:
+        if not sys.stdin.isatty():
+            raise MoerunError(f"not removing {what} without asking: stdin is not a terminal; pass -y")
+        sys.stderr.write(f"remove {what}? [y/N] ")
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            sys.stderr.write("nothing removed\n")
+            return
+    removal.apply()
+    sys.stderr.write(f"removed {what}\n")
+
+
+@app.command("show")
+def show_(
+    model: str = typer.Argument(..., help="Alias, Hub repo id or local folder."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A revision in the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Describe a model from the files on this machine: architecture, parameters, context,
+    chat template, license, quantized caches, and whether it fits here."""
+    import textwrap
+
+    from moerun import library
+
+    info = library.show(model, revision)
+    if as_json:
+        sys.stdout.write(json.dumps(info.to_dict()) + "\n")
+        return
+    src = {"cache": "the local Hugging Face cache", "folder": "a local folder", "shipped with moerun": "moerun itself",
+           "shipped config": "the config shipped with moerun (not pulled)"}[info.source]  # fmt: skip
+    title = info.alias or info.repo_id or info.name
+    rows = [("model", title + (f" ({info.repo_id})" if info.alias and info.repo_id else "")), ("from", src)]
+    if info.folder is not None:
+        rows.append(("folder", str(info.folder)))
+    arch = info.model_type or "?"
+    rows.append(("architecture", arch + (f" ({', '.join(info.architectures)})" if info.architectures else "")))
+    if info.total_params:
+        rows.append(("parameters", f"{library.params_words(info.total_params)} total, "
+                                   f"{library.params_words(info.active_params)} active per token"))  # fmt: skip
+    if info.n_experts:
+        rows.append(("experts", f"{info.n_experts} per MoE layer, {info.experts_per_token} per token; "
+                                f"{info.n_layers} layers"))  # fmt: skip
+    rows.append(("context", f"{info.context} tokens" if info.context else "n/a"))
+    if info.folder is None:
+        rows.append(("chat template", "n/a (not pulled)"))
+    elif info.chat_template is None:
+        rows.append(("chat template", "none (prompts are sent as plain text)"))
+    else:
+        rows.append(("chat template", "yes, it starts:"))
+        rows += [("", line) for line in library.template_head(info.chat_template, width=WIDTH - 18)]
+    rows.append(("license", info.license or "not in the local files (see the model card)"))
+    for c in info.caches:
+        rows.append(("quantized", f"{_cache_words(c)}, {library.size_words(c.size)}, "
+                                  f"last used {library.ago(c.last_used)}"))  # fmt: skip
+    f = info.fit
+    if f is None:
+        rows.append(("fits here", "n/a (no weights or an unknown family)"))
+    else:  # fit's quick verdict: metadata on this machine, no measurement
+        from moerun.plan import gib
+
+        p, where = f.plan, "GPU" if f.device == "cuda" else "CPU (host RAM)"
+        words = {"gpu": f"yes, everything on the {where} ({gib(p.gpu_bytes)})",
+                 "offload": f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the {where} "
+                            f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})",
+                 "no": f"no: {p.reason}"}[p.verdict]  # fmt: skip
+        rows.append(("fits here", f"at {p.bits} bits: {words}"))
+        rows.append(("recommended", f"--bits {f.recommended_bits}" if f.recommended_bits else "nothing fits here"))
+    lines = []
+    for key, value in rows:
+        lines += textwrap.wrap(value, WIDTH, initial_indent=f"{key:<16}", subsequent_indent=" " * 16,
+                               break_on_hyphens=False) or [key]  # fmt: skip
+    sys.stdout.write("\n".join(_fit_text(line) for line in lines) + "\n")
+
+
 def _one_line(exc: BaseException) -> str:
     # Exactly one line, whatever the message: scripts grep for `error:`.
     msg = " ".join(str(exc).split())
@@ -654,7 +941,10 @@ def main() -> None:
     """Console-script entry: run the app, turning every exception into one `error:` line."""
     debug = os.environ.get("MOERUN_DEBUG", "") not in ("", "0")
     try:
-        app()  # standalone mode: Typer/click usage errors print and exit 2 on their own
+        try:
+            app()  # standalone mode: Typer/click usage errors print and exit 2 on their own
+        finally:
+            SPINNER.stop()  # before any error line
     except USER_ERRORS as exc:
         if debug:
             raise

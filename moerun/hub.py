@@ -122,7 +122,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
         at = f" at revision {revision}" if revision else ""
         raise MoerunError(
             f"{repo_id}{at} is not in the local Hugging Face cache ({cache}); "
-            f"download it first with `hf download {repo_id}`"
+            f"download it first with `moerun pull {repo_id}{f' --revision {revision}' if revision else ''}`"
         ) from None
     return Path(snapshot)
 

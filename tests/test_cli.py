@@ -329,6 +329,7 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(ckpt):
     assert "tok/s" not in proc.stdout
     assert "peak memory: " in proc.stderr and "tok/s" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("prompt: "), proc.stderr  # no blank line, no spinner off a terminal
 
 
 def test_generate_raw(ckpt):

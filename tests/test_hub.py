@@ -43,7 +43,7 @@ def test_uncached_repo(hf_cache):
         hub.resolve("owner/other")
     assert str(e.value) == (
         f"owner/other is not in the local Hugging Face cache ({hf_cache}); "
-        "download it first with `hf download owner/other`"
+        "download it first with `moerun pull owner/other`"
     )
 
 
@@ -58,7 +58,7 @@ def test_alias_resolves_to_repo_id(hf_cache):
     with pytest.raises(MoerunError) as e:
         hub.resolve("mixtral-8x7b")
     assert str(e.value).startswith("mistralai/Mixtral-8x7B-Instruct-v0.1 is not in the local Hugging Face cache")
-    assert "`hf download mistralai/Mixtral-8x7B-Instruct-v0.1`" in str(e.value)
+    assert "`moerun pull mistralai/Mixtral-8x7B-Instruct-v0.1`" in str(e.value)
 
 
 def test_demo_alias_uses_package_folder(tmp_path, monkeypatch):

@@ -229,6 +229,10 @@ class QuantizedCache:
 
     def open(self) -> dict[int, torch.Tensor]:
         """Memory-map every layer's uint8 [E, blob_bytes] store."""
+        try:  # the manifest's mtime says when the cache was last used (`moerun ls`)
+            os.utime(self.path / MANIFEST)
+        except OSError:
+            pass  # a read-only cache still loads
         stores = {}
         for i in self.fmt_by_layer:
             with safe_open(str(self.layer_file(i)), framework="pt") as f:
