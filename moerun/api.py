@@ -20,7 +20,7 @@ from moerun.generate import (
     stream_tokens,
 )
 from moerun.graphs import DecodeGraphs, graphs_enabled
-from moerun.models import get_architecture, load_model
+from moerun.models import check_config, get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.tokenizer import Tokenizer
 from moerun.weights import CheckpointWeights
@@ -288,6 +288,7 @@ def load(
     folder = hub.resolve(name_or_path, revision=revision)
     config = hub.read_config(folder)
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
+    check_config(config, folder / "config.json")  # a bad value, named, before anything is built from it
     tokenizer = Tokenizer.from_dir(folder)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, config, device)
