@@ -410,6 +410,9 @@ def run_bench(
         raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
     if repetitions < 1:
         raise MoerunError(f"repetitions must be >= 1, got {repetitions}")
+    for what, counts in (("prompt", prompt_tokens), ("generated", gen_tokens)):
+        if any(not isinstance(n, int) or n < 0 for n in counts):
+            raise MoerunError(f"{what} token counts must be whole numbers >= 0, got {list(counts)}")
     dev = _resolve_device(device)
     notes = [RANDOM_ROUTING_NOTE] if synthetic else []
     rows = []
@@ -434,6 +437,7 @@ def run_bench(
                             expert_slots=expert_slots, dtype=dtype)  # fmt: skip
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
+        _check_context(bm, prompt_tokens, gen_tokens)
         p = bm.plan
         base = {
             "model": bm.name + (" (synthetic)" if bm.synthetic else ""),
@@ -470,6 +474,18 @@ def run_bench(
             if r["test"].startswith("tg"):
                 r["bound_t_s"] = machine["ram_read_bytes_s"] / max(r["decode_bytes_per_token"], 1)
     return {"machine": machine, "rows": rows, "notes": notes}
+
+
+def _check_context(bm: BenchModel, prompt_tokens, gen_tokens) -> None:
+    """Refuse, before any state is allocated for them, tests longer than the model's
+    context: ppN fills N positions, tgN one prompt token and N generated."""
+    limit = getattr(bm.lm.args, "max_position_embeddings", None)
+    if not limit:
+        return
+    for test, n, used in [("pp", n, n) for n in prompt_tokens] + [("tg", n, n + 1) for n in gen_tokens]:
+        if used > limit:
+            raise MoerunError(f"{test}{n} needs {used} positions, more than {bm.name}'s context of {limit} tokens "
+                              "(max_position_embeddings)")  # fmt: skip
 
 
 def read_bandwidth(megabytes: int = 512) -> float:

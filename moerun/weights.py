@@ -156,7 +156,11 @@ class CheckpointWeights:
         # One mmap'd handle per file, opened only after every header passed validation.
         self._handles = {}
         for file in sorted({info.file for info in tensors.values()}):
-            self._handles[file] = safe_open(str(file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # SafetensorError: what the header checks above did not foresee
+                self.close()
+                raise MoerunError(f"{file.name} is not a valid safetensors file ({e}); re-download it") from None
 
     @classmethod
     def open(cls, folder: str | Path) -> CheckpointWeights:

@@ -42,13 +42,14 @@ def build_args(config: dict, source: str = "config.json"):
     return get_architecture(config.get("model_type")).ModelArgs.from_dict(config, source)
 
 
-def check_config(config: dict, source: str | Path) -> None:
+def check_config(config: dict, source: str | Path):
     """Refuse, in one line naming the key and `source` (the file it came from), a config
     its family's ModelArgs does not accept: a value of the wrong type or out of range,
     an activation moerun does not implement. An unknown model_type is the caller's to
-    refuse or estimate (fit does the latter)."""
+    refuse or estimate (fit does the latter). Returns the ModelArgs (None for those)."""
     if config.get("model_type") in ARCHITECTURES:
-        build_args(config, str(source))
+        return build_args(config, str(source))
+    return None
 
 
 def build_meta_model(config: dict):
