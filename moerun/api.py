@@ -20,7 +20,7 @@ from moerun.generate import (
     stream_tokens,
 )
 from moerun.graphs import DecodeGraphs, graphs_enabled
-from moerun.models import get_architecture, load_model
+from moerun.models import check_config, get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.tokenizer import Tokenizer
 from moerun.weights import CheckpointWeights
@@ -110,6 +110,17 @@ def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer) -> set[int]:
         elif isinstance(value, list):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int, folder: Path) -> None:
+    """Refuse a tokenizer with ids the model's embedding lacks. A tokenizer smaller than
+    vocab_size is the usual case (padded embeddings); only ids >= vocab_size matter."""
+    beyond = tokenizer.tokens_from(vocab_size)
+    if beyond:
+        token, token_id = beyond[0]
+        more = f" and {len(beyond) - 1} more" if len(beyond) > 1 else ""
+        raise MoerunError(f"the tokenizer in {folder} has token {token!r} at id {token_id}{more}, but the model's "
+                          f"vocab_size (config.json) is {vocab_size}: the tokenizer and the model disagree")  # fmt: skip
 
 
 class Model:
@@ -214,7 +225,12 @@ class Model:
         prompt = list(prompt)
         if prompt and isinstance(prompt[0], dict):
             return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        vocab = getattr(self.lm.args, "vocab_size", None)
+        bad = next((t for t in ids if t < 0 or (vocab and t >= vocab)), None)
+        if bad is not None:
+            raise MoerunError(f"token id {bad} is not in the model's vocabulary (0 to {vocab - 1})")
+        return ids
 
     def stream_generate(
         self,
@@ -332,7 +348,9 @@ def load(
     config = hub.read_config(folder)
     library.mark_used(folder)  # for `moerun ls`: one empty file's mtime
     arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
+    args = check_config(config, folder / "config.json")  # a bad value, named, before anything is built from it
     tokenizer = Tokenizer.from_dir(folder)
+    _check_vocab(tokenizer, args.vocab_size, folder)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, config, device)
 

@@ -423,6 +423,9 @@ def run_bench(
         raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
     if repetitions < 1:
         raise MoerunError(f"repetitions must be >= 1, got {repetitions}")
+    for what, counts in (("prompt", prompt_tokens), ("generated", gen_tokens)):
+        if any(not isinstance(n, int) or n < 0 for n in counts):
+            raise MoerunError(f"{what} token counts must be whole numbers >= 0, got {list(counts)}")
     dev = _resolve_device(device)
     notes = [RANDOM_ROUTING_NOTE] if synthetic else []
     rows = []

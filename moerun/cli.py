@@ -60,18 +60,30 @@ def _root(
     """Run Mixture-of-Experts language models on one consumer GPU (or the CPU)."""
 
 
+def _top_p(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
+def _cold(value: str) -> str:
+    if value not in ("gpu", "cpu", "auto"):
+        raise typer.BadParameter(f"{value} is not one of gpu, cpu, auto")
+    return value
+
+
 # Options shared by `generate` and `chat`, declared once so that the two verbs agree.
 MaxNewTokens = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate per reply.")
 Temperature = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 means greedy decoding.")
-TopP = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1.0: off).")
+TopP = typer.Option(1.0, "--top-p", callback=_top_p, help="Nucleus sampling mass in (0, 1] (1.0: off).")
 TopK = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: off).")
-Seed = typer.Option(None, "--seed", help="Random seed for sampling.")
+Seed = typer.Option(None, "--seed", min=0, max=(1 << 63) - 1, help="Random seed for sampling (0 to 2**63-1).")
 Bits = typer.Option(16, "--bits", "-b", help="Expert weight bits: 4, 8 or 16.")
 Device = typer.Option("auto", "--device", "-d", help="auto, cpu or cuda.")
 Vram = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve).")
 Ram = typer.Option(None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")
 ExpertSlots = typer.Option(None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner).")
-Cold = typer.Option("gpu", "--cold", help="Where non-resident experts run: gpu (copied in), cpu, or auto.")
+Cold = typer.Option("gpu", "--cold", callback=_cold, help="Where non-resident experts run: gpu (copied in), cpu, or auto.")
 Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")
 NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
 Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; float32 on a CPU "
@@ -447,6 +459,18 @@ def serve(
                  sock=sock)
 
 
+def _int_list(text: str, hint: str) -> list[int]:
+    """'512' or '128,256' -> whole numbers, none negative."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a whole number or a comma list of them, e.g. 512 or 128,256",
+                                 param_hint=hint) from None  # fmt: skip
+    if any(v < 0 for v in values):
+        raise typer.BadParameter(f"{text!r}: counts cannot be negative", param_hint=hint)
+    return values
+
+
 @app.command()
 def bench(
     model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
@@ -471,10 +495,14 @@ def bench(
     """Measure prompt processing (ppN) and generation (tgN) tokens/sec, llama-bench style."""
     if output not in ("md", "json"):
         raise typer.BadParameter("use md or json", param_hint="'-o'")
-    bits_list = [int(b) for b in bits.split(",")]
+    bits_list = _int_list(bits, "'--bits'")
     for b in bits_list:
         if b not in BITS:
             raise typer.BadParameter(f"{b} is not one of 4, 8, 16", param_hint="'--bits'")
+    pp, tg = _int_list(prompt_tokens, "'-p'"), _int_list(gen_tokens, "'-n'")
+    colds = cold.split(",")
+    for c in colds:
+        _cold(c)
     if model is not None and synthetic is None:
         _pull_on_first_use(model, bits_list[0], vram.split(",")[0] if vram else None, ram, ctx, force)
     from rich.console import Console
@@ -482,13 +510,7 @@ def bench(
 
     from moerun import bench as benchmark
 
-    try:
-        pp = [int(v) for v in prompt_tokens.split(",")]
-        tg = [int(v) for v in gen_tokens.split(",")]
-    except ValueError as e:
-        raise typer.BadParameter("token counts are whole numbers, e.g. 512 or 128,256") from e
     vrams = vram.split(",") if vram else [None]
-    colds = cold.split(",")
     graph_flags = cuda_graphs.split(",")
     if any(g not in ("on", "off") for g in graph_flags):
         raise typer.BadParameter("use on, off or on,off", param_hint="'--cuda-graphs'")
@@ -938,13 +960,28 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning every exception into one `error:` line."""
+    """Console-script entry: run the app, turning every exception into one `error:` line
+    (usage errors too: exit code 2, as click gives them, but one line, not a box)."""
+    # Typer's own click (vendored in typer._click, or click itself), found without naming it.
+    clicks = sys.modules[typer.BadParameter.__module__]
+
     debug = os.environ.get("MOERUN_DEBUG", "") not in ("", "0")
     try:
         try:
-            app()  # standalone mode: Typer/click usage errors print and exit 2 on their own
+            code = app(standalone_mode=False)
         finally:
             SPINNER.stop()  # before any error line
+        if isinstance(code, int) and code:  # typer.Exit(code) from a verb
+            sys.exit(code)
+    except clicks.NoArgsIsHelpError as exc:  # bare `moerun` or a bare group: the help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except clicks.ClickException as exc:
+        sys.stderr.write(f"error: {_one_line(exc.format_message())}\n")
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C or EOF outside a verb's own handling
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
     except USER_ERRORS as exc:
         if debug:
             raise

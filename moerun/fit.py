@@ -14,6 +14,7 @@ import torch
 
 from moerun import gpus, hub, plan, registry
 from moerun.errors import MoerunError
+from moerun.models import check_config
 from moerun.weights import CheckpointWeights
 
 # Conservative bandwidths used when nothing can be measured (bytes/s): a mid-range
@@ -40,6 +41,7 @@ class Metadata:
 
 def folder_metadata(folder: Path, source: str, name: str) -> Metadata:
     config = hub.read_config(folder)
+    check_config(config, Path(folder) / "config.json")
     with CheckpointWeights.open(folder) as ckpt:
         tensors = ckpt.headers()
     return Metadata(config, tensors, source, name)
@@ -51,6 +53,7 @@ def hub_metadata(repo_id: str, revision: str | None = None) -> Metadata:
     if "config.json" not in repo.files:
         raise MoerunError(f"{repo_id} has no config.json: not a transformers model repo")
     config = hub.read_remote_json(repo, "config.json", counter)
+    check_config(config, f"config.json of {repo_id}")
     tensors = hub.read_remote_headers(repo, counter)
     return Metadata(config, tensors, "hub", repo_id, download_bytes=repo.size, bytes_read=counter.n)
 

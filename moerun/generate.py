@@ -34,6 +34,8 @@ class SamplingParams:
             raise MoerunError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise MoerunError(f"top-k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
+            raise MoerunError(f"seed must be a whole number from -2**63 to 2**63-1, got {self.seed}")
 
 
 @dataclasses.dataclass

@@ -251,6 +251,12 @@ class Tokenizer:
         """Number of token ids, added tokens included (transformers' `len(tokenizer)`)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def tokens_from(self, first_id: int) -> list[tuple[str, int]]:
+        """(token, id) of every token whose id is `first_id` or more, lowest id first: the
+        tokens a model with a `first_id`-row embedding cannot take."""
+        return sorted(((t, i) for t, i in self._tok.get_vocab(with_added_tokens=True).items() if i >= first_id),
+                      key=lambda ti: ti[1])  # fmt: skip
+
     @property
     def has_chat_template(self) -> bool:
         """Whether the model ships a chat template (else apply_chat_template uses a plain fallback)."""

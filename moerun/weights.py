@@ -83,7 +83,7 @@ def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo
         raise MoerunError(corrupt.format("header is not a JSON object"))
 
     tensors: dict[str, TensorInfo] = {}
-    data_end = 0
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -103,7 +103,16 @@ def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo
         if end - start != numel * dtype.itemsize:
             raise MoerunError(corrupt.format(f"{key} has offsets [{start}, {end}] that do not fit shape {_fmt_shape(shape)}"))
         tensors[key] = TensorInfo(path, dtype, shape)
-        data_end = max(data_end, end)
+        spans.append((start, end, key))
+
+    # The data region is the tensors back to back, as safetensors writes and requires it:
+    # a gap or an overlap means a damaged or hand-edited header.
+    data_end = 0
+    for start, end, key in sorted(spans):
+        if start != data_end:
+            what = "overlaps the tensor before it" if start < data_end else f"leaves a gap of {start - data_end} bytes before it"
+            raise MoerunError(corrupt.format(f"tensor {key} at data offsets [{start}, {end}] {what}"))
+        data_end = end
 
     expected = 8 + header_len + data_end
     if size < expected:
@@ -165,7 +174,11 @@ class CheckpointWeights:
         # One mmap'd handle per file, opened only after every header passed validation.
         self._handles = {}
         for file in sorted({info.file for info in tensors.values()}):
-            self._handles[file] = safe_open(str(file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # SafetensorError: what the header checks above did not foresee
+                self.close()
+                raise MoerunError(f"{file.name} is not a valid safetensors file ({e}); re-download it") from None
 
     @classmethod
     def open(cls, folder: str | Path) -> CheckpointWeights:

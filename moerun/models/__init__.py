@@ -37,8 +37,19 @@ def get_architecture(model_type: str | None):
     return importlib.import_module(f"moerun.models.{model_type}")
 
 
-def build_args(config: dict):
-    return get_architecture(config.get("model_type")).ModelArgs.from_dict(config)
+def build_args(config: dict, source: str = "config.json"):
+    """The family's ModelArgs for `config` (checked; errors name `source`)."""
+    return get_architecture(config.get("model_type")).ModelArgs.from_dict(config, source)
+
+
+def check_config(config: dict, source: str | Path):
+    """Refuse, in one line naming the key and `source` (the file it came from), a config
+    its family's ModelArgs does not accept: a value of the wrong type or out of range,
+    an activation moerun does not implement. An unknown model_type is the caller's to
+    refuse or estimate (fit does the latter). Returns the ModelArgs (None for those)."""
+    if config.get("model_type") in ARCHITECTURES:
+        return build_args(config, str(source))
+    return None
 
 
 def build_meta_model(config: dict):
@@ -124,9 +135,16 @@ def load_model(
                 continue
             m = _LAYER.match(ours)
             groups[int(m.group(1)) if m else None].append(name)
+        n_layers, n_mtp = args.num_hidden_layers, getattr(args, "num_nextn_predict_layers", 0)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):
-            if key is not None and key >= args.num_hidden_layers:
-                continue  # layers past the model (DeepSeek's multi-token-prediction layer)
+            if key is not None and key >= n_layers:
+                if key < n_layers + n_mtp:
+                    continue  # a multi-token-prediction layer (DeepSeek-V3, GLM): not run
+                raise MoerunError(
+                    f"the checkpoint in {folder} has layer {key} ({groups[key][0]}), but config.json gives "
+                    f"num_hidden_layers {n_layers}" + (f" and num_nextn_predict_layers {n_mtp}" if n_mtp else "")
+                    + ": the config and the weights disagree"
+                )  # fmt: skip
             tensors = arch.sanitize({name: ckpt.get(name) for name in groups[key]}, args)
             for name, tensor in tensors.items():
                 if name not in expected:

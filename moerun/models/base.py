@@ -8,6 +8,9 @@ Shape legend: B batch, T tokens, D hidden, V vocab, E experts.
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 
 import torch
 from torch import nn
@@ -16,43 +19,165 @@ from moerun.errors import MoerunError
 from moerun.layers import Attention, LayerState, RMSNorm, Start, StateSpec
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What a config field must hold beyond its annotated type (which from_dict checks
+    too): `minimum` (a number below it is refused; null passes where the type allows
+    it), `choices` (the only values moerun implements), `top_k_of` (the field holding
+    the expert count this experts-per-token count must not exceed: 1 <= top-k <= count
+    whenever the model has routed experts)."""
+
+    minimum: float | None = None
+    choices: tuple | None = None
+    top_k_of: str | None = None
+
+
+def spec(default=dataclasses.MISSING, *, minimum=None, choices=None, top_k_of=None,
+         default_factory=dataclasses.MISSING):  # fmt: skip
+    """A config field with its checks (see Spec). A subclass that redeclares the field
+    with a plain default keeps its parent's checks; one that redeclares it with spec()
+    replaces them."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"spec": Spec(minimum, choices, top_k_of)})  # fmt: skip
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
+               dict: "an object", type(None): "null"}  # fmt: skip
+
+
+def _type_members(tp) -> tuple | None:
+    """The plain types an annotation allows (int | None -> (int, NoneType)); None when
+    it is not one from_dict can check (Any, a class)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [_type_members(t) for t in typing.get_args(tp)]
+        return None if any(m is None for m in members) else tuple(t for m in members for t in m)
+    tp = origin or tp
+    return (tp,) if tp in _TYPE_WORDS else None
+
+
+def _conform(value, allowed: tuple):
+    """`value` as one of the `allowed` types (2.0 for an int field is 2), or the marker
+    _WRONG. bool is not a number here, and a number is not a bool but 0 or 1."""
+    if value is None:
+        return value if type(None) in allowed else _WRONG
+    if isinstance(value, bool):
+        return value if bool in allowed else _WRONG
+    if isinstance(value, int):
+        if int in allowed:
+            return value
+        if float in allowed:
+            return float(value)
+        return bool(value) if bool in allowed and value in (0, 1) else _WRONG
+    if isinstance(value, float):
+        if float in allowed:
+            return value
+        return int(value) if int in allowed and value.is_integer() else _WRONG
+    return value if type(value) in allowed else _WRONG
+
+
+_WRONG = object()
+
+
 @dataclasses.dataclass
 class BaseModelArgs:
-    """Fields are named exactly as in config.json; unknown keys are ignored."""
+    """Fields are named exactly as in config.json; unknown keys are ignored. from_dict
+    checks each value it takes against the field's annotated type and its Spec (see
+    spec()), naming the key and the file, so a bad config is refused in one line before
+    a model is built from it."""
 
     @classmethod
-    def from_dict(cls, config: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, config: dict, source: str = "config.json"):
+        fields = dataclasses.fields(cls)
         missing = [
             f.name
-            for f in dataclasses.fields(cls)
+            for f in fields
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in config
         ]
         if missing:
-            raise MoerunError(f"config.json lacks {', '.join(missing)} (needed by {config.get('model_type')})")
-        return cls(**{k: v for k, v in config.items() if k in names})
+            raise MoerunError(f"{source} lacks {', '.join(missing)} (needed by {config.get('model_type')})")
+        hints = _field_hints(cls)
+        values = {}
+        for f in fields:
+            if f.name in config:
+                values[f.name] = _checked_value(f.name, config[f.name], hints.get(f.name), field_spec(cls, f.name),
+                                                source)  # fmt: skip
+        args = cls(**values)
+        args._check_routing(source)
+        return args
+
+    def _check_routing(self, source: str) -> None:
+        """Experts per token within 1..the expert count, when the model routes at all (an
+        expert count of 0 or null, or no MoE layer, is a dense model)."""
+        for f in dataclasses.fields(self):
+            counts = field_spec(type(self), f.name).top_k_of
+            if counts is None:
+                continue
+            k, n = getattr(self, f.name), getattr(self, counts)
+            if not n or n < 1 or not getattr(self, "moe_layers", True):
+                continue
+            if not isinstance(k, int) or not 1 <= k <= n:
+                raise MoerunError(f"{source}: {f.name} is {json.dumps(k)}, must be 1 to {counts} ({n})")
+
+
+def field_spec(cls, name: str) -> Spec:
+    """The Spec of field `name`: from the nearest class that declared it with spec()."""
+    for klass in cls.__mro__:
+        f = klass.__dict__.get("__dataclass_fields__", {}).get(name)
+        if f is not None and "spec" in f.metadata and name in klass.__dict__.get("__annotations__", {}):
+            return f.metadata["spec"]
+    return Spec()
+
+
+def _field_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not evaluate: its types go unchecked
+        return {}
+
+
+def _checked_value(key: str, value, annotation, rule: Spec, source: str):
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    allowed = _type_members(annotation) if annotation is not None else None
+    if allowed is not None:
+        conformed = _conform(value, allowed)
+        if conformed is _WRONG:
+            words = " or ".join(dict.fromkeys(_TYPE_WORDS[t] for t in allowed))
+            raise MoerunError(f"{source}: {key} is {shown}, expected {words}")
+        value = conformed
+    if rule.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value >= rule.minimum:  # also refuses NaN
+            raise MoerunError(f"{source}: {key} is {shown}, must be at least {rule.minimum}")
+    if rule.choices is not None and value not in rule.choices:
+        raise MoerunError(f"{source}: {key} {shown} is not supported (moerun implements {', '.join(map(str, rule.choices))})")
+    return value
 
 
 @dataclasses.dataclass(kw_only=True)
 class TransformerArgs(BaseModelArgs):
     """The config.json fields every decoder-only family shares. A family's ModelArgs
     subclasses it (also kw_only, so its own required fields may follow these defaults)
-    and redeclares a field to change its default."""
+    and redeclares a field to change its default (keeping its checks) or its spec()."""
 
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
+    vocab_size: int = spec(minimum=1)
+    hidden_size: int = spec(minimum=1)
+    intermediate_size: int = spec(minimum=1)
+    num_hidden_layers: int = spec(minimum=1)
+    num_attention_heads: int = spec(minimum=1)
+    num_key_value_heads: int | None = spec(None, minimum=1)
+    head_dim: int | None = spec(None, minimum=1)
+    rms_norm_eps: float = spec(1e-6, minimum=0)
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 4096
-    rope_theta: float | None = None
+    max_position_embeddings: int = spec(4096, minimum=1)
+    rope_theta: float | None = spec(None, minimum=0)
     rope_parameters: dict | None = None
     rope_scaling: dict | None = None
+    # Every family's feed-forward is a SwiGLU: another activation would silently compute garbage.
+    hidden_act: str = spec("silu", choices=("silu",))
+    # Multi-token-prediction layers stored after the model's as model.layers.{L}... (DeepSeek-V3,
+    # GLM): not run, not loaded; any other layer past num_hidden_layers is refused at load.
+    num_nextn_predict_layers: int = spec(0, minimum=0)
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads

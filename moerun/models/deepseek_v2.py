@@ -48,7 +48,7 @@ from moerun.layers import (
     key_positions,
     token_positions,
 )
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -56,8 +56,8 @@ from moerun.moe.routing import Router
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
     moe_intermediate_size: int
-    n_routed_experts: int | None = None
-    num_experts_per_tok: int | None = None
+    n_routed_experts: int | None = spec(None, minimum=0)
+    num_experts_per_tok: int | None = spec(None, top_k_of="n_routed_experts")
     n_shared_experts: int | None = None
     routed_scaling_factor: float = 1.0
     topk_method: str = "greedy"

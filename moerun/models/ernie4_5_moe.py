@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -31,10 +31,10 @@ FLOAT32_PARAMS = (".mlp.gate.weight", ".e_score_correction_bias")
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_key_value_heads: int = dataclasses.field()  # required here: no default to inherit
+    num_key_value_heads: int = spec(minimum=1)  # required here: no default to inherit
     moe_intermediate_size: int
-    moe_num_experts: int = 64
-    moe_k: int = 6
+    moe_num_experts: int = spec(64, minimum=0)
+    moe_k: int = spec(6, top_k_of="moe_num_experts")
     moe_num_shared_experts: int = 2
     moe_layer_start_index: int = 1
     moe_layer_end_index: int = -1

@@ -19,7 +19,7 @@ import dataclasses
 
 from moerun.layers import MLP
 from moerun.models import deepseek_v3
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec
 from moerun.models.deepseek_v3 import sanitize  # noqa: F401  (the same names: only the routed experts are stacked)
 
 # The reference keeps the correction bias in float32: in bf16 it would round away the
@@ -29,10 +29,10 @@ FLOAT32_PARAMS = (".e_score_correction_bias",)
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_key_value_heads: int = dataclasses.field()  # required here: no default to inherit
+    num_key_value_heads: int = spec(minimum=1)  # required here: no default to inherit
     moe_intermediate_size: int
-    n_routed_experts: int
-    num_experts_per_tok: int
+    n_routed_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(top_k_of="n_routed_experts")
     n_shared_experts: int = 1
     first_k_dense_replace: int = 1
     n_group: int = 1

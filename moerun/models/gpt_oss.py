@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from moerun.layers import RMSNorm
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec
 from moerun.moe.experts import ExpertActivation, RoutedExperts
 from moerun.moe.routing import Router
 from moerun.quant import mxfp4
@@ -33,8 +33,8 @@ FLOAT32_PARAMS = ("norm.weight",)
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_local_experts: int
-    num_experts_per_tok: int = 4
+    num_local_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(4, top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = 128
     layer_types: list[str] | None = None

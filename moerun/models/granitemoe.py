@@ -14,15 +14,15 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_local_experts: int
-    num_experts_per_tok: int
+    num_local_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(top_k_of="num_local_experts")
     attention_bias: bool = False
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0

@@ -19,7 +19,7 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec
 from moerun.models.granitemoe import RENAMES
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -40,8 +40,8 @@ def as_float(value) -> float:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_local_experts: int = 0
-    num_experts_per_tok: int = 0
+    num_local_experts: int = spec(0, minimum=0)  # 0: dense feed-forwards only
+    num_experts_per_tok: int = spec(0, top_k_of="num_local_experts")
     shared_intermediate_size: int = 1024
     attention_bias: bool = False
     embedding_multiplier: float = 1.0

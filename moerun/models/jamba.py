@@ -20,7 +20,7 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.mamba import MambaMixer
@@ -28,8 +28,8 @@ from moerun.recurrent.mamba import MambaMixer
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_experts: int = 16
-    num_experts_per_tok: int = 2
+    num_experts: int = spec(16, minimum=0)  # 1 (or 0): no MoE layer
+    num_experts_per_tok: int = spec(2, top_k_of="num_experts")
     expert_layer_period: int = 2
     expert_layer_offset: int = 1
     attn_layer_period: int = 8

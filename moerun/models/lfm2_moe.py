@@ -20,7 +20,7 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.short_conv import ShortConv
@@ -31,8 +31,8 @@ FLOAT32_PARAMS = (".e_score_correction_bias",)
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_experts: int
-    num_experts_per_tok: int
+    num_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(top_k_of="num_experts")
     moe_intermediate_size: int
     num_dense_layers: int = 2
     layer_types: list[str] | None = None

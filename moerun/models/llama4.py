@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -37,8 +37,8 @@ CHECKPOINT_PREFIX = "language_model."
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
     intermediate_size_mlp: int = 16384
-    num_local_experts: int = 16
-    num_experts_per_tok: int = 1
+    num_local_experts: int = spec(16, minimum=1)
+    num_experts_per_tok: int = spec(1, top_k_of="num_local_experts")
     moe_layers: list[int] | None = None
     interleave_moe_layer_step: int = 1
     rms_norm_eps: float = 1e-5
@@ -54,12 +54,12 @@ class ModelArgs(TransformerArgs):
     max_position_embeddings: int = 131072
 
     @classmethod
-    def from_dict(cls, config: dict):
+    def from_dict(cls, config: dict, source: str = "config.json"):
         """The text config, nested in `text_config` (Llama4ForConditionalGeneration) or flat."""
         text = config.get("text_config")
         if isinstance(text, dict):
-            config = {**text, "model_type": config.get("model_type")}
-        return super().from_dict(config)
+            config, source = {**text, "model_type": config.get("model_type")}, f"{source} (text_config)"
+        return super().from_dict(config, source)
 
     def __post_init__(self):
         super().__post_init__()

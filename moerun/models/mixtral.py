@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -22,8 +22,8 @@ TOOL_CALL_FORMAT = "mistral"
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_local_experts: int
-    num_experts_per_tok: int
+    num_local_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     max_position_embeddings: int = 32768

@@ -25,7 +25,7 @@ from torch import nn
 
 from moerun.errors import MoerunError
 from moerun.layers import Attention, RMSNorm
-from moerun.models.base import CausalLM, CheckpointLayout, MixerBlock, SparseMoeBlock, TransformerArgs
+from moerun.models.base import CausalLM, CheckpointLayout, MixerBlock, SparseMoeBlock, TransformerArgs, spec
 from moerun.moe.experts import RELU2, RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.mamba2 import Mamba2Mixer, mamba2_tensors
@@ -47,7 +47,7 @@ LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_ch
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
     # transformers 5 saves no num_hidden_layers: the pattern's length is the depth.
-    num_hidden_layers: int = 0
+    num_hidden_layers: int = spec(0, minimum=0)
     intermediate_size: int = 21504
     num_attention_heads: int = 32
     num_key_value_heads: int | None = 8
@@ -56,6 +56,7 @@ class ModelArgs(TransformerArgs):
     layers_block_type: list[str] | None = None
     layer_types: list[str] | None = None
     layer_norm_epsilon: float = 1e-5
+    hidden_act: str | None = spec(None)  # unread: the blocks' activations are the two below
     mlp_hidden_act: str = "relu2"
     mlp_bias: bool = False
     mamba_num_heads: int = 128
@@ -68,8 +69,8 @@ class ModelArgs(TransformerArgs):
     time_step_min: float = 0.001
     use_conv_bias: bool = True
     use_bias: bool = False
-    n_routed_experts: int = 8
-    num_experts_per_tok: int = 2
+    n_routed_experts: int = spec(8, minimum=1)
+    num_experts_per_tok: int = spec(2, top_k_of="n_routed_experts")
     moe_intermediate_size: int = 7688
     moe_shared_expert_intermediate_size: int = 7688
     moe_latent_size: int | None = None

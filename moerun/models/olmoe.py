@@ -12,15 +12,15 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_experts: int
-    num_experts_per_tok: int
+    num_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(top_k_of="num_experts")
     rms_norm_eps: float = 1e-5
     norm_topk_prob: bool = False
     clip_qkv: float | None = None

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
 from moerun.models.mixtral import sanitize  # noqa: F401  (Mixtral's expert layout)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -27,8 +27,8 @@ from moerun.moe.routing import Router
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_local_experts: int
-    num_experts_per_tok: int = 2
+    num_local_experts: int = spec(minimum=1)
+    num_experts_per_tok: int = spec(2, top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5  # the LayerNorms' eps, under this name in config.json
     router_jitter_noise: float = 0.01
     attention_bias: bool = False

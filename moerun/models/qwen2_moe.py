@@ -14,7 +14,7 @@ import dataclasses
 from torch import nn
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, moe_layer_indices
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, moe_layer_indices, spec
 from moerun.models.qwen3_moe import sanitize  # noqa: F401  (the same expert layout)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -27,9 +27,9 @@ TOOL_CALL_FORMAT = "qwen"
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
     # Required here (no fallback to num_attention_heads); a bare annotation would inherit the None default.
-    num_key_value_heads: int = dataclasses.field()
-    num_experts: int
-    num_experts_per_tok: int
+    num_key_value_heads: int = spec(minimum=1)
+    num_experts: int = spec(minimum=0)  # 0: every layer dense
+    num_experts_per_tok: int = spec(top_k_of="num_experts")
     moe_intermediate_size: int
     shared_expert_intermediate_size: int
     norm_topk_prob: bool = False

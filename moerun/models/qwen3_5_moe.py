@@ -43,12 +43,12 @@ class ModelArgs(qwen3_next.ModelArgs):
     grouped_projections: ClassVar[bool] = False
 
     @classmethod
-    def from_dict(cls, config: dict):
+    def from_dict(cls, config: dict, source: str = "config.json"):
         """The text config, nested in `text_config` (the multimodal release) or flat."""
         text = config.get("text_config")
         if isinstance(text, dict):
-            config = {**text, "model_type": config.get("model_type")}
-        return super().from_dict(config)
+            config, source = {**text, "model_type": config.get("model_type")}, f"{source} (text_config)"
+        return super().from_dict(config, source)
 
     def __post_init__(self):
         # Every layer is MoE and the top-k is always renormalised, whatever the config says.

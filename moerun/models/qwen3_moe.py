@@ -20,6 +20,7 @@ from moerun.models.base import (
     TransformerArgs,
     attention_layer,
     moe_layer_indices,
+    spec,
     stack_experts,
 )
 from moerun.moe.experts import RoutedExperts
@@ -32,11 +33,11 @@ TOOL_CALL_FORMAT = "qwen"
 
 @dataclasses.dataclass(kw_only=True)
 class ModelArgs(TransformerArgs):
-    num_experts_per_tok: int
+    num_experts_per_tok: int = spec(top_k_of="num_experts")
     moe_intermediate_size: int
     # Hub configs say num_experts; transformers 5 saves num_local_experts.
-    num_experts: int | None = None
-    num_local_experts: int | None = None
+    num_experts: int | None = spec(None, minimum=1)
+    num_local_experts: int | None = spec(None, minimum=1)
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = dataclasses.field(default_factory=list)

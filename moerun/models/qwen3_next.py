@@ -28,6 +28,7 @@ from moerun.models.base import (
     TransformerArgs,
     attention_layer,
     moe_layer_indices,
+    spec,
     stack_experts,
 )
 from moerun.models.qwen2_moe import moe_block  # Qwen2-MoE's block: the same router, experts, gated shared expert
@@ -49,8 +50,8 @@ class ModelArgs(TransformerArgs):
     linear_value_head_dim: int = 128
     linear_num_key_heads: int = 16
     linear_num_value_heads: int = 32
-    num_experts: int = 512
-    num_experts_per_tok: int = 10
+    num_experts: int = spec(512, minimum=0)
+    num_experts_per_tok: int = spec(10, top_k_of="num_experts")
     moe_intermediate_size: int = 512
     shared_expert_intermediate_size: int = 512
     norm_topk_prob: bool = True
