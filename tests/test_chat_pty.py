@@ -164,6 +164,7 @@ def test_repl_shows_errors_and_carries_on():
 # --- the real REPL through a pseudo-terminal ---------------------------------------------
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 class Terminal:
@@ -406,9 +407,13 @@ def _turn(term: Terminal, prompt: str) -> str:
     return term.text[start : end.start() + 1]
 
 
-def _narrow(text: str) -> list[str]:
-    """The lines wider than 80 columns, but for what the user typed after the prompt."""
-    return [line for line in text.splitlines() if len(line) > 80 and not line.startswith(">>> ")]
+def _narrow(term: "Terminal") -> list[str]:
+    """The lines wider than 80 columns, but for what the user typed after the prompt. A
+    carriage return starts the line again (a spinner redraws itself in place), so each
+    stretch between returns is one line as the terminal shows it."""
+    shown = ESCAPES.sub(b"", term.raw).decode("utf-8", "replace")
+    lines = [part for line in shown.split("\n") for part in line.split("\r")]
+    return [line for line in lines if len(line) > 80 and not line.startswith(">>> ")]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
@@ -471,7 +476,7 @@ def test_demo_chat_in_80_columns(tmp_path):
         assert term.wait() == 0, term.text
     finally:
         term.close()
-    assert not _narrow(term.text), _narrow(term.text)
+    assert not _narrow(term), _narrow(term)
     history_file = tmp_path / "moerun-cache" / "history"
     assert history_file.stat().st_mode & 0o077 == 0  # private, as bash's
     history = history_file.read_text().splitlines()
