@@ -372,7 +372,7 @@ def format_plan(m, load_seconds: float) -> str:
     from moerun.plan import gib
 
     p = m.plan
-    where = "everything on the device" if p.verdict == "gpu" else (
+    where = {"gpu": "everything on the device", "ram": "everything in RAM (no GPU)"}.get(p.verdict) or (
         f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM")
     return (f"loaded {m.name} in {load_seconds:.1f} s: {m.device}, {p.dtype}, {p.bits}-bit experts, ctx {p.ctx}\n"
             f"plan: {where}; device {gib(p.gpu_bytes)}, host "

@@ -50,7 +50,7 @@ def test_verbose_prints_the_plan_and_timings():
     assert result.exit_code == 0, result.output
     err = result.stderr
     assert re.search(r"^loaded demo in [\d.]+ s: cpu, \w+, 16-bit experts, ctx 256$", err, re.M), err
-    assert "plan: everything on the device" in err and "host n/a" in err
+    assert "plan: everything in RAM (no GPU)" in err and "host n/a" in err
     assert re.search(r"^time to first token: \d+ ms", err, re.M), err
     quiet = invoke(["generate", "demo", "hi", "-n", "2", "--device", "cpu"])
     assert "plan:" not in quiet.stderr and "time to first token" not in quiet.stderr
