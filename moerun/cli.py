@@ -941,6 +941,7 @@ def show_(
 
         p, where = f.plan, "GPU" if f.device == "cuda" else "CPU (host RAM)"
         words = {"gpu": f"yes, everything on the {where} ({gib(p.gpu_bytes)})",
+                 "ram": f"yes, everything in RAM ({gib(p.ram_bytes)}; no GPU)",
                  "offload": f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the {where} "
                             f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})",
                  "no": f"no: {p.reason}"}[p.verdict]  # fmt: skip

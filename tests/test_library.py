@@ -122,7 +122,8 @@ def test_show_a_pulled_model_and_the_demo(env):
         assert word in out, out
     info = json.loads(cli("show", REPO, "--json"))
     assert info["source"] == "cache" and info["chat_template"] and info["total_params"] > info["active_params"] > 0
-    assert info["fit"]["verdict"] in ("gpu", "offload")
+    # A tiny model fits this machine: on the CPU (CI) everything in RAM, on a GPU on it.
+    assert info["fit"]["verdict"] == ("gpu" if info["fit"]["device"] == "cuda" else "ram")
     demo = json.loads(cli("show", "demo", "--json"))
     assert demo["license"] == "apache-2.0" and demo["context"] == 256
     assert demo["chat_template_head"] and demo["total_params"] > 1_000_000
