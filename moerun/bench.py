@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import itertools
 import os
+import math
 import platform
 import statistics
 import time
@@ -81,6 +82,20 @@ def _random_blobs(fmt: ExpertFormat, n: int, generator: torch.Generator) -> torc
     return blob.expand(n, -1)
 
 
+# Random values for synthetic weights come in blocks of this many (a prime, so that the
+# repeats do not line up with rows): speed does not depend on the values, and drawing
+# each of a big model's billions of normals took most of a synthetic bench's set-up.
+RANDOM_BLOCK = 1_048_573
+
+
+def _random_weights(shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    n = math.prod(shape)
+    block = (torch.randn(min(n, RANDOM_BLOCK), generator=generator) * 0.02).to(dtype)
+    if n <= RANDOM_BLOCK:
+        return block.view(shape)
+    return block.repeat(-(-n // RANDOM_BLOCK))[:n].view(shape)
+
+
 @torch.inference_mode()
 def synthetic_model(
     config: dict,
@@ -129,11 +144,8 @@ def synthetic_model(
             continue
         if "norm" in pname and p.dim() == 1:
             value = torch.ones(p.shape, dtype=dtype)
-        elif p.shape[0] > 8192:  # embeddings and lm_head: tile a random block (cheap, same speed)
-            block = (torch.randn((8192, *p.shape[1:]), generator=g) * 0.02).to(dtype)
-            value = block.repeat(-(-p.shape[0] // 8192), *([1] * (p.dim() - 1)))[: p.shape[0]]
         else:
-            value = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
+            value = _random_weights(p.shape, dtype, g)
         owner, _, leaf = pname.rpartition(".")
         setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
     lm.tie_weights()

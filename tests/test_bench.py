@@ -79,7 +79,7 @@ def test_markdown_is_llama_bench_shaped(folder):
 @pytest.mark.parametrize("alias", sorted(a for a in ALIASES if a != "demo"))
 def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    report = bench.run_bench(synthetic=alias, prompt_tokens=[2], gen_tokens=[2], repetitions=1, bits=[16],
+    report = bench.run_bench(synthetic=alias, prompt_tokens=[2], gen_tokens=[2], repetitions=1, bits=[4],
                              layers=1, expert_slots=1, device="cpu")  # fmt: skip
     assert len(report["rows"]) == 2
     for row in report["rows"]:
