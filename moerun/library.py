@@ -19,16 +19,9 @@ from pathlib import Path
 
 from moerun import hub, registry
 from moerun.errors import MoerunError
+from moerun.paths import cache_root
 
 STAMPS = "last-used"
-
-
-def _cache_root() -> Path:
-    # moerun.moe.store.cache_root, without importing torch (ls and rm must stay quick).
-    if os.environ.get("MOERUN_CACHE"):
-        return Path(os.environ["MOERUN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moerun"
 
 
 def _size(path: Path) -> int:
@@ -87,7 +80,7 @@ def _repo_folder_id(folder: Path) -> str | None:
 
 def quantized_caches() -> list[QuantizedCache]:
     """Every complete quantized expert cache (one with a readable manifest)."""
-    root = _cache_root() / "experts"
+    root = cache_root() / "experts"
     out = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         manifest = folder / "manifest.json"
@@ -104,7 +97,7 @@ def quantized_caches() -> list[QuantizedCache]:
 
 
 def _stamp(repo_folder: str, commit: str) -> Path:
-    return _cache_root() / STAMPS / repo_folder / commit
+    return cache_root() / STAMPS / repo_folder / commit
 
 
 def mark_used(folder: str | Path) -> None:

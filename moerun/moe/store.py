@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 import moerun
 from moerun.errors import MoerunError
+from moerun.paths import cache_root  # store.cache_root: callers use it from here too
 
 # A layer file younger than this (seconds) at its check is verified again next load.
 VERIFY_RACY_S = 2.0
@@ -45,14 +46,6 @@ from moerun.weights import CheckpointWeights, check_finite, read_header
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("moerun")
-
-
-def cache_root() -> Path:
-    """MOERUN_CACHE, else $XDG_CACHE_HOME/moerun, else ~/.cache/moerun."""
-    if os.environ.get("MOERUN_CACHE"):
-        return Path(os.environ["MOERUN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moerun"
 
 
 def source_fingerprint(folder: Path) -> str:
