@@ -184,20 +184,31 @@ def check_offloaded_4bit_equals_resident(folder) -> None:
 
 
 def check_cli_greedy(folder, ref, n: int = 32) -> None:
-    """`moerun generate --json` (a fresh process: the state carried across its decode
-    steps) gives the reference's greedy tokens: all n, or up to the eos it stopped at."""
+    """`moerun generate --json` (the CLI's own entry point, a fresh load: the state carried
+    across its decode steps) gives the reference's greedy tokens: all n, or up to the eos
+    it stopped at. In-process: a process per family cost ~3 s of imports each in CI."""
+    import io
     import json
-    import os
-    import subprocess
-    from pathlib import Path
+    from contextlib import redirect_stderr, redirect_stdout
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "MOERUN_DEBUG": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moerun", "generate", str(folder), "The quick brown fox", "--raw",
-                           "--json", "-n", str(n), "--device", "cpu", "--dtype", "float32"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    from moerun.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["moerun", "generate", str(folder), "The quick brown fox", "--raw", "--json", "-n", str(n),
+                "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    assert code == 0, stderr.getvalue()
+    out = json.loads(stdout.getvalue())
     prompt = out["stats"]["prompt_tokens"]
     from moerun.tokenizer import Tokenizer
 
