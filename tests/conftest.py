@@ -1,14 +1,34 @@
 """Test-suite setup shared by every module.
 
+Private caches: before anything else runs, MOERUN_CACHE, HF_HOME, HF_HUB_CACHE and
+XDG_CACHE_HOME point into one temporary folder for the whole run (removed at its end),
+so no test, and no `moerun` process a test starts, reads or writes the user's
+~/.cache/moerun or Hugging Face cache. A test that wants its own cache still sets it.
+
 Without CUDA, Triton kernels run on the CPU through Triton's interpreter, which must be
 switched on before triton is first imported; with CUDA they compile for real. Tests
-marked `gpu` are skipped without CUDA.
+marked `gpu` are skipped without CUDA. Tests marked `slow` are deselected by default
+(pyproject's addopts); `make test-all` (`pytest -m ""`) runs them too.
 """
 
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Set at import, before moerun or huggingface_hub are imported by any test module (the
+# Hub library reads HF_HOME once, at its own import).
+PRIVATE_HOME = tempfile.mkdtemp(prefix="moerun-tests-")
+PRIVATE_ENV = {
+    "MOERUN_CACHE": os.path.join(PRIVATE_HOME, "moerun"),
+    "HF_HOME": os.path.join(PRIVATE_HOME, "huggingface"),
+    "HF_HUB_CACHE": os.path.join(PRIVATE_HOME, "huggingface", "hub"),
+    "XDG_CACHE_HOME": os.path.join(PRIVATE_HOME, "xdg-cache"),
+}
+os.environ.update(PRIVATE_ENV)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)  # the old name huggingface_hub still reads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -17,9 +37,12 @@ if not HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not HAS_CUDA:
+        skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(PRIVATE_HOME, ignore_errors=True)
