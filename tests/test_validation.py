@@ -69,7 +69,7 @@ def patch_json(path: Path, **changes) -> None:
     "change, words",
     [
         ({"hidden_size": "128"}, 'hidden_size is "128", expected a whole number'),
-        ({"hidden_size": None}, "hidden_size is null, expected a whole number"),
+        ({"hidden_size": None}, "hidden_size is null, and mixtral needs a value"),
         ({"num_hidden_layers": 0}, "num_hidden_layers is 0, must be at least 1"),
         ({"num_hidden_layers": -1}, "num_hidden_layers is -1, must be at least 1"),
         ({"num_experts_per_tok": 5}, "num_experts_per_tok is 5, must be 1 to num_local_experts (4)"),

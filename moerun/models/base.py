@@ -56,6 +56,12 @@ def _type_members(tp) -> tuple | None:
     return (tp,) if tp in _TYPE_WORDS else None
 
 
+def _admits_none(annotation) -> bool:
+    """Whether a field's annotation allows None (an unknown one is taken to: unchecked)."""
+    allowed = _type_members(annotation) if annotation is not None else None
+    return allowed is None or type(None) in allowed
+
+
 def _conform(value, allowed: tuple):
     """`value` as one of the `allowed` types (2.0 for an int field is 2), or the marker
     _WRONG. bool is not a number here, and a number is not a bool but 0 or 1."""
@@ -84,7 +90,7 @@ class BaseModelArgs:
     """Fields are named exactly as in config.json; unknown keys are ignored. from_dict
     checks each value it takes against the field's annotated type and its Spec (see
     spec()), naming the key and the file, so a bad config is refused in one line before
-    a model is built from it."""
+    a model is built from it. A null where the type admits none reads as the key unset."""
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json"):
@@ -99,6 +105,13 @@ class BaseModelArgs:
         hints = _field_hints(cls)
         values = {}
         for f in fields:
+            if f.name in config and config[f.name] is None and not _admits_none(hints.get(f.name)):
+                # A null in a saved config means "not set" (transformers writes its unset
+                # optional keys as null): the field's default. Where the family's type admits
+                # None, null keeps its own meaning there (q_lora_rank: null = no compression).
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise MoerunError(f"{source}: {f.name} is null, and {config.get('model_type')} needs a value")
+                continue
             if f.name in config:
                 values[f.name] = _checked_value(f.name, config[f.name], hints.get(f.name), field_spec(cls, f.name),
                                                 source)  # fmt: skip

@@ -58,6 +58,9 @@ class ModelArgs(TransformerArgs):
                 raise MoerunError("config.json lacks layer_types (needed by lfm2_moe)")
             attn = set(self.full_attn_idxs)
             self.layer_types = ["full_attention" if i in attn else "conv" for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) < self.num_hidden_layers:  # more: the first ones are read (bench --layers)
+            raise MoerunError(f"config.json: layer_types names {len(self.layer_types)} layers, "
+                              f"num_hidden_layers is {self.num_hidden_layers}")  # fmt: skip
         unknown = set(self.layer_types) - {"conv", "full_attention"}
         if unknown:
             raise MoerunError(f"lfm2_moe layer_types {sorted(unknown)} are not supported (conv, full_attention)")
