@@ -1,5 +1,5 @@
 """The Switch Transformer (switch_transformers): a T5 encoder-decoder with top-1 sparse MLPs,
-held against transformers 5.23's SwitchTransformersForConditionalGeneration on tiny random
+held against transformers 5.25's SwitchTransformersForConditionalGeneration on tiny random
 checkpoints it saves (sharded, bf16), with a T5-style Unigram tokenizer whose sentinel
 tokens (<extra_id_N>) are special added tokens, as in the real ones."""
 
@@ -299,3 +299,27 @@ def test_an_unsupported_activation_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoerunError, match="activation 'gelu_new' is not supported"):
         moerun.load(str(folder), device="cpu")
+
+
+def test_untied_stack_embeddings_are_read_as_transformers_saves_them(tmp_path):
+    """tie_word_embeddings false: transformers 5.25 saves `encoder.embed_tokens`,
+    `decoder.embed_tokens`, `shared` and `lm_head` apart, and each stack embeds with its
+    own table; reading `shared` for both gives other tokens from the first one."""
+    folder = make_switch(tmp_path / "untied", shards=2, tie_word_embeddings=False)
+    with CheckpointWeights.open(folder) as ckpt:
+        names = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+        tables = {n: ckpt.get(n) for n in names}
+        saved = {n: tuple(shape) for n, (shape, _) in ckpt.headers().items()}
+    assert not torch.equal(tables["shared.weight"], tables["encoder.embed_tokens.weight"])
+    assert not torch.equal(tables["encoder.embed_tokens.weight"], tables["decoder.embed_tokens.weight"])
+    lm, arch = build_meta_model(json.loads((folder / "config.json").read_text()))
+    assert {n: shape for n, (shape, _, _) in arch.checkpoint_tensors(lm.args).items()} == saved
+    ours, ref = moerun.load(str(folder), device="cpu", dtype=torch.float32), reference(folder)
+    enc, dec = _ids((2, 17), 0), _ids((2, 9), 1)
+    with torch.no_grad():
+        expected = ref(input_ids=enc, decoder_input_ids=dec).logits.float()
+    assert rel_err(ours.logits(enc, decoder_input_ids=dec), expected) < 1e-4
+    prompt = ours.tokenizer.encode("the quick brown <extra_id_0> over the lazy dog")
+    with torch.no_grad():
+        hf = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 1:].tolist()
+    assert ours.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids[: len(hf)] == hf and len(hf) >= 4

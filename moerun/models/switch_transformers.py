@@ -309,8 +309,16 @@ class Stack(nn.Module):
     def __init__(self, args: ModelArgs, decoder: bool):
         super().__init__()
         n = args.num_decoder_layers if decoder else args.num_layers
+        if not args.tie_word_embeddings:
+            # Untied, each stack reads its own table (transformers 5.25 saves and uses them);
+            # tied, both are `shared`.
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
+            self.embed_tokens.role = "embeddings"
         self.block = nn.ModuleList([Block(args, i, decoder) for i in range(n)])
         self.final_layer_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def embed(self, input_ids: torch.Tensor, shared: nn.Embedding) -> torch.Tensor:
+        return getattr(self, "embed_tokens", shared)(input_ids)
 
 
 class Model(nn.Module):
@@ -363,7 +371,7 @@ class Model(nn.Module):
         S = input_ids.shape[1]
         if S > states[0].max_len:
             raise context_full(S, states[0].max_len)  # before any work
-        x = self.shared(input_ids)
+        x = self.encoder.embed(input_ids, self.shared)
         pos = torch.arange(S, device=x.device)
         bias = self.encoder.block[0].self_attention.position_bias(pos, pos, bidirectional=True)
         for block in self.encoder.block:
@@ -381,7 +389,7 @@ class Model(nn.Module):
         """Decoder ids [B, T] at positions [start, start+T), after encode() -> logits [B, T, V]."""
         states = caches[self.args.num_layers :]
         T = input_ids.shape[1]
-        x = self.shared(input_ids)
+        x = self.decoder.embed(input_ids, self.shared)
         q_pos = token_positions(start, T, x.device)
         k_pos = key_positions(start, T, x.device)
         bias = self.decoder.block[0].self_attention.position_bias(q_pos, k_pos, bidirectional=False)
@@ -405,11 +413,15 @@ class Model(nn.Module):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the experts differ (`experts.expert_{e}.wi/wo` ->
-    stacked `experts.w13` [E, I, D], `experts.w2` [E, D, I]); the tied copies of the
-    embeddings some exporters save are dropped."""
+    stacked `experts.w13` [E, I, D], `experts.w2` [E, D, I]). Tied, the copies of the
+    embeddings some exporters save are dropped; untied, a stack whose own table is not
+    saved (older exporters) reads `shared`, as the reference then does."""
     weights = dict(weights)
     for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        weights.pop(name, None)
+        if args.tie_word_embeddings:
+            weights.pop(name, None)
+        elif name not in weights and "shared.weight" in weights:
+            weights[name] = weights["shared.weight"]
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     for stack, n, ff in (("encoder", args.num_layers, 1), ("decoder", args.num_decoder_layers, 2)):
@@ -434,6 +446,9 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     t = CheckpointLayout(args, dtype=stored)
     D, I, E, inner = args.d_model, args.d_ff, args.num_experts, args.num_heads * args.d_kv
     t.add("shared.weight", (args.vocab_size, D), "embeddings")
+    if not args.tie_word_embeddings:
+        for stack in ("encoder", "decoder"):
+            t.add(f"{stack}.embed_tokens.weight", (args.vocab_size, D), "embeddings")
 
     def attention(prefix: str, relative_bias: bool) -> None:
         for proj in ("q", "k", "v"):
