@@ -1,5 +1,5 @@
 """Every family, one table: each row is a tiny random checkpoint saved by transformers
-5.23 (sharded, bf16) with the family's quirks turned on, and every row passes the same
+5.25 (sharded, bf16) with the family's quirks turned on, and every row passes the same
 checks against the reference:
 
 - float32 logits within 1e-4 relative error, and 32 greedy tokens identical, also through

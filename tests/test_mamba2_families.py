@@ -1,5 +1,5 @@
 """The Mamba-2 hybrids, Granite 4.0-H (granitemoehybrid) and Nemotron-H (nemotron_h),
-held against transformers 5.23 on tiny random checkpoints saved by it (sharded, bf16),
+held against transformers 5.25 on tiny random checkpoints saved by it (sharded, bf16),
 their vectors randomised (transformers sets A_log to log(1..H), D and the norms to ones,
 dt_bias to a constant, biases to zeros: constants that would hide a model that drops or
 swaps them). Every standard check runs on each (as the family table does), then what
