@@ -205,6 +205,8 @@ def test_second_load_does_not_requantize(tmp_path, monkeypatch):
     monkeypatch.setattr(ExpertFormat, "pack", no_quantizing)
     second = moerun.load(str(folder), bits=4, device="cpu", dtype="float32")
     assert second.offload_info["cache_built"] is False
+    # The same files mapped again (the same offsets, so the same alignment) and the same
+    # kernels: the same bits.
     assert torch.equal(second.logits(IDS), first.logits(IDS))
 
 
@@ -402,3 +404,34 @@ def test_cold_policy_token_limit():
     policy = ColdPolicy("auto", copy_seconds=4e-3, cpu_fixed_seconds=1e-3, cpu_token_seconds=1e-3)
     assert policy.cpu_up_to_tokens() == 2 and policy.on_cpu(2) and not policy.on_cpu(3)
     assert ColdPolicy("auto", 1e-3, 2e-3, 1e-3).cpu_up_to_tokens() == 0
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_a_timing_decides_where_not_what(tmp_path, monkeypatch, bits):
+    """`--cold auto` decides from a timing taken at load; whatever it measured, the
+    numbers that come out are the resident model's within float rounding (the same
+    kernels over the same bytes; only the order in which experts' outputs are summed
+    may differ). A slow CPU (every miss copied) and a fast one (every miss computed
+    where it lies), prompt and decode steps."""
+    import moerun.moe.offload as offload
+
+    folder = make_checkpoint(tmp_path / "m", "qwen3_moe", dtype=torch.float32, shards=1, num_experts_per_tok=3)
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(7))
+    resident = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32")
+    expected = resident.logits(ids)
+    expected_tokens = resident.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True).token_ids
+
+    def calibrated(copy_seconds, cpu_fixed_seconds, cpu_token_seconds):
+        def fake(policy, module, repeats=3):
+            policy.copy_seconds, policy.cpu_fixed_seconds = copy_seconds, cpu_fixed_seconds
+            policy.cpu_token_seconds = cpu_token_seconds
+
+        return fake
+
+    for name, timing, on_cpu in (("slow cpu", (1e-3, 1.0, 1.0), False), ("fast cpu", (1.0, 1e-6, 1e-9), True)):
+        monkeypatch.setattr(offload, "calibrate", calibrated(*timing))
+        model = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=1, cold="auto")
+        assert rel_err(model.logits(ids), expected) < 1e-6, name
+        assert model.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True).token_ids == expected_tokens
+        total = model.stats["total"]
+        assert total["misses"] > 0 and (total["cpu_experts"] > 0) == on_cpu, (name, total)

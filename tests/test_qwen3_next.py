@@ -1,5 +1,5 @@
 """Qwen3-Next and Qwen3.5 MoE (text-only and the multimodal release) held against
-transformers 5.23 on tiny random checkpoints saved by it: Gated DeltaNet layers beside
+transformers 5.25 on tiny random checkpoints saved by it: Gated DeltaNet layers beside
 gated attention, zero-centred norms, partial rotary, a shared expert under a sigmoid gate.
 Here: the checks every family passes (tests/test_families.py will run them from ROWS),
 and what only these families have: the chunked delta rule equal to a plain token-by-token
@@ -291,9 +291,20 @@ def test_qwen3_5_moe_reads_the_release_and_a_transformers_resave_alike(tmp_path)
     with torch.no_grad():
         assert rel_err(expected, reference_model(released)(ids).logits) < 1e-4
     # Quantized, the experts are read by name from either layout: the same blobs, one slot or all.
-    four_bit = [moerun.load(str(f), device="cpu", dtype="float32", bits=4, expert_slots=s).logits(ids)
-                for f, s in ((released, None), (resaved, 1))]  # fmt: skip
-    assert torch.equal(four_bit[0], four_bit[1])
+    # Within float rounding, not bit for bit: see test_qwen3_5_moe_text_reads_fused_experts_as_well.
+    released_cache, resaved_cache = (moerun.load(str(f), device="cpu", dtype="float32", bits=4)
+                                     for f in (released, resaved))  # fmt: skip
+    assert _same_blobs(released_cache.offload_info["quantized_cache"], resaved_cache.offload_info["quantized_cache"])
+    one_slot = moerun.load(str(resaved), device="cpu", dtype="float32", bits=4, expert_slots=1).logits(ids)
+    assert rel_err(one_slot, released_cache.logits(ids)) < 1e-6
+
+
+def _same_blobs(a: str, b: str) -> bool:
+    """Two quantized caches hold byte-equal expert blobs, layer by layer."""
+    layers = sorted(p.name for p in Path(a).glob("layer-*.safetensors"))
+    return bool(layers) and layers == sorted(p.name for p in Path(b).glob("layer-*.safetensors")) and all(
+        all(torch.equal(t, load_file(str(Path(b) / name))[k]) for k, t in load_file(str(Path(a) / name)).items())
+        for name in layers)  # fmt: skip
 
 
 def test_qwen3_5_moe_text_reads_fused_experts_as_well(tmp_path):
@@ -308,8 +319,13 @@ def test_qwen3_5_moe_text_reads_fused_experts_as_well(tmp_path):
         assert "model.layers.0.mlp.experts.gate_up_proj" in c.headers()
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
     for kwargs in ({}, {"bits": 4, "expert_slots": 1}):
-        logits = [moerun.load(str(f), device="cpu", dtype="float32", **kwargs).logits(ids) for f in (per_expert, fused)]
-        assert torch.equal(logits[0], logits[1]), kwargs
+        loads = [moerun.load(str(f), device="cpu", dtype="float32", **kwargs) for f in (per_expert, fused)]
+        for (name, p), q in zip(loads[0].lm.named_parameters(), loads[1].lm.parameters()):
+            assert torch.equal(p, q), (name, kwargs)  # the very same parameters ...
+        # ... at other addresses: each file memory-maps its tensors at its own offsets, and
+        # torch's GEMV (MKL, for the 1-row shared_expert_gate) takes an address-dependent path
+        # (with every weight copied to fresh memory the logits are bit-equal). So: rounding.
+        assert rel_err(loads[0].logits(ids), loads[1].logits(ids)) < 1e-6, kwargs
 
 
 def test_qwen3_5_moe_counts_the_vision_tower_as_not_loaded(tmp_path):
