@@ -855,7 +855,7 @@ def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON objec
         else:
             lines.append(f"{name:<{w}}  {rev:<12}  {size:<10}  {used}")
     if others:
-        lines += ["" if lines else None, "quantized caches of local folders (or of removed snapshots):"]
+        lines += ["" if lines else None, "quantized caches of local folders or removed snapshots (moerun rm FOLDER):"]
         for c in others:
             gone = "" if Path(c.source).exists() else " (source gone)"
             lines.append(f"  {_cache_words(c)}, {library.size_words(c.size)}, last used {library.ago(c.last_used)}{gone}")
@@ -865,19 +865,24 @@ def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON objec
 
 @app.command("rm")
 def rm_(
-    model: str = typer.Argument(..., help="Alias or Hub repo id of a pulled model (see `moerun ls`)."),
+    model: str = typer.Argument(..., help="Alias or Hub repo id of a pulled model, or a folder whose quantized "
+                                          "caches to remove (see `moerun ls`)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Only this revision (commit, prefix or ref)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
 ) -> None:
     """Remove a pulled model: its snapshots, the blobs no other revision uses, and the
-    quantized expert caches built from it."""
+    quantized expert caches built from it. Given a folder (or a cache's path, as `ls`
+    prints them), remove only the quantized caches built from it, even if it is gone."""
     from moerun import library
 
     removal = library.plan_removal(model, revision)
-    revs = ", ".join(r.commit[:12] for r in removal.revisions) or "partial download"
     n = len(removal.caches)
-    what = (f"{removal.repo_id} ({revs}" + (f"; {n} quantized cache{'s' if n != 1 else ''}" if n else "")
-            + f"; {library.size_words(removal.bytes)})")  # fmt: skip
+    caches = f"{n} quantized cache{'s' if n != 1 else ''}"
+    if removal.loose_caches and not removal.revisions:  # caches alone, named by a path or the demo
+        what = f"{caches} of {removal.repo_id} ({library.size_words(removal.bytes)})"
+    else:
+        revs = ", ".join(r.commit[:12] for r in removal.revisions) or "partial download"
+        what = f"{removal.repo_id} ({revs}" + (f"; {caches}" if n else "") + f"; {library.size_words(removal.bytes)})"
     if not yes:
         if not sys.stdin.isatty():
             raise MoerunError(f"not removing {what} without asking: stdin is not a terminal; pass -y")

@@ -107,7 +107,7 @@ def _model_folder(folder: Path) -> Path:
     return folder
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or Path(text).expanduser().exists()
 
 
@@ -137,7 +137,7 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
     folder = Path(text).expanduser()
     if text and folder.is_dir():
         return _model_folder(folder)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise MoerunError(f"no such folder: {text}")
 
     alias = lookup(text)
@@ -257,7 +257,7 @@ def repo_id_for(name: str) -> str | None:
     """The Hub repo id `name` stands for (an alias or a repo id), or None for a folder or
     the embedded demo."""
     text = name.strip()
-    if text and (Path(text).expanduser().is_dir() or _looks_like_path(text)):
+    if text and (Path(text).expanduser().is_dir() or looks_like_path(text)):
         return None
     alias = lookup(text)
     if alias is not None:

@@ -172,15 +172,16 @@ class Removal:
     """What `rm` would delete: snapshots, blobs no remaining revision links to, refs to
     the removed commits, quantized caches built from them, their stamps."""
 
-    repo_id: str
+    repo_id: str  # for caches alone: the path or alias they were named by
     revisions: list[PulledRevision]
     paths: list[Path]  # files and folders, deleted in this order
     bytes: int
     whole_repo: bool
+    loose_caches: list[QuantizedCache] = dataclasses.field(default_factory=list)  # of no pulled revision
 
     @property
     def caches(self) -> list[QuantizedCache]:
-        return [c for r in self.revisions for c in r.caches]
+        return [c for r in self.revisions for c in r.caches] + self.loose_caches
 
     def apply(self) -> None:
         """Delete: quantized caches first, then links, blobs and refs, the snapshot folders
@@ -202,7 +203,18 @@ def plan_removal(model: str, revision: str | None = None) -> Removal:
     text = model.strip()
     a = registry.lookup(text)
     if a is not None and a.repo_id == registry.EMBEDDED:
-        raise MoerunError(f"'{text}' ships inside moerun: there is nothing to remove")
+        caches = _caches_of(registry.DEMO_DIR)
+        if not caches:
+            raise MoerunError(f"'{text}' ships inside moerun and has no quantized cache: there is nothing to remove")
+        return _cache_removal(text, caches)
+    if text.startswith((".", "/", "~")) or (hub.repo_id_for(text) is None and hub.looks_like_path(text)):
+        if revision:
+            raise MoerunError("--revision names a revision of a pulled model, not of a folder")
+        caches = _caches_of(Path(text))
+        if not caches:
+            raise MoerunError(f"no quantized cache of or at {text} (see `moerun ls`); moerun never deletes a model "
+                              "folder of yours")  # fmt: skip
+        return _cache_removal(text, caches)
     repo_id = hub.repo_id_for(text)
     if repo_id is None:
         raise MoerunError(f"'{text}' is not an alias or a Hub repo id: `moerun rm` removes pulled models (see `moerun ls`)")
@@ -229,6 +241,20 @@ def plan_removal(model: str, revision: str | None = None) -> Removal:
     refs = [storage / "refs" / name for r in chosen for name in r.refs]
     size = sum(_size(b) for b in blobs) + sum(_tree_size(r.snapshot) for r in chosen) + sum(_tree_size(c) for c in caches)
     return Removal(repo_id, chosen, [*caches, *stamps, *refs, *blobs, *(r.snapshot for r in chosen)], size, False)
+
+
+def _caches_of(path: Path) -> list[QuantizedCache]:
+    """The quantized caches built from the folder `path` (there or gone), or the one cache
+    folder `path` is, as `ls` prints them."""
+    target = Path(path).expanduser().resolve()
+    return [c for c in quantized_caches() if c.path.resolve() == target or Path(c.source) == target]
+
+
+def _cache_removal(label: str, caches: list[QuantizedCache]) -> Removal:
+    """Deleting quantized caches alone (never the folder they were built from), each with
+    its verification stamp; its lock file stays, as another process may hold it."""
+    paths = [p for c in caches for p in (c.path, c.path.parent / f".{c.path.name}.verified")]
+    return Removal(label, [], paths, sum(c.size for c in caches), False, caches)
 
 
 # -- show -----------------------------------------------------------------------------------

@@ -134,3 +134,39 @@ def test_rm_and_show_of_what_is_not_here_are_one_line(env):
         result = CliRunner().invoke(app, args)
         assert result.exit_code != 0 and isinstance(result.exception, library.MoerunError), result.output
         assert "\n" not in str(result.exception)
+
+
+def test_rm_removes_the_quantized_caches_of_a_folder_even_when_it_is_gone(tmp_path, monkeypatch):
+    """`ls` lists a cache built from a local folder since deleted ("source gone"); `rm`
+    with the path `ls` prints (or the cache's own path) deletes the cache, never a folder
+    of the user's, and says so in one line when there is nothing to delete."""
+    import moerun
+    from tests.model_fixtures import make_checkpoint
+
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    kept, gone = (make_checkpoint(tmp_path / name, "mixtral", shards=1) for name in ("kept", "gone"))
+    caches = {f: Path(moerun.load(str(f), bits=bits, device="cpu").offload_info["quantized_cache"])
+              for f, bits in ((kept, 8), (gone, 4))}  # fmt: skip
+    shutil.rmtree(gone)
+    out = cli("ls")
+    assert "(source gone)" in out and str(gone) in out and "moerun rm FOLDER" in out
+    assert_fits_80(out)
+
+    out = CliRunner().invoke(app, ["rm", str(gone), "-y"], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert "removed 1 quantized cache of" in out.stderr
+    assert not caches[gone].exists() and caches[kept].is_dir() and kept.is_dir()
+    assert [c.path for c in library.quantized_caches()] == [caches[kept]]
+
+    # By the cache's own path: the cache goes, the folder it was built from stays.
+    cli("rm", str(caches[kept]), "-y")
+    assert not caches[kept].exists() and (kept / "config.json").is_file()
+    for args in (["rm", str(gone), "-y"], ["rm", str(kept), "--revision", "main", "-y"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and isinstance(result.exception, library.MoerunError), result.output
+        assert "\n" not in str(result.exception)
+    # The embedded demo: nothing to remove but the caches built from it.
+    demo_cache = Path(moerun.load("demo", bits=4, device="cpu").offload_info["quantized_cache"])
+    assert "1 quantized cache of demo" in CliRunner().invoke(app, ["rm", "demo", "-y"]).stderr
+    assert not demo_cache.exists()
