@@ -77,7 +77,10 @@ def test_static_step_with_an_offloaded_expert_cache_equals_eager(mixtral):
     assert model.stats["total"]["misses"] > 0  # the cache really swapped experts in between
 
 
-@pytest.mark.parametrize("case", ["offloaded", "plain 16-bit", "resident 4-bit kernels"])
+# The in-graph 4-bit case runs the Triton decode kernel under the interpreter for every step
+# (~40 s): the slow tier's; the fast tier holds that kernel in test_kernels.py.
+@pytest.mark.parametrize("case", ["offloaded", "plain 16-bit",
+                                  pytest.param("resident 4-bit kernels", marks=pytest.mark.slow)])  # fmt: skip
 def test_where_a_capture_is_cut(mixtral, case):
     """Host decisions (cache misses, the plain expert loop) cut the graph once per MoE
     layer; fully resident quantized experts stay inside it (slot table + decode kernel),
@@ -133,7 +136,9 @@ def test_in_graph_expert_path_equals_the_cache_path():
     assert rel_err(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
+# Each quantized width costs 13-25 s under the interpreter: 16 bits in the fast tier, 4 and 8 in
+# the slow one (each kernel's own test covers every width fast).
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow), 16])
 def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, monkeypatch):
     """What a GPU runs, under the interpreter: routing kernel, prefill grouped GEMM for the
     prompt, decode kernels (in-graph path, through DecodeGraphs) for each new token."""

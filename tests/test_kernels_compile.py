@@ -30,7 +30,9 @@ def _has_nvidia_backend() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file()
 
 
-pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="needs triton's NVIDIA backend (ptxas, cuobjdump)")
+# A compile sweep (~30 s): the slow tier (`make test-all`).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _has_nvidia_backend(), reason="needs triton's NVIDIA backend (ptxas, cuobjdump)")]
 
 
 @pytest.fixture(scope="module")
