@@ -119,12 +119,8 @@ def synthetic_model(
     note = ""
     # Multimodal configs (Llama 4) keep the language model's fields in text_config.
     text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
-    family = get_architecture(text.get("model_type"))
-    if layers and hasattr(family, "first_layers"):  # a family whose layer counts have other names
-        note = family.first_layers(text, layers)
-    elif layers and layers < text.get("num_hidden_layers", layers):
-        note = f"first {layers} of {text['num_hidden_layers']} layers"
-        text["num_hidden_layers"] = layers
+    if layers:
+        note = get_architecture(text.get("model_type")).first_layers(text, layers)
     lm, arch = build_meta_model(config)
     # The model itself says what it holds (no headers: its checkpoint description stands in).
     summary = plan.describe_model(lm, config, arch.checkpoint_tensors(lm.args))

@@ -112,19 +112,10 @@ def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 def _rewindable(caches: list) -> bool:
-    """Can every layer's state be cut back to any shorter prefix? Full KV caches (and MLA
-    latents) keep each position apart, so yes; rings, recurrent states and anything
-    unknown fold the past in and cannot."""
-    from moerun.layers import KVCache
-
-    kinds: tuple = (KVCache,)
-    try:
-        from moerun.models.deepseek_v2 import LatentCache
-
-        kinds += (LatentCache,)
-    except ImportError:  # pragma: no cover - the family may move
-        pass
-    return all(s is None or isinstance(s, kinds) for s in caches)
+    """Can every layer's state be cut back to any shorter prefix? Each state says
+    (LayerState.can_rewind): full KV caches and MLA latents can; rings and recurrent
+    states fold the past in and cannot."""
+    return all(s is None or s.can_rewind for s in caches)
 
 
 def reusable_prefix(held: list[int], prompt_ids: list[int], caches: list) -> int:

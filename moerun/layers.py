@@ -102,9 +102,14 @@ class LayerState:
     steps have fixed shapes (a prerequisite for CUDA graphs). `max_len`: the positions it
     can serve (a recurrent state serves any number; it records the planned context);
     `nbytes`: what it holds; `reset()`: forget everything (a new sequence). A layer that
-    gets an int start of 0 begins a new sequence whatever its state holds."""
+    gets an int start of 0 begins a new sequence whatever its state holds.
+
+    `can_rewind`: whether it can be cut back to any shorter prefix (a later prompt that
+    shares only part of the held sequence reuses that part): a state that keeps each
+    position apart can; a ring or a recurrent state folds the past in and cannot."""
 
     max_len: int
+    can_rewind: bool = False
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -120,6 +125,8 @@ class LayerState:
 
 class KVCache(LayerState):
     """Static key/value buffers [B, K, L, Dh] for every position up to max_len."""
+
+    can_rewind = True
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device, v_head_dim=None):
         self.k = torch.zeros((batch, n_kv_heads, max_len, head_dim), dtype=dtype, device=device)

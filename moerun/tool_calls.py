@@ -462,7 +462,7 @@ def format_for(config: dict | None) -> ToolFormat | None:
     model_type = (config or {}).get("model_type")
     if model_type not in ARCHITECTURES:
         return None
-    name = getattr(get_architecture(model_type), "TOOL_CALL_FORMAT", None)
+    name = get_architecture(model_type).tool_call_format
     return FORMATS.get(name) if name else None
 
 

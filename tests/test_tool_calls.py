@@ -165,7 +165,7 @@ def test_each_family_names_its_format():
     expect = {"mixtral": "mistral", "qwen3_moe": "qwen", "qwen3_5_moe": "qwen", "qwen2_moe": "qwen", "qwen3_next": "qwen",
               "gpt_oss": "harmony", "llama4": "llama4", "llama4_text": "llama4", "olmoe": None}  # fmt: skip
     for family, name in expect.items():
-        assert getattr(get_architecture(family), "TOOL_CALL_FORMAT", None) == name
+        assert get_architecture(family).tool_call_format == name
         assert (format_for({"model_type": family}) or FORMATS.get(None)) is FORMATS.get(name)
     assert format_for({}) is None and format_for({"model_type": "nonesuch"}) is None
 

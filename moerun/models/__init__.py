@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.models.base import parameter_roles
+from moerun.models.base import Family, parameter_roles
 from moerun.weights import CheckpointWeights, check_finite
 
 # Every module here but `base` is an architecture, named by its config.json model_type.
@@ -27,14 +26,20 @@ ARCHITECTURES = tuple(
 )
 
 
-def get_architecture(model_type: str | None):
-    """The module implementing `model_type`, or a one-line refusal naming what is supported."""
+_FAMILIES: dict[str, Family] = {}
+
+
+def get_architecture(model_type: str | None) -> Family:
+    """The family implementing `model_type` (its file seen through the Family contract),
+    or a one-line refusal naming what is supported."""
     if model_type not in ARCHITECTURES:
         raise MoerunError(
             f"unsupported architecture '{model_type}' (model_type in config.json); "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    return importlib.import_module(f"moerun.models.{model_type}")
+    if model_type not in _FAMILIES:
+        _FAMILIES[model_type] = Family(importlib.import_module(f"moerun.models.{model_type}"))
+    return _FAMILIES[model_type]
 
 
 def build_args(config: dict, source: str = "config.json"):
@@ -68,36 +73,6 @@ def checkpoint_layout(config: dict) -> dict[str, tuple[tuple[int, ...], str, str
     return arch.checkpoint_tensors(arch.ModelArgs.from_dict(config))
 
 
-def checkpoint_layouts(arch, args) -> list[dict]:
-    """Every checkpoint layout the family reads, its released one first (the one `fit`
-    counts): a family that also reads another (Qwen3.5's experts fused, or one tensor per
-    expert) lists it in `other_checkpoint_layouts`."""
-    others = getattr(arch, "other_checkpoint_layouts", None)
-    return [arch.checkpoint_tensors(args)] + (others(args) if others else [])
-
-
-def routed_checkpoint_names(arch, args, names) -> set[str]:
-    """The checkpoint tensors that hold routed experts, by the family's layouts."""
-    layouts = checkpoint_layouts(arch, args)
-    return {n for n in names if any(n in layout and layout[n][2] == "routed_experts" for layout in layouts)}
-
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def text_model_name(arch, name: str) -> str | None:
-    """Checkpoint tensor `name` under the model's own naming, or None when it is not the
-    text model's (a vision tower, a projector, multi-token prediction). A family's
-    CHECKPOINT_PREFIX is the prefix every text-model name carries (Llama 4's
-    `language_model.`), or a dict from checkpoint prefixes to ours when they differ by
-    part (Qwen3.5's `model.language_model.` -> `model.` beside a bare `lm_head.`)."""
-    prefix = getattr(arch, "CHECKPOINT_PREFIX", "")
-    for theirs, ours in (prefix.items() if isinstance(prefix, dict) else [(prefix, "")]):
-        if name.startswith(theirs):
-            return ours + name[len(theirs) :]
-    return None
-
-
 def load_model(
     folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True,
     ckpt: CheckpointWeights | None = None,
@@ -110,31 +85,26 @@ def load_model(
     routed experts stay unloaded (on the meta device) for the expert cache to replace."""
     arch = get_architecture(config.get("model_type"))
     args = arch.ModelArgs.from_dict(config)
-    if hasattr(arch, "check_loadable"):
-        arch.check_loadable(args)  # e.g. a storage format moerun cannot read yet
+    arch.check_loadable(args)  # e.g. a storage format moerun cannot read yet
     with torch.device("meta"):
         model = arch.Model(args)
     roles = parameter_roles(model)
     expected = {n: p for n, p in model.named_parameters() if routed_experts or roles[n] != "routed_experts"}
 
     # Names an architecture keeps in float32 whatever `dtype` (e.g. DeepSeek-V3's router bias).
-    keep_fp32 = tuple(getattr(arch, "FLOAT32_PARAMS", ()))
+    keep_fp32 = arch.float32_params
     with contextlib.ExitStack() as stack:
         if ckpt is None:
             ckpt = stack.enter_context(CheckpointWeights.open(folder))
-        skip = set() if routed_experts else routed_checkpoint_names(arch, args, ckpt.keys())
+        skip = set() if routed_experts else arch.routed_checkpoint_names(args, ckpt.keys())
         groups: dict[int | None, list[str]] = defaultdict(list)
         # Multimodal checkpoints (Llama 4, Qwen3.5) name the text model under a prefix;
         # the rest (vision tower, projector) is never read.
         for name in ckpt.keys():
-            ours = text_model_name(arch, name)
+            ours = arch.text_model_name(name)
             if name in skip or ours is None:
                 continue
-            if hasattr(arch, "layer_of"):  # layers not named model.layers.N (an encoder-decoder)
-                groups[arch.layer_of(ours, args)].append(name)
-                continue
-            m = _LAYER.match(ours)
-            groups[int(m.group(1)) if m else None].append(name)
+            groups[arch.layer_of(ours, args)].append(name)
         n_layers, n_mtp = args.num_hidden_layers, getattr(args, "num_nextn_predict_layers", 0)
         for key in sorted(groups, key=lambda k: -1 if k is None else k):
             if key is not None and key >= n_layers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 
@@ -314,6 +315,10 @@ class CausalLM(nn.Module):
         if getattr(self.args, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def layer_paths(self) -> list[str]:
+        """The module path of every layer, in order (the expert cache's layer i)."""
+        return [f"model.layers.{i}" for i in range(len(self.model.layers))]
+
     def state_specs(self) -> list[StateSpec]:
         """What each layer's decode state costs (the planner's reading); a layer whose
         mixer keeps none (an MLP-only block) costs nothing."""
@@ -508,3 +513,97 @@ def stack_experts(
         w2.append(d)
     weights[f"{prefix}.w13"] = torch.stack(w13)
     weights[f"{prefix}.w2"] = torch.stack(w2)
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class Family:
+    """One family file seen through the contract every family keeps (docs/ARCHITECTURE.md):
+    callers ask this object, never a module for a hook it may lack.
+
+    Required in the file: `ModelArgs`, `Model`, `sanitize(weights, args)`,
+    `checkpoint_tensors(args)`. Optional, each with its default here: `CHECKPOINT_PREFIX`
+    (""), `FLOAT32_PARAMS` (()), `TOOL_CALL_FORMAT` (None), `other_checkpoint_layouts(args)`
+    (none), `check_loadable(args)` (everything loads), `layer_paths(args)` and
+    `layer_of(name, args)` (`model.layers.N`), `first_layers(config, n)` (num_hidden_layers
+    cut to n)."""
+
+    REQUIRED = ("ModelArgs", "Model", "sanitize", "checkpoint_tensors")
+
+    def __init__(self, module: types.ModuleType):
+        missing = [n for n in self.REQUIRED if n not in vars(module)]
+        if missing:
+            raise TypeError(f"{module.__name__} lacks {', '.join(missing)} (the family contract)")
+        self._hooks = vars(module)
+        self.name = module.__name__.rpartition(".")[2]
+        self.ModelArgs = module.ModelArgs
+        self.Model = module.Model
+        prefix = self._hooks.get("CHECKPOINT_PREFIX", "")
+        # Checkpoint prefix -> ours: the text model's names under a prefix (Llama 4's
+        # `language_model.`), or a dict when they differ by part (Qwen3.5).
+        self.checkpoint_prefixes: list[tuple[str, str]] = list(prefix.items()) if isinstance(prefix, dict) else [
+            (prefix, "")]  # fmt: skip
+        self.float32_params: tuple[str, ...] = tuple(self._hooks.get("FLOAT32_PARAMS", ()))
+        self.tool_call_format: str | None = self._hooks.get("TOOL_CALL_FORMAT")
+
+    def __repr__(self) -> str:
+        return f"Family({self.name})"
+
+    def sanitize(self, weights: dict, args) -> dict:
+        return self._hooks["sanitize"](weights, args)
+
+    def checkpoint_tensors(self, args) -> dict:
+        return self._hooks["checkpoint_tensors"](args)
+
+    def checkpoint_layouts(self, args) -> list[dict]:
+        """Every checkpoint layout the family reads, its released one first (the one `fit`
+        counts): Qwen3.5 also reads its experts fused, or one tensor per expert."""
+        others = self._hooks.get("other_checkpoint_layouts")
+        return [self.checkpoint_tensors(args)] + (others(args) if others else [])
+
+    def routed_checkpoint_names(self, args, names) -> set[str]:
+        """The checkpoint tensors among `names` that hold routed experts, by the layouts."""
+        layouts = self.checkpoint_layouts(args)
+        return {n for n in names if any(n in layout and layout[n][2] == "routed_experts" for layout in layouts)}
+
+    def text_model_name(self, name: str) -> str | None:
+        """Checkpoint tensor `name` under the model's own naming, or None when it is not the
+        text model's (a vision tower, a projector)."""
+        for theirs, ours in self.checkpoint_prefixes:
+            if name.startswith(theirs):
+                return ours + name[len(theirs) :]
+        return None
+
+    def check_loadable(self, args) -> None:
+        """Refuse, at load, a storage format moerun cannot read yet (fit still plans it)."""
+        hook = self._hooks.get("check_loadable")
+        if hook:
+            hook(args)
+
+    def layer_paths(self, args) -> list[str]:
+        """The module path of every layer, in the model's order (the expert cache's and
+        the planner's layer i)."""
+        hook = self._hooks.get("layer_paths")
+        return hook(args) if hook else [f"model.layers.{i}" for i in range(args.num_hidden_layers)]
+
+    def layer_of(self, name: str, args) -> int | None:
+        """The layer a tensor (under our names) belongs to, None for the rest: the loader
+        reads one layer's tensors at a time."""
+        hook = self._hooks.get("layer_of")
+        if hook:
+            return hook(name, args)
+        m = _LAYER_NAME.match(name)
+        return int(m.group(1)) if m else None
+
+    def first_layers(self, config: dict, layers: int) -> str:
+        """Keep the first `layers` layers of `config` (in place; a synthetic bench of a
+        slice) -> a note saying so, "" when the model has no more than that."""
+        hook = self._hooks.get("first_layers")
+        if hook:
+            return hook(config, layers)
+        total = config.get("num_hidden_layers", layers)
+        if layers >= total:
+            return ""
+        config["num_hidden_layers"] = layers
+        return f"first {layers} of {total} layers"

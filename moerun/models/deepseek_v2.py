@@ -114,6 +114,8 @@ class LatentCache(LayerState):
     rope'd shared key (Dr), one buffer [B, max_len, R + Dr], never the expanded K/V
     (which would be H * (Dn + Dr + Dv) wide)."""
 
+    can_rewind = True  # each position's latent apart, as a KV cache
+
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         self.latent = torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.kv_lora_rank = kv_lora_rank

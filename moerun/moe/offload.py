@@ -14,6 +14,7 @@ from torch import nn
 from moerun.errors import MoerunError
 from moerun.moe.cache import CachedExperts, ColdPolicy, make_prefetch_hook
 from moerun.moe.experts import RoutedExperts, apply_expert
+from moerun.moe.routing import Router
 from moerun.moe.store import QuantizedCache, layer_expert_blobs
 from moerun.quant.format import ExpertFormat
 from moerun.weights import CheckpointWeights
@@ -23,8 +24,8 @@ COLD_MODES = ("gpu", "cpu", "auto")
 
 def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer index, module path, module) of every routed-experts module, in layer order."""
-    # A model whose layers are not `model.layers` (an encoder-decoder) names their paths.
-    paths = lm.layer_paths() if hasattr(lm, "layer_paths") else [f"model.layers.{i}" for i in range(len(lm.model.layers))]
+    # Every family's model names its layers' paths (an encoder-decoder's are not model.layers).
+    paths = lm.layer_paths()
     found = []
     for i, path in enumerate(paths):
         for name, module in lm.get_submodule(path).named_modules():
@@ -169,11 +170,10 @@ def install_expert_cache(
 
 
 def _router_of(block: nn.Module) -> nn.Module | None:
-    """The router of an MoE block: every family's block is a SparseMoeBlock, whose router
-    gives (ids, weights) for flat tokens, whatever its rule."""
-    from moerun.models.base import SparseMoeBlock
-
-    return block.router if isinstance(block, SparseMoeBlock) else None
+    """The router of an MoE block: the shared Router (whatever the family's rule, it gives
+    (ids, weights) for flat tokens) among the block's own modules; None for a block that
+    routes otherwise (Switch's capacity-limited top-1), which is then not prefetched."""
+    return next((m for m in block.children() if isinstance(m, Router)), None)
 
 
 @torch.inference_mode()

@@ -66,13 +66,11 @@ def source_fingerprint(folder: Path) -> str:
 def layer_expert_blobs(
     ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat
 ) -> torch.Tensor:
-    """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]."""
-    from moerun.models import routed_checkpoint_names, text_model_name
-
-    paths = arch.layer_paths(args) if hasattr(arch, "layer_paths") else None
-    layer_prefix = f"{paths[layer]}." if paths else f"model.layers.{layer}."
-    in_layer = [n for n in ckpt.keys() if (text_model_name(arch, n) or "").startswith(layer_prefix)]
-    names = sorted(routed_checkpoint_names(arch, args, in_layer))
+    """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]. `arch` is
+    the family (moerun.models.base.Family): its layer paths, names and layouts."""
+    layer_prefix = f"{arch.layer_paths(args)[layer]}."
+    in_layer = [n for n in ckpt.keys() if (arch.text_model_name(n) or "").startswith(layer_prefix)]
+    names = sorted(arch.routed_checkpoint_names(args, in_layer))
     tensors = {n: ckpt.get(n) for n in names}
     for n, t in tensors.items():  # this pass reads every expert anyway: a full check is cheap
         check_finite(n, t)
