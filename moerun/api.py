@@ -23,6 +23,7 @@ from moerun.graphs import DecodeGraphs, graphs_enabled
 from moerun.models import check_config, get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.tokenizer import Tokenizer
+from moerun.units import params_short
 from moerun.weights import CheckpointWeights
 
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -175,8 +176,7 @@ class Model:
         return sum(p.numel() for p in self.lm.parameters())
 
     def describe(self) -> str:
-        params = self.num_parameters
-        size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        size = params_short(self.num_parameters)
         dtype = str(self.dtype).removeprefix("torch.")
         return f"{self.name} · {self.config.get('model_type')} · {size} params · {self.device} · {dtype}"
 

@@ -38,6 +38,7 @@ from moerun.moe.offload import (
     routed_expert_modules,
 )
 from moerun.quant.format import ExpertFormat
+from moerun.units import gib, params
 
 DEFAULT_PP, DEFAULT_TG = 512, 128  # llama-bench's defaults: clipped, not refused, on a short-context model
 
@@ -474,7 +475,7 @@ def run_bench(
             "active_params": p.active_params,
             "bits": combo["bits"],
             "budget": (f"{expert_slots} slots/layer" if expert_slots else combo["vram"])
-            or ("all" if budget is None else plan.gib(budget)),
+            or ("all" if budget is None else gib(budget)),
             "backend": dev.type
             + (f" offload cold={combo['cold']}" if p.expert_slots_per_layer < p.n_experts else ""),
             "expert_slots_per_layer": p.expert_slots_per_layer,
@@ -542,13 +543,12 @@ def render_markdown(report: dict, width: int = 80) -> str:
     every line but a table row with a long model name fits `width` columns."""
     import textwrap
 
-    from moerun.library import params_words
 
     na = "n/a"
     lines = ["| model | size | params | bits | budget | backend | test | t/s |", "|---|---:|---:|---:|---|---|---|---:|"]
     for r in report["rows"]:
         lines.append(
-            f"| {r['model']} | {plan.gib(r['size_bytes'])} | {params_words(r['params'])} | {r['bits']} | {r['budget']} | "
+            f"| {r['model']} | {gib(r['size_bytes'])} | {params(r['params'])} | {r['bits']} | {r['budget']} | "
             f"{r['backend']} | {r['test']} | {r['t_s_mean']:.2f} ± {r['t_s_std']:.2f} |"
         )
     # Details keyed by the test, plus whatever the sweep varies (bits, budget, backend).
@@ -563,14 +563,14 @@ def render_markdown(report: dict, width: int = 80) -> str:
         return [""] + out
 
     def memory(r):
-        per_token = plan.gib(r["decode_bytes_per_token"]) if r["test"].startswith("tg") else "-"
-        vram = plan.gib(r["peak_vram_bytes"]) if r["peak_vram_bytes"] is not None else na
+        per_token = gib(r["decode_bytes_per_token"]) if r["test"].startswith("tg") else "-"
+        vram = gib(r["peak_vram_bytes"]) if r["peak_vram_bytes"] is not None else na
         return [f"{r['expert_slots_per_layer']}/{r['n_experts']}", f"{r['ttft_s'] * 1000:.1f} ms", vram,
-                plan.gib(r["peak_ram_bytes"]), per_token, f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"]  # fmt: skip
+                gib(r["peak_ram_bytes"]), per_token, f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"]  # fmt: skip
 
     def experts(r):
         pcie = f"{r['pcie_gb_s']:.2f}" if r["pcie_gb_s"] is not None else na
-        return [f"{r['expert_hit_rate']:.0%}", plan.gib(r["bytes_copied_per_token"]), pcie,
+        return [f"{r['expert_hit_rate']:.0%}", gib(r["bytes_copied_per_token"]), pcie,
                 f"{r['cpu_experts_per_token']:.1f}"]  # fmt: skip
 
     def shares(r):
@@ -581,10 +581,10 @@ def render_markdown(report: dict, width: int = 80) -> str:
     lines += table(["hit rate", "copied/token", "PCIe GB/s", "CPU experts/token"], experts)
     lines += table(["attention", "experts", "copies", "CPU experts", "other"], shares)
     m = report["machine"]
-    gpu = f"{m['gpu']} ({plan.gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
+    gpu = f"{m['gpu']} ({gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
     read = f", read {m['ram_read_bytes_s'] / 1e9:.1f} GB/s" if m.get("ram_read_bytes_s") else ""
     text = [f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
-            f"RAM {plan.gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+            f"RAM {gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
     text += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
     text += [f"note: {n}" for n in report["notes"]]
     text += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]

@@ -17,6 +17,7 @@ import typer
 
 from moerun import __version__
 from moerun.errors import MoerunError
+from moerun.units import gib, params, params_short
 
 def _flag_type(display_type_rich):
     """Typer's help shows `<bool>` after flags, which take no value: show nothing there."""
@@ -139,7 +140,6 @@ def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> No
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from moerun.api import pull_if_missing
-    from moerun.plan import gib
 
     repo_id = hub.repo_id_for(model)
 
@@ -166,7 +166,6 @@ def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> No
 
 
 def _verdict_words(p) -> str:
-    from moerun.plan import gib
 
     if p.verdict == "gpu":
         return f"everything on the GPU ({gib(p.gpu_bytes)})"
@@ -247,20 +246,12 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
     return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"  # unreachable; keeps type checkers quiet
-
-
 def format_stats(stats) -> str:
     """The three lines `generate` prints to stderr, as mlx_lm.generate does."""
     return (
         f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s\n"
         f"generation: {stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s\n"
-        f"peak memory: {_human_bytes(stats.peak_memory_bytes)}"
+        f"peak memory: {gib(stats.peak_memory_bytes)}"
     )
 
 
@@ -270,7 +261,7 @@ def format_expert_stats(total: dict, tokens: int) -> str:
     return (
         f"experts: {rate:.0%} hit rate ({total['hits']} hits, {total['misses']} misses, "
         f"{total['prefetch_hits']} prefetched, {total['cpu_experts']} on CPU), "
-        f"{_human_bytes(total['bytes_copied'] / max(tokens, 1))} copied per token"
+        f"{gib(total['bytes_copied'] / max(tokens, 1))} copied per token"
     )
 
 
@@ -369,7 +360,6 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 def format_plan(m, load_seconds: float) -> str:
     """--verbose: where the model went, and how long loading took."""
-    from moerun.plan import gib
 
     p = m.plan
     where = {"gpu": "everything on the device", "ram": "everything in RAM (no GPU)"}.get(p.verdict) or (
@@ -597,27 +587,21 @@ def models() -> None:
         a = ALIASES[key]
         r = fitting.quick_verdict(key)
         if r is None:
-            params = active = verdict = "?"
+            total = active = verdict = "?"
         else:
             device = device or r
-            params, active = _params(r.summary.total_params), _params(r.summary.active_params)
+            total, active = params_short(r.summary.total_params), params_short(r.summary.active_params)
             verdict = words[r.plan.verdict]
             if r.recommended_bits:
                 verdict += f" ({r.recommended_bits}-bit)"
-        table.add_row(key, *([a.repo_id] if wide else []), params, active, verdict)
+        table.add_row(key, *([a.repo_id] if wide else []), total, active, verdict)
     con.print(table)
     if device is not None:
-        from moerun.plan import gib
-
         where = "in RAM, on the CPU" if device.device == "cpu" else "on this GPU, experts offloaded to RAM"
         con.print(f"fits here: {where} (RAM budget {gib(device.plan.ram_budget)})")
         con.print("`moerun fit ALIAS` says why; `--gpu NAME` plans another card", style="dim")
     if not wide:
         con.print("repo ids: in a terminal of 110 columns or more", style="dim")
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 @app.command()
@@ -715,7 +699,7 @@ def _render_fit(r) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from moerun.plan import ROLES, gib
+    from moerun.plan import ROLES
 
     con = Console()
     s, p, d = r.summary, r.plan, r.to_dict()
@@ -731,13 +715,13 @@ def _render_fit(r) -> None:
     for role in ROLES:
         n = s.params_by_role.get(role, 0)
         if n:
-            t.add_row(role.replace("_", " "), _params(n), gib(p.weight_bytes_by_role[role]))
-    t.add_row("[bold]total", f"[bold]{_params(s.total_params)}", f"[bold]{gib(p.weight_bytes)}")
+            t.add_row(role.replace("_", " "), params_short(n), gib(p.weight_bytes_by_role[role]))
+    t.add_row("[bold]total", f"[bold]{params_short(s.total_params)}", f"[bold]{gib(p.weight_bytes)}")
     con.print(t)
-    _say(con, f"active per token: {_params(s.active_params)} of {_params(s.total_params)} "
+    _say(con, f"active per token: {params_short(s.active_params)} of {params_short(s.total_params)} "
               f"({s.experts_per_token} of {p.n_experts} experts in {p.n_moe_layers} MoE layers)")  # fmt: skip
     if s.unused_params:
-        _say(con, f"not loaded (vision tower / multi-token prediction): {_params(s.unused_params)}")
+        _say(con, f"not loaded (vision tower / multi-token prediction): {params_short(s.unused_params)}")
     _say(con, f"stored in the checkpoint: {gib(d['stored_bytes'])}")
     if r.meta.download_bytes:
         _say(con, f"`moerun pull` downloads {gib(r.meta.download_bytes)}")
@@ -797,7 +781,6 @@ def pull(
     """Download what moerun needs (safetensors, config, tokenizer, generation config, chat
     template) into the Hugging Face cache; an interrupted pull resumes."""
     from moerun import hub
-    from moerun.units import gib  # not moerun.plan: a pull needs no torch
 
     repo_id = hub.repo_id_for(model)
     if repo_id is None:
@@ -839,11 +822,11 @@ def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON objec
     rows = []  # (name, revision, size, last used); a blank revision for sub-rows
     for r in revisions:
         rev = r.commit[:12]
-        rows.append((r.alias or r.repo_id, rev, library.size_words(r.size), library.ago(r.last_used)))
+        rows.append((r.alias or r.repo_id, rev, gib(r.size), library.ago(r.last_used)))
         if r.alias:
             rows.append(("  " + r.repo_id, "", "", ""))
         for c in r.caches:
-            rows.append(("  " + _cache_words(c), "", library.size_words(c.size), library.ago(c.last_used)))
+            rows.append(("  " + _cache_words(c), "", gib(c.size), library.ago(c.last_used)))
     tail = 2 + 12 + 2 + 10 + 2 + 14  # revision, size and "59 minutes ago"
     w = min(max([len("NAME")] + [len(n) for n, rev, size, _ in rows if size]), WIDTH - tail)
     lines = [f"{'NAME':<{w}}  {'REVISION':<12}  {'SIZE':<10}  LAST USED"] if rows else []
@@ -858,7 +841,7 @@ def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON objec
         lines += ["" if lines else None, "quantized caches of local folders or removed snapshots (moerun rm FOLDER):"]
         for c in others:
             gone = "" if Path(c.source).exists() else " (source gone)"
-            lines.append(f"  {_cache_words(c)}, {library.size_words(c.size)}, last used {library.ago(c.last_used)}{gone}")
+            lines.append(f"  {_cache_words(c)}, {gib(c.size)}, last used {library.ago(c.last_used)}{gone}")
             lines.append(_fit_text("    " + c.source))
     sys.stdout.write("\n".join(line for line in lines if line is not None) + "\n")
 
@@ -879,10 +862,10 @@ def rm_(
     n = len(removal.caches)
     caches = f"{n} quantized cache{'s' if n != 1 else ''}"
     if removal.loose_caches and not removal.revisions:  # caches alone, named by a path or the demo
-        what = f"{caches} of {removal.repo_id} ({library.size_words(removal.bytes)})"
+        what = f"{caches} of {removal.repo_id} ({gib(removal.bytes)})"
     else:
         revs = ", ".join(r.commit[:12] for r in removal.revisions) or "partial download"
-        what = f"{removal.repo_id} ({revs}" + (f"; {caches}" if n else "") + f"; {library.size_words(removal.bytes)})"
+        what = f"{removal.repo_id} ({revs}" + (f"; {caches}" if n else "") + f"; {gib(removal.bytes)})"
     if not yes:
         if not sys.stdin.isatty():
             raise MoerunError(f"not removing {what} without asking: stdin is not a terminal; pass -y")
@@ -921,8 +904,8 @@ def show_(
     arch = info.model_type or "?"
     rows.append(("architecture", arch + (f" ({', '.join(info.architectures)})" if info.architectures else "")))
     if info.total_params:
-        rows.append(("parameters", f"{library.params_words(info.total_params)} total, "
-                                   f"{library.params_words(info.active_params)} active per token"))  # fmt: skip
+        rows.append(("parameters", f"{params(info.total_params)} total, "
+                                   f"{params(info.active_params)} active per token"))  # fmt: skip
     if info.n_experts:
         rows.append(("experts", f"{info.n_experts} per MoE layer, {info.experts_per_token} per token; "
                                 f"{info.n_layers} layers"))  # fmt: skip
@@ -936,13 +919,12 @@ def show_(
         rows += [("", line) for line in library.template_head(info.chat_template, width=WIDTH - 18)]
     rows.append(("license", info.license or "not in the local files (see the model card)"))
     for c in info.caches:
-        rows.append(("quantized", f"{_cache_words(c)}, {library.size_words(c.size)}, "
+        rows.append(("quantized", f"{_cache_words(c)}, {gib(c.size)}, "
                                   f"last used {library.ago(c.last_used)}"))  # fmt: skip
     f = info.fit
     if f is None:
         rows.append(("fits here", "n/a (no weights or an unknown family)"))
     else:  # fit's quick verdict: metadata on this machine, no measurement
-        from moerun.plan import gib
 
         p, where = f.plan, "GPU" if f.device == "cuda" else "CPU (host RAM)"
         words = {"gpu": f"yes, everything on the {where} ({gib(p.gpu_bytes)})",

@@ -15,6 +15,7 @@ import torch
 from moerun import gpus, hub, plan, registry
 from moerun.errors import MoerunError
 from moerun.models import check_config
+from moerun.units import gib
 from moerun.weights import CheckpointWeights
 
 # Conservative bandwidths used when nothing can be measured (bytes/s): a mid-range
@@ -261,7 +262,7 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
     if fewer:
         q = plans[fewer[0]]
         need = q.ram_bytes if q.unified else q.gpu_bytes
-        out.append(f"--bits {fewer[0]}: {_fits_words(q)} ({plan.gib(need)})")
+        out.append(f"--bits {fewer[0]}: {_fits_words(q)} ({gib(need)})")
     chip = card is not None and card.unified  # its memory is the chip's: a larger chip, not more RAM
     low = min(chosen.bits, 4) if not fewer else None  # bits alone do not do it: try the rest at 4 bits
     if low is not None:
@@ -274,7 +275,7 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
             shorter //= 2
         q = plan.make_plan(summary, low, dtype, vram, None, ctx, unified=unified)  # more RAM, the same GPU
         if q.verdict != "no" and not chip:
-            out.append(f"--bits {low} with {plan.gib(q.ram_bytes)} of RAM: {_fits_words(q)}")
+            out.append(f"--bits {low} with {gib(q.ram_bytes)} of RAM: {_fits_words(q)}")
         else:  # a larger card (or chip), with the RAM that then takes
             budget = vram if not unified else ram
             for g in sorted((g for g in gpus.GPUS.values() if g.unified == unified), key=lambda g: g.memory_gib):
@@ -283,7 +284,7 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
                 q = plan.make_plan(summary, low, dtype, None if unified else g.memory_bytes,
                                    g.memory_bytes if unified else None, ctx, unified=unified)  # fmt: skip
                 if q.verdict != "no":
-                    extra = f" with {plan.gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
+                    extra = f" with {gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
                     out.append(f"--bits {low} on a {g.memory_gib} GiB {'chip' if unified else 'card'} "
                                f"(--gpu {g.key}){extra}: {_fits_words(q, chip)}")  # fmt: skip
                     break
@@ -291,7 +292,7 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
     if need > ONE_MACHINE_BYTES:
         per = gpus.DATACENTER
         n = -(-need // int(0.9 * per.memory_bytes))
-        line = (f"at {chosen.bits} bits no one machine holds its {plan.gib(need)}: vLLM or SGLang with "
+        line = (f"at {chosen.bits} bits no one machine holds its {gib(need)}: vLLM or SGLang with "
                 f"expert parallelism serve it across machines, on ~{n} GPUs of 80 GB")  # fmt: skip
         if card is not None and not card.unified:
             line += f" (~{-(-need // int(0.9 * card.memory_bytes))} of the {card.key})"

@@ -398,22 +398,6 @@ def show(model: str, revision: str | None = None) -> ModelInfo:
     )  # fmt: skip
 
 
-def size_words(n: int | float) -> str:
-    """Bytes for people, as moerun.plan.gib writes them (here without importing torch)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{n / 2**10:.1f} KiB"
-
-
-def params_words(n: int) -> str:
-    """A parameter count with a unit that keeps three digits: 46.70 B, 1.87 M, 950 K."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n}"
-
-
 def ago(t: float | None, now: float | None = None) -> str:
     """'never', 'just now', '5 minutes ago', '3 days ago'."""
     if t is None:

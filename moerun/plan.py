@@ -20,7 +20,7 @@ import torch
 from moerun.errors import MoerunError
 from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
-from moerun.units import gib  # plan.gib: callers use it from here too
+from moerun.units import gib
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 

@@ -97,3 +97,11 @@ def test_every_family_keeps_the_contract_and_a_broken_one_is_named():
     broken.ModelArgs, broken.Model = object, object
     with pytest.raises(TypeError, match="lacks sanitize, checkpoint_tensors"):
         Family(broken)
+
+
+def test_one_units_module_writes_bytes_and_parameter_counts():
+    from moerun import units
+
+    assert units.gib(1024) == "1.0 KiB" and units.gib(3 * 2**20) == "3.0 MiB" and units.gib(12 * 2**30) == "12.00 GiB"
+    assert units.params(46_700_000_000) == "46.70 B" and units.params(1_870_000) == "1.87 M" and units.params(950) == "950"
+    assert units.params_short(30_530_000_000) == "30.5B" and units.params_short(1_870_000) == "1.9M"
