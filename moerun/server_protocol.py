@@ -59,6 +59,7 @@ class GenRequest:
     echo: bool = False
     json_mode: bool = False  # response_format json_object / Ollama's format "json"
     template_kwargs: dict = dataclasses.field(default_factory=dict)  # extra chat-template variables
+    num_ctx: int | None = None  # Ollama's options.num_ctx: this request's window (prompt + reply), within the plan
 
 
 # -- field readers --------------------------------------------------------------------------------
@@ -74,15 +75,15 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False):
+def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, where: str = ""):
     value = body.get(key)
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise RequestError(f"'{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)}",
-                           code="invalid_value", param=key)  # fmt: skip
+        raise RequestError(f"'{where}{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)[:100]}",
+                           code="invalid_value", param=where + key)  # fmt: skip
     return value
 
 
@@ -177,7 +178,33 @@ def _tools(value) -> list | None:
     return value
 
 
-def _common(body: dict, defaults: Defaults) -> dict:
+# Sampling fields the sampler does not implement, with the value that leaves sampling as it is:
+# that value (clients send the defaults) passes, any other is a 400 naming the field, never silently ignored.
+_NEUTRAL = {"presence_penalty": (0, -2, 2), "frequency_penalty": (0, -2, 2), "repeat_penalty": (1, 0, 1e9),
+            "repetition_penalty": (1, 0, 1e9), "min_p": (0, 0, 1), "typical_p": (1, 0, 1), "tfs_z": (1, 0, 1e9),
+            "mirostat": (0, 0, 2)}  # fmt: skip
+
+
+def _unsupported_sampling(body: dict, where: str = "") -> None:
+    for key, (neutral, lo, hi) in _NEUTRAL.items():
+        value = _number(body, key, lo, hi, neutral, integer=key == "mirostat", where=where)
+        if value != neutral:
+            raise RequestError(f"'{where}{key}' is not supported (moerun samples with temperature, top_k, top_p and "
+                               f"seed only; leave it out or send {neutral})", code="unsupported_parameter",
+                               param=where + key)  # fmt: skip
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return
+    if not isinstance(bias, dict) or not all(type(v) in (int, float) for v in bias.values()):
+        raise RequestError(f"'{where}logit_bias' must be an object of token ids to numbers", code="invalid_value",
+                           param=where + "logit_bias")  # fmt: skip
+    if any(v != 0 for v in bias.values()):
+        raise RequestError(f"'{where}logit_bias' is not supported", code="unsupported_parameter",
+                           param=where + "logit_bias")  # fmt: skip
+
+
+def _common(body: dict, defaults: Defaults, where: str = "") -> dict:
+    _unsupported_sampling(body, where)
     temperature = _number(body, "temperature", 0, 2, defaults.temperature)
     top_p = _number(body, "top_p", 0, 1, defaults.top_p)
     return dict(
@@ -316,7 +343,9 @@ def _ollama_options(body: dict, defaults: Defaults) -> dict:
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2):
         raise RequestError("'options.num_predict' must be a positive integer, -1 or -2", param="options")
     max_tokens = predict if predict is not None and predict > 0 else defaults.max_tokens  # -1, -2: to the context
-    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), **_common(options, defaults))
+    num_ctx = _number(options, "num_ctx", 1, 1 << 31, None, integer=True, where="options.")
+    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), num_ctx=num_ctx,
+                **_common(options, defaults, "options."))  # fmt: skip
 
 
 def _ollama_format(body: dict) -> bool:
