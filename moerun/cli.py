@@ -423,6 +423,7 @@ def serve(
     origins: Optional[str] = typer.Option(None, "--origins", envvar="MOERUN_ORIGINS", show_envvar=True,
                                           help="Browser origins allowed beside loopback pages, comma list "
                                                "(https://app.example.com, https://*.example.com, *)."),  # fmt: skip
+    max_body: str = typer.Option("16MiB", "--max-body", help="Largest request body read; larger ones get 413."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1,
                                                  help="Default reply limit when a request sets none (default: the context)."),  # fmt: skip
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="Default when a request sets none (0: greedy)."),
@@ -447,6 +448,7 @@ def serve(
         from moerun import serve as server
     except ImportError as e:  # an install without the server's dependencies
         raise MoerunError(f"moerun serve needs {e.name} (pip install 'starlette' 'uvicorn')") from e
+    from moerun.plan import parse_size
     from moerun.server_protocol import Defaults
 
     if api_key and not api_key.strip():
@@ -456,6 +458,12 @@ def serve(
         allowed_origins = server.parse_origins(origins)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--origins'") from None
+    try:
+        body_limit = parse_size(max_body)
+    except MoerunError as e:
+        raise typer.BadParameter(str(e), param_hint="'--max-body'") from None
+    if body_limit < 1024:
+        raise typer.BadParameter(f"{max_body} is too small for a request (at least 1KiB)", param_hint="'--max-body'")
     sock = server.bind(host, port)
     try:
         m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
@@ -466,7 +474,7 @@ def serve(
         SPINNER.stop()
     defaults = Defaults(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
     server.serve(m, host=host, port=port, api_key=api_key, name=server.model_name(model), defaults=defaults,
-                 sock=sock, origins=allowed_origins)
+                 sock=sock, origins=allowed_origins, max_body=body_limit)
 
 
 def _int_list(text: str, hint: str) -> list[int]:

@@ -144,6 +144,7 @@ class Engine:
         self.waiting = 0
         self.running: Job | None = None
         self.served = 0
+        self._longest_token: int | None = None  # characters, of the longest token in the vocabulary
         # What the family's chat template writes for tool calls (moerun/tool_calls.py).
         self.tool_format = format_for(model.config)
 
@@ -168,11 +169,14 @@ class Engine:
         if gen.messages is not None and not self.model.is_chat_model:
             raise RequestError("this model does not chat (a span-corruption encoder-decoder without a chat template): "
                                "send the raw prompt to /v1/completions or /api/generate", code="invalid_value")  # fmt: skip
+        tokenizer = self.model.tokenizer
         if gen.messages is not None:
             extra = {**gen.template_kwargs, **({"tools": gen.tools} if gen.tools else {})}
-            ids = self.model.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=True,
-                                                           **extra)  # fmt: skip
+            text = tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=False, **extra)
+            self._refuse_surely_too_long(text, ctx)
+            ids = tokenizer.encode(text, add_special_tokens=False)  # as apply_chat_template(tokenize=True)
         else:
+            self._refuse_surely_too_long(gen.text, ctx)
             ids = self.model.encode_prompt(gen.text, chat=False)
         if not ids:
             raise RequestError("the prompt is empty", code="invalid_value")
@@ -181,6 +185,18 @@ class Engine:
             raise RequestError(f"the prompt has {len(ids)} tokens; {what} (start the server with a larger --ctx)",
                                code="context_length_exceeded")  # fmt: skip
         return ids
+
+    def _refuse_surely_too_long(self, text: str, ctx: int) -> None:
+        """Refuse, before tokenizing it, a text whose length alone proves it cannot fit: no token
+        covers more than `longest_token` characters, so it has at least len / (longest * slack) tokens;
+        slack 4 covers a normalizer that shrinks text (Unicode composition shrinks it at most 3x)."""
+        if self._longest_token is None:
+            self._longest_token = max((len(t) for t, _ in self.model.tokenizer.tokens_from(0)), default=1)
+        per_token = max(self._longest_token, 1) * 4
+        if len(text) >= ctx * per_token:
+            raise RequestError(f"the prompt has at least {len(text) // per_token} tokens ({len(text)} characters); the "
+                               f"planned context is {ctx} (start the server with a larger --ctx)",
+                               code="context_length_exceeded")  # fmt: skip
 
     def window(self, gen: GenRequest) -> int:
         """The request's window (prompt + reply): the planned context, or a smaller options.num_ctx;
@@ -414,6 +430,8 @@ async def _collect(engine: Engine, job: Job, request: Request) -> tuple[str, Res
 # The Ollama API version /api/version reports: clients gate features on it (tools from 0.3,
 # structured outputs from 0.5, thinking from 0.9), and the routes here follow 0.13's shapes.
 OLLAMA_API_VERSION = "0.13.0"
+# The largest request body read (--max-body): far above any prompt a planned context can hold.
+MAX_BODY = 16 << 20
 
 
 def _bare_name(name: str) -> str:
@@ -550,7 +568,7 @@ class Origins:
 
 def build_app(model: ServedModel, *, name: str | None = None, api_key: str | None = None,
               defaults: Defaults | None = None, engine: Engine | None = None,
-              origins: Origins | None = None) -> Starlette:  # fmt: skip
+              origins: Origins | None = None, max_body: int = MAX_BODY) -> Starlette:  # fmt: skip
     """The ASGI app over a loaded moerun Model."""
     engine = engine or Engine(model, defaults)
     model_id = name or model.name
@@ -595,7 +613,16 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         return endpoint
 
     async def body_of(request: Request) -> dict:
-        return parse_body(await request.body())
+        # Read up to the limit and no further (a chunked upload has no Content-Length to refuse early).
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > max_body:
+                raise _too_large(max_body)
+            parts.append(part)
+        raw = b"".join(parts)
+        # Parsing megabytes of JSON holds the loop: a thread for large bodies.
+        return parse_body(raw) if len(raw) < 1 << 16 else await run_in_threadpool(parse_body, raw)
 
     def client_of(request: Request) -> str:
         return f"{request.client.host}:{request.client.port}" if request.client else "-"
@@ -901,7 +928,7 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.engine = engine
-    return _Guard(app, api_key, origins or Origins())
+    return _Guard(app, api_key, origins or Origins(), max_body)
 
 
 def _error_payload(exc: BaseException) -> dict:
@@ -923,8 +950,8 @@ class _Guard:
 
     OPEN = ("/", "/health")
 
-    def __init__(self, app: Starlette, api_key: str | None, origins: Origins):
-        self.app, self.api_key, self.origins = app, api_key, origins
+    def __init__(self, app: Starlette, api_key: str | None, origins: Origins, max_body: int = 0):
+        self.app, self.api_key, self.origins, self.max_body = app, api_key, origins, max_body or MAX_BODY
         self.state = app.state
 
     def _preflight(self, origin: str, headers: dict) -> Response:
@@ -970,6 +997,9 @@ class _Guard:
                 err = RequestError("missing or wrong API key (send Authorization: Bearer <key>)", status=401,
                                    code="invalid_api_key")  # fmt: skip
                 return await _error(err, ollama)(scope, receive, send_status)
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body:  # refused before a byte of it is read
+            return await _error(_too_large(self.max_body), ollama)(scope, receive, send_status)
 
         await self.app(scope, receive, send_status)
         if generates and status[0] < 400:
@@ -977,6 +1007,11 @@ class _Guard:
         client = scope.get("client")
         log.info("%s %s %s · %d · %.3f s", scope.get("method"), path, f"{client[0]}:{client[1]}" if client else "-",
                  status[0], time.perf_counter() - t0)  # fmt: skip
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than {limit / (1 << 20):g} MiB (start the server with a larger "
+                        "--max-body)", status=413, code="request_too_large")  # fmt: skip
 
 
 def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
@@ -1015,7 +1050,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
           defaults: Defaults | None = None, announce: Callable[[str], None] | None = None,
-          sock: socket.socket | None = None, origins: Sequence[str] = ()) -> None:  # fmt: skip
+          sock: socket.socket | None = None, origins: Sequence[str] = (),
+          max_body: int = MAX_BODY) -> None:  # fmt: skip
     """Serve `model` until Ctrl-C (or SIGTERM): the running generation stops after its
     current token, queued ones are dropped, and the process exits cleanly.
     `origins`: browser origins allowed beside loopback pages (parse_origins)."""
@@ -1023,7 +1059,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = Engine(model, defaults)
-    app = build_app(model, name=name, api_key=api_key, defaults=defaults, engine=engine, origins=Origins(origins))
+    app = build_app(model, name=name, api_key=api_key, defaults=defaults, engine=engine, origins=Origins(origins),
+                    max_body=max_body)  # fmt: skip
     sock = sock or bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]

@@ -65,13 +65,34 @@ class GenRequest:
 # -- field readers --------------------------------------------------------------------------------
 
 
+# Deeper JSON than any request needs (a tool schema nests ~10 deep); deeper would reach Python's
+# recursion limit in the parser, the templates or json.dumps (a 500 RecursionError).
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def parse_body(raw: bytes) -> dict:
+    too_deep = RequestError(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
+    if _too_deep(body, MAX_JSON_DEPTH):
+        raise too_deep
     return body
 
 

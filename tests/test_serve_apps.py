@@ -67,8 +67,9 @@ def test_cors_preflights_are_answered_without_the_key(server):
     r = preflight(server, "http://localhost:5173", "/api/chat")
     assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
     # Chrome's private network access check, before a public page may reach loopback.
-    r = http(server, "OPTIONS", "/api/tags", headers={"Origin": "https://app.example.com", "Access-Control-Request-Method":
-                                                     "GET", "Access-Control-Request-Private-Network": "true"})  # fmt: skip
+    asks = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Private-Network": "true"}
+    r = http(server, "OPTIONS", "/api/tags", headers=asks)
     assert r.status_code == 204 and r.headers["access-control-allow-private-network"] == "true"
 
 
@@ -107,7 +108,8 @@ def test_unknown_model_is_a_404_in_each_apis_shape(server, client):
         with pytest.raises(openai.NotFoundError) as exc:
             client.chat.completions.create(model=name, messages=MESSAGES)
         err = exc.value.body
-        assert exc.value.code == "model_not_found" and err["type"] == "invalid_request_error" and err["param"] == "model"
+        assert exc.value.code == "model_not_found" and err["type"] == "invalid_request_error"
+        assert err["param"] == "model"
         assert name in err["message"] and "demo" in err["message"]
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=name, prompt="hello")
@@ -213,8 +215,9 @@ def test_show_capabilities_follow_the_family_and_template():
 
 
 def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client):
-    for kwargs, param in (({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1}, "frequency_penalty"),
-                          ({"logit_bias": {"5": 10}}, "logit_bias"), ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    for kwargs, param in (({"presence_penalty": 0.5}, "presence_penalty"),
+                          ({"frequency_penalty": -1}, "frequency_penalty"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+                          ({"extra_body": {"min_p": 0.1}}, "min_p"),
                           ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty")):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="demo", messages=MESSAGES, **kwargs)
@@ -227,22 +230,23 @@ def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client)
     # The neutral values clients send by default, and fields clients commonly add, still pass.
     out = client.chat.completions.create(model="demo", messages=MESSAGES, presence_penalty=0, frequency_penalty=0,
                                          logit_bias={}, user="u1", metadata={"a": "b"}, store=False,
-                                         parallel_tool_calls=True, extra_body={"min_p": 0, "repetition_penalty": 1})  # fmt: skip
+                                         parallel_tool_calls=True,
+                                         extra_body={"min_p": 0, "repetition_penalty": 1})  # fmt: skip
     assert out.choices[0].message.content == SKILLS["count from 7"]
     for options, param in (({"repeat_penalty": 1.1}, "options.repeat_penalty"), ({"min_p": 0.05}, "options.min_p"),
                            ({"presence_penalty": 1}, "options.presence_penalty"), ({"mirostat": 2}, "options.mirostat"),
                            ({"min_p": "x"}, "options.min_p"), ({"num_ctx": "x"}, "options.num_ctx")):  # fmt: skip
         r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": MESSAGES, "options": options})
         assert r.status_code == 400 and param in r.json()["error"], r.text
-    r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": MESSAGES, "stream": False,
-                                                             "options": {"repeat_penalty": 1, "num_thread": 2}})  # fmt: skip
+    neutral = {"messages": MESSAGES, "stream": False, "options": {"repeat_penalty": 1, "num_thread": 2}}
+    r = http(server, "POST", "/api/chat", headers=AUTH, json=neutral)
     assert r.status_code == 200 and r.json()["message"]["content"] == SKILLS["count from 7"]
 
 
 def test_ollama_num_ctx_is_the_requests_window(server):
     def generate(options: dict) -> httpx.Response:
-        return http(server, "POST", "/api/generate", headers=AUTH, json={"model": "demo", "prompt": ENDLESS, "raw": True,
-                                                                         "stream": False, "options": options})  # fmt: skip
+        body = {"model": "demo", "prompt": ENDLESS, "raw": True, "stream": False, "options": options}
+        return http(server, "POST", "/api/generate", headers=AUTH, json=body)
 
     whole = generate({"num_predict": 40}).json()
     prompt = whole["prompt_eval_count"]
@@ -262,7 +266,9 @@ def test_ollama_num_ctx_is_the_requests_window(server):
 
 
 @pytest.mark.parametrize("args, words", [(["--api-key", " "], "--api-key"), (["--api-key", "\t \t"], "--api-key"),
-                                         (["--origins", "evil.com"], "--origins")])  # fmt: skip
+                                         (["--origins", "evil.com"], "--origins"),
+                                         (["--max-body", "lots"], "--max-body"),
+                                         (["--max-body", "10"], "--max-body")])  # fmt: skip
 def test_bad_key_or_origins_are_refused_at_start(args, words):
     proc = subprocess.run([sys.executable, "-m", "moerun", "serve", "demo", "--port", "0", "--device", "cpu", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -320,3 +326,79 @@ def test_the_digest_is_stable_across_restarts(server):
 
     again = model_digest(type("M", (), {"folder": DEMO_DIR, "config": {}})())
     assert again == first and again != hashlib.sha256(b"").hexdigest()
+
+
+# -- bounded work before admission -------------------------------------------------------------------------
+
+
+def nested(depth: int) -> dict:
+    inner: dict = {}
+    top = inner
+    for _ in range(depth - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return top
+
+
+def test_a_20_mb_prompt_is_refused_while_a_small_chat_and_health_are_answered(server, client):
+    big = b'{"model": "demo", "prompt": "' + b"hello " * ((20 << 20) // 6) + b'"}'
+    answers: dict = {}
+
+    def upload(name: str, chunked: bool) -> None:
+        # Chunked: no Content-Length to refuse up front, so the server must stop reading at the limit.
+        content = (big[i : i + (1 << 16)] for i in range(0, len(big), 1 << 16)) if chunked else big
+        answers[name] = httpx.post(server.url + "/v1/completions", content=content, timeout=120,
+                                   headers={**AUTH, "Content-Type": "application/json"})  # fmt: skip
+
+    def small_chat() -> None:
+        answers["chat"] = client.chat.completions.create(model="demo", messages=MESSAGES).choices[0].message.content
+
+    before = server.rss_kb()
+    threads = [threading.Thread(target=upload, args=(f"big{i}", i % 2 == 1)) for i in range(4)]
+    threads.append(threading.Thread(target=small_chat))
+    for t in threads:
+        t.start()
+    probes = []
+    while any(t.is_alive() for t in threads):
+        probes.append(httpx.get(server.url + "/health", timeout=30).status_code)
+    for t in threads:
+        t.join(120)
+    assert answers["chat"] == SKILLS["count from 7"]
+    assert probes and set(probes) == {200}
+    for i in range(4):
+        r = answers[f"big{i}"]
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+    r = http(server, "POST", "/api/generate", headers=AUTH, content=big)
+    assert r.status_code == 413 and "--max-body" in r.json()["error"]
+    for _ in range(10):
+        assert http(server, "POST", "/v1/completions", headers=AUTH, content=big).status_code == 413
+    assert server.rss_kb() - before < 100 * 1024, "the refused bodies were buffered"
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(server):
+    text = "hello " * 200_000  # 1.2 MB: under the body limit, far over a 256-token context
+    r = http(server, "POST", "/v1/completions", headers=AUTH, json={"prompt": text})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded"
+    assert re.match(r"the prompt has at least \d+ tokens \(1200000 characters\); the planned context is 256",
+                    err["message"])
+    r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 400 and "at least" in r.json()["error"]
+    # Just over the context by tokens but not provably by length: tokenized, and refused by its count.
+    r = http(server, "POST", "/v1/completions", headers=AUTH, json={"prompt": "count from 7 " * 100})
+    assert r.status_code == 400 and re.match(r"the prompt has \d+ tokens;", r.json()["error"]["message"])
+
+
+def test_deep_json_is_a_400_not_a_recursion_error(server):
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/api/chat"):
+        r = http(server, "POST", path, headers=AUTH, content=deep)
+        assert r.status_code == 400 and "64 levels deep" in r.text, r.text[:300]
+    tool = {"type": "function", "function": {"name": "f", "parameters": nested(500)}}
+    for body in ({"messages": MESSAGES, "tools": [tool]}, {"messages": MESSAGES, "chat_template_kwargs": nested(900)}):
+        r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    ok = {"type": "function", "function": {"name": "f", "parameters": nested(40)}}
+    r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"messages": MESSAGES, "tools": [ok]})
+    assert r.status_code == 200
+    assert "RecursionError" not in server.output and "Traceback" not in server.output
