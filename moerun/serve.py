@@ -529,7 +529,9 @@ def model_info(model: ServedModel, context_length: int) -> dict:
 
 # -- CORS -------------------------------------------------------------------------------------------
 
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+# Desktop apps' own origins (Electron, Tauri, VS Code webviews), which Ollama allows by default too.
+_APP_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
 _ORIGIN_PATTERN = re.compile(r"^(\*|null|[a-z][a-z0-9+.-]*://[^/\s?#]+)$")
 
 
@@ -548,8 +550,9 @@ def parse_origins(text: str | None) -> tuple[str, ...]:
 
 
 class Origins:
-    """Which browser origins may call the server: loopback pages (http(s)://localhost, 127.0.0.1,
-    [::1], any port) always, as Ollama allows them, plus the --origins patterns."""
+    """Which browser origins may call the server: as Ollama's defaults, loopback pages (http(s)://localhost,
+    127.0.0.1, [::1], 0.0.0.0, any port) and desktop apps (app://, file://, tauri://, vscode-webview://,
+    vscode-file://), plus the --origins patterns."""
 
     def __init__(self, extra: Sequence[str] = ()):
         self.extra = tuple(extra)
@@ -562,6 +565,8 @@ class Origins:
         except ValueError:
             return False
         if parts.scheme in ("http", "https") and parts.hostname in _LOOPBACK_HOSTS and not parts.path:
+            return True
+        if parts.scheme in _APP_SCHEMES:
             return True
         return any(p == "*" or fnmatch.fnmatchcase(origin, p) for p in self.extra)
 

@@ -56,6 +56,7 @@ def preflight(server, origin: str, path: str = "/v1/chat/completions", headers: 
 
 def test_cors_preflights_are_answered_without_the_key(server):
     allowed = ["http://localhost:5173", "https://127.0.0.1", "http://[::1]:8080", "http://LOCALHOST:3000",
+               "http://0.0.0.0:3000", "tauri://localhost", "app://obsidian.md", "vscode-webview://1abc",
                "https://app.example.com", "https://chat.example.org"]  # fmt: skip
     for origin in allowed:
         r = preflight(server, origin, headers="authorization, content-type, x-stainless-os")
