@@ -403,3 +403,30 @@ def test_deep_json_is_a_400_not_a_recursion_error(server):
     r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"messages": MESSAGES, "tools": [ok]})
     assert r.status_code == 200
     assert "RecursionError" not in server.output and "Traceback" not in server.output
+
+
+def test_json_mode_bounds_whitespace_a_model_prefers():
+    """JSON mode (moerun/json_constraint.py): a model that ranks whitespace above everything still
+    writes at most one newline and 20 indents before and between JSON tokens, then must go on.
+    (Spaces inside a string are content, and not bounded: the ranking leaves strings out.)"""
+    import torch
+
+    from moerun.generate import SamplingParams
+    from moerun.json_constraint import MAX_INDENT, JSONConstraint
+
+    tok = Tokenizer.from_dir(DEMO_DIR)
+    eos = tok.eos_token_id
+    spaces = [t for t in range(tok.vocab_size) if (tok.token_bytes(t) or b"x").strip() == b""]
+    newline = [t for t in spaces if tok.token_bytes(t) == b"\n"]
+    ranked = newline + [t for t in spaces if t not in newline] + [tok.encode(c, False)[0] for c in "{}"]
+    logits = torch.full((tok.vocab_size,), -30.0)
+    logits[ranked] = torch.linspace(10, 0, len(ranked))
+    c = JSONConstraint(tok, {eos})
+    out = []
+    while len(out) < 200 and (not out or out[-1] != eos):
+        out.append(c.pick(logits, SamplingParams(), None))
+    assert out[-1] == eos and len(out) < 200
+    text = b"".join(tok.token_bytes(t) or b"" for t in out[:-1]).decode()
+    assert isinstance(json.loads(text), dict)
+    runs = [len(r) for r in re.findall(r"\s+", text)]
+    assert runs and max(runs) <= 1 + MAX_INDENT == 21
