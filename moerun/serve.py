@@ -180,6 +180,11 @@ class Engine:
             ids = self.model.encode_prompt(gen.text, chat=False)
         if not ids:
             raise RequestError("the prompt is empty", code="invalid_value")
+        vocab = self.model.tokenizer.vocab_size
+        outside = [t for t in gen.penalties.get("logit_bias") or {} if t >= vocab]
+        if outside:
+            raise RequestError(f"logit_bias: token id {outside[0]} is not in the vocabulary (0 to {vocab - 1})",
+                               code="invalid_value", param="logit_bias")  # fmt: skip
         if len(ids) >= ctx:
             what = f"options.num_ctx is {ctx}" if ctx < self.context_length else f"the planned context is {ctx}"
             raise RequestError(f"the prompt has {len(ids)} tokens; {what} (start the server with a larger --ctx)",
@@ -263,6 +268,7 @@ class Engine:
                 extra["keep_special"] = job.reply_format.markers
             if gen.json_mode:
                 extra["json_mode"] = True
+            extra.update(gen.penalties)
             stream = model.stream_generate(job.ids, max_new_tokens=job.max_new_tokens, temperature=gen.temperature,
                                            top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed, **extra)  # fmt: skip
             hit = False

@@ -60,6 +60,8 @@ class GenRequest:
     json_mode: bool = False  # response_format json_object / Ollama's format "json"
     template_kwargs: dict = dataclasses.field(default_factory=dict)  # extra chat-template variables
     num_ctx: int | None = None  # Ollama's options.num_ctx: this request's window (prompt + reply), within the plan
+    # min_p and the penalties (moerun.generate.SamplingParams' fields), only those the request set.
+    penalties: dict = dataclasses.field(default_factory=dict)
 
 
 # -- field readers --------------------------------------------------------------------------------
@@ -201,31 +203,52 @@ def _tools(value) -> list | None:
 
 # Sampling fields the sampler does not implement, with the value that leaves sampling as it is:
 # that value (clients send the defaults) passes, any other is a 400 naming the field, never silently ignored.
-_NEUTRAL = {"presence_penalty": (0, -2, 2), "frequency_penalty": (0, -2, 2), "repeat_penalty": (1, 0, 1e9),
-            "repetition_penalty": (1, 0, 1e9), "min_p": (0, 0, 1), "typical_p": (1, 0, 1), "tfs_z": (1, 0, 1e9),
-            "mirostat": (0, 0, 2)}  # fmt: skip
+_NEUTRAL = {"repetition_penalty": (1, 0, 1e9), "typical_p": (1, 0, 1), "tfs_z": (1, 0, 1e9), "mirostat": (0, 0, 2)}
+# Implemented (moerun.generate.adjust_logits, filtered_probs): field -> (range, integer).
+_PENALTIES = {"presence_penalty": (-2, 2, False), "frequency_penalty": (-2, 2, False), "min_p": (0, 1, False),
+              "repeat_penalty": (1e-6, 1e6, False), "repeat_last_n": (-1, 1 << 31, True)}  # fmt: skip
 
 
 def _unsupported_sampling(body: dict, where: str = "") -> None:
     for key, (neutral, lo, hi) in _NEUTRAL.items():
         value = _number(body, key, lo, hi, neutral, integer=key == "mirostat", where=where)
         if value != neutral:
-            raise RequestError(f"'{where}{key}' is not supported (moerun samples with temperature, top_k, top_p and "
-                               f"seed only; leave it out or send {neutral})", code="unsupported_parameter",
-                               param=where + key)  # fmt: skip
+            raise RequestError(f"'{where}{key}' is not supported (leave it out or send {neutral})",
+                               code="unsupported_parameter", param=where + key)  # fmt: skip
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}; the ids are checked against the vocabulary later."""
     bias = body.get("logit_bias")
     if bias is None or bias == {}:
-        return
-    if not isinstance(bias, dict) or not all(type(v) in (int, float) for v in bias.values()):
-        raise RequestError(f"'{where}logit_bias' must be an object of token ids to numbers", code="invalid_value",
-                           param=where + "logit_bias")  # fmt: skip
-    if any(v != 0 for v in bias.values()):
-        raise RequestError(f"'{where}logit_bias' is not supported", code="unsupported_parameter",
-                           param=where + "logit_bias")  # fmt: skip
+        return None
+    bad = RequestError("'logit_bias' must be an object of token ids (\"42\") to numbers from -100 to 100",
+                       code="invalid_value", param="logit_bias")  # fmt: skip
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise bad
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or type(value) not in (int, float) or not -100 <= value <= 100:
+            raise bad
+        out[int(key)] = float(value)
+    return out
 
 
-def _common(body: dict, defaults: Defaults, where: str = "") -> dict:
+def _penalties(body: dict, where: str = "", openai: bool = False) -> dict:
+    out = {}
+    for key, (lo, hi, integer) in _PENALTIES.items():
+        value = _number(body, key, lo, hi, None, integer=integer, where=where)
+        if value is not None:
+            out[key] = value
+    bias = _logit_bias(body) if openai else None
+    if bias:
+        out["logit_bias"] = bias
+    return out
+
+
+def _common(body: dict, defaults: Defaults, where: str = "", openai: bool = False) -> dict:
     _unsupported_sampling(body, where)
+    penalties = _penalties(body, where, openai)
     temperature = _number(body, "temperature", 0, 2, defaults.temperature)
     top_p = _number(body, "top_p", 0, 1, defaults.top_p)
     return dict(
@@ -233,6 +256,7 @@ def _common(body: dict, defaults: Defaults, where: str = "") -> dict:
         top_p=max(float(top_p), 1e-9),  # 0 keeps only the likeliest token, as with any tiny mass
         top_k=_number(body, "top_k", 0, 1 << 31, defaults.top_k, integer=True),
         seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, defaults.seed, integer=True),
+        penalties=penalties,
     )
 
 
@@ -334,7 +358,7 @@ def openai_chat(body: dict, defaults: Defaults) -> GenRequest:
         max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), defaults.max_tokens),
         stop=_stop(body.get("stop")), stream=_bool(body, "stream", False), tools=tools,
         include_usage=_stream_usage(body), json_mode=_response_format(body.get("response_format")),
-        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults),
+        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults, openai=True),
     )  # fmt: skip
 
 
@@ -352,7 +376,7 @@ def openai_completion(body: dict, defaults: Defaults) -> GenRequest:
     return GenRequest(
         messages=None, text=prompt, max_tokens=_max_tokens(body, ("max_tokens",), 16), stop=_stop(body.get("stop")),
         stream=_bool(body, "stream", False), include_usage=_stream_usage(body), echo=_bool(body, "echo", False),
-        **_common(body, defaults),
+        **_common(body, defaults, openai=True),
     )  # fmt: skip
 
 

@@ -216,15 +216,15 @@ def test_show_capabilities_follow_the_family_and_template():
 
 
 def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client):
-    for kwargs, param in (({"presence_penalty": 0.5}, "presence_penalty"),
-                          ({"frequency_penalty": -1}, "frequency_penalty"), ({"logit_bias": {"5": 10}}, "logit_bias"),
-                          ({"extra_body": {"min_p": 0.1}}, "min_p"),
-                          ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty")):  # fmt: skip
+    for kwargs, param in (({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+                          ({"extra_body": {"typical_p": 0.5}}, "typical_p")):  # fmt: skip
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="demo", messages=MESSAGES, **kwargs)
         assert exc.value.code == "unsupported_parameter" and exc.value.body["param"] == param
         assert "not supported" in exc.value.body["message"]
-    for bad in ({"frequency_penalty": "x"}, {"presence_penalty": 3}, {"logit_bias": {"5": "x"}}, {"logit_bias": [1]}):
+    for bad in ({"frequency_penalty": "x"}, {"presence_penalty": 3}, {"logit_bias": {"5": "x"}}, {"logit_bias": [1]},
+                {"logit_bias": {"five": 1}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"384": 1}},
+                {"min_p": 1.5}, {"repeat_penalty": 0}):  # fmt: skip
         r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"messages": MESSAGES, **bad})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
         assert r.json()["error"]["param"] == next(iter(bad))
@@ -234,9 +234,9 @@ def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client)
                                          parallel_tool_calls=True,
                                          extra_body={"min_p": 0, "repetition_penalty": 1})  # fmt: skip
     assert out.choices[0].message.content == SKILLS["count from 7"]
-    for options, param in (({"repeat_penalty": 1.1}, "options.repeat_penalty"), ({"min_p": 0.05}, "options.min_p"),
-                           ({"presence_penalty": 1}, "options.presence_penalty"), ({"mirostat": 2}, "options.mirostat"),
-                           ({"min_p": "x"}, "options.min_p"), ({"num_ctx": "x"}, "options.num_ctx")):  # fmt: skip
+    for options, param in (({"mirostat": 2}, "options.mirostat"), ({"tfs_z": 0.5}, "options.tfs_z"),
+                           ({"min_p": "x"}, "options.min_p"), ({"repeat_last_n": -5}, "options.repeat_last_n"),
+                           ({"num_ctx": "x"}, "options.num_ctx")):  # fmt: skip
         r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": MESSAGES, "options": options})
         assert r.status_code == 400 and param in r.json()["error"], r.text
     neutral = {"messages": MESSAGES, "stream": False, "options": {"repeat_penalty": 1, "num_thread": 2}}
@@ -244,23 +244,63 @@ def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client)
     assert r.status_code == 200 and r.json()["message"]["content"] == SKILLS["count from 7"]
 
 
-def test_ollama_num_ctx_is_the_requests_window(server):
-    def generate(options: dict) -> httpx.Response:
-        body = {"model": "demo", "prompt": ENDLESS, "raw": True, "stream": False, "options": options}
-        return http(server, "POST", "/api/generate", headers=AUTH, json=body)
+@pytest.fixture(scope="module")
+def demo():
+    import moerun
 
-    whole = generate({"num_predict": 40}).json()
-    prompt = whole["prompt_eval_count"]
-    cut = generate({"num_ctx": prompt + 6}).json()
-    assert cut["done_reason"] == "length" and cut["eval_count"] == 6
-    assert whole["response"].startswith(cut["response"]) and cut["response"]
-    assert generate({"num_ctx": prompt + 6, "num_predict": 3}).json()["eval_count"] == 3
-    assert generate({"num_ctx": 256, "num_predict": 40}).json()["response"] == whole["response"]
-    r = generate({"num_ctx": prompt})
-    assert r.status_code == 400 and "options.num_ctx is" in r.json()["error"]
-    r = generate({"num_ctx": 4096})
-    assert r.status_code == 400 and "above the planned context of 256" in r.json()["error"]
-    assert "--ctx 4096" in r.json()["error"]
+    return moerun.load("demo", device="cpu")
+
+
+def reference_greedy(demo, ids: list[int], bias=None, presence=0.0, frequency=0.0, repeat=1.0, last_n=64) -> str:
+    """16 tokens of greedy decoding with the penalties as defined, from whole-sequence logits (a fresh
+    state each step), in plain Python: OpenAI's presence / frequency penalties over the reply,
+    llama.cpp's repeat penalty over the last `last_n` tokens of prompt + reply, logit_bias added."""
+    import torch
+
+    reply: list[int] = []
+    for _ in range(16):
+        logits = demo.logits(torch.tensor([ids + reply]))[0, -1].tolist()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t in set((ids + reply)[-last_n:]) if repeat != 1.0 else ():
+            logits[t] = logits[t] / repeat if logits[t] > 0 else logits[t] * repeat
+        for t in set(reply):
+            logits[t] -= presence + frequency * reply.count(t)
+        token = max(range(len(logits)), key=logits.__getitem__)
+        if token in demo.eos_token_ids:
+            break
+        reply.append(token)
+    return demo.tokenizer.decode(reply)
+
+
+def test_penalties_change_greedy_output_exactly_as_defined(server, client, demo):
+    prompt = "the cat"  # the demo goes on " cat cat cat cat"; a raw prompt, as the server encodes it
+    ids = demo.tokenizer.encode(prompt)
+    plain = reference_greedy(demo, ids)
+    cat = demo.tokenizer.encode(" cat", add_special_tokens=False)[0]
+
+    def openai_reply(**kwargs) -> str:
+        return client.completions.create(model="demo", prompt=prompt, max_tokens=16, **kwargs).choices[0].text
+
+    assert openai_reply() == plain == " cat cat cat cat"  # the reference agrees with the server unpenalized
+    for kwargs, ref in (({"frequency_penalty": 2.0}, {"frequency": 2.0}),
+                        ({"presence_penalty": 2.0}, {"presence": 2.0}),
+                        ({"logit_bias": {str(cat): -100}}, {"bias": {cat: -100}}),
+                        ({"extra_body": {"repeat_penalty": 1.3}}, {"repeat": 1.3})):  # fmt: skip
+        want = reference_greedy(demo, ids, **ref)
+        assert want != plain, kwargs  # the penalty matters here
+        assert openai_reply(**kwargs) == want, kwargs
+    for options, ref in (({"repeat_penalty": 1.3}, {"repeat": 1.3}), ({"repeat_penalty": 1.3, "repeat_last_n": 2},
+                                                                      {"repeat": 1.3, "last_n": 2}),
+                         ({"frequency_penalty": 2.0}, {"frequency": 2.0})):  # fmt: skip
+        want = reference_greedy(demo, ids, **ref)
+        assert want != plain, options
+        body = {"prompt": prompt, "raw": True, "stream": False, "options": {"num_predict": 16, **options}}
+        assert http(server, "POST", "/api/generate", headers=AUTH, json=body).json()["response"] == want, options
+    # min_p keeps tokens at least min_p x the top probability: at 1 only the top one, so sampling is greedy.
+    for seed in range(3):
+        assert openai_reply(temperature=1.5, seed=seed, extra_body={"min_p": 1.0}) == plain
+    assert {openai_reply(temperature=1.5, seed=seed) for seed in range(3)} != {plain}  # without it, it samples
 
 
 # -- the start line, the key, SIGTERM ------------------------------------------------------------------------
