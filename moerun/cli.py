@@ -443,7 +443,7 @@ def serve(
     threads: Optional[int] = Threads,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1 (chat/completions, completions, models) and
-    Ollama's /api (chat, generate, tags, ps); one generation at a time, Ctrl-C stops."""
+    Ollama's /api (chat, generate, show, tags, ps); one generation at a time, Ctrl-C or SIGTERM stops."""
     try:
         from moerun import serve as server
     except ImportError as e:  # an install without the server's dependencies
