@@ -245,6 +245,7 @@ class Model:
         reuse_prefix: bool = True,
         keep_special: tuple[str, ...] = (),
         json_mode: bool = False,
+        **penalties,
     ) -> Iterator[GenerationResponse]:
         """Yield one GenerationResponse per generated token; the last carries the stats.
 
@@ -257,8 +258,9 @@ class Model:
 
         keep_special: special tokens kept in the text (e.g. "[TOOL_CALLS]", for a
         tool-call parser). json_mode: constrained decoding to one JSON object
-        (moerun.json_constraint); the reply ends when the object does."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        (moerun.json_constraint); the reply ends when the object does. `penalties`: SamplingParams'
+        min_p, presence_penalty, frequency_penalty, repeat_penalty, repeat_last_n, logit_bias."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **penalties)
         ids = self.encode_prompt(prompt, chat)
         constraint = None
         if json_mode:

@@ -26,6 +26,18 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0  # 1 means no nucleus cut
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability; 0: none
+    # Penalties, applied to the logits before any of the above (greedy too):
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token the reply already holds
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the reply
+    repeat_penalty: float = 1.0  # llama.cpp's: tokens of the last repeat_last_n (prompt + reply)
+    repeat_last_n: int = 64  # have positive logits divided by it, negative ones multiplied
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or (self.repeat_penalty != 1.0 and self.repeat_last_n != 0))  # fmt: skip
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -36,6 +48,12 @@ class SamplingParams:
             raise MoerunError(f"top-k must be >= 0, got {self.top_k}")
         if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 63):
             raise MoerunError(f"seed must be a whole number from -2**63 to 2**63-1, got {self.seed}")
+        if not 0 <= self.min_p <= 1:
+            raise MoerunError(f"min-p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise MoerunError(f"repeat-penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise MoerunError(f"repeat-last-n must be -1 (all), 0 (off) or more, got {self.repeat_last_n}")
 
 
 @dataclasses.dataclass
@@ -78,6 +96,27 @@ class GenerationOutput:
     stats: GenerationStats
 
 
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, seen: list[int], n_prompt: int) -> torch.Tensor:
+    """logits [V] -> a penalized copy, on their device. `seen`: the sequence so far (prompt, then
+    reply), of which the first `n_prompt` are the prompt. Order as llama.cpp: logit bias, repeat
+    penalty over the last repeat_last_n tokens of prompt + reply, then presence and frequency
+    penalties over the reply's tokens (OpenAI's definition)."""
+    logits = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+    if params.repeat_penalty != 1.0 and params.repeat_last_n != 0 and seen:
+        window = seen if params.repeat_last_n < 0 else seen[-params.repeat_last_n :]
+        ids = torch.tensor(sorted(set(window)), device=logits.device)
+        vals = logits[ids]
+        logits[ids] = torch.where(vals > 0, vals / params.repeat_penalty, vals * params.repeat_penalty)
+    reply = seen[n_prompt:]
+    if (params.presence_penalty or params.frequency_penalty) and reply:
+        counts = torch.bincount(torch.tensor(reply, device=logits.device), minlength=logits.numel()).float()
+        logits -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+    return logits
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] (float32, CPU) -> one token id. Order as in transformers: temperature,
     then top-k, then top-p."""
@@ -100,7 +139,11 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         # the most likely token always stays.
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
         logits = logits.index_put((order[drop],), torch.tensor(float("-inf")))
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:  # relative to the top token's probability, after the cuts above
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    return probs
 
 
 def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -234,8 +277,18 @@ def stream_tokens(
     if encoder_decoder:
         lm.encode(torch.tensor([encoder_ids], device=device), caches)
         prompt_ids = [lm.decoder_start_token_id]
+    # The sequence the penalties look at (kept only when a penalty is set).
+    seen = list(prompt_ids) if params.adjusts_logits else None
+
+    def pick(row: torch.Tensor) -> int:
+        if seen is None:
+            return choose(row, params, generator)
+        token = choose(adjust_logits(row, params, seen, len(prompt_ids)), params, generator)
+        seen.append(token)
+        return token
+
     logits = forward(prompt_ids[start:], start, decode=False)
-    token = choose(logits[0, -1], params, generator)
+    token = pick(logits[0, -1])
     t_first = time.perf_counter()
 
     generated, position = 1, len(prompt_ids)  # position: where the next token's K/V go
@@ -246,7 +299,7 @@ def stream_tokens(
             yield GenerationResponse(text, token)
             logits = forward([token], position, decode=True)
             position += 1
-            token = choose(logits[0, -1], params, generator)
+            token = pick(logits[0, -1])
             generated += 1
             continue
 

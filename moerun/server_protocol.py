@@ -59,30 +59,54 @@ class GenRequest:
     echo: bool = False
     json_mode: bool = False  # response_format json_object / Ollama's format "json"
     template_kwargs: dict = dataclasses.field(default_factory=dict)  # extra chat-template variables
+    num_ctx: int | None = None  # Ollama's options.num_ctx: this request's window (prompt + reply), within the plan
+    # min_p and the penalties (moerun.generate.SamplingParams' fields), only those the request set.
+    penalties: dict = dataclasses.field(default_factory=dict)
 
 
 # -- field readers --------------------------------------------------------------------------------
 
 
+# Deeper JSON than any request needs (a tool schema nests ~10 deep); deeper would reach Python's
+# recursion limit in the parser, the templates or json.dumps (a 500 RecursionError).
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def parse_body(raw: bytes) -> dict:
+    too_deep = RequestError(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
+    if _too_deep(body, MAX_JSON_DEPTH):
+        raise too_deep
     return body
 
 
-def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False):
+def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, where: str = ""):
     value = body.get(key)
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise RequestError(f"'{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)}",
-                           code="invalid_value", param=key)  # fmt: skip
+        raise RequestError(f"'{where}{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)[:100]}",
+                           code="invalid_value", param=where + key)  # fmt: skip
     return value
 
 
@@ -177,7 +201,54 @@ def _tools(value) -> list | None:
     return value
 
 
-def _common(body: dict, defaults: Defaults) -> dict:
+# Sampling fields the sampler does not implement, with the value that leaves sampling as it is:
+# that value (clients send the defaults) passes, any other is a 400 naming the field, never silently ignored.
+_NEUTRAL = {"repetition_penalty": (1, 0, 1e9), "typical_p": (1, 0, 1), "tfs_z": (1, 0, 1e9), "mirostat": (0, 0, 2)}
+# Implemented (moerun.generate.adjust_logits, filtered_probs): field -> (range, integer).
+_PENALTIES = {"presence_penalty": (-2, 2, False), "frequency_penalty": (-2, 2, False), "min_p": (0, 1, False),
+              "repeat_penalty": (1e-6, 1e6, False), "repeat_last_n": (-1, 1 << 31, True)}  # fmt: skip
+
+
+def _unsupported_sampling(body: dict, where: str = "") -> None:
+    for key, (neutral, lo, hi) in _NEUTRAL.items():
+        value = _number(body, key, lo, hi, neutral, integer=key == "mirostat", where=where)
+        if value != neutral:
+            raise RequestError(f"'{where}{key}' is not supported (leave it out or send {neutral})",
+                               code="unsupported_parameter", param=where + key)  # fmt: skip
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}; the ids are checked against the vocabulary later."""
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return None
+    bad = RequestError("'logit_bias' must be an object of token ids (\"42\") to numbers from -100 to 100",
+                       code="invalid_value", param="logit_bias")  # fmt: skip
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise bad
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or type(value) not in (int, float) or not -100 <= value <= 100:
+            raise bad
+        out[int(key)] = float(value)
+    return out
+
+
+def _penalties(body: dict, where: str = "", openai: bool = False) -> dict:
+    out = {}
+    for key, (lo, hi, integer) in _PENALTIES.items():
+        value = _number(body, key, lo, hi, None, integer=integer, where=where)
+        if value is not None:
+            out[key] = value
+    bias = _logit_bias(body) if openai else None
+    if bias:
+        out["logit_bias"] = bias
+    return out
+
+
+def _common(body: dict, defaults: Defaults, where: str = "", openai: bool = False) -> dict:
+    _unsupported_sampling(body, where)
+    penalties = _penalties(body, where, openai)
     temperature = _number(body, "temperature", 0, 2, defaults.temperature)
     top_p = _number(body, "top_p", 0, 1, defaults.top_p)
     return dict(
@@ -185,6 +256,7 @@ def _common(body: dict, defaults: Defaults) -> dict:
         top_p=max(float(top_p), 1e-9),  # 0 keeps only the likeliest token, as with any tiny mass
         top_k=_number(body, "top_k", 0, 1 << 31, defaults.top_k, integer=True),
         seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, defaults.seed, integer=True),
+        penalties=penalties,
     )
 
 
@@ -286,7 +358,7 @@ def openai_chat(body: dict, defaults: Defaults) -> GenRequest:
         max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), defaults.max_tokens),
         stop=_stop(body.get("stop")), stream=_bool(body, "stream", False), tools=tools,
         include_usage=_stream_usage(body), json_mode=_response_format(body.get("response_format")),
-        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults),
+        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults, openai=True),
     )  # fmt: skip
 
 
@@ -304,7 +376,7 @@ def openai_completion(body: dict, defaults: Defaults) -> GenRequest:
     return GenRequest(
         messages=None, text=prompt, max_tokens=_max_tokens(body, ("max_tokens",), 16), stop=_stop(body.get("stop")),
         stream=_bool(body, "stream", False), include_usage=_stream_usage(body), echo=_bool(body, "echo", False),
-        **_common(body, defaults),
+        **_common(body, defaults, openai=True),
     )  # fmt: skip
 
 
@@ -316,7 +388,9 @@ def _ollama_options(body: dict, defaults: Defaults) -> dict:
     if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2):
         raise RequestError("'options.num_predict' must be a positive integer, -1 or -2", param="options")
     max_tokens = predict if predict is not None and predict > 0 else defaults.max_tokens  # -1, -2: to the context
-    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), **_common(options, defaults))
+    num_ctx = _number(options, "num_ctx", 1, 1 << 31, None, integer=True, where="options.")
+    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), num_ctx=num_ctx,
+                **_common(options, defaults, "options."))  # fmt: skip
 
 
 def _ollama_format(body: dict) -> bool:

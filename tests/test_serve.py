@@ -293,9 +293,9 @@ def test_ollama_chat_generate_tags_ps(server):
     assert status == 400 and isinstance(json.loads(body)["error"], str)
 
     tags = json.loads(get(server, "/api/tags")[1])["models"]
-    assert [t["name"] for t in tags] == ["demo"] and tags[0]["details"]["family"] == "mixtral"
+    assert [t["name"] for t in tags] == ["demo:latest"] and tags[0]["details"]["family"] == "mixtral"
     ps = json.loads(get(server, "/api/ps")[1])["models"][0]
-    assert ps["name"] == "demo" and ps["device"] == "cpu" and ps["size_vram"] == 0 and ps["size_ram"] > 0
+    assert ps["name"] == "demo:latest" and ps["device"] == "cpu" and ps["size_vram"] == 0 and ps["size_ram"] > 0
     assert ps["generations"]["max_concurrent"] == 1 and ps["context_length"] == 256
     cache = ps["expert_cache"]
     assert cache["hits"] + cache["misses"] > 0 and 0 <= cache["hit_rate"] <= 1
@@ -454,8 +454,13 @@ class ScriptedModel:
         self.prompts: list[str] = []
         self.kwargs: list[dict] = []
 
+    is_chat_model = True
+
     def encode_prompt(self, text, chat=False):
         return self.tokenizer.encode(text)
+
+    def reusable_tokens(self, ids) -> int:
+        return 0
 
     def stream_generate(self, ids, max_new_tokens, **kwargs):
         self.prompts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
