@@ -186,6 +186,27 @@ def test_an_intact_cache_is_read_whole_once_then_trusted_until_a_file_changes(ti
     assert not any(r.startswith(("layer-000", "layer-001")) for r in reads)  # the unchanged files stay trusted
 
 
+def test_a_machine_out_of_threads_still_checks_the_cache(tiny, tmp_path, monkeypatch):
+    """The layer files are checked by a few threads; when the machine can start none (out
+    of threads or memory: "can't start new thread", seen with a busy box), the check runs
+    in turn and still finds the damaged layer, instead of failing the load."""
+    import threading
+
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
+    cache = Path(moerun.load(str(tiny), bits=4, device="cpu", dtype="float32").offload_info["quantized_cache"])
+    layer = cache / "layer-001.safetensors"
+    with open(layer, "r+b") as f:
+        f.seek(layer.stat().st_size // 2)
+        f.write(bytes(512))
+
+    def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading, "_start_new_thread", no_thread)
+    again = moerun.load(str(tiny), bits=4, device="cpu", dtype="float32")
+    assert again.offload_info["cache_built"] is False and again.offload_info["cache_repaired"] == [1]
+
+
 def test_manifest_checksums_are_the_layer_files_crc32_and_required(tiny, tmp_path, monkeypatch):
     import zlib
 

@@ -185,8 +185,12 @@ class QuantizedCache:
             return _file_crc32(self.layer_file(i)) != manifest["layers"][str(i)]["crc32"]
 
         layers = sorted(self.fmt_by_layer)
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(layers)))) as pool:
-            damaged = [i for i, b in zip(layers, pool.map(bad, layers)) if b]
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(layers)))) as pool:
+                verdicts = list(pool.map(bad, layers))
+        except RuntimeError:  # "can't start new thread": a machine out of threads or memory; check in turn
+            verdicts = [bad(i) for i in layers]
+        damaged = [i for i, b in zip(layers, verdicts) if b]
         if not damaged:
             settled = time.time_ns() - int(VERIFY_RACY_S * 1e9)
             try:
