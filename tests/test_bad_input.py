@@ -109,3 +109,34 @@ def test_an_implausible_config_served_by_a_hub_is_refused_by_fit(capsys, model, 
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
         code, line = cli_within(60, capsys, "fit", "bad/huge")
     assert "config.json" in line and "num_local_experts is 1000000000, more experts than any model has" in line
+
+
+# --- options out of range ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["generate", "demo", "hi", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
+     (["serve", "demo", "--threads", "0"], "Invalid value for '--threads': 0 is not 1 to"),
+     (["bench", "demo", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
+     (["bench", "demo", "-r", "100000000000"], "Invalid value for '-r'")],
+    ids=["generate-threads", "serve-threads-0", "bench-threads", "bench-r"],
+)  # fmt: skip
+def test_threads_and_repetitions_are_bounded(capsys, args, words):
+    """--threads 100000 crashed OpenMP (exit 139, nothing printed); -r 1e11 ran for ever."""
+    code, line = cli_within(60, capsys, *args)
+    assert code == 2 and line.startswith(f"error: {words}"), line
+
+
+def test_the_library_bounds_threads_and_repetitions_too():
+    import os
+
+    import moerun
+    from moerun.bench import run_bench
+    from moerun.errors import MoerunError
+
+    too_many = 4 * (os.cpu_count() or 1) + 1
+    with pytest.raises(MoerunError, match=rf"^threads must be 1 to {too_many - 1} \(4 per core"):
+        moerun.load("demo", threads=too_many)
+    with pytest.raises(MoerunError, match=r"^repetitions must be 1 to 1000, got 100000000000$"):
+        run_bench(model="demo", repetitions=100_000_000_000)
