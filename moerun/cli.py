@@ -349,6 +349,18 @@ def generate(
             sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text`, if it is UTF-8: Python hands undecodable bytes of argv (and of a stdin read
+    with surrogateescape) over as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start]
+        byte = f"byte 0x{ord(raw) - 0xDC00:02x}" if 0xDC80 <= ord(raw) <= 0xDCFF else f"U+{ord(raw):04X}"
+        raise MoerunError(f"{what} is not UTF-8 text ({byte} at character {e.start})") from None
+    return text
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """PROMPT, -f FILE, `-` or a piped stdin, as llama-cli and ollama read them."""
     if prompt is not None and prompt_file is not None:
@@ -356,14 +368,21 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt_file is not None:
         try:
             text = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise MoerunError(f"the prompt file {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start})") from None  # fmt: skip
+        except OSError as e:
             raise MoerunError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
+        try:
+            text = _utf8(sys.stdin.read(), "the prompt from stdin")
+        except UnicodeDecodeError as e:  # a stdin decoded strictly
+            raise MoerunError(f"the prompt from stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start})") from None  # fmt: skip
     elif prompt is None:
         raise typer.BadParameter("give a PROMPT, -f FILE, or pipe the prompt into stdin", param_hint="'PROMPT'")
     else:
-        return prompt
+        return _utf8(prompt, "the PROMPT argument")
     if not text.strip():
         raise MoerunError(f"the prompt from {prompt_file or 'stdin'} is empty")
     return text.removesuffix("\n")  # the newline that ends a file or `echo` is not part of the prompt
