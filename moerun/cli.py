@@ -352,12 +352,9 @@ def generate(
 def _utf8(text: str, what: str) -> str:
     """`text`, if it is UTF-8: Python hands undecodable bytes of argv (and of a stdin read
     with surrogateescape) over as lone surrogates, which the tokenizer cannot take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raw = text[e.start]
-        byte = f"byte 0x{ord(raw) - 0xDC00:02x}" if 0xDC80 <= ord(raw) <= 0xDCFF else f"U+{ord(raw):04X}"
-        raise MoerunError(f"{what} is not UTF-8 text ({byte} at character {e.start})") from None
+    from moerun.tokenizer import check_utf8
+
+    check_utf8(text, what)
     return text
 
 

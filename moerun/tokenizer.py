@@ -197,6 +197,17 @@ def _template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Refuse `text` holding lone surrogates (how Python carries bytes that are not UTF-8),
+    naming the first: the tokenizer takes only real characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise MoerunError(f"{what} is not UTF-8 text ({byte} at character {e.start})") from None
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: encode, decode, chat template and streaming decode.
 
@@ -293,7 +304,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with add_special_tokens, the post-processor's BOS/EOS are added."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # lone surrogates: undecodable bytes Python kept (argv, stdin, "\udcff" in JSON)
+            if isinstance(text, str):
+                check_utf8(text, "the text to tokenize")
+            raise
 
     @property
     def special_ids(self) -> frozenset[int]:

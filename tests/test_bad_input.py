@@ -206,6 +206,23 @@ def test_non_utf8_argv_through_the_real_process(tmp_path):
     assert proc.stderr.splitlines() == ["error: the PROMPT argument is not UTF-8 text (byte 0xff at character 3)"]
 
 
+def test_chat_goes_on_after_a_message_that_is_not_utf8():
+    """The real `moerun chat`, stdin piped: the bad message is one line, the next is answered."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MOERUN_DEBUG": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moerun", "chat", "demo", "-n", "2"], input=b"hi \xff\nhello\n",
+                          cwd=ROOT, env=env, capture_output=True, timeout=300)  # fmt: skip
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err  # a turn failed: a script must see it
+    assert err.splitlines() == ["moerun: the message is not UTF-8 text (byte 0xff at character 3)"]
+    assert proc.stdout.strip(), "the next message was not answered"
+
+
 def test_fit_with_a_zero_vram_budget_plans_a_card_with_no_room(capsys):
     """--vram 0 is a budget of nothing (it was read as no budget: `AttributeError`)."""
     import sys
