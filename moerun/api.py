@@ -4,6 +4,7 @@ stream_generate(). The CLI is a thin shell over this module."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -302,6 +303,25 @@ def default_vram(device: torch.device) -> int | None:
     return max(int(free - max(1 << 30, 0.05 * free)), 0)
 
 
+THREADS_PER_CORE_MAX = 4  # more threads than this per core only oversubscribe (and 100000 crashed OpenMP)
+
+
+def max_threads() -> int:
+    """The most CPU threads moerun accepts: a few per core, as no speed lies beyond."""
+    return THREADS_PER_CORE_MAX * (os.cpu_count() or 1)
+
+
+def set_threads(threads: int) -> None:
+    """torch.set_num_threads(threads), process-wide (the CPU kernels use the same count),
+    after checking 1 <= threads <= max_threads()."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():
+        raise MoerunError(
+            f"threads must be 1 to {max_threads()} ({THREADS_PER_CORE_MAX} per core, {os.cpu_count() or 1} cores), "
+            f"got {threads}"
+        )
+    torch.set_num_threads(threads)
+
+
 def load(
     name_or_path: str,
     bits: int = 16,
@@ -341,9 +361,7 @@ def load(
     if bits not in (4, 8, 16):
         raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
     if threads is not None:
-        if threads < 1:
-            raise MoerunError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     if pull and revision is None:
         pull_if_missing(name_or_path, bits, vram, ram, ctx, force)
     folder = hub.resolve(name_or_path, revision=revision)

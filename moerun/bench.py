@@ -41,6 +41,7 @@ from moerun.quant.format import ExpertFormat
 from moerun.units import gib, params
 
 DEFAULT_PP, DEFAULT_TG = 512, 128  # llama-bench's defaults: clipped, not refused, on a short-context model
+MAX_REPETITIONS = 1000  # -r beyond it ran for ever; a mean over 1000 runs is as steady as one gets
 
 RANDOM_ROUTING_NOTE = (
     "synthetic weights route near-uniformly: the worst case for the expert cache, not the routing of a trained model"
@@ -419,19 +420,17 @@ def run_bench(
     test (cuda_graphs only matters to tg on CUDA: it is forced off elsewhere). Returns
     {"machine", "rows", "notes"}; a row per (combination, test). dtype: as moerun.load's
     (None: the checkpoint's, float32 on a CPU without native bf16). threads: CPU threads."""
-    from moerun.api import _resolve_device, default_vram
+    from moerun.api import _resolve_device, default_vram, set_threads
 
     if threads is not None:
-        if threads < 1:
-            raise MoerunError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     if dtype not in (None, "auto") and dtype not in plan.DTYPES:
         raise MoerunError(f"unknown dtype '{dtype}': use one of auto, {', '.join(plan.DTYPES)}")
 
     if (model is None) == (synthetic is None):
         raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
-    if repetitions < 1:
-        raise MoerunError(f"repetitions must be >= 1, got {repetitions}")
+    if not 1 <= repetitions <= MAX_REPETITIONS:
+        raise MoerunError(f"repetitions must be 1 to {MAX_REPETITIONS}, got {repetitions}")
     for what, counts in (("prompt", prompt_tokens), ("generated", gen_tokens)):
         if any(not isinstance(n, int) or n < 0 for n in counts):
             raise MoerunError(f"{what} token counts must be whole numbers >= 0, got {list(counts)}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moerun.errors import MoerunError
+from moerun.tokenizer import check_utf8
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -510,6 +511,11 @@ def run_repl(
                 if interactive:
                     write("\n")
                 return failed
+            except UnicodeDecodeError as exc:  # a stdin decoded strictly: that message is lost, the next is read
+                failed += 1
+                notice(("error: " if interactive else "moerun: ") + f"the message is not UTF-8 text "
+                       f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})", style="red", wrap=True)
+                continue
             except KeyboardInterrupt:
                 write("\n")
                 console.print("use /exit or Ctrl-D to leave", style="dim")
@@ -557,6 +563,7 @@ def run_repl(
                        f"dropped the oldest {turns})")
 
             try:
+                check_utf8(text, "the message")  # bytes a terminal or pipe sent that are not UTF-8
                 with _no_echo(tty_fd):
                     session.send(text, on_text=on_text, on_drop=on_drop)
             except KeyboardInterrupt:

@@ -89,7 +89,18 @@ Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV ca
 NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
 Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; float32 on a CPU "
                      "without native bf16/fp16), bfloat16, float16 or float32.")
-Threads = typer.Option(None, "--threads", min=1, help="CPU threads for the CPU kernels and torch (default: the cores).")
+
+
+def _threads(value: Optional[int]) -> Optional[int]:
+    from moerun.api import max_threads
+
+    if value is not None and not 1 <= value <= max_threads():
+        raise typer.BadParameter(f"{value} is not 1 to {max_threads()} (4 per core, {os.cpu_count() or 1} cores)")
+    return value
+
+
+Threads = typer.Option(None, "--threads", callback=_threads,
+                       help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).")
 
 
 Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
@@ -338,6 +349,15 @@ def generate(
             sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text`, if it is UTF-8: Python hands undecodable bytes of argv (and of a stdin read
+    with surrogateescape) over as lone surrogates, which the tokenizer cannot take."""
+    from moerun.tokenizer import check_utf8
+
+    check_utf8(text, what)
+    return text
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """PROMPT, -f FILE, `-` or a piped stdin, as llama-cli and ollama read them."""
     if prompt is not None and prompt_file is not None:
@@ -345,14 +365,21 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt_file is not None:
         try:
             text = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise MoerunError(f"the prompt file {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start})") from None  # fmt: skip
+        except OSError as e:
             raise MoerunError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
+        try:
+            text = _utf8(sys.stdin.read(), "the prompt from stdin")
+        except UnicodeDecodeError as e:  # a stdin decoded strictly
+            raise MoerunError(f"the prompt from stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start})") from None  # fmt: skip
     elif prompt is None:
         raise typer.BadParameter("give a PROMPT, -f FILE, or pipe the prompt into stdin", param_hint="'PROMPT'")
     else:
-        return prompt
+        return _utf8(prompt, "the PROMPT argument")
     if not text.strip():
         raise MoerunError(f"the prompt from {prompt_file or 'stdin'} is empty")
     return text.removesuffix("\n")  # the newline that ends a file or `echo` is not part of the prompt
@@ -484,7 +511,8 @@ def bench(
     model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
     prompt_tokens: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."),
     gen_tokens: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tg tests; a comma list sweeps; 0 skips."),
-    repetitions: int = typer.Option(3, "-r", "--repetitions", min=1, help="Timed runs per test (after one warm-up)."),
+    repetitions: int = typer.Option(3, "-r", "--repetitions", min=1, max=1000,
+                                    help="Timed runs per test (after one warm-up), 1 to 1000."),
     bits: str = typer.Option("4", "--bits", "-b", help="Expert bits: 4, 8, 16; a comma list sweeps."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device budget(s), e.g. 12GiB or 12GiB,24GiB."),
     ram: Optional[str] = Ram,

@@ -341,7 +341,8 @@ def fit(
     if card is not None and card.unified:
         device, ram_budget = "unified", ram_budget or card.memory_bytes
     elif card is not None or vram_budget is not None:
-        device, vram_budget = "cuda", vram_budget or card.memory_bytes  # a GPU of that size, maybe not here
+        # A GPU of that size, maybe not here (--vram 0 too: a card with no room, not no card).
+        device, vram_budget = "cuda", vram_budget if vram_budget is not None else card.memory_bytes
     elif cuda:
         free, _ = torch.cuda.mem_get_info()
         device, vram_budget = "cuda", max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)

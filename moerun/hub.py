@@ -178,6 +178,20 @@ NEEDED_FILES = re.compile(
 )
 DOWNLOAD_ATTEMPTS = 5  # per request or file; each file retry resumes from the bytes on disk
 MAX_RETRY_AFTER_S = 30.0  # a 429's Retry-After up to this is waited out; longer gives up at once
+HUB_TIMEOUT_S = 30.0  # connect and per-read limit of every request; MOERUN_HUB_TIMEOUT_S overrides it
+
+
+def hub_timeout_s() -> float:
+    """Seconds any one connect or read may wait (a Hub that accepts and never answers would
+    otherwise hang `pull` and `fit` for ever); MOERUN_HUB_TIMEOUT_S sets it."""
+    text = os.environ.get("MOERUN_HUB_TIMEOUT_S", str(HUB_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise MoerunError(f"MOERUN_HUB_TIMEOUT_S={text!r} is not a number of seconds above 0 and up to 3600")
+    return value
 
 
 def _retry_base_s() -> float:
@@ -202,6 +216,8 @@ def _transient(exc: BaseException, connect_too: bool) -> tuple[str, float | None
 
     if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)) and not connect_too:
         return None
+    if isinstance(exc, httpx2.TimeoutException):
+        return f"no answer within {hub_timeout_s():g} s, MOERUN_HUB_TIMEOUT_S", None
     if isinstance(exc, httpx2.TransportError):
         return type(exc).__name__, None
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -353,7 +369,8 @@ def remote_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     with _HubErrors(repo_id, revision):
         try:
             info = _with_retries(
-                f"the model info of {repo_id}", lambda: api.model_info(repo_id, revision=revision, files_metadata=True)
+                f"the model info of {repo_id}",
+                lambda: api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout_s()),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:  # huggingface_hub's parse
             raise MoerunError(f"the Hub's model info for {repo_id} is malformed ({type(e).__name__}: {e})") from None
@@ -388,7 +405,7 @@ def _ranged_get(repo: RemoteRepo, filename: str, start: int, end: int, counter: 
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
 
     def get():
-        r = get_session().get(repo.url(filename), headers=headers, follow_redirects=True, timeout=30)
+        r = get_session().get(repo.url(filename), headers=headers, follow_redirects=True, timeout=hub_timeout_s())
         hf_raise_for_status(r)
         return r
 
@@ -405,7 +422,9 @@ def read_remote_json(repo: RemoteRepo, filename: str, counter: ByteCounter) -> d
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     def get():
-        r = get_session().get(repo.url(filename), headers=build_hf_headers(), follow_redirects=True, timeout=30)
+        r = get_session().get(
+            repo.url(filename), headers=build_hf_headers(), follow_redirects=True, timeout=hub_timeout_s()
+        )
         hf_raise_for_status(r)
         return r
 
@@ -560,7 +579,7 @@ def _fetch(url: str, partial: Path, size: int, etag: str, on_bytes: Callable[[in
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=hub_timeout_s()) as r:
                 if r.status_code >= 400:
                     r.read()
                     hf_raise_for_status(r)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
-import warnings
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -26,6 +26,8 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from moerun.errors import MoerunError
+
+log = logging.getLogger("moerun")
 
 # The named special tokens transformers passes to a chat template (its special_tokens_map): only
 # those the tokenizer has, so `bos_token is defined` is false for a model without one (Qwen).
@@ -51,6 +53,18 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _check_special_tokens(config: dict, source: Path) -> None:
+    """Each named special token must be text or an AddedToken object with text content (a
+    number there reached the tokenizer library as a bare TypeError)."""
+    for name in _TEMPLATE_TOKEN_NAMES:
+        value = config.get(name)
+        content = value.get("content") if isinstance(value, dict) else value
+        if content is not None and not isinstance(content, str):
+            shown = json.dumps(value) if isinstance(value, (dict, list, int, float, bool)) else type(value).__name__
+            raise MoerunError(f"{source}: {name} is {shown}, expected a token: text, or an object whose \"content\" "
+                              "is text")  # fmt: skip
 
 
 def _named_templates(value: Any) -> dict[str, str]:
@@ -183,6 +197,17 @@ def _template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Refuse `text` holding lone surrogates (how Python carries bytes that are not UTF-8),
+    naming the first: the tokenizer takes only real characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise MoerunError(f"{what} is not UTF-8 text ({byte} at character {e.start})") from None
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: encode, decode, chat template and streaming decode.
 
@@ -238,12 +263,21 @@ class Tokenizer:
             raise MoerunError(f"cannot read {path}: {_one_line(e)}") from e
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise MoerunError(f"{config_path} is not a JSON object")
+        _check_special_tokens(config, config_path)
         # add_bos_token / add_eos_token in the config are deliberately not applied: transformers 5
         # drops them whenever tokenizer.json exists, so its post-processor alone decides BOS/EOS.
         templates = _named_templates(config.get("chat_template"))
         template_path = folder / "chat_template.jinja"
         if template_path.is_file():
-            templates["default"] = template_path.read_text(encoding="utf-8")
+            try:
+                templates["default"] = template_path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise MoerunError(f"{template_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                  f"{e.start}): a chat template is a Jinja text file") from None  # fmt: skip
+            except OSError as e:
+                raise MoerunError(f"cannot read {template_path}: {e.strerror or e}") from None
         return cls(backend, config, templates)
 
     @property
@@ -270,7 +304,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with add_special_tokens, the post-processor's BOS/EOS are added."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # lone surrogates: undecodable bytes Python kept (argv, stdin, "\udcff" in JSON)
+            if isinstance(text, str):
+                check_utf8(text, "the text to tokenize")
+            raise
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -332,7 +371,8 @@ class Tokenizer:
 
     def _fallback_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not self._warned_no_template:
-            warnings.warn("this model has no chat template; using a plain 'role: content' format", stacklevel=3)
+            # One `moerun:` line on stderr, as the other warnings that let a run go on.
+            log.warning("moerun: this model has no chat template; using a plain 'role: content' format")
             self._warned_no_template = True
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 
 import torch
@@ -140,6 +140,18 @@ def check_finite(name: str, tensor: torch.Tensor, sample: int | None = None) -> 
         )
 
 
+def _index_entry(index: Path, key: str, file: object) -> str:
+    """A weight_map value: a file name inside the model folder. Its own path is judged, not
+    where a symlink leads (a Hub snapshot's files link into ../../blobs, as they should)."""
+    if not isinstance(file, str) or not file.strip():
+        shown = json.dumps(file) if isinstance(file, (str, int, float, bool, type(None))) else type(file).__name__
+        raise MoerunError(f"{index}: weight_map gives {key} the file {shown}, expected a file name; re-download it")
+    parts = PurePosixPath(file).parts
+    if file.startswith("/") or "\\" in file or ":" in file or "\0" in file or any(p in ("..", ".") for p in parts):
+        raise MoerunError(f"{index}: weight_map names {file!r} for {key}, a path outside the model folder; refused")
+    return file
+
+
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files that make up the checkpoint, from the index if there is one."""
     single = folder / SINGLE_FILE
@@ -150,9 +162,10 @@ def _weight_files(folder: Path) -> list[Path]:
         raise MoerunError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        entries = list(weight_map.items())
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise MoerunError(f"{INDEX_FILE} in {folder} is not a valid index (no weight_map); re-download it") from None
+    files = sorted({_index_entry(index, key, file) for key, file in entries})
     for file in files:
         if not (folder / file).is_file():
             raise MoerunError(f"{file} is listed in {INDEX_FILE} but missing from {folder}; download it")

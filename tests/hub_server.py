@@ -24,6 +24,8 @@ Fault switches (tests set them and `reset()` clears them):
     hostile_sha, no_blob_ids         model info with this commit / with no blobId nor lfs
     raw_info                         model info answered with these bytes (malformed JSON)
     extra_bytes                      this many bytes appended to every file body
+    hang_path                        requests whose path contains it are read and never answered
+                                     (until `reset()` or 120 s), as a stalled Hub does
 Hostile file names are just repos added with such names.
 """
 
@@ -138,6 +140,11 @@ class HubServer:
         self.no_blob_ids = False
         self.raw_info: bytes | None = None
         self.extra_bytes = 0
+        old = getattr(self, "_unhang", None)
+        if old is not None:
+            old.set()  # let handlers stalled by an earlier test finish
+        self._unhang = threading.Event()
+        self.hang_path: str | None = None
 
     def gets(self, filename: str) -> list[str | None]:
         """The Range header of each GET of `filename` so far."""
@@ -209,6 +216,10 @@ class HubServer:
             fail = self.fails_left > 0 and self.fail_path in path
             if fail:
                 self.fails_left -= 1
+        if self.hang_path is not None and self.hang_path in path:
+            self._unhang.wait(120)
+            h.close_connection = True
+            return
         if fail:
             extra = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
             body = json.dumps({"error": "injected fault"}).encode()

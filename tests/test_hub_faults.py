@@ -172,6 +172,42 @@ def test_an_unreachable_hub_is_not_retried(env, tmp_path, capsys, monkeypatch):
     assert_clean(tmp_path)
 
 
+
+def _cli_within(seconds: float, *args: str, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """cli() in a thread, failing the test (not hanging the suite) if it has not returned."""
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(cli(*args, capsys=capsys, monkeypatch=monkeypatch)))
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"moerun {' '.join(args)} still running after {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize(
+    "verb, hang, words",
+    [("pull", "/api/models/", "model info"), ("fit", "/api/models/", "model info"),
+     ("pull", "/resolve/", "stopped at 0 of")],
+)  # fmt: skip
+def test_a_hub_that_never_answers_times_out_in_one_line(server, env, tmp_path, capsys, monkeypatch, verb, hang, words):
+    """A Hub that accepts the connection and never answers: every request gives up after
+    MOERUN_HUB_TIMEOUT_S, is retried like a 5xx, then one line (it hung for ever before)."""
+    monkeypatch.setenv("MOERUN_HUB_TIMEOUT_S", "0.1")
+    server.hang_path = hang
+    code, lines = _cli_within(60, verb, REPO, capsys=capsys, monkeypatch=monkeypatch)
+    server.reset()  # release the stalled handlers
+    line = one_line(code, lines)
+    assert words in line and "no answer within 0.1 s" in line and "MOERUN_HUB_TIMEOUT_S" in line, line
+    assert_clean(tmp_path)
+
+
+def test_a_bad_hub_timeout_is_one_line(server, env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOERUN_HUB_TIMEOUT_S", "0")
+    line = one_line(*cli("pull", REPO, capsys=capsys, monkeypatch=monkeypatch))
+    assert "MOERUN_HUB_TIMEOUT_S='0'" in line
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 

@@ -124,6 +124,10 @@ def load_model(
                     raise MoerunError(
                         f"tensor {name} has shape {list(tensor.shape)}, expected {list(param.shape)}"
                     )
+                if not tensor.is_floating_point():  # an I16 norm cast to float is silent garbage
+                    raise MoerunError(f"tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                                      "an integer type where a floating-point weight belongs; the checkpoint is "
+                                      "damaged or in a format moerun does not read")  # fmt: skip
                 tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype)
                 # NaN/Inf (or a value the cast overflowed) would answer with garbage: checked after
                 # the cast, in full but for resident routed experts (sampled: they are most bytes).

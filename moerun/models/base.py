@@ -16,6 +16,7 @@ import typing
 import torch
 from torch import nn
 
+from moerun.config_checks import check_plausible
 from moerun.errors import MoerunError
 from moerun.layers import Attention, LayerState, RMSNorm, Start, StateSpec
 
@@ -116,6 +117,7 @@ class BaseModelArgs:
             if f.name in config:
                 values[f.name] = _checked_value(f.name, config[f.name], hints.get(f.name), field_spec(cls, f.name),
                                                 source)  # fmt: skip
+        check_plausible(values, source)  # before __post_init__, which may loop over the layers
         args = cls(**values)
         args._check_routing(source)
         return args
@@ -159,6 +161,8 @@ def _checked_value(key: str, value, annotation, rule: Spec, source: str):
             words = " or ".join(dict.fromkeys(_TYPE_WORDS[t] for t in allowed))
             raise MoerunError(f"{source}: {key} is {shown}, expected {words}")
         value = conformed
+    if isinstance(value, float) and value != value:  # NaN: every comparison is false, so no check would see it
+        raise MoerunError(f"{source}: {key} is NaN, expected a number")
     if rule.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not value >= rule.minimum:  # also refuses NaN
             raise MoerunError(f"{source}: {key} is {shown}, must be at least {rule.minimum}")

@@ -36,7 +36,7 @@ class ModelArgs(TransformerArgs):
     num_local_experts: int = spec(minimum=1)
     num_experts_per_tok: int = spec(4, top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5
-    sliding_window: int | None = 128
+    sliding_window: int | None = spec(128, minimum=0)  # 0 or null: no window
     layer_types: list[str] | None = None
     attention_bias: bool = True
     swiglu_alpha: float = 1.702

@@ -25,7 +25,7 @@ class ModelArgs(TransformerArgs):
     num_local_experts: int = spec(minimum=1)
     num_experts_per_tok: int = spec(top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5
-    sliding_window: int | None = None
+    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
     max_position_embeddings: int = 32768
 
 

@@ -33,7 +33,7 @@ class ModelArgs(TransformerArgs):
     router_jitter_noise: float = 0.01
     attention_bias: bool = False
     lm_head_bias: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
     max_position_embeddings: int = 131072
     # Hub configs keep it at the top level, beside rope_scaling {"type": "longrope", ...}.
     original_max_position_embeddings: int | None = None

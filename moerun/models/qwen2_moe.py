@@ -37,7 +37,7 @@ class ModelArgs(TransformerArgs):
     mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
     qkv_bias: bool = True
     use_sliding_window: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
     max_window_layers: int = 28
     layer_types: list[str] | None = None
     max_position_embeddings: int = 32768

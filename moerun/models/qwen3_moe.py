@@ -43,7 +43,7 @@ class ModelArgs(TransformerArgs):
     mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
     attention_bias: bool = False
     use_sliding_window: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
     max_position_embeddings: int = 32768
 
     def __post_init__(self):

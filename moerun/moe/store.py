@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import time
@@ -32,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import moerun
@@ -375,7 +376,13 @@ class QuantizedCache:
 
 def _write_layer(path: Path, blobs: torch.Tensor) -> int:
     """Write one layer's uint8 [E, blob_bytes] store, synced; return its file's CRC-32."""
-    save_file({"experts": blobs.contiguous()}, str(path))
+    try:
+        save_file({"experts": blobs.contiguous()}, str(path))
+    except SafetensorError as e:  # its I/O errors carry the OS error in the text alone ("os error 28")
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     _fsync(path)
     return _file_crc32(path)
 
