@@ -546,8 +546,7 @@ class Family:
         prefix = self._hooks.get("CHECKPOINT_PREFIX", "")
         # Checkpoint prefix -> ours: the text model's names under a prefix (Llama 4's
         # `language_model.`), or a dict when they differ by part (Qwen3.5).
-        self.checkpoint_prefixes: list[tuple[str, str]] = list(prefix.items()) if isinstance(prefix, dict) else [
-            (prefix, "")]  # fmt: skip
+        self.checkpoint_prefixes = list(prefix.items()) if isinstance(prefix, dict) else [(prefix, "")]
         self.float32_params: tuple[str, ...] = tuple(self._hooks.get("FLOAT32_PARAMS", ()))
         self.tool_call_format: str | None = self._hooks.get("TOOL_CALL_FORMAT")
 
