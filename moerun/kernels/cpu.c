@@ -913,6 +913,25 @@ static int current_isa(void) {
     return g_isa;
 }
 
+/* Threads worth waking for a call whose work is `bytes` (of weights or cache, times the
+ * tokens each is applied to): one per BYTES_PER_THREAD, at least one, at most `asked` (n_threads, else OpenMP's maximum). A
+ * small call on one thread skips the fork/join (microseconds when the team spins) and, on
+ * a busy machine, the wait at a barrier for a thread the OS has set aside (milliseconds):
+ * the demo decoded 3x slower beside one busy loop. Which thread computes a row never
+ * changes its value, so the count changes no result. */
+#define BYTES_PER_THREAD ((int64_t)256 << 10)
+
+static int threads_for(int64_t bytes, int n_threads) {
+#ifdef _OPENMP
+    const int asked = n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+    const int asked = 1;
+    (void)n_threads;
+#endif
+    const int64_t useful = 1 + bytes / BYTES_PER_THREAD;
+    return useful < asked ? (int)useful : asked;
+}
+
 /* Scratch kept between calls (one layer at a time: calls are serialised by the GIL
  * holder; the buffers only grow). */
 static void *g_scratch = NULL;
@@ -1016,7 +1035,9 @@ static int64_t moe_layer(int64_t x_addr, int x_dtype, int64_t N, int64_t D, int6
     L.out = (float *)out_addr;
 
 #ifdef _OPENMP
-    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+    /* the weights read, each applied to its expert's tokens (total pairs over G experts) */
+    const int64_t wbits = bits == 16 ? (wdtype == DT_F32 ? 32 : 16) : bits;
+    const int threads = threads_for((int64_t)G * 3 * I * D * wbits / 8 * (total / G), n_threads);
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -1049,7 +1070,7 @@ static int64_t dense_linear(int64_t x_addr, int x_dtype, int64_t M, int64_t K, i
     const void *w = (const void *)w_addr, *b = (const void *)b_addr;
     float *out = (float *)out_addr;
 #ifdef _OPENMP
-    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+    const int threads = threads_for(N * K * (w_dtype == DT_F32 ? 4 : 2) * M, n_threads);  /* W, once per token */
 #pragma omp parallel num_threads(threads)
 #endif
     {
@@ -1200,11 +1221,7 @@ static int64_t attention(int64_t q_addr, int64_t k_addr, int64_t v_addr, int dty
                          int n_threads) {
     const int isa = current_isa();
     const int64_t esize = dtype == DT_F32 ? 4 : 2, G = H / Hk, tasks = B * H * T;
-#ifdef _OPENMP
-    const int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-    const int threads = 1;
-#endif
+    const int threads = threads_for(B * Hk * S * (Dh + Dv) * esize * T, n_threads);  /* the cache, per query */
     float *buf = (float *)scratch(sizeof(float) * (size_t)threads * (size_t)(S + Dh + 16));
     if (!buf) return -2;
 #ifdef _OPENMP
