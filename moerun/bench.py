@@ -542,7 +542,6 @@ def render_markdown(report: dict, width: int = 80) -> str:
     every line but a table row with a long model name fits `width` columns."""
     import textwrap
 
-
     na = "n/a"
     lines = ["| model | size | params | bits | budget | backend | test | t/s |", "|---|---:|---:|---:|---|---|---|---:|"]
     for r in report["rows"]:

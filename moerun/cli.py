@@ -92,10 +92,11 @@ Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: au
 
 
 def _threads(value: Optional[int]) -> Optional[int]:
-    from moerun.api import max_threads
+    from moerun.api import THREADS_PER_CORE_MAX, max_threads
 
     if value is not None and not 1 <= value <= max_threads():
-        raise typer.BadParameter(f"{value} is not 1 to {max_threads()} (4 per core, {os.cpu_count() or 1} cores)")
+        raise typer.BadParameter(f"{value} is not 1 to {max_threads()} ({THREADS_PER_CORE_MAX} per core, "
+                                 f"{os.cpu_count() or 1} cores)")
     return value
 
 
@@ -177,7 +178,6 @@ def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> No
 
 
 def _verdict_words(p) -> str:
-
     if p.verdict == "gpu":
         return f"everything on the GPU ({gib(p.gpu_bytes)})"
     if p.verdict == "ram":
@@ -387,7 +387,6 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 def format_plan(m, load_seconds: float) -> str:
     """--verbose: where the model went, and how long loading took."""
-
     p = m.plan
     where = {"gpu": "everything on the device", "ram": "everything in RAM (no GPU)"}.get(p.verdict) or (
         f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM")
@@ -971,7 +970,6 @@ def show_(
     if f is None:
         rows.append(("fits here", "n/a (no weights or an unknown family)"))
     else:  # fit's quick verdict: metadata on this machine, no measurement
-
         p, where = f.plan, "GPU" if f.device == "cuda" else "CPU (host RAM)"
         words = {"gpu": f"yes, everything on the {where} ({gib(p.gpu_bytes)})",
                  "ram": f"yes, everything in RAM ({gib(p.ram_bytes)}; no GPU)",

@@ -57,6 +57,8 @@ from moerun.server_protocol import (
     sse,
 )
 from moerun.tool_calls import ToolFormat, format_for, parse_reply
+from moerun.units import params_short
+from moerun.weights import read_header, weight_files
 
 log = logging.getLogger("moerun.serve")
 
@@ -465,10 +467,12 @@ def ollama_tag(model_id: str) -> str:
 
 
 def _weight_files(model: ServedModel) -> list[Path]:
+    """The checkpoint's weight files, as the loader reads them (none for a model without a folder)."""
     folder = getattr(model, "folder", None)
-    if folder is None or not Path(folder).is_dir():
+    try:
+        return weight_files(Path(folder)) if folder is not None else []
+    except MoerunError:
         return []
-    return sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())
 
 
 def model_digest(model: ServedModel) -> str:
@@ -483,11 +487,9 @@ def model_digest(model: ServedModel) -> str:
     if folder is None:
         h.update(repr(sorted(model.config.items())).encode())
     for path in _weight_files(model):
-        with path.open("rb") as f:
-            head = f.read(8)
-            size = int.from_bytes(head, "little") if path.suffix == ".safetensors" and len(head) == 8 else 0
-            header = f.read(min(size, 100 << 20))
-        h.update(f"{path.name}\0{path.stat().st_size}\0".encode() + header)
+        header: list[bytes] = []
+        read_header(path, header)
+        h.update(f"{path.name}\0{path.stat().st_size}\0".encode() + header[0])
     return h.hexdigest()
 
 
@@ -826,11 +828,8 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         bits = getattr(model.plan, "bits", 16)
         dtype = str(model.dtype).removeprefix("torch.")
         quant = {4: "NF4 experts", 8: "Q8_0 experts (int8)"}.get(bits, {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32"))
-        n = model.num_parameters
-        weights = _weight_files(model)
-        form = "gguf" if weights and all(p.suffix == ".gguf" for p in weights) else "safetensors"
-        return {"parent_model": "", "format": form, "family": cfg.get("model_type", ""),
-                "families": [cfg.get("model_type", "")], "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M",
+        return {"parent_model": "", "format": "safetensors", "family": cfg.get("model_type", ""),
+                "families": [cfg.get("model_type", "")], "parameter_size": params_short(model.num_parameters),
                 "quantization_level": quant}  # fmt: skip
 
     def sizes() -> tuple[int, int, str]:

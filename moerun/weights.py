@@ -152,7 +152,7 @@ def _index_entry(index: Path, key: str, file: object) -> str:
     return file
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     """The safetensors files that make up the checkpoint, from the index if there is one."""
     single = folder / SINGLE_FILE
     if single.is_file():
@@ -199,7 +199,7 @@ class CheckpointWeights:
         folder = Path(folder).expanduser()
         tensors: dict[str, TensorInfo] = {}
         h = hashlib.sha256()
-        for file in sorted(_weight_files(folder)):
+        for file in sorted(weight_files(folder)):
             raw: list[bytes] = []
             for key, info in read_header(file, raw).items():
                 if key in tensors:

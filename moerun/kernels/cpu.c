@@ -913,12 +913,12 @@ static int current_isa(void) {
     return g_isa;
 }
 
-/* Threads worth waking for a call whose work is `bytes` (of weights or cache, times the
- * tokens each is applied to): one per BYTES_PER_THREAD, at least one, at most `asked` (n_threads, else OpenMP's maximum). A
- * small call on one thread skips the fork/join (microseconds when the team spins) and, on
- * a busy machine, the wait at a barrier for a thread the OS has set aside (milliseconds):
- * the demo decoded 3x slower beside one busy loop. Which thread computes a row never
- * changes its value, so the count changes no result. */
+/* Threads worth waking for a call whose work is about `bytes` (weights or cache read, times
+ * the tokens each is applied to): one per BYTES_PER_THREAD, at least one, at most the
+ * n_threads asked (else OpenMP's maximum). A small call on one thread skips the fork/join
+ * (microseconds when the team spins) and, on a busy machine, the wait at a barrier for a
+ * thread the OS has set aside (milliseconds): the demo decoded 3x slower beside one busy
+ * loop. Which thread computes a row never changes its value, so the count changes no result. */
 #define BYTES_PER_THREAD ((int64_t)256 << 10)
 
 static int threads_for(int64_t bytes, int n_threads) {
