@@ -2,7 +2,8 @@
 (a layer or expert count of a million hangs every loop over layers and experts, and the
 memory grows with it) and RoPE parameters that are not finite numbers (NaN gives empty
 replies). Called by BaseModelArgs.from_dict on the values it took, before the family's
-__post_init__ runs, with the names every family uses for these fields.
+__post_init__ runs, with the names every family uses for these fields. Also the one reader
+of a multimodal config's nested text_config, for the planner, the server and `moerun show`.
 """
 
 from __future__ import annotations
@@ -77,3 +78,10 @@ def check_plausible(values: dict, source: str) -> None:
             f"{source}: these sizes imply about {n:.1e} parameters, more than any model has (at most "
             f"{MAX_PARAMETERS:.0e}): check hidden_size, intermediate_size, vocab_size and the expert count"
         )
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of config.json: multimodal checkpoints (Llama 4) nest it in
+    text_config, whose fields win over the wrapper's; any other config is its own."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from moerun import hub, registry
+from moerun.config_checks import text_config
 from moerun.errors import MoerunError
 from moerun.paths import cache_root
 
@@ -348,10 +349,6 @@ def read_license(folder: Path) -> str | None:
     return None
 
 
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-
-
 def show(model: str, revision: str | None = None) -> ModelInfo:
     """Describe `model` from what is on this machine: the local folder or cached snapshot,
     else (an alias not pulled) the config shipped with moerun. No network."""
@@ -379,7 +376,7 @@ def show(model: str, revision: str | None = None) -> ModelInfo:
             report = fitting.fit(text, meta=meta, measure=False)
         except MoerunError:
             report = None  # an unknown family: show what the config says, no verdict
-    tc = _text_config(config)
+    tc = text_config(config)
     s = report.summary if report else None
     n_experts = tc.get("num_local_experts") or tc.get("num_experts") or tc.get("n_routed_experts")
     per_token = tc.get("num_experts_per_tok") or tc.get("num_experts_per_token")

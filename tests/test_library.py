@@ -170,3 +170,13 @@ def test_rm_removes_the_quantized_caches_of_a_folder_even_when_it_is_gone(tmp_pa
     demo_cache = Path(moerun.load("demo", bits=4, device="cpu").offload_info["quantized_cache"])
     assert "1 quantized cache of demo" in CliRunner().invoke(app, ["rm", "demo", "-y"]).stderr
     assert not demo_cache.exists()
+
+
+def test_one_reader_takes_the_language_model_out_of_a_multimodal_config():
+    from moerun.config_checks import text_config
+
+    wrapper = {"model_type": "llama4", "tie_word_embeddings": False,
+               "text_config": {"num_local_experts": 16, "tie_word_embeddings": True}}
+    assert text_config(wrapper) == {**wrapper, "num_local_experts": 16, "tie_word_embeddings": True}
+    plain = {"model_type": "mixtral", "num_local_experts": 8}
+    assert text_config(plain) is plain and text_config({"text_config": None}) == {"text_config": None}
