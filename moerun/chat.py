@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from moerun.errors import MoerunError
+from moerun.paths import cache_root
+from moerun.served_model import ServedModel
 from moerun.tokenizer import check_utf8
+from moerun.units import params_short
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -49,7 +52,7 @@ PARAMETERS = {
 class ChatSession:
     """A conversation with one model: a system prompt plus alternating user/assistant turns."""
 
-    def __init__(self, model, system: Optional[str] = None, **gen_kwargs):
+    def __init__(self, model: ServedModel, system: Optional[str] = None, **gen_kwargs):
         self.model = model
         self.system = system
         self.gen_kwargs = gen_kwargs  # max_new_tokens, temperature, top_p, top_k, seed
@@ -60,26 +63,21 @@ class ChatSession:
         self.merge_system = False
         self.dropped = 0  # turns dropped by the last send() to fit the context
 
-    @property
-    def tokenizer(self):
-        return getattr(self.model, "tokenizer", None)
-
-    def context_length(self) -> Optional[int]:
+    def context_length(self) -> int:
         """The positions the model's states can hold (the planned --ctx), else its max context."""
-        caches = getattr(self.model, "kv_caches", None)
+        caches = self.model.kv_caches
         if caches:
             from moerun.layers import context_of
 
             return context_of(caches)
-        ctx = getattr(self.model, "max_context", None)
-        return int(ctx) if ctx else None
+        return int(self.model.max_context)
 
     def check_system(self) -> Optional[str]:
         """Try the system prompt through the template once, at start. If the template rejects
         it but takes the conversation without it, merge it into the first user turn from now
         on and return a warning to show; else None."""
-        tok = self.tokenizer
-        if not self.system or tok is None:
+        tok = self.model.tokenizer
+        if not self.system:
             return None
         probe = [{"role": "user", "content": "hi"}]
         try:
@@ -114,9 +112,7 @@ class ChatSession:
         fit the context. It drops down to half the room, so that the next turns extend the
         held sequence (prefix reuse) instead of dropping again on every turn."""
         self.dropped = 0
-        tok, ctx = self.tokenizer, self.context_length()
-        if tok is None or not ctx:
-            return
+        tok, ctx = self.model.tokenizer, self.context_length()
         reserve = min(int(self.gen_kwargs.get("max_new_tokens") or ctx // 4), ctx // 4)
         limit = ctx - reserve
 
@@ -128,7 +124,7 @@ class ChatSession:
         # The message alone (with the system prompt) must fit, or dropping turns is no help.
         alone = length(self._alone())
         if alone >= ctx:
-            most = getattr(self.model, "max_context", None) or ctx
+            most = self.model.max_context
             if alone < most:
                 raise MoerunError(f"the message is {alone} tokens, over the {ctx}-token context "
                                   f"(try --ctx {min(2 * alone, most)})")
@@ -191,9 +187,8 @@ class ChatSession:
     @staticmethod
     def _close(stream) -> None:
         # Closing early is safe by contract; doing it now frees the KV cache for the next turn.
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        if stream is not None:
+            stream.close()
 
     def set_parameter(self, name: str, value: str) -> str:
         """`/set parameter NAME VALUE` with ollama's names; returns the line to show."""
@@ -216,24 +211,17 @@ class ChatSession:
     def info(self) -> list[tuple[str, str]]:
         """Rows for `/show info`."""
         m = self.model
-        rows = [("model", str(getattr(m, "name", "?")))]
-        config = getattr(m, "config", None) or {}
-        if config.get("model_type"):
-            rows.append(("architecture", str(config["model_type"])))
-        n = getattr(m, "num_parameters", None)
+        rows = [("model", m.name)]
+        if m.config.get("model_type"):
+            rows.append(("architecture", str(m.config["model_type"])))
+        n = m.num_parameters
         if n:
-            rows.append(("parameters", f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"))
-        ctx = self.context_length()
-        if ctx:
-            most = getattr(m, "max_context", None)
-            rows.append(("context", f"{ctx} tokens" + (f" (model: {most})" if most and most != ctx else "")))
-        plan = getattr(m, "plan", None)
-        if plan is not None and getattr(plan, "bits", None):
-            rows.append(("expert bits", str(plan.bits)))
-        if getattr(m, "device", None) is not None:
-            rows.append(("device", str(m.device)))
-        if getattr(m, "dtype", None) is not None:
-            rows.append(("dtype", str(m.dtype).removeprefix("torch.")))
+            rows.append(("parameters", params_short(n)))
+        ctx, most = self.context_length(), m.max_context
+        rows.append(("context", f"{ctx} tokens" + (f" (model: {most})" if most != ctx else "")))
+        if m.plan is not None and m.plan.bits:
+            rows.append(("expert bits", str(m.plan.bits)))
+        rows += [("device", str(m.device)), ("dtype", str(m.dtype).removeprefix("torch."))]
         if self.system:
             rows.append(("system", self.system + (" (merged into the first user turn)" if self.merge_system else "")))
         rows += [(name, "default" if v is None else str(v)) for name, v in self.parameters().items()]
@@ -246,7 +234,7 @@ class ChatSession:
         if s is None:
             rows.append(("last reply", "none yet"))
         else:
-            reused = getattr(s, "reused_tokens", 0)
+            reused = s.reused_tokens
             rows += [
                 ("prompt tokens", f"{s.prompt_tokens}" + (f" ({reused} reused)" if reused else "")),
                 ("prompt eval", f"{s.prompt_seconds:.2f} s · {s.prompt_tps:.1f} tok/s"),
@@ -256,7 +244,7 @@ class ChatSession:
             ]
             if s.peak_memory_bytes:
                 rows.append(("peak memory", f"{s.peak_memory_bytes / 2**20:.1f} MiB"))
-        model_stats = getattr(self.model, "stats", None) or {}
+        model_stats = self.model.stats
         counters = model_stats.get("total", model_stats)
         hits, misses = counters.get("hits"), counters.get("misses")
         if isinstance(hits, int) and isinstance(misses, int) and hits + misses:
@@ -277,7 +265,7 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
 def _stats_line(stats) -> str:
     # The history before this turn is already in the model's states (prefix reuse): only
     # the rest of the prompt was computed, at prompt_tps.
-    reused = getattr(stats, "reused_tokens", 0)
+    reused = stats.reused_tokens
     prompt = f"prompt {stats.prompt_tokens} tokens" + (f", {reused} reused" if reused else "")
     return (
         f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s "
@@ -315,8 +303,6 @@ def _read_message(input_fn: Callable[[str], str], prompt: str = PROMPT, continua
 
 def history_path() -> Path:
     """Where typed messages are kept across sessions: <moerun cache>/history."""
-    from moerun.moe.store import cache_root
-
     return cache_root() / "history"
 
 
@@ -440,7 +426,7 @@ def _no_echo(fd: Optional[int]):
 
 
 def run_repl(
-    model,
+    model: ServedModel,
     *,
     system: Optional[str] = None,
     input_fn: Callable[[str], str] = input,
@@ -488,9 +474,7 @@ def run_repl(
             errors.print(text, style=style)
 
     if interactive:
-        describe = getattr(model, "describe", None)
-        if describe is not None:
-            console.print(describe(), style="bold")
+        console.print(model.describe(), style="bold")
         console.print("Type /help for commands, /exit or Ctrl-D to leave.", style="dim")
     warning = session.check_system()
     if warning:

@@ -38,23 +38,42 @@ class FakeStats:
     generation_tps: float = 20.0
     peak_memory_bytes: int = 0
     finish_reason: str = "stop"
+    reused_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class FakeModel:
-    """Replies "reply <n>" in two deltas; `fail_with` raises part-way through a reply."""
+class CharTokenizer:
+    """A chat template that counts one token per character of content."""
 
+    def apply_chat_template(self, messages, **kwargs):
+        return [0] * sum(len(m["content"]) for m in messages)
+
+
+class FakeModel:
+    """A ServedModel (moerun.served_model) that replies "reply <n>" in two deltas; `fail_with`
+    raises part-way through a reply."""
+
+    name, config, folder, device, dtype, plan = "fake", {"model_type": "mixtral"}, None, "cpu", "bfloat16", None
+    max_context, kv_caches, num_parameters, is_chat_model = 4096, None, 1_000_000, True
     stats = {"expert_hits": 7}
 
     def __init__(self):
+        self.tokenizer = CharTokenizer()
+        self.cached_ids: list[int] = []
         self.calls: list[list[dict]] = []
         self.kwargs: list[dict] = []
         self.fail_with: BaseException | None = None
 
     def describe(self) -> str:
         return "fake · mixtral · 1M · cpu · bfloat16"
+
+    def encode_prompt(self, prompt, chat):
+        return self.tokenizer.apply_chat_template(prompt)
+
+    def reusable_tokens(self, ids) -> int:
+        return 0
 
     def stream_generate(self, prompt, **kwargs):
         self.calls.append([dict(m) for m in prompt])

@@ -24,7 +24,7 @@ LAYERS = [
     {"models"},
     {"plan", "generate", "fit", "json_constraint", "tool_calls", "library"},
     {"api"},
-    {"serve", "server_protocol", "cli", "chat", "bench"},
+    {"serve", "server_protocol", "server_responses", "served_model", "cli", "chat", "bench"},
     {"__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
