@@ -30,7 +30,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
+from typing import AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -41,22 +41,49 @@ from starlette.routing import Route
 
 from moerun import __version__, registry
 from moerun.errors import MoerunError
+from moerun.served_model import ServedModel
 from moerun.server_protocol import (
     Defaults,
     GenRequest,
     RequestError,
     StopFilter,
-    ndjson,
     ollama_chat,
     ollama_generate,
-    ollama_tool_calls,
     openai_chat,
     openai_completion,
-    openai_tool_calls,
     parse_body,
+)
+from moerun.server_responses import (
+    OllamaListing,
+    ReplyHead,
+    Residency,
+    Result,
+    ndjson,
+    ollama_capabilities,
+    ollama_details,
+    ollama_error_line,
+    ollama_last,
+    ollama_loaded,
+    ollama_model_info,
+    ollama_parameters,
+    ollama_pieces,
+    ollama_ps,
+    ollama_show,
+    ollama_tags,
+    ollama_version,
+    openai_chat_chunk,
+    openai_chat_completion,
+    openai_chat_deltas,
+    openai_model,
+    openai_models,
+    openai_text_chunk,
+    openai_text_completion,
+    openai_tool_call_delta,
+    openai_usage_chunk,
+    request_error,
     sse,
 )
-from moerun.tool_calls import ToolFormat, format_for, parse_reply
+from moerun.tool_calls import Call, Piece, ToolFormat, format_for, parse_reply
 from moerun.units import params_short
 from moerun.weights import read_header, weight_files
 
@@ -70,34 +97,6 @@ def _debug() -> bool:
 # -- the worker ---------------------------------------------------------------------------------
 
 
-class ServedModel(Protocol):
-    """What the engine and the routes need of a loaded model (moerun.api.Model has it all)."""
-
-    name: str
-    config: dict
-    tokenizer: object
-    max_context: int
-    kv_caches: list | None
-    device: object
-    dtype: object
-    plan: object
-
-    @property
-    def stats(self) -> dict: ...
-
-    @property
-    def num_parameters(self) -> int: ...
-
-    @property
-    def is_chat_model(self) -> bool: ...
-
-    def encode_prompt(self, prompt, chat: bool) -> list[int]: ...
-
-    def reusable_tokens(self, ids: Sequence[int]) -> int: ...
-
-    def stream_generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator: ...
-
-
 @dataclasses.dataclass
 class Job:
     ids: list[int]
@@ -109,24 +108,6 @@ class Job:
     prompt_tail: str = ""  # the end of the rendered prompt, for the parser
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-@dataclasses.dataclass
-class Result:
-    text: str = ""  # the reply after stop strings (tool-call blocks still in it)
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
-    finish_reason: str = "stop"  # "stop", "length", or "abort" (cut short by the server stopping)
-    cancelled: bool = False
-    queued_s: float = 0.0
-    prompt_s: float = 0.0
-    decode_s: float = 0.0
-    experts: dict | None = None  # this request's expert-cache counters
-
-    @property
-    def prefilled_tokens(self) -> int:
-        return self.prompt_tokens - self.reused_tokens
 
 
 def _counter_delta(after: dict, before: dict) -> dict:
@@ -284,7 +265,7 @@ class Engine:
                     push(("text", text))
                 if resp.stats is not None:
                     result.finish_reason = resp.stats.finish_reason
-                    result.reused_tokens = getattr(resp.stats, "reused_tokens", result.reused_tokens)
+                    result.reused_tokens = resp.stats.reused_tokens
                 if hit:
                     result.finish_reason = "stop"
                     break
@@ -377,12 +358,6 @@ def _error(exc: RequestError, ollama: bool) -> JSONResponse:
     return JSONResponse(exc.ollama() if ollama else exc.openai(), status_code=exc.status)
 
 
-def _usage(r: Result) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": r.reused_tokens}}  # fmt: skip
-
-
 class _GenerationStream(StreamingResponse):
     """A streamed reply whose job is cancelled however the response ends (done, client gone, server stopping)."""
 
@@ -433,6 +408,32 @@ async def _collect(engine: Engine, job: Job, request: Request) -> tuple[str, Res
         job.cancel.set()
 
 
+@dataclasses.dataclass
+class _Update:
+    """A streamed reply's progress, through its parser: the new pieces; at the end the tool calls and
+    the Result, or the error that ended it."""
+
+    pieces: list[Piece]
+    calls: list[Call] = dataclasses.field(default_factory=list)
+    result: Result | None = None
+    error: BaseException | None = None
+
+
+async def _updates(engine: Engine, job: Job) -> AsyncIterator[_Update]:
+    """The job's events as the writers take them: text through the job's reply parser (as content
+    when it has none), then the parser's last pieces and calls with the Result."""
+    parser = engine.parser(job)
+    async with contextlib.aclosing(engine.events(job)) as events:
+        async for kind, value in events:
+            if kind == "text":
+                yield _Update(parser.feed(value) if parser else [("content", value)])
+            elif kind == "error":
+                yield _Update([], error=value)
+            elif kind == "done":
+                pieces, calls = parser.finish() if parser else ([], [])
+                yield _Update(pieces, calls, result=value)
+
+
 # -- what the model is called, and what Ollama's listings say of it -----------------------------------
 
 # The Ollama API version /api/version reports: clients gate features on it (tools from 0.3,
@@ -468,9 +469,8 @@ def ollama_tag(model_id: str) -> str:
 
 def _weight_files(model: ServedModel) -> list[Path]:
     """The checkpoint's weight files, as the loader reads them (none for a model without a folder)."""
-    folder = getattr(model, "folder", None)
     try:
-        return weight_files(Path(folder)) if folder is not None else []
+        return weight_files(Path(model.folder)) if model.folder is not None else []
     except MoerunError:
         return []
 
@@ -479,7 +479,7 @@ def model_digest(model: ServedModel) -> str:
     """A sha256 of what makes the checkpoint itself: config.json, the weights index and each weight
     file's name, size and header (never the megabytes of weights), stable across restarts."""
     h = hashlib.sha256()
-    folder = getattr(model, "folder", None)
+    folder = model.folder
     for name in ("config.json", "model.safetensors.index.json"):
         path = Path(folder) / name if folder is not None else None
         if path is not None and path.is_file():
@@ -494,45 +494,9 @@ def model_digest(model: ServedModel) -> str:
 
 
 def _modified_at(model: ServedModel) -> str:
-    folder = getattr(model, "folder", None)
-    config = Path(folder) / "config.json" if folder is not None else None
+    config = Path(model.folder) / "config.json" if model.folder is not None else None
     when = config.stat().st_mtime if config is not None and config.is_file() else time.time()
     return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _config_value(config: dict, *keys: str):
-    # Multimodal checkpoints (Llama 4) keep the language model's fields under text_config.
-    for source in (config, config.get("text_config") or {}):
-        for key in keys:
-            if isinstance(source.get(key), (int, float)) and not isinstance(source.get(key), bool):
-                return source[key]
-    return None
-
-
-def model_info(model: ServedModel, context_length: int) -> dict:
-    """Ollama's /api/show model_info: general.* and <arch>.* keys, as it writes them from a GGUF."""
-    config = model.config
-    arch = str(config.get("model_type") or "unknown")
-    plan = model.plan
-    info = {"general.architecture": arch, "general.parameter_count": model.num_parameters,
-            "general.basename": model.name, f"{arch}.context_length": context_length}  # fmt: skip
-    fields = {"embedding_length": ("hidden_size", "d_model", "n_embd"),
-              "block_count": ("num_hidden_layers", "num_layers", "n_layer"),
-              "attention.head_count": ("num_attention_heads", "num_heads"),
-              "attention.head_count_kv": ("num_key_value_heads",),
-              "vocab_size": ("vocab_size",)}  # fmt: skip
-    for key, names in fields.items():
-        value = _config_value(config, *names)
-        if value is not None:
-            info[f"{arch}.{key}"] = value
-    experts = getattr(plan, "n_experts", 0) or _config_value(
-        config, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-    used = getattr(plan, "experts_per_token", 0) or _config_value(config, "num_experts_per_tok", "moe_k", "top_k")
-    if experts:
-        info[f"{arch}.expert_count"] = int(experts)
-        if used:
-            info[f"{arch}.expert_used_count"] = int(used)
-    return info
 
 
 # -- CORS -------------------------------------------------------------------------------------------
@@ -582,7 +546,8 @@ class Origins:
 def build_app(model: ServedModel, *, name: str | None = None, api_key: str | None = None,
               defaults: Defaults | None = None, engine: Engine | None = None,
               origins: Origins | None = None, max_body: int = MAX_BODY) -> Starlette:  # fmt: skip
-    """The ASGI app over a loaded moerun Model."""
+    """The ASGI app over a loaded moerun Model: each route parses its request
+    (moerun.server_protocol), runs the engine and writes the response (moerun.server_responses)."""
     engine = engine or Engine(model, defaults)
     model_id = name or model.name
     names = served_names(model_id, model)
@@ -612,16 +577,13 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         async def endpoint(request: Request) -> Response:
             try:
                 return await fn(request)
-            except RequestError as e:
-                return _error(e, ollama)
-            except MoerunError as e:
-                return _error(RequestError(" ".join(str(e).split()), code="invalid_value"), ollama)
+            except (RequestError, MoerunError) as e:
+                return _error(request_error(e), ollama)
             except Exception as e:  # noqa: BLE001
                 log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
                 if _debug():
                     traceback.print_exc()
-                return _error(RequestError(f"internal error: {type(e).__name__}: {e}", status=500, kind="server_error",
-                                           code="internal_error"), ollama)  # fmt: skip
+                return _error(request_error(e), ollama)
 
         return endpoint
 
@@ -637,200 +599,118 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         # Parsing megabytes of JSON holds the loop: a thread for large bodies.
         return parse_body(raw) if len(raw) < 1 << 16 else await run_in_threadpool(parse_body, raw)
 
-    def client_of(request: Request) -> str:
-        return f"{request.client.host}:{request.client.port}" if request.client else "-"
+    async def start(request: Request, body: dict, parse) -> tuple[GenRequest, Job]:
+        """The request's generation, parsed and encoded, as a job for the worker."""
+        gen = parse(body, engine.defaults)
+        ids = await run_in_threadpool(engine.encode, gen)  # templates can be slow; keep the loop free
+        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        return gen, engine.job(ids, gen, f"{request.method} {request.url.path}", client)
 
     async def prepare(request: Request, parse) -> tuple[GenRequest, Job]:
         body = await body_of(request)
         check_model(body, ollama=False)
-        gen = parse(body, engine.defaults)
-        ids = await run_in_threadpool(engine.encode, gen)  # templates can be slow; keep the loop free
-        return gen, engine.job(ids, gen, f"{request.method} {request.url.path}", client_of(request))
+        return await start(request, body, parse)
 
     # -- OpenAI --
 
     async def chat_completions(request: Request) -> Response:
         gen, job = await prepare(request, openai_chat)
-        rid, now = "chatcmpl-" + uuid.uuid4().hex[:24], _now()
-        base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id, "system_fingerprint": None}
+        head = ReplyHead("chatcmpl-" + uuid.uuid4().hex[:24], _now(), model_id)
         if not gen.stream:
             got = await _collect(engine, job, request)
             if got is None:
                 return Response(status_code=204)
             text, r = got
-            message, finish = {"role": "assistant", "content": text}, r.finish_reason
-            if job.reply_format is not None:
-                content, reasoning, calls = engine.parse(job, text)
-                message["content"] = content
-                if reasoning:
-                    message["reasoning_content"] = reasoning
-                if calls:
-                    message.update(content=content or None, tool_calls=openai_tool_calls(calls))
-                    finish = "tool_calls"
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                                 "usage": _usage(r), "system_fingerprint": None})  # fmt: skip
-
-        def chunk(delta: dict, finish=None) -> bytes:
-            return sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
-
-        def deltas(pieces) -> list[bytes]:
-            key = {"content": "content", "reasoning": "reasoning_content"}
-            return [chunk({key[kind]: text}) for kind, text in pieces if text]
+            return JSONResponse(openai_chat_completion(head, r, *engine.parse(job, text)))
 
         async def body() -> AsyncIterator[bytes]:
-            parser = engine.parser(job)
-            yield chunk({"role": "assistant", "content": ""})
-            async with contextlib.aclosing(engine.events(job)) as events:
-                async for kind, value in events:
-                    if kind == "text":
-                        for out in deltas(parser.feed(value) if parser else [("content", value)]):
-                            yield out
-                    elif kind == "error":
-                        yield sse(_error_payload(value))
-                        break
-                    elif kind == "done":
-                        finish = value.finish_reason
-                        if parser:
-                            pieces, calls = parser.finish()
-                            for out in deltas(pieces):
-                                yield out
-                            if calls:
-                                yield chunk({"tool_calls": openai_tool_calls(calls, streaming=True)})
-                                finish = "tool_calls"
-                        yield chunk({}, finish)
+            yield sse(openai_chat_chunk(head, {"role": "assistant", "content": ""}))
+            async with contextlib.aclosing(_updates(engine, job)) as updates:
+                async for u in updates:
+                    if u.error is not None:
+                        yield sse(request_error(u.error).openai())
+                    for delta in openai_chat_deltas(u.pieces):
+                        yield sse(openai_chat_chunk(head, delta))
+                    if u.result is not None:
+                        finish = u.result.finish_reason
+                        if u.calls:
+                            yield sse(openai_chat_chunk(head, openai_tool_call_delta(u.calls)))
+                            finish = "tool_calls"
+                        yield sse(openai_chat_chunk(head, {}, finish))
                         if gen.include_usage:
-                            yield sse({**base, "choices": [], "usage": _usage(value)})
+                            yield sse(openai_usage_chunk(head, u.result, chat=True))
             yield sse("[DONE]")
 
         return _GenerationStream(body(), job, "text/event-stream")
 
     async def completions(request: Request) -> Response:
         gen, job = await prepare(request, openai_completion)
-        rid, now = "cmpl-" + uuid.uuid4().hex[:24], _now()
-        base = {"id": rid, "object": "text_completion", "created": now, "model": model_id, "system_fingerprint": None}
+        head = ReplyHead("cmpl-" + uuid.uuid4().hex[:24], _now(), model_id)
         echo = gen.text if gen.echo else ""
         if not gen.stream:
             got = await _collect(engine, job, request)
             if got is None:
                 return Response(status_code=204)
             text, r = got
-            return JSONResponse({**base, "choices": [{"index": 0, "text": echo + text, "logprobs": None,
-                                                      "finish_reason": r.finish_reason}], "usage": _usage(r)})  # fmt: skip
-
-        def chunk(text: str, finish=None) -> bytes:
-            return sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+            return JSONResponse(openai_text_completion(head, r, echo + text))
 
         async def body() -> AsyncIterator[bytes]:
             if echo:
-                yield chunk(echo)
-            async with contextlib.aclosing(engine.events(job)) as events:
-                async for kind, value in events:
-                    if kind == "text":
-                        yield chunk(value)
-                    elif kind == "error":
-                        yield sse(_error_payload(value))
-                        break
-                    elif kind == "done":
-                        yield chunk("", value.finish_reason)
+                yield sse(openai_text_chunk(head, echo))
+            async with contextlib.aclosing(_updates(engine, job)) as updates:
+                async for u in updates:
+                    if u.error is not None:
+                        yield sse(request_error(u.error).openai())
+                    for _, text in u.pieces:
+                        yield sse(openai_text_chunk(head, text))
+                    if u.result is not None:
+                        yield sse(openai_text_chunk(head, "", u.result.finish_reason))
                         if gen.include_usage:
-                            yield sse({**base, "choices": [], "usage": _usage(value)})
+                            yield sse(openai_usage_chunk(head, u.result, chat=False))
             yield sse("[DONE]")
 
         return _GenerationStream(body(), job, "text/event-stream")
 
-    def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "moerun"}
-
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse(openai_models(model_id, created))
 
     async def get_model(request: Request) -> Response:
         check_model({"model": request.path_params["model"] or "?"}, ollama=False)
-        return JSONResponse(model_card())
+        return JSONResponse(openai_model(model_id, created))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id})
 
     # -- Ollama --
 
-    def ollama_stats(r: Result) -> dict:
-        ns = 1_000_000_000
-        return {"done_reason": r.finish_reason, "total_duration": int((r.queued_s + r.prompt_s + r.decode_s) * ns),
-                "load_duration": 0, "prompt_eval_count": r.prompt_tokens, "prompt_eval_duration": int(r.prompt_s * ns),
-                "eval_count": r.completion_tokens, "eval_duration": int(r.decode_s * ns)}  # fmt: skip
-
     def ollama_route(parse, chat: bool):
         async def route(request: Request) -> Response:
             body = await body_of(request)
             check_model(body, ollama=True)
-            empty = not body.get("messages") if chat else not body.get("prompt")
-            if empty:  # Ollama's "load the model" request: it is loaded
-                head = {"model": model_id, "created_at": _iso_now(), "done": True, "done_reason": "load"}
-                return JSONResponse({**head, **({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})})
-            gen = parse(body, engine.defaults)
-            ids = await run_in_threadpool(engine.encode, gen)
-            job = engine.job(ids, gen, f"{request.method} {request.url.path}", client_of(request))
-
-            def piece(text: str, done: bool = False, calls=None, thinking: str = "") -> dict:
-                out = {"model": model_id, "created_at": _iso_now()}
-                if chat:
-                    out["message"] = {"role": "assistant", "content": text}
-                    if thinking:
-                        out["message"]["thinking"] = thinking
-                    if calls:
-                        out["message"]["tool_calls"] = ollama_tool_calls(calls)
-                else:
-                    out["response"] = text
-                    if thinking:
-                        out["thinking"] = thinking
-                out["done"] = done
-                return out
-
+            if not (body.get("messages") if chat else body.get("prompt")):  # Ollama's "load the model": it is
+                return JSONResponse(ollama_loaded(model_id, _iso_now(), chat))
+            gen, job = await start(request, body, parse)
             if not gen.stream:
                 got = await _collect(engine, job, request)
                 if got is None:
                     return Response(status_code=204)
                 text, r = got
-                calls, thinking = [], ""
-                if job.reply_format is not None:
-                    text, thinking, calls = engine.parse(job, text)
-                return JSONResponse({**piece(text, True, calls, thinking), **ollama_stats(r)})
+                content, thinking, calls = engine.parse(job, text)
+                return JSONResponse(ollama_last(model_id, _iso_now(), chat, r, content, calls, thinking))
 
-            def pieces_out(pieces, calls=None) -> list[bytes]:
-                out = [ndjson(piece(t, thinking="")) if k == "content" else ndjson(piece("", thinking=t))
-                       for k, t in pieces if t]  # fmt: skip
-                if calls:
-                    out.append(ndjson(piece("", False, calls)))
-                return out
+            async def lines() -> AsyncIterator[bytes]:
+                async with contextlib.aclosing(_updates(engine, job)) as updates:
+                    async for u in updates:
+                        if u.error is not None:
+                            yield ndjson(ollama_error_line(u.error))
+                        for line in ollama_pieces(model_id, _iso_now(), chat, u.pieces, u.calls):
+                            yield ndjson(line)
+                        if u.result is not None:
+                            yield ndjson(ollama_last(model_id, _iso_now(), chat, u.result))
 
-            async def stream() -> AsyncIterator[bytes]:
-                parser = engine.parser(job)
-                async with contextlib.aclosing(engine.events(job)) as events:
-                    async for kind, value in events:
-                        if kind == "text":
-                            for out in pieces_out(parser.feed(value) if parser else [("content", value)]):
-                                yield out
-                        elif kind == "error":
-                            yield ndjson({"error": _error_payload(value)["error"]["message"]})
-                        elif kind == "done":
-                            if parser:
-                                for out in pieces_out(*parser.finish()):
-                                    yield out
-                            yield ndjson({**piece("", True), **ollama_stats(value)})
-
-            return _GenerationStream(stream(), job, "application/x-ndjson")
+            return _GenerationStream(lines(), job, "application/x-ndjson")
 
         return route
-
-    def details() -> dict:
-        cfg = model.config
-        bits = getattr(model.plan, "bits", 16)
-        dtype = str(model.dtype).removeprefix("torch.")
-        quant = {4: "NF4 experts", 8: "Q8_0 experts (int8)"}.get(bits, {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32"))
-        return {"parent_model": "", "format": "safetensors", "family": cfg.get("model_type", ""),
-                "families": [cfg.get("model_type", "")], "parameter_size": params_short(model.num_parameters),
-                "quantization_level": quant}  # fmt: skip
 
     def sizes() -> tuple[int, int, str]:
         """(bytes on the device, bytes in host RAM, device name) from the plan load followed."""
@@ -851,65 +731,38 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         vram, ram, _ = sizes()
         return vram + ram
 
+    def listing() -> OllamaListing:
+        bits = model.plan.bits if model.plan is not None else 16
+        details = ollama_details(model.config.get("model_type", ""), params_short(model.num_parameters), bits,
+                                 str(model.dtype).removeprefix("torch."))
+        return OllamaListing(ollama_tag(model_id), model_digest_once(), _modified_at(model), details)
+
     async def tags(request: Request) -> Response:
-        tag = ollama_tag(model_id)
-        return JSONResponse({"models": [{"name": tag, "model": tag, "modified_at": _modified_at(model),
-                                         "size": on_disk(), "digest": model_digest_once(),
-                                         "details": details()}]})  # fmt: skip
-
-    def capabilities() -> list[str]:
-        """Ollama's capabilities: completion always; tools when the family has a call format the
-        replies are read in; thinking when the chat template can think. A model that does not chat: completion."""
-        out = ["completion"]
-        template = model.tokenizer.chat_template or ""
-        if not model.is_chat_model:
-            return out
-        if engine.tool_format is not None:
-            out.append("tools")
-        if engine.tool_format is not None and engine.tool_format.name == "harmony" or re.search(
-                r"<think>|enable_thinking|reasoning_content|thinking", template):  # fmt: skip
-            out.append("thinking")
-        return out
-
-    def parameters_text() -> str:
-        d = engine.defaults
-        rows = [("num_ctx", engine.context_length), ("temperature", d.temperature), ("top_p", d.top_p),
-                ("top_k", d.top_k)] + ([("seed", d.seed)] if d.seed is not None else []) + (
-                [("num_predict", d.max_tokens)] if d.max_tokens else [])  # fmt: skip
-        return "\n".join(f"{k:<30} {v:g}" if isinstance(v, float) else f"{k:<30} {v}" for k, v in rows)
+        return JSONResponse(ollama_tags(listing(), on_disk()))
 
     async def show(request: Request) -> Response:
         body = await body_of(request)
         if not any(isinstance(body.get(k), str) and body[k] for k in ("model", "name")):
             raise RequestError("'model' is required", param="model")
         check_model(body, ollama=True, keys=("model", "name"))
-        tag = ollama_tag(model_id)
-        return JSONResponse({"license": "", "modelfile": f"# Modelfile of moerun's {tag}\nFROM {model_id}\n",
-                             "parameters": parameters_text(), "template": model.tokenizer.chat_template or "",
-                             "details": details(), "model_info": model_info(model, engine.context_length),
-                             "capabilities": capabilities(), "modified_at": _modified_at(model)})  # fmt: skip
+        template, plan = model.tokenizer.chat_template or "", model.plan
+        info = ollama_model_info(model.config, model.name, model.num_parameters, engine.context_length,
+                                 plan.n_experts if plan else 0, plan.experts_per_token if plan else 0)
+        fmt = engine.tool_format
+        capabilities = ollama_capabilities(model.is_chat_model, fmt.name if fmt else None, template)
+        parameters = ollama_parameters(engine.defaults, engine.context_length)
+        return JSONResponse(ollama_show(listing(), model_id, parameters, template, info, capabilities))
 
     async def ps(request: Request) -> Response:
         vram, ram, device = sizes()
         stats = model.stats
-        cache = None
-        if stats:
-            t = stats["total"]
-            uses = t["hits"] + t["misses"]
-            cache = {**t, "hit_rate": t["hits"] / uses if uses else None}
-        running = engine.running
-        return JSONResponse({"models": [{
-            "name": ollama_tag(model_id), "model": ollama_tag(model_id), "size": vram + ram, "size_vram": vram,
-            "size_ram": ram, "digest": model_digest_once(), "details": details(),
-            "expires_at": "9999-12-31T23:59:59Z", "device": device,
-            "context_length": engine.context_length, "expert_cache": cache,
-            "prefix_tokens": len(getattr(model, "cached_ids", None) or []),
-            "generations": {"max_concurrent": 1, "running": int(running is not None), "waiting": engine.waiting,
-                            "served": engine.served},
-        }]})  # fmt: skip
+        where = Residency(vram, ram, device, engine.context_length, stats["total"] if stats else None,
+                          len(model.cached_ids))
+        running = engine.running is not None
+        return JSONResponse(ollama_ps(listing(), where, running, engine.waiting, engine.served))
 
     async def version(request: Request) -> Response:
-        return JSONResponse({"version": OLLAMA_API_VERSION, "moerun_version": __version__})
+        return JSONResponse(ollama_version(OLLAMA_API_VERSION, __version__))
 
     async def root(request: Request) -> Response:
         return PlainTextResponse(f"moerun {__version__} is running ({model_id})")
@@ -939,15 +792,6 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.engine = engine
     return _Guard(app, api_key, origins or Origins(), max_body)
-
-
-def _error_payload(exc: BaseException) -> dict:
-    if isinstance(exc, RequestError):
-        return exc.openai()
-    if isinstance(exc, MoerunError):
-        return RequestError(" ".join(str(exc).split()), code="invalid_value").openai()
-    return RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500, kind="server_error",
-                        code="internal_error").openai()  # fmt: skip
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP header name
@@ -1058,8 +902,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
-          defaults: Defaults | None = None, announce: Callable[[str], None] | None = None,
+def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, defaults: Defaults | None = None, announce: Callable[[str], None] | None = None,
           sock: socket.socket | None = None, origins: Sequence[str] = (),
           max_body: int = MAX_BODY) -> None:  # fmt: skip
     """Serve `model` until Ctrl-C (or SIGTERM): the running generation stops after its
@@ -1087,7 +931,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="off")
     server = Server(config)
     say = announce or (lambda line: print(line, flush=True))
-    say(f"moerun serve: {getattr(model, 'describe', lambda: name)()}")
+    say(f"moerun serve: {model.describe()}")
     say(f"listening on {url} (OpenAI: {url}/v1, Ollama: {url}/api; one generation at a time"
         + (", API key required)" if api_key else ")"))  # fmt: skip
     if not api_key and not _is_loopback(host):

@@ -1,14 +1,13 @@
-"""What `moerun serve` reads and writes, without a model or a socket: requests of OpenAI's
-chat/completions and Ollama's chat/generate turned into one `GenRequest`, stop strings
-held back while streaming, tool calls in OpenAI's and Ollama's shapes (the parsing is
-moerun/tool_calls.py's, by the model's format), and the template options and JSON mode
-a request asks for."""
+"""What `moerun serve` reads, without a model or a socket: requests of OpenAI's
+chat/completions and Ollama's chat/generate turned into one `GenRequest` (with the template
+options and JSON mode a request asks for), and stop strings held back while streaming.
+moerun.server_responses writes the replies, tool calls in OpenAI's and Ollama's shapes
+among them (the parsing is moerun/tool_calls.py's, by the model's format)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from typing import Any
 
 from moerun.tool_calls import held_tail
@@ -458,30 +457,3 @@ class StopFilter:
     def flush(self) -> str:
         out, self.buf = self.buf, ""
         return out
-
-
-def openai_tool_calls(calls: list[dict], streaming: bool = False) -> list[dict]:
-    out = []
-    for i, call in enumerate(calls):
-        args = call["arguments"]
-        entry = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                 "function": {"name": call["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}  # fmt: skip
-        if streaming:
-            entry = {"index": i, **entry}
-        out.append(entry)
-    return out
-
-
-def ollama_tool_calls(calls: list[dict]) -> list[dict]:
-    return [{"function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], dict) else {}}}
-            for c in calls]  # fmt: skip
-
-
-def sse(data: Any) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def ndjson(data: dict) -> bytes:
-    return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()

@@ -440,9 +440,9 @@ QWEN_LIKE_TEMPLATE = (
 
 
 class ScriptedModel:
-    """What the server needs of a Model, replying with a fixed text in small pieces."""
+    """A ServedModel (moerun.served_model) replying with a fixed text in small pieces."""
 
-    name, device, dtype, num_parameters, plan, kv_caches = "scripted", "cpu", "float32", 0, None, None
+    name, device, dtype, num_parameters, plan, kv_caches, folder = "scripted", "cpu", "float32", 0, None, None, None
     config = {"model_type": "qwen3_moe"}  # a family whose templates write <tool_call> (qwen)
     max_context = 4096
     stats: dict = {}
@@ -453,8 +453,12 @@ class ScriptedModel:
         self.reply = reply
         self.prompts: list[str] = []
         self.kwargs: list[dict] = []
+        self.cached_ids: list[int] = []
 
     is_chat_model = True
+
+    def describe(self) -> str:
+        return "scripted · qwen3_moe"
 
     def encode_prompt(self, text, chat=False):
         return self.tokenizer.encode(text)
