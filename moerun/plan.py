@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from moerun.config_checks import text_config
 from moerun.errors import MoerunError
 from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
@@ -26,12 +27,6 @@ ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1,
                 "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}  # fmt: skip
-
-
-def _text_config(config: dict) -> dict:
-    """The language model's config: multimodal checkpoints (Llama 4) nest it in text_config."""
-    text = config.get("text_config")
-    return {**config, **text} if isinstance(text, dict) else config
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,7 +52,7 @@ def default_dtype(config: dict, device_type: str) -> torch.dtype:
     the checkpoint's own; on a CPU that cannot multiply it at full speed, float32 (twice
     the RAM and the bytes per token, but a half-precision matmul emulated there is slower
     still). The one rule `load` and `fit` share."""
-    stored = DTYPES.get(_text_config(config).get("torch_dtype") or config.get("dtype") or "bfloat16", torch.bfloat16)
+    stored = DTYPES.get(text_config(config).get("torch_dtype") or config.get("dtype") or "bfloat16", torch.bfloat16)
     if device_type == "cpu" and not cpu_computes(stored):
         return torch.float32
     return stored
@@ -202,7 +197,7 @@ def summarize(config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torc
 def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
     """An architecture moerun does not know: parameters and bytes from the headers, no
     experts (no names are guessed at), no decode state."""
-    text = _text_config(config)
+    text = text_config(config)
     n = sum(math.prod(shape) for shape, _ in tensors.values())
     nbytes = sum(math.prod(shape) * _width(dtype) for shape, dtype in tensors.values())
     params, stored = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0)
