@@ -607,6 +607,7 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         return gen, engine.job(ids, gen, f"{request.method} {request.url.path}", client)
 
     async def prepare(request: Request, parse) -> tuple[GenRequest, Job]:
+        """An OpenAI route's job, from a body that names the loaded model or none."""
         body = await body_of(request)
         check_model(body, ollama=False)
         return await start(request, body, parse)
