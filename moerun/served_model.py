@@ -5,7 +5,7 @@ neither front end guesses at a model's attributes. Torch-free: `moerun chat` sta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Generator, Protocol, Sequence
+from typing import TYPE_CHECKING, Generator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from moerun.generate import GenerationResponse
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from moerun.tokenizer import Tokenizer
 
 
+@runtime_checkable  # for the test that the real Model and the fakes declare it all
 class ServedModel(Protocol):
     """What the server's engine and routes and the chat REPL read and call on a model."""
 

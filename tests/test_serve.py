@@ -492,6 +492,15 @@ def scripted():
         yield model, http
 
 
+def test_the_model_and_the_fakes_declare_what_serve_and_chat_use():
+    import moerun
+    from moerun.served_model import ServedModel
+    from tests.test_chat_pty import FakeModel
+
+    assert isinstance(moerun.load("demo", device="cpu"), ServedModel)
+    assert isinstance(ScriptedModel("x"), ServedModel) and isinstance(FakeModel(), ServedModel)
+
+
 def test_tool_calls_openai_and_ollama(scripted):
     model, http = scripted
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
