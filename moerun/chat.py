@@ -315,7 +315,7 @@ def _read_message(input_fn: Callable[[str], str], prompt: str = PROMPT, continua
 
 def history_path() -> Path:
     """Where typed messages are kept across sessions: <moerun cache>/history."""
-    from moerun.moe.store import cache_root
+    from moerun.paths import cache_root
 
     return cache_root() / "history"
 
