@@ -95,7 +95,8 @@ class CachedExperts(nn.Module):
     def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         res = self.residency
         if self._resident_call is not None:
-            # Every expert in host memory already: one kernel call, no per-expert Python.
+            # Fully resident and a backend with one call for it (the C kernels over host
+            # memory): no per-expert Python.
             out, used = self._resident_call(x, ids, weights)
             res.stats.hits += used
             return out
