@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -187,7 +187,7 @@ class SectionTimer:
 @contextmanager
 def profiled(lm: nn.Module, timer: SectionTimer):
     """Attribute time to attention and MoE blocks (hooks), and to copies and CPU experts
-    (the cache's own timer)."""
+    (each expert cache's `profiled`)."""
     handles, stack = [], []
 
     def enter(name):
@@ -209,16 +209,15 @@ def profiled(lm: nn.Module, timer: SectionTimer):
         else:
             continue
         handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
-    caches = [m for _, _, m in routed_expert_modules(lm) if isinstance(m, CachedExperts)]
-    for m in caches:
-        m.timer = timer
     try:
-        yield
+        with ExitStack() as caches:
+            for _, _, m in routed_expert_modules(lm):
+                if isinstance(m, CachedExperts):
+                    caches.enter_context(m.profiled(timer))
+            yield
     finally:
         for h in handles:
             h.remove()
-        for m in caches:
-            m.timer = None
 
 
 def _sync(device: torch.device) -> None:

@@ -46,3 +46,15 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_unconfigure(config):
     shutil.rmtree(PRIVATE_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def free_disk_bytes(monkeypatch):
+    """Call with a byte count: the quantized expert cache then sees that much free space
+    (no test can fill a real disk); the comparison and its message stay real."""
+    from moerun.moe import store
+
+    def set_free(n: int) -> None:
+        monkeypatch.setattr(store, "free_bytes", lambda folder: n)
+
+    return set_free

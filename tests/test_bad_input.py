@@ -146,9 +146,10 @@ def test_the_library_bounds_threads_and_repetitions_too():
 # --- a disk that fills while the quantized cache is written --------------------------------
 
 
-def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(capsys, tmp_path, monkeypatch):
+def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(capsys, tmp_path, monkeypatch,
+                                                                           free_disk_bytes):
     """A real full disk: a 256 KiB tmpfs under MOERUN_CACHE, with the free-space check before
-    the build told there is room (MOERUN_TEST_FREE_BYTES), so the real write meets ENOSPC
+    the build told there is room (`free_disk_bytes`), so the real write meets ENOSPC
     after the first layer file (safetensors reported it as `SafetensorError ... os error 28`)."""
     import subprocess
 
@@ -161,7 +162,7 @@ def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(caps
     try:
         cache = disk / "cache"
         monkeypatch.setenv("MOERUN_CACHE", str(cache))
-        monkeypatch.setenv("MOERUN_TEST_FREE_BYTES", str(1 << 30))
+        free_disk_bytes(1 << 30)
         code, line = cli_within(120, capsys, "generate", "demo", "hi", "--bits", "4", "--device", "cpu", "-n", "1")
         assert code == 1 and "the disk filled while writing the quantized expert cache" in line, line
         assert str(cache) in line and "MOERUN_CACHE" in line, line

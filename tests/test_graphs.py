@@ -96,7 +96,7 @@ def test_where_a_capture_is_cut(mixtral, case):
     else:
         model = moerun.load(str(mixtral), bits=4, device="cpu", dtype="float32")
         for _, _, m in routed_expert_modules(model.lm):
-            assert m.fully_resident
+            assert m.residency.fully_resident
             m.kernel_mode = "decode"  # the Triton kernel, under TRITON_INTERPRET=1
         kind = None
     with torch.inference_mode():
@@ -123,15 +123,16 @@ def test_in_graph_expert_path_equals_the_cache_path():
     store = torch.stack([fmt.pack(w13[e], w2[e]) for e in range(E)])
     module = CachedExperts(fmt, store, E, torch.device("cpu"), torch.float32, kernel_mode="decode")
     # Shuffle the residency so slot != expert id: the table must do the remap.
+    residency = module.residency
     order = torch.randperm(E, generator=g).tolist()
-    module.policy.slot_of = {e: order[e] for e in range(E)}
-    module.slots = store[torch.argsort(torch.tensor(order))].contiguous()
-    module._slot_table = torch.tensor(order, dtype=torch.int32)
+    residency.policy.slot_of = {e: order[e] for e in range(E)}
+    residency.slots.copy_(store[torch.argsort(torch.tensor(order))])
+    residency.slot_table.copy_(torch.tensor(order, dtype=torch.int32))
     x = torch.randn(1, D, generator=g)
     ids = torch.tensor([[4, 1]])
     weights = torch.softmax(torch.randn(1, 2, generator=g), dim=-1)
     expected = module._forward(x, ids, weights)
-    got = module._resident_kernel_call(x, ids, weights, "decode")
+    got, _ = module.slot_backend.resident_call(residency.slot_table, in_graph=True)(x, ids, weights)
     assert torch.isfinite(got).all()
     assert rel_err(got, expected) < 1e-5
 
@@ -154,7 +155,7 @@ def test_whole_model_through_the_kernels_equals_the_torch_path(mixtral, bits, mo
         attach_expert_cache(model.lm, get_architecture("mixtral"), mixtral, 16, 4, torch.device("cpu"), torch.float32)
     monkeypatch.setattr(routing, "routing_kernel_for", lambda logits, kernel=None: kernel is not False)
     modules = [m for _, _, m in routed_expert_modules(model.lm)]
-    assert all(isinstance(m, CachedExperts) and m.fully_resident for m in modules)
+    assert all(isinstance(m, CachedExperts) and m.residency.fully_resident for m in modules)
     with torch.inference_mode():
         expected = plain.logits(ids)
         for m in modules:

@@ -78,6 +78,15 @@ def test_no_module_outside_models_imports_a_family():
     assert not reaching, reaching
 
 
+def test_expert_residency_and_compute_stay_apart():
+    """The residency decides where an expert lives and hands back slots; a backend computes
+    from rows it is given. Neither imports the other; only the cache joins them."""
+    compute = ("moerun.kernels", "moerun.moe.backends", "moerun.moe.experts")
+    residency = [t for t in _imports(PACKAGE / "moe" / "residency.py") if t.startswith(compute)]
+    backends = [t for t in _imports(PACKAGE / "moe" / "backends.py") if t.startswith("moerun.moe.residency")]
+    assert not residency and not backends, residency + backends
+
+
 def test_every_family_keeps_the_contract_and_a_broken_one_is_named():
     import types
 

@@ -14,9 +14,10 @@ import torch
 
 import moerun
 from moerun.errors import MoerunError
-from moerun.moe.cache import CachedExperts, ColdPolicy, LRUPolicy
+from moerun.moe.cache import CachedExperts
 from moerun.moe.experts import SILU, ExpertActivation, RoutedExperts
 from moerun.moe.offload import routed_expert_modules
+from moerun.moe.residency import ColdPolicy, LRUPolicy
 from moerun.quant import ExpertFormat, int8, nf4
 from tests.model_fixtures import ARCH_CONFIGS, make_checkpoint
 from tests.parity import rel_err
@@ -269,7 +270,7 @@ def device_bytes(model) -> int:
             total += p.numel() * p.element_size()
     for _, _, m in routed_expert_modules(model.lm):
         if isinstance(m, CachedExperts):
-            total += m.resident_bytes()
+            total += m.residency.resident_bytes()
     total += sum(c.k.numel() * c.k.element_size() * 2 for c in model.kv_caches)
     return total
 
@@ -362,7 +363,7 @@ def test_cache_through_triton_kernels_equals_torch_path(mode, bits):
         assert not torch.isnan(got).any()
         assert rel_err(got, expected) < 1e-5, slots
         if slots < E:
-            assert module.stats.misses > 0
+            assert module.residency.stats.misses > 0
 
 
 @pytest.mark.parametrize("shape", [(512, 4096), (4096, 768)])

@@ -226,12 +226,13 @@ def test_manifest_checksums_are_the_layer_files_crc32_and_required(tiny, tmp_pat
 # -- a full disk, an unwritable cache -----------------------------------------------------
 
 
-def test_too_little_free_space_is_refused_before_building(tiny, tmp_path, monkeypatch, capsys):
-    # No test can fill a real disk: MOERUN_TEST_FREE_BYTES stands in for shutil.disk_usage's
-    # answer, in one place (moerun.moe.store._free_bytes); the comparison and message are real.
+def test_too_little_free_space_is_refused_before_building(tiny, tmp_path, monkeypatch, capsys, free_disk_bytes):
+    # No test can fill a real disk: the fixture stands in for shutil.disk_usage's answer, in
+    # one place (moerun.moe.store.free_bytes); the comparison and message are real.
     cache = tmp_path / "cache"
+    free_disk_bytes(4096)
     code, err = cli(monkeypatch, capsys, "generate", str(tiny), "hi", "--bits", "4", "--device", "cpu",
-                    "--max-new-tokens", "1", env={"MOERUN_CACHE": str(cache), "MOERUN_TEST_FREE_BYTES": "4096"})  # fmt: skip
+                    "--max-new-tokens", "1", env={"MOERUN_CACHE": str(cache)})  # fmt: skip
     line = one_error_line(code, err)
     assert "needs" in line and "only 0.0 MiB is free" in line and "MOERUN_CACHE" in line and str(cache) in line, line
     assert listing(cache) == []  # refused before anything was written, the lock file included

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.moe.cache import CachedExperts, ColdPolicy, make_prefetch_hook
-from moerun.moe.experts import RoutedExperts, apply_expert
+from moerun.moe.backends import Routed
+from moerun.moe.cache import CachedExperts
+from moerun.moe.experts import RoutedExperts
+from moerun.moe.residency import CacheStats, ColdPolicy, make_prefetch_hook
 from moerun.moe.routing import Router
 from moerun.moe.store import QuantizedCache, layer_expert_blobs
 from moerun.quant.format import ExpertFormat
@@ -37,22 +39,18 @@ def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
 def cache_stats(lm: nn.Module) -> dict:
     """Expert-cache counters of `lm`, in total and per MoE layer; {} when its experts are
     plain resident weights."""
-    from moerun.moe.cache import CacheStats
-
     layers, total = {}, CacheStats()
     for i, _, module in routed_expert_modules(lm):
         if isinstance(module, CachedExperts):
-            layers[i] = module.stats.to_dict()
-            total.add(module.stats)
+            layers[i] = module.residency.stats.to_dict()
+            total.add(module.residency.stats)
     return {"total": total.to_dict(), "layers": layers} if layers else {}
 
 
 def reset_cache_stats(lm: nn.Module) -> None:
-    from moerun.moe.cache import CacheStats
-
     for _, _, module in routed_expert_modules(lm):
         if isinstance(module, CachedExperts):
-            module.stats = CacheStats()
+            module.residency.stats = CacheStats()
 
 
 def expert_formats(lm: nn.Module, bits: int, dtype: torch.dtype) -> tuple[dict, dict, dict]:
@@ -156,7 +154,7 @@ def install_expert_cache(
             # Not when this layer's experts see another width than the next router (a latent MoE).
             width = getattr(getattr(router, "weight", None), "shape", (here.fmt.hidden_size,))[-1]
             if router is not None and width == here.fmt.hidden_size:
-                here.prefetch_hook = make_prefetch_hook(router, there)
+                here.residency.prefetch_next = make_prefetch_hook(router, there.residency)
 
     info = {}
     if cold == "auto" and slots < max(m.n_experts for _, _, m in cached):
@@ -179,15 +177,17 @@ def _router_of(block: nn.Module) -> nn.Module | None:
 @torch.inference_mode()
 def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> None:
     """Measure, on this machine, one expert's copy into a slot and its CPU compute (the
-    path cold experts really take: the fused CPU kernels, else dequantize-and-multiply)
-    at 1 and 8 tokens; `auto` then picks the cheaper place per expert and token count.
+    path cold experts really take: the layer's cold backend, the fused CPU kernels or
+    dequantize-and-multiply) at 1 and 8 tokens; `auto` then picks the cheaper place per
+    expert and token count.
 
     The CPU side runs one expert per token over enough distinct experts (>= 64 MiB, their
     pages faulted in first) that it reads RAM, as a cold expert does, not the caches."""
-    fmt, store = module.fmt, module.store
-    scratch = torch.empty_like(module.slots[0])
+    fmt, store = module.fmt, module.residency.store
+    scratch = torch.empty_like(module.residency.slots[0])
     E = store.shape[0]
     n = min(E, max(4, -(-(64 << 20) // fmt.blob_bytes)))
+    experts = list(range(n))
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -203,11 +203,9 @@ def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> No
     def cpu_experts(tokens_each: int):
         ids = torch.arange(n).repeat_interleave(tokens_each)[:, None]
         x = torch.randn(ids.shape[0], fmt.hidden_size).to(module.compute_dtype)
-        ones = torch.ones(ids.shape[0], 1)
-        if module._store_addresses is not None:
-            return lambda: module._cpu_call(x, ids, ones, module._store_addresses)
-        return lambda: [apply_expert(x[ids[:, 0] == e], ones[ids[:, 0] == e, 0], *fmt.unpack(store[e].cpu(), module.compute_dtype),
-                                     module.act, False) for e in range(n)]  # fmt: skip
+        routed = Routed.group(ids, torch.ones(ids.shape[0], 1), E)
+        out = torch.zeros(x.shape)
+        return lambda: module.cold_backend.add(out, x, routed, experts, experts)
 
     for e in range(n):  # fault the pages in: the first touch of a memory-mapped store is not its steady cost
         store[e].cpu().view(torch.uint8)[:: 4096].sum()

@@ -38,12 +38,12 @@ from safetensors.torch import save_file
 
 import moerun
 from moerun.errors import MoerunError
-from moerun.paths import cache_root  # store.cache_root: callers use it from here too
+from moerun.paths import cache_root
+from moerun.quant.format import FORMAT_VERSION, ExpertFormat
+from moerun.weights import CheckpointWeights, check_finite, read_header
 
 # A layer file younger than this (seconds) at its check is verified again next load.
 VERIFY_RACY_S = 2.0
-from moerun.quant.format import FORMAT_VERSION, ExpertFormat
-from moerun.weights import CheckpointWeights, check_finite, read_header
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("moerun")
@@ -322,7 +322,7 @@ class QuantizedCache:
         need = self.data_bytes() + (1 << 20)  # headers, manifest, and a margin for the file system
         # A stale cache in our place is never read again: its space counts as free.
         freed = _tree_bytes(self.path) if self.path.is_dir() else 0
-        free = _free_bytes(self.path.parent) + freed
+        free = free_bytes(self.path.parent) + freed
         if free < need:
             raise MoerunError(
                 f"the quantized expert cache needs {_gib(need)} in {self.path.parent} but only {_gib(free)} is free; "
@@ -395,11 +395,8 @@ def _file_crc32(path: Path) -> int:
             return zlib.crc32(m)  # releases the GIL: layers are checked in parallel
 
 
-def _free_bytes(folder: Path) -> int:
-    # MOERUN_TEST_FREE_BYTES stands in for a nearly full disk in tests (no test can fill a real one).
-    override = os.environ.get("MOERUN_TEST_FREE_BYTES")
-    if override:
-        return int(override)
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the disk `folder` is on, or will be on once created."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the disk it will be on
     try:
