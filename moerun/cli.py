@@ -7,6 +7,7 @@ Torch is imported only inside the verbs that need a model, so `--help` and `mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,8 +43,6 @@ app = typer.Typer(
 
 # Errors a user can cause with a bad path or option; anything else is a bug in moerun.
 USER_ERRORS = (MoerunError, FileNotFoundError, ValueError)
-BITS = (4, 8, 16)
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _version_callback(value: bool) -> None:
@@ -67,10 +66,24 @@ def _top_p(value: float) -> float:
     return value
 
 
+def _checked(check):
+    """An option callback from one of moerun.spec's checks: its refusal as a usage error."""
+
+    def callback(value):
+        from moerun.spec import OptionError
+
+        try:
+            return check(value)
+        except OptionError as e:
+            raise typer.BadParameter(e.usage) from None
+
+    return callback
+
+
 def _cold(value: str) -> str:
-    if value not in ("gpu", "cpu", "auto"):
-        raise typer.BadParameter(f"{value} is not one of gpu, cpu, auto")
-    return value
+    from moerun.spec import check_cold
+
+    return _checked(check_cold)(value)
 
 
 # Options shared by `generate` and `chat`, declared once so that the two verbs agree.
@@ -92,12 +105,9 @@ Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: au
 
 
 def _threads(value: Optional[int]) -> Optional[int]:
-    from moerun.api import THREADS_PER_CORE_MAX, max_threads
+    from moerun.spec import check_threads
 
-    if value is not None and not 1 <= value <= max_threads():
-        raise typer.BadParameter(f"{value} is not 1 to {max_threads()} ({THREADS_PER_CORE_MAX} per core, "
-                                 f"{os.cpu_count() or 1} cores)")
-    return value
+    return _checked(check_threads)(value)
 
 
 Threads = typer.Option(None, "--threads", callback=_threads,
@@ -140,7 +150,7 @@ class _Spinner:
 SPINNER = _Spinner()
 
 
-def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> None:
+def _pull_on_first_use(model: str, spec) -> None:
     """The library's pull on first use (moerun.api.pull_if_missing), rendered: the fit
     line, then a download bar. Offline, load's own message ("not in the local Hugging
     Face cache") stands."""
@@ -155,9 +165,7 @@ def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> No
 
     repo_id = hub.repo_id_for(model)
 
-    def notice(report) -> None:
-        sys.stderr.write(f"{repo_id} is not in the local cache: {gib(report.meta.download_bytes or 0)} to download; "
-                         f"fit at {bits} bits: {_verdict_words(report.plan)}\n")  # fmt: skip
+    from moerun.progress import Downloaded, FitChecked
 
     progress = Progress(
         TextColumn("[bold]pulling {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -165,27 +173,22 @@ def _pull_on_first_use(model: str, bits: int, vram, ram, ctx, force: bool) -> No
     )  # fmt: skip
     task = None
 
-    def on_start(total: int, done: int) -> None:
+    def on_event(event) -> None:
         nonlocal task
-        progress.start()
-        task = progress.add_task(repo_id, total=total, completed=done)
+        if isinstance(event, FitChecked):
+            sys.stderr.write(f"{repo_id} is not in the local cache: {gib(event.report.meta.download_bytes or 0)} to "
+                             f"download; fit at {event.bits} bits: {event.report.plan.describe()}\n")
+        elif isinstance(event, Downloaded):
+            if task is None:
+                progress.start()
+                task = progress.add_task(repo_id, total=event.total, completed=event.done)
+            progress.update(task, completed=event.done)
 
     try:
-        pull_if_missing(model, bits, vram, ram, ctx, force, notice, on_start, lambda n: progress.advance(task, n))
+        pull_if_missing(model, spec, on_event)
     finally:
         if task is not None:  # a bar never started prints nothing, not even a blank line
             progress.stop()
-
-
-def _verdict_words(p) -> str:
-    if p.verdict == "gpu":
-        return f"everything on the GPU ({gib(p.gpu_bytes)})"
-    if p.verdict == "ram":
-        return f"everything in RAM ({gib(p.ram_bytes)})"
-    if p.verdict == "offload":
-        return (f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device "
-                f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})")  # fmt: skip
-    return f"does not fit: {p.reason}"
 
 
 def _pull(repo_id: str, revision: Optional[str], repo=None):
@@ -215,15 +218,21 @@ def _pull(repo_id: str, revision: Optional[str], repo=None):
         progress.stop()
 
 
+def _spec(**options):
+    from moerun.spec import LoadSpec, OptionError
+
+    try:
+        return LoadSpec(**options)
+    except OptionError as e:
+        raise typer.BadParameter(e.usage, param_hint=f"'{e.flag}'") from None
+
+
 def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=None, cold="gpu", ctx=None,
           no_prefetch=False, force=False, dtype="auto", threads=None):  # fmt: skip
-    if bits not in BITS:
-        raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
-    if dtype not in DTYPE_CHOICES:
-        raise typer.BadParameter(f"{dtype} is not one of {', '.join(DTYPE_CHOICES)}", param_hint="'--dtype'")
-    _pull_on_first_use(model, bits, vram, ram, ctx, force)
+    spec = _spec(bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold, ctx=ctx,
+                 prefetch=not no_prefetch, force=force, dtype=dtype, threads=threads)  # fmt: skip
+    _pull_on_first_use(model, spec)
     SPINNER.show(f"loading {model}: starting torch")
-    import moerun  # the API (and torch) only now, when a model is really needed
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -233,21 +242,19 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
     )  # fmt: skip
     task = None
 
-    def on_layer(done: int, total: int) -> None:
+    def on_layer(event) -> None:
         nonlocal task
         if task is None:
             SPINNER.stop()  # one live display at a time: the bar says what happens now
             progress.start()
-            task = progress.add_task(f"preparing {bits}-bit experts (once; cached)", total=total)
-        progress.update(task, completed=done)
+            task = progress.add_task(f"preparing {event.bits}-bit experts (once; cached)", total=event.total)
+        progress.update(task, completed=event.done)
 
     SPINNER.show(f"loading {model} ({bits}-bit experts)")
     try:
-        return moerun.load(
-            model, bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold,
-            prefetch=not no_prefetch, ctx=ctx, progress=on_layer, dtype=dtype, threads=threads,
-            pull=False,  # _pull_on_first_use did it, with a bar
-        )  # fmt: skip
+        from moerun.api import load_spec  # the API (and torch) only now, when a model is really needed
+
+        return load_spec(model, dataclasses.replace(spec, pull=False), on_layer)  # pulled above, with a bar
     finally:
         if task is not None:  # a bar never started prints nothing, not even a blank line
             progress.stop()
@@ -464,7 +471,7 @@ def serve(
         from moerun import serve as server
     except ImportError as e:  # an install without the server's dependencies
         raise MoerunError(f"moerun serve needs {e.name} (pip install 'starlette' 'uvicorn')") from e
-    from moerun.plan import parse_size
+    from moerun.spec import parse_size
     from moerun.server_protocol import Defaults
 
     if api_key and not api_key.strip():
@@ -532,14 +539,14 @@ def bench(
         raise typer.BadParameter("use md or json", param_hint="'-o'")
     bits_list = _int_list(bits, "'--bits'")
     for b in bits_list:
-        if b not in BITS:
-            raise typer.BadParameter(f"{b} is not one of 4, 8, 16", param_hint="'--bits'")
+        _spec(bits=b)
     pp, tg = _int_list(prompt_tokens, "'-p'"), _int_list(gen_tokens, "'-n'")
     colds = cold.split(",")
     for c in colds:
         _cold(c)
+    spec = _spec(device=device, ram=ram, ctx=ctx, expert_slots=expert_slots, force=force, dtype=dtype, threads=threads)
     if model is not None and synthetic is None:
-        _pull_on_first_use(model, bits_list[0], vram.split(",")[0] if vram else None, ram, ctx, force)
+        _pull_on_first_use(model, dataclasses.replace(spec, bits=bits_list[0], vram=vram.split(",")[0] if vram else None))
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -564,8 +571,7 @@ def bench(
     with progress:
         report = benchmark.run_bench(
             model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions, bits=bits_list,
-            vram=vrams, cold=colds, cuda_graphs=graph_modes, ctx=ctx, layers=layers, device=device, expert_slots=expert_slots,
-            ram=ram, progress=advance, dtype=dtype, threads=threads,
+            vram=vrams, cold=colds, cuda_graphs=graph_modes, layers=layers, spec=spec, progress=advance,
         )  # fmt: skip
     if output == "json":
         sys.stdout.write(json.dumps(report, default=str) + "\n")
@@ -669,8 +675,8 @@ def fit(
         return
     if model is None:
         raise typer.BadParameter("give a MODEL (an alias, a Hub repo id or a folder)", param_hint="'MODEL'")
-    if bits is not None and bits not in BITS:
-        raise typer.BadParameter(f"{bits} is not one of 4, 8, 16", param_hint="'--bits'")
+    if bits is not None:
+        _spec(bits=bits)
     from moerun import fit as fitting
 
     report = fitting.fit(model, bits=bits, vram=vram, ram=ram, ctx=ctx, revision=revision, dtype=dtype, gpu=gpu,
