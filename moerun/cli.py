@@ -8,9 +8,11 @@ Torch is imported only inside the verbs that need a model, so `--help` and `mode
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +20,7 @@ import typer
 
 from moerun import __version__
 from moerun.errors import MoerunError
+from moerun.spec import LoadSpec
 from moerun.units import gib, params, params_short
 
 def _flag_type(display_type_rich):
@@ -86,35 +89,94 @@ def _cold(value: str) -> str:
     return _checked(check_cold)(value)
 
 
-# Options shared by `generate` and `chat`, declared once so that the two verbs agree.
-MaxNewTokens = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate per reply.")
-Temperature = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 means greedy decoding.")
-TopP = typer.Option(1.0, "--top-p", callback=_top_p, help="Nucleus sampling mass in (0, 1] (1.0: off).")
-TopK = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: off).")
-Seed = typer.Option(None, "--seed", min=0, max=(1 << 63) - 1, help="Random seed for sampling (0 to 2**63-1).")
-Bits = typer.Option(16, "--bits", "-b", help="Expert weight bits: 4, 8 or 16.")
-Device = typer.Option("auto", "--device", "-d", help="auto, cpu or cuda.")
-Vram = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve).")
-Ram = typer.Option(None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")
-ExpertSlots = typer.Option(None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner).")
-Cold = typer.Option("gpu", "--cold", callback=_cold, help="Where non-resident experts run: gpu (copied in), cpu, or auto.")
-Ctx = typer.Option(None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")
-NoPrefetch = typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early.")
-Dtype = typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; float32 on a CPU "
-                     "without native bf16/fp16), bfloat16, float16 or float32.")
-
-
 def _threads(value: Optional[int]) -> Optional[int]:
     from moerun.spec import check_threads
 
     return _checked(check_threads)(value)
 
 
-Threads = typer.Option(None, "--threads", callback=_threads,
-                       help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).")
+# Options shared by `generate` and `chat`, declared once so that the two verbs agree.
+MaxNewTokens = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens to generate per reply.")
+Temperature = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 means greedy decoding.")
+TopP = typer.Option(1.0, "--top-p", callback=_top_p, help="Nucleus sampling mass in (0, 1] (1.0: off).")
+TopK = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens (0: off).")
+Seed = typer.Option(None, "--seed", min=0, max=(1 << 63) - 1, help="Random seed for sampling (0 to 2**63-1).")
 
 
-Force = typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit.")
+@dataclasses.dataclass(frozen=True)
+class LoadOption:
+    """One loading option: the LoadSpec field it sets, the verb parameter's type and Typer
+    option, and its name there when the flag says it the other way round (--no-prefetch)."""
+
+    field: str
+    annotation: object
+    option: object
+    param: str = ""  # the field's name unless given
+    negated: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.param or self.field
+
+
+# The loading options, declared once: each sets one LoadSpec field, which moerun.spec checks.
+# A verb takes them with a `spec: LoadSpec = LOADING` parameter (see `loading_options`).
+LOAD_OPTIONS = (
+    LoadOption("bits", int, typer.Option(16, "--bits", "-b", help="Expert weight bits: 4, 8 or 16.")),
+    LoadOption("device", str, typer.Option("auto", "--device", "-d", help="auto, cpu or cuda.")),
+    LoadOption("vram", Optional[str], typer.Option(
+        None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve).")),
+    LoadOption("ram", Optional[str], typer.Option(
+        None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")),
+    LoadOption("expert_slots", Optional[int], typer.Option(
+        None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner).")),
+    LoadOption("cold", str, typer.Option(
+        "gpu", "--cold", callback=_cold, help="Where non-resident experts run: gpu (copied in), cpu, or auto.")),
+    LoadOption("ctx", Optional[int], typer.Option(
+        None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")),
+    LoadOption("prefetch", bool, typer.Option(
+        False, "--no-prefetch", help="Do not guess and copy the next layer's experts early."),
+        param="no_prefetch", negated=True),
+    LoadOption("force", bool, typer.Option(
+        False, "--force", help="Download and load even when the fit check says it will not fit.")),
+    LoadOption("dtype", str, typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; "
+                                          "float32 on a CPU without native bf16/fp16), bfloat16, float16 or float32.")),
+    LoadOption("threads", Optional[int], typer.Option(
+        None, "--threads", callback=_threads,
+        help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).")),
+)
+LOADING = object()  # the default of a verb's `spec` parameter: where the loading options go
+
+
+def loading_options(*, without: tuple[str, ...] = ()):
+    """Give a verb the loading options (less the fields in `without`, which it declares its
+    own way) in place of its `spec: LoadSpec = LOADING` parameter, and call it with the one
+    LoadSpec they make: a refused value is a usage error naming its flag."""
+    options = [o for o in LOAD_OPTIONS if o.field not in without]
+
+    def wrap(verb):
+        hints = typing.get_type_hints(verb)
+        params = []
+        for p in inspect.signature(verb).parameters.values():
+            if p.name != "spec":
+                params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints[p.name]))
+                continue
+            for o in options:
+                params.append(inspect.Parameter(o.name, p.KEYWORD_ONLY, default=o.option, annotation=o.annotation))
+
+        def run(**kwargs):
+            values = {o.field: kwargs.pop(o.name) for o in options}
+            values.update({o.field: not values[o.field] for o in options if o.negated})
+            return verb(spec=_spec(**values), **kwargs)
+
+        run.__name__, run.__doc__, run.__module__ = verb.__name__, verb.__doc__, verb.__module__
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
+
+
 Verbose = typer.Option(False, "--verbose", "-v", help="Also print the memory plan and timings to stderr.")
 
 
@@ -218,8 +280,8 @@ def _pull(repo_id: str, revision: Optional[str], repo=None):
         progress.stop()
 
 
-def _spec(**options):
-    from moerun.spec import LoadSpec, OptionError
+def _spec(**options) -> LoadSpec:
+    from moerun.spec import OptionError
 
     try:
         return LoadSpec(**options)
@@ -227,10 +289,7 @@ def _spec(**options):
         raise typer.BadParameter(e.usage, param_hint=f"'{e.flag}'") from None
 
 
-def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=None, cold="gpu", ctx=None,
-          no_prefetch=False, force=False, dtype="auto", threads=None):  # fmt: skip
-    spec = _spec(bits=bits, device=device, vram=vram, ram=ram, expert_slots=expert_slots, cold=cold, ctx=ctx,
-                 prefetch=not no_prefetch, force=force, dtype=dtype, threads=threads)  # fmt: skip
+def _load(model: str, spec: LoadSpec):
     _pull_on_first_use(model, spec)
     SPINNER.show(f"loading {model}: starting torch")
     from rich.console import Console
@@ -250,7 +309,7 @@ def _load(model: str, bits: int, device: str, vram=None, ram=None, expert_slots=
             task = progress.add_task(f"preparing {event.bits}-bit experts (once; cached)", total=event.total)
         progress.update(task, completed=event.done)
 
-    SPINNER.show(f"loading {model} ({bits}-bit experts)")
+    SPINNER.show(f"loading {model} ({spec.bits}-bit experts)")
     try:
         from moerun.api import load_spec  # the API (and torch) only now, when a model is really needed
 
@@ -284,6 +343,7 @@ def format_expert_stats(total: dict, tokens: int) -> str:
 
 
 @app.command()
+@loading_options()
 def generate(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt text; - (or a pipe) reads it from stdin."),
@@ -293,17 +353,7 @@ def generate(
     top_p: float = TopP,
     top_k: int = TopK,
     seed: Optional[int] = Seed,
-    bits: int = Bits,
-    device: str = Device,
-    vram: Optional[str] = Vram,
-    ram: Optional[str] = Ram,
-    expert_slots: Optional[int] = ExpertSlots,
-    cold: str = Cold,
-    ctx: Optional[int] = Ctx,
-    no_prefetch: bool = NoPrefetch,
-    force: bool = Force,
-    dtype: str = Dtype,
-    threads: Optional[int] = Threads,
+    spec: LoadSpec = LOADING,
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template "
                              "(always, for span-corruption models such as switch-base-8)."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
@@ -315,7 +365,7 @@ def generate(
 
     prompt = _read_prompt(prompt, prompt_file)
     t0 = time.perf_counter()
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    m = _load(model, spec)
     if verbose:
         SPINNER.stop()
         sys.stderr.write(format_plan(m, time.perf_counter() - t0) + "\n")
@@ -403,6 +453,7 @@ def format_plan(m, load_seconds: float) -> str:
 
 
 @app.command()
+@loading_options()
 def chat(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1, help="Most tokens per reply."),
@@ -410,23 +461,13 @@ def chat(
     top_p: float = TopP,
     top_k: int = TopK,
     seed: Optional[int] = Seed,
-    bits: int = Bits,
-    device: str = Device,
-    vram: Optional[str] = Vram,
-    ram: Optional[str] = Ram,
-    expert_slots: Optional[int] = ExpertSlots,
-    cold: str = Cold,
-    ctx: Optional[int] = Ctx,
-    no_prefetch: bool = NoPrefetch,
-    force: bool = Force,
-    dtype: str = Dtype,
-    threads: Optional[int] = Threads,
+    spec: LoadSpec = LOADING,
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, kept across /clear."),
 ) -> None:
     """Chat with a model in the terminal, like `ollama run` (type /help inside)."""
     from moerun.chat import run_repl
 
-    m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+    m = _load(model, spec)
     SPINNER.stop()
     if not m.is_chat_model:
         raise MoerunError(f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
@@ -437,6 +478,7 @@ def chat(
 
 
 @app.command()
+@loading_options()
 def serve(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
@@ -453,17 +495,7 @@ def serve(
     top_p: float = TopP,
     top_k: int = TopK,
     seed: Optional[int] = Seed,
-    bits: int = Bits,
-    device: str = Device,
-    vram: Optional[str] = Vram,
-    ram: Optional[str] = Ram,
-    expert_slots: Optional[int] = ExpertSlots,
-    cold: str = Cold,
-    ctx: Optional[int] = Ctx,
-    no_prefetch: bool = NoPrefetch,
-    force: bool = Force,
-    dtype: str = Dtype,
-    threads: Optional[int] = Threads,
+    spec: LoadSpec = LOADING,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI's /v1 (chat/completions, completions, models) and
     Ollama's /api (chat, generate, show, tags, ps); one generation at a time, Ctrl-C or SIGTERM stops."""
@@ -489,7 +521,7 @@ def serve(
         raise typer.BadParameter(f"{max_body} is too small for a request (at least 1KiB)", param_hint="'--max-body'")
     sock = server.bind(host, port)
     try:
-        m = _load(model, bits, device, vram, ram, expert_slots, cold, ctx, no_prefetch, force, dtype, threads)
+        m = _load(model, spec)
     except BaseException:
         sock.close()
         raise
@@ -513,6 +545,7 @@ def _int_list(text: str, hint: str) -> list[int]:
 
 
 @app.command()
+@loading_options(without=("bits", "vram", "cold", "prefetch"))
 def bench(
     model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
     prompt_tokens: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."),
@@ -521,18 +554,12 @@ def bench(
                                     help="Timed runs per test (after one warm-up), 1 to 1000."),
     bits: str = typer.Option("4", "--bits", "-b", help="Expert bits: 4, 8, 16; a comma list sweeps."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device budget(s), e.g. 12GiB or 12GiB,24GiB."),
-    ram: Optional[str] = Ram,
     cold: str = typer.Option("gpu", "--cold", help="gpu, cpu or auto; a comma list sweeps."),
     cuda_graphs: str = typer.Option("on", "--cuda-graphs", help="on, off or on,off: replay tg decode steps from CUDA graphs (CUDA only)."),
-    ctx: Optional[int] = Ctx,
-    expert_slots: Optional[int] = ExpertSlots,
     synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark ALIAS's real shapes with random weights, no download."),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, help="With --synthetic: keep only the first N layers."),
-    device: str = Device,
     output: str = typer.Option("md", "-o", "--output", help="md or json."),
-    force: bool = typer.Option(False, "--force", help="Download and run even if the fit check says it will not fit."),
-    dtype: str = Dtype,
-    threads: Optional[int] = Threads,
+    spec: LoadSpec = LOADING,
 ) -> None:
     """Measure prompt processing (ppN) and generation (tgN) tokens/sec, llama-bench style."""
     if output not in ("md", "json"):
@@ -544,7 +571,6 @@ def bench(
     colds = cold.split(",")
     for c in colds:
         _cold(c)
-    spec = _spec(device=device, ram=ram, ctx=ctx, expert_slots=expert_slots, force=force, dtype=dtype, threads=threads)
     if model is not None and synthetic is None:
         _pull_on_first_use(model, dataclasses.replace(spec, bits=bits_list[0], vram=vram.split(",")[0] if vram else None))
     from rich.console import Console
