@@ -24,7 +24,7 @@ from moerun.generate import (
 from moerun.graphs import DecodeGraphs, graphs_enabled
 from moerun.models import check_config, get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
-from moerun.progress import Downloaded, ExpertsPrepared, FitChecked, OnEvent
+from moerun.progress import ExpertsPrepared, FitChecked, OnEvent, download_callbacks
 from moerun.spec import LoadSpec
 from moerun.tokenizer import Tokenizer
 from moerun.units import params_short
@@ -56,20 +56,7 @@ def pull_if_missing(name: str, spec: LoadSpec = LoadSpec(), on_event: OnEvent | 
             f"{repo_id} will not fit: {report.plan.reason}{plan.bits_hint(report.plans, spec.bits)}; "
             "nothing was downloaded (--force, or force=True, pulls anyway)"
         )
-    done, total = 0, 0
-
-    def on_start(size: int, have: int) -> None:
-        nonlocal done, total
-        done, total = have, size
-        if on_event is not None:
-            on_event(Downloaded(repo_id, done, total))
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if on_event is not None:
-            on_event(Downloaded(repo_id, done, total))
-
+    on_start, on_bytes = download_callbacks(repo_id, on_event)
     hub.pull(repo_id, None, repo=repo, on_start=on_start, on_bytes=on_bytes)
 
 

@@ -39,3 +39,23 @@ class ExpertsPrepared:
 
 ProgressEvent = FitChecked | Downloaded | ExpertsPrepared
 OnEvent = Callable[[ProgressEvent], None]
+
+
+def download_callbacks(repo_id: str, on_event: OnEvent | None):
+    """hub.pull's two callbacks, on_start(total, already there) and on_bytes(n) (n < 0 when
+    a bad partial file is dropped), as one stream of Downloaded events."""
+    done = total = 0
+
+    def on_start(size: int, have: int) -> None:
+        nonlocal done, total
+        done, total = have, size
+        if on_event is not None:
+            on_event(Downloaded(repo_id, done, total))
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_event is not None:
+            on_event(Downloaded(repo_id, done, total))
+
+    return on_start, on_bytes
