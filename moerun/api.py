@@ -37,11 +37,11 @@ def pull_if_missing(name: str, spec: LoadSpec = LoadSpec(), on_event: OnEvent | 
     """Pull on first use, as `ollama run` does: an alias or repo id that is not in the
     local cache is planned first from its Hub headers (`moerun.fit`, a few hundred KB) at
     the spec's bits and budgets, refused when it cannot fit (unless `spec.force`: nothing
-    is downloaded), else downloaded. Offline, or for a folder or a cached repo, nothing
-    happens. on_event gets the fit (FitChecked) before any download, then its bytes
+    is downloaded), else downloaded. Offline, for a folder or a cached repo, or for a given
+    revision (pull fetches the main one), nothing happens. on_event gets the fit (FitChecked) before any download, then its bytes
     (Downloaded)."""
     repo_id = hub.repo_id_for(name)
-    if repo_id is None or hub.is_cached(repo_id) or hub.is_offline():
+    if repo_id is None or spec.revision is not None or hub.is_cached(repo_id) or hub.is_offline():
         return
     from moerun import fit
 
@@ -316,7 +316,7 @@ def load_spec(name_or_path: str, spec: LoadSpec, on_event: OnEvent | None = None
     on_event: the progress events (moerun.progress) of the pull and the expert stores."""
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)  # process-wide: the CPU kernels use the same count
-    if spec.pull and spec.revision is None:
+    if spec.pull:
         pull_if_missing(name_or_path, spec, on_event)
     folder = hub.resolve(name_or_path, revision=spec.revision)
     config = hub.read_config(folder)

@@ -75,6 +75,19 @@ def test_threads_is_one_option_on_every_verb_that_computes():
         assert "--threads" in out, command
 
 
+def test_a_revision_in_the_cache_is_loaded_never_pulled(tmp_path, monkeypatch):
+    from moerun import api
+
+    for command in ("generate", "chat", "serve", "bench"):
+        assert "--revision" in invoke([command, "--help"]).stdout, command
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: any Hub request fails
+    api.pull_if_missing("mixtral-8x7b", LoadSpec(revision="main"))  # not cached, yet not pulled: the Hub not asked
+    with pytest.raises(api.MoerunError, match="not in the local Hugging Face cache"):
+        api.load_spec("mixtral-8x7b", LoadSpec(revision="main"))
+
+
 def test_an_unreachable_hub_is_a_network_error_and_offline_points_to_pull(tmp_path, monkeypatch):
     from moerun import api, hub
 

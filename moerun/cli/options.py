@@ -96,6 +96,8 @@ LOAD_OPTIONS = (
     LoadOption("threads", Optional[int], typer.Option(
         None, "--threads", callback=checked(check_threads),
         help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).")),
+    LoadOption("revision", Optional[str], typer.Option(
+        None, "--revision", help="A revision in the local cache: branch, tag or commit (never pulled).")),
 )
 LOADING = object()  # the default of a verb's `spec` parameter: where the loading options go
 
