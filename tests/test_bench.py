@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moerun import bench
-from moerun.spec import LoadSpec
 from moerun.registry import ALIASES
+from moerun.spec import LoadSpec
 from tests.model_fixtures import make_checkpoint
 
 ROW_FIELDS = {

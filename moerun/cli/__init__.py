@@ -41,8 +41,14 @@ app = typer.Typer(
     # Tracebacks are main()'s business (MOERUN_DEBUG=1); Typer must not pretty-print them.
     pretty_exceptions_enable=False,
 )
-for verb in (generate.generate, chat.chat, serve.serve, bench.bench, models.models, fit.fit, pull.pull):
-    app.command()(verb)
+# One module per verb; registered in the order `moerun --help` lists them.
+app.command()(generate.generate)
+app.command()(chat.chat)
+app.command()(serve.serve)
+app.command()(bench.bench)
+app.command()(models.models)
+app.command()(fit.fit)
+app.command()(pull.pull)
 app.command("ls")(library.ls_)
 app.command("rm")(library.rm_)
 app.command("show")(library.show_)

@@ -56,9 +56,11 @@ def bench(
         if model is not None and synthetic is None:
             first = dataclasses.replace(spec, bits=bits_list[0], vram=vrams[0])
             pull_on_first_use(model, first, display)
-        # Piped, a Rich bar would stay silent until the end: plain lines every few seconds instead.
-        ticker = Ticker("bench", runs) if not sys.stderr.isatty() else contextlib.nullcontext()
-        advance = ticker.advance if isinstance(ticker, Ticker) else display.counter("bench", runs)
+        if sys.stderr.isatty():
+            ticker, advance = contextlib.nullcontext(), display.counter("bench", runs)
+        else:  # piped: a Rich bar would stay silent until the end, so plain lines every few seconds
+            ticker = Ticker("bench", runs)
+            advance = ticker.advance
         with ticker:
             report = benchmark.run_bench(
                 model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions,
