@@ -3,12 +3,13 @@ stream_generate(). The CLI is a thin shell over this module."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+from torch import nn
 
 from moerun import hub, library, plan
 from moerun.errors import MoerunError
@@ -23,6 +24,8 @@ from moerun.generate import (
 from moerun.graphs import DecodeGraphs, graphs_enabled
 from moerun.models import check_config, get_architecture, load_model
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
+from moerun.progress import ExpertsPrepared, FitChecked, OnEvent, download_callbacks
+from moerun.spec import LoadSpec
 from moerun.tokenizer import Tokenizer
 from moerun.units import params_short
 from moerun.weights import CheckpointWeights
@@ -30,68 +33,31 @@ from moerun.weights import CheckpointWeights
 Prompt = str | Sequence[int] | Sequence[dict]
 
 
-def pull_if_missing(
-    name: str,
-    bits: int = 16,
-    vram: str | int | None = None,
-    ram: str | int | None = None,
-    ctx: int | None = None,
-    force: bool = False,
-    notice: Callable | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-) -> None:
+def pull_if_missing(name: str, spec: LoadSpec = LoadSpec(), on_event: OnEvent | None = None) -> None:
     """Pull on first use, as `ollama run` does: an alias or repo id that is not in the
-    local cache is planned first from its Hub headers (`moerun.fit`, a few hundred KB),
-    refused when it cannot fit (unless `force`: nothing is downloaded), else downloaded.
-    Offline, or for a folder or a cached repo, nothing happens. notice(report) is called
-    with the fit before any download; on_start/on_bytes drive a progress bar."""
+    local cache is planned first from its Hub headers (`moerun.fit`, a few hundred KB) at
+    the spec's bits and budgets, refused when it cannot fit (unless `spec.force`: nothing
+    is downloaded), else downloaded. Offline, for a folder or a cached repo, or for a given
+    revision (pull fetches the main one), nothing happens. on_event gets the fit (FitChecked) before any download, then its bytes
+    (Downloaded)."""
     repo_id = hub.repo_id_for(name)
-    if repo_id is None or hub.is_cached(repo_id) or hub.is_offline():
+    if repo_id is None or spec.revision is not None or hub.is_cached(repo_id) or hub.is_offline():
         return
     from moerun import fit
 
     # The Hub first: unreachable, that is the error to report (a fit from the shipped config
     # would say "0 bytes to download" and judge a download that cannot happen).
     repo = hub.remote_repo(repo_id)
-    report = fit.fit(repo_id, bits=bits, vram=vram, ram=ram, ctx=ctx, measure=False)
-    if notice is not None:
-        notice(report)
-    if report.plan.verdict == "no" and not force:
-        fewer = [f"--bits {b}" for b in (8, 4) if b < bits and report.plans[b].verdict != "no"]
-        hint = f"; it fits with {' or '.join(fewer)}" if fewer else ""
+    report = fit.fit(repo_id, bits=spec.bits, vram=spec.vram, ram=spec.ram, ctx=spec.ctx, measure=False)
+    if on_event is not None:
+        on_event(FitChecked(repo_id, spec.bits, report))
+    if report.plan.verdict is plan.Verdict.NO and not spec.force:
         raise MoerunError(
-            f"{repo_id} will not fit: {report.plan.reason}{hint}; nothing was downloaded "
-            "(--force, or force=True, pulls anyway)"
+            f"{repo_id} will not fit: {report.plan.reason}{plan.bits_hint(report.plans, spec.bits)}; "
+            "nothing was downloaded (--force, or force=True, pulls anyway)"
         )
+    on_start, on_bytes = download_callbacks(repo_id, on_event)
     hub.pull(repo_id, None, repo=repo, on_start=on_start, on_bytes=on_bytes)
-
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise MoerunError(f"unknown device '{device}': use auto, cpu or cuda") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MoerunError("device cuda was asked for, but torch sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise MoerunError(f"unsupported device '{device}': use auto, cpu or cuda")
-    return device
-
-
-def _resolve_dtype(dtype, config: dict, device: torch.device) -> torch.dtype:
-    """Default: the checkpoint's dtype, unless the CPU cannot compute in it at full speed
-    (then float32; see `plan.default_dtype`)."""
-    if dtype is None or dtype == "auto":
-        return plan.default_dtype(config, device.type)
-    if isinstance(dtype, str):
-        if dtype not in plan.DTYPES:
-            raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(plan.DTYPES)}")
-        return plan.DTYPES[dtype]
-    return dtype
 
 
 def _eos_ids(folder: Path, config: dict, tokenizer: Tokenizer) -> set[int]:
@@ -294,34 +260,6 @@ class Model:
         return GenerationOutput("".join(pieces), token_ids, stats)
 
 
-def default_vram(device: torch.device) -> int | None:
-    """Free device memory minus a reserve for activations and the CUDA context; None on
-    the CPU, where the 'device' is host RAM and holds everything unless a budget is set."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(int(free - max(1 << 30, 0.05 * free)), 0)
-
-
-THREADS_PER_CORE_MAX = 4  # more threads than this per core only oversubscribe (and 100000 crashed OpenMP)
-
-
-def max_threads() -> int:
-    """The most CPU threads moerun accepts: a few per core, as no speed lies beyond."""
-    return THREADS_PER_CORE_MAX * (os.cpu_count() or 1)
-
-
-def set_threads(threads: int) -> None:
-    """torch.set_num_threads(threads), process-wide (the CPU kernels use the same count),
-    after checking 1 <= threads <= max_threads()."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():
-        raise MoerunError(
-            f"threads must be 1 to {max_threads()} ({THREADS_PER_CORE_MAX} per core, {os.cpu_count() or 1} cores), "
-            f"got {threads}"
-        )
-    torch.set_num_threads(threads)
-
-
 def load(
     name_or_path: str,
     bits: int = 16,
@@ -334,7 +272,7 @@ def load(
     cold: str = "gpu",
     prefetch: bool = True,
     ctx: int | None = None,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
     cuda_graphs: bool | None = None,
     threads: int | None = None,
     pull: bool = True,
@@ -357,65 +295,114 @@ def load(
     kernels (torch.set_num_threads, process-wide); None leaves torch's default.
     pull: an alias or repo id missing from the local cache is fit-checked from its Hub
     headers and downloaded (see pull_if_missing; `force` pulls even when it will not fit).
+
+    The keywords become one LoadSpec (moerun.spec), checked there; `load_spec` takes one.
     """
-    if bits not in (4, 8, 16):
-        raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
-    if threads is not None:
-        set_threads(threads)
-    if pull and revision is None:
-        pull_if_missing(name_or_path, bits, vram, ram, ctx, force)
-    folder = hub.resolve(name_or_path, revision=revision)
+    spec = LoadSpec(
+        bits=bits, dtype=dtype, device=device, vram=vram, ram=ram, expert_slots=expert_slots, ctx=ctx, cold=cold,
+        prefetch=prefetch, threads=threads, cuda_graphs=cuda_graphs, revision=revision, pull=pull, force=force,
+    )
+
+    def on_event(event) -> None:
+        if progress is not None and isinstance(event, ExpertsPrepared):
+            progress(event.done, event.total)
+
+    return load_spec(name_or_path, spec, on_event)
+
+
+def load_spec(name_or_path: str, spec: LoadSpec, on_event: OnEvent | None = None) -> Model:
+    """`load`, from a spec: pull if missing, read the checkpoint's config and tokenizer,
+    then plan and assemble (`assemble`), then the KV cache and decode graphs for the plan.
+    on_event: the progress events (moerun.progress) of the pull and the expert stores."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)  # process-wide: the CPU kernels use the same count
+    if spec.pull:
+        pull_if_missing(name_or_path, spec, on_event)
+    folder = hub.resolve(name_or_path, revision=spec.revision)
     config = hub.read_config(folder)
     library.mark_used(folder)  # for `moerun ls`: one empty file's mtime
-    arch = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
+    family = get_architecture(config.get("model_type"))  # refuse unknown families before reading anything big
     args = check_config(config, folder / "config.json")  # a bad value, named, before anything is built from it
     tokenizer = Tokenizer.from_dir(folder)
     _check_vocab(tokenizer, args.vocab_size, folder)
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, config, device)
+    device = spec.resolve_device()
 
     # The headers are read once, here: the plan, the loader and the expert stores share them.
     with CheckpointWeights.open(folder) as ckpt:
-        return _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device, dtype, vram, ram, ctx,
-                          expert_slots, cold, prefetch, progress, cuda_graphs)  # fmt: skip
-
-
-def _load_from(ckpt, folder, config, arch, tokenizer, name_or_path, bits, device, dtype, vram, ram, ctx, expert_slots,
-               cold, prefetch, progress, cuda_graphs) -> Model:  # fmt: skip
-    summary = plan.summarize(config, ckpt.headers())
-    vram_budget = plan.parse_size(vram) if vram is not None else default_vram(device)
-    # RAM is checked as VRAM is, before anything is allocated: on the CPU it holds it all.
-    ram_budget = plan.parse_size(ram) if ram is not None else plan.ram_budget()
-    unified = device.type == "cpu"
-    memory_plan = plan.make_plan(summary, bits, dtype, vram_budget, ram_budget, ctx, expert_slots, unified=unified)
-    if memory_plan.verdict == "no":
-        hint = "" if expert_slots else plan.bits_hint(summary, bits, dtype, vram_budget, ram_budget, ctx, unified)
-        raise MoerunError(f"{name_or_path} does not fit: {memory_plan.reason}{hint}")
-
-    # On CUDA even 16-bit resident experts go through the expert cache's slot buffers: that
-    # is what the Triton kernels read (no Python loop over experts, and capturable).
-    from moerun import kernels
-
-    on_kernels = device.type == "cuda" and kernels.available(device)
-    offload = bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts or on_kernels
-    lm = load_model(folder, config, dtype, device, routed_experts=not offload, ckpt=ckpt)
-    info = None
-    if offload:
-        info = attach_expert_cache(
-            lm, arch, folder, bits, memory_plan.expert_slots_per_layer, device, dtype, cold, prefetch, progress, ckpt
-        )
-    if device.type == "cpu":
-        from moerun.kernels.cpu_linear import use_cpu_linears
-
-        use_cpu_linears(lm)  # decode-step GEMVs through the C kernel
+        source = CheckpointSource(name_or_path, config, folder, family, ckpt)
+        lm, memory_plan, info, dtype = assemble(source, spec, device, on_event)
     model = Model(lm, tokenizer, config, folder, name_or_path, device, dtype)
     model.plan, model.offload_info = memory_plan, info
     # The KV cache for the planned context is allocated once, up front, as planned.
     model.kv_caches = lm.make_caches(1, memory_plan.ctx)
-    if cuda_graphs is None:
-        cuda_graphs = graphs_enabled(device)
-    elif cuda_graphs and device.type != "cuda":
-        raise MoerunError("CUDA graphs need a CUDA device")
-    if cuda_graphs:
+    if graphs_enabled(device) if spec.cuda_graphs is None else spec.cuda_graphs:
         model.decode_graphs = DecodeGraphs(lm, model.kv_caches, capture_graphs=True)
     return model
+
+
+class Source(Protocol):
+    """Where a model's weights come from: a checkpoint (CheckpointSource) or the random
+    weights of `bench --synthetic` (moerun.bench.SyntheticSource). Both are planned and
+    assembled by `assemble`."""
+
+    name: str
+    config: dict
+
+    def summary(self) -> plan.ModelSummary:
+        """What the planner needs, from the model built on the meta device."""
+
+    def build(
+        self, memory_plan: plan.Plan, spec: LoadSpec, device: torch.device, dtype: torch.dtype, on_event: OnEvent | None
+    ) -> tuple[nn.Module, dict | None]:
+        """The LM with its weights placed as `memory_plan` says, and the expert cache's info."""
+
+
+def assemble(
+    source: Source, spec: LoadSpec, device: torch.device, on_event: OnEvent | None = None
+) -> tuple[nn.Module, plan.Plan, dict | None, torch.dtype]:
+    """Plan `source` for `spec` on `device` (refused with numbers when it does not fit),
+    build it as planned; on the CPU, its decode-step GEMVs through the C kernel. Returns
+    the LM, the plan, the expert cache's info and the dtype the rest computes in."""
+    dtype = plan.DTYPES[spec.dtype] if spec.dtype != "auto" else plan.default_dtype(source.config, device.type)
+    memory_plan = plan.plan_load(source.summary(), spec, device, dtype, source.name)
+    lm, info = source.build(memory_plan, spec, device, dtype, on_event)
+    if device.type == "cpu":
+        from moerun.kernels.cpu_linear import use_cpu_linears
+
+        use_cpu_linears(lm)
+    return lm, memory_plan, info, dtype
+
+
+@dataclasses.dataclass
+class CheckpointSource:
+    """A checkpoint in the Hub layout, its headers opened once (`ckpt`)."""
+
+    name: str
+    config: dict
+    folder: Path
+    family: object
+    ckpt: CheckpointWeights
+
+    def summary(self) -> plan.ModelSummary:
+        return plan.summarize(self.config, self.ckpt.headers())
+
+    def build(self, memory_plan, spec, device, dtype, on_event):
+        # On CUDA even 16-bit resident experts go through the expert cache's slot buffers: that
+        # is what the Triton kernels read (no Python loop over experts, and capturable).
+        from moerun import kernels
+
+        on_kernels = device.type == "cuda" and kernels.available(device)
+        offload = spec.bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts or on_kernels
+        lm = load_model(self.folder, self.config, dtype, device, routed_experts=not offload, ckpt=self.ckpt)
+        if not offload:
+            return lm, None
+
+        def progress(done: int, total: int) -> None:
+            if on_event is not None:
+                on_event(ExpertsPrepared(spec.bits, done, total))
+
+        slots = memory_plan.expert_slots_per_layer
+        info = attach_expert_cache(
+            lm, self.family, self.folder, spec.bits, slots, device, dtype, spec.cold, spec.prefetch, progress, self.ckpt
+        )
+        return lm, info

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import os
 import math
+import os
 import platform
 import statistics
 import time
@@ -25,6 +25,7 @@ from torch import nn
 
 import moerun
 from moerun import plan
+from moerun.api import assemble, load_spec
 from moerun.errors import MoerunError
 from moerun.kernels import cpu_experts
 from moerun.models import build_meta_model, get_architecture
@@ -38,6 +39,7 @@ from moerun.moe.offload import (
     routed_expert_modules,
 )
 from moerun.quant.format import ExpertFormat
+from moerun.spec import LoadSpec, parse_size
 from moerun.units import gib, params
 
 DEFAULT_PP, DEFAULT_TG = 512, 128  # llama-bench's defaults: clipped, not refused, on a short-context model
@@ -98,66 +100,61 @@ def _random_weights(shape, dtype: torch.dtype, generator: torch.Generator) -> to
     return block.repeat(-(-n // RANDOM_BLOCK))[:n].view(shape)
 
 
-@torch.inference_mode()
-def synthetic_model(
-    config: dict,
-    name: str,
-    bits: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    vram: int | None,
-    ram: int | None = None,
-    layers: int | None = None,
-    cold: str = "gpu",
-    ctx: int = 4096,
-    expert_slots: int | None = None,
-    seed: int = 0,
-) -> BenchModel:
-    """Build `config`'s model (the first `layers` layers) with random weights, routed
-    experts generated directly in their `bits` format, placed as the planner says."""
-    config = dict(config)
-    # The weights are made here in moerun's own formats, whatever the release stores (FP8).
-    config.pop("quantization_config", None)
-    note = ""
-    # Multimodal configs (Llama 4) keep the language model's fields in text_config.
-    text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
-    if layers:
-        note = get_architecture(text.get("model_type")).first_layers(text, layers)
-    lm, arch = build_meta_model(config)
-    # The model itself says what it holds (no headers: its checkpoint description stands in).
-    summary = plan.describe_model(lm, config, arch.checkpoint_tensors(lm.args))
-    if not summary.n_experts:
-        note += (", " if note else "") + "no MoE layer among them (dense layers first): raise --layers"
-        expert_slots = None
-    ram = ram if ram is not None else plan.ram_budget()  # as moerun.load checks it
-    unified = device.type == "cpu"
-    memory_plan = plan.make_plan(summary, bits, dtype, vram, ram, ctx, expert_slots, unified=unified)
-    if memory_plan.verdict == "no":
-        hint = "" if expert_slots else plan.bits_hint(summary, bits, dtype, vram, ram, ctx, unified)
-        raise MoerunError(f"{name} does not fit: {memory_plan.reason}{hint}")
-    g = torch.Generator().manual_seed(seed)
-    roles = parameter_roles(lm)
-    for pname, p in list(lm.named_parameters()):
-        if roles[pname] == "routed_experts":
-            continue
-        if "norm" in pname and p.dim() == 1:
-            value = torch.ones(p.shape, dtype=dtype)
-        else:
-            value = _random_weights(p.shape, dtype, g)
-        owner, _, leaf = pname.rpartition(".")
-        setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
-    lm.tie_weights()
-    if routed_expert_modules(lm):  # e.g. DeepSeek-V3's first layers are dense
-        fmts, n_experts, _ = expert_formats(lm, bits, dtype)
-        stores = {i: _random_blobs(fmts[i], n_experts[i], g) for i in fmts}
-        if device.type == "cpu":
-            stores = {i: s.contiguous() for i, s in stores.items()}
-        install_expert_cache(lm, stores, fmts, memory_plan.expert_slots_per_layer, device, dtype, cold)
-    if device.type == "cpu":
-        from moerun.kernels.cpu_linear import use_cpu_linears
+class SyntheticSource:
+    """`config`'s model (the first `layers` layers) with random weights, routed experts made
+    directly in their quantized format: a source for `moerun.api.assemble`, as a
+    checkpoint is. The model itself says what it holds (no headers: its checkpoint
+    description stands in)."""
 
-        use_cpu_linears(lm)  # as moerun.load does
-    return BenchModel(lm.eval(), name, memory_plan, device, True, note)
+    def __init__(self, config: dict, name: str, layers: int | None = None, seed: int = 0):
+        config = dict(config)
+        # The weights are made here in moerun's own formats, whatever the release stores (FP8).
+        config.pop("quantization_config", None)
+        # Multimodal configs (Llama 4) keep the language model's fields in text_config.
+        text = config["text_config"] = dict(config["text_config"]) if "text_config" in config else config
+        self.note = get_architecture(text.get("model_type")).first_layers(text, layers) if layers else ""
+        self.lm, family = build_meta_model(config)
+        self._summary = plan.describe_model(self.lm, config, family.checkpoint_tensors(self.lm.args))
+        if not self._summary.n_experts:
+            self.note += (", " if self.note else "") + "no MoE layer among them (dense layers first): raise --layers"
+        self.config, self.name, self.seed = config, name, seed
+
+    def summary(self) -> plan.ModelSummary:
+        return self._summary
+
+    def build(self, memory_plan, spec, device, dtype, on_event):
+        lm, g = self.lm, torch.Generator().manual_seed(self.seed)
+        roles = parameter_roles(lm)
+        for pname, p in list(lm.named_parameters()):
+            if roles[pname] == "routed_experts":
+                continue
+            if "norm" in pname and p.dim() == 1:
+                value = torch.ones(p.shape, dtype=dtype)
+            else:
+                value = _random_weights(p.shape, dtype, g)
+            owner, _, leaf = pname.rpartition(".")
+            setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
+        lm.tie_weights()
+        if routed_expert_modules(lm):  # e.g. DeepSeek-V3's first layers are dense
+            fmts, n_experts, _ = expert_formats(lm, spec.bits, dtype)
+            stores = {i: _random_blobs(fmts[i], n_experts[i], g) for i in fmts}
+            if device.type == "cpu":
+                stores = {i: s.contiguous() for i, s in stores.items()}
+            slots = memory_plan.expert_slots_per_layer
+            install_expert_cache(lm, stores, fmts, slots, device, dtype, spec.cold, spec.prefetch)
+        return lm, None
+
+
+@torch.inference_mode()
+def synthetic_model(config: dict, name: str, spec: LoadSpec, layers: int | None = None, seed: int = 0) -> BenchModel:
+    """Build `config`'s model (the first `layers` layers) with random weights, planned and
+    placed by the same pipeline as a checkpoint (`moerun.api.assemble`)."""
+    source = SyntheticSource(config, name, layers, seed)
+    if not source.summary().n_experts:
+        spec = dataclasses.replace(spec, expert_slots=None)  # no experts to give slots to
+    device = spec.resolve_device()
+    lm, memory_plan, _, _ = assemble(source, spec, device)
+    return BenchModel(lm.eval(), name, memory_plan, device, True, source.note)
 
 
 # -- timing ------------------------------------------------------------------------------
@@ -406,26 +403,17 @@ def run_bench(
     vram: list[str | None] = (None,),
     cold: list[str] = ("gpu",),
     cuda_graphs: list[bool] = (True,),
-    ctx: int | None = None,
     layers: int | None = None,
-    device: str = "auto",
-    expert_slots: int | None = None,
-    ram: str | None = None,
+    spec: LoadSpec = LoadSpec(),
     progress=None,
-    dtype: str | None = None,
-    threads: int | None = None,
 ) -> dict:
     """Every combination of bits x vram x cold x cuda_graphs, each with every pp and tg
     test (cuda_graphs only matters to tg on CUDA: it is forced off elsewhere). Returns
-    {"machine", "rows", "notes"}; a row per (combination, test). dtype: as moerun.load's
-    (None: the checkpoint's, float32 on a CPU without native bf16). threads: CPU threads."""
-    from moerun.api import _resolve_device, default_vram, set_threads
-
-    if threads is not None:
-        set_threads(threads)
-    if dtype not in (None, "auto") and dtype not in plan.DTYPES:
-        raise MoerunError(f"unknown dtype '{dtype}': use one of auto, {', '.join(plan.DTYPES)}")
-
+    {"machine", "rows", "notes"}; a row per (combination, test). spec: the rest of the
+    load (device, dtype, ram, ctx, expert slots, threads, ...); each combination's bits,
+    vram and cold replace its own."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)  # process-wide: the machine info reports it too
     if (model is None) == (synthetic is None):
         raise MoerunError("give a MODEL or --synthetic ALIAS (one of the two)")
     if not 1 <= repetitions <= MAX_REPETITIONS:
@@ -433,28 +421,26 @@ def run_bench(
     for what, counts in (("prompt", prompt_tokens), ("generated", gen_tokens)):
         if any(not isinstance(n, int) or n < 0 for n in counts):
             raise MoerunError(f"{what} token counts must be whole numbers >= 0, got {list(counts)}")
-    dev = _resolve_device(device)
+    dev = spec.resolve_device()
+    ctx, expert_slots = spec.ctx, spec.expert_slots
     notes = [RANDOM_ROUTING_NOTE] if synthetic else []
     rows = []
     graph_modes = sorted({bool(g) and dev.type == "cuda" for g in cuda_graphs}, reverse=True)
     for combo in combinations(bits=list(bits), vram=list(vram), cold=list(cold), graphs=graph_modes):
-        budget = plan.parse_size(combo["vram"]) if combo["vram"] is not None else default_vram(dev)
+        budget = parse_size(combo["vram"]) if combo["vram"] is not None else plan.vram_budget(dev)
+        combo_spec = dataclasses.replace(spec, device=dev, bits=combo["bits"], vram=budget, cold=combo["cold"])
         if synthetic:
             from moerun.registry import shipped_config
 
             config = shipped_config(synthetic)
             if config is None:
                 raise MoerunError(f"no shipped config for '{synthetic}': --synthetic takes an alias from `moerun models`")
-            torch_dtype = plan.DTYPES[dtype] if dtype not in (None, "auto") else plan.default_dtype(config, dev.type)
-            bm = synthetic_model(config, synthetic, combo["bits"], dev, torch_dtype, budget, plan.parse_size(ram),
-                                 layers=layers, cold=combo["cold"], ctx=ctx or 4096,
-                                 expert_slots=expert_slots)  # fmt: skip
+            bm = synthetic_model(config, synthetic, combo_spec, layers=layers)
             vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
             if bm.layers_note and bm.layers_note not in " ".join(notes):
                 notes.append(f"{synthetic}: {bm.layers_note}")
         else:
-            m = moerun.load(model, bits=combo["bits"], device=dev, vram=budget, ram=ram, cold=combo["cold"], ctx=ctx,
-                            expert_slots=expert_slots, dtype=dtype)  # fmt: skip
+            m = load_spec(model, combo_spec)
             bm = BenchModel(m.lm, model, m.plan, dev, False)
             vocab = m.lm.lm_head.weight.shape[0]
         p = bm.plan

@@ -15,6 +15,8 @@ import torch
 from moerun import gpus, hub, plan, registry
 from moerun.errors import MoerunError
 from moerun.models import check_config
+from moerun.plan import Verdict
+from moerun.spec import check_bits, dtype_name, parse_size
 from moerun.units import gib
 from moerun.weights import CheckpointWeights
 
@@ -23,7 +25,6 @@ from moerun.weights import CheckpointWeights
 DEFAULT_VRAM_BW = 400e9
 DEFAULT_PCIE_BW = 16e9
 DEFAULT_RAM_BW = 30e9
-VRAM_RESERVE = 1 << 30  # activations, CUDA context; as moerun.api.default_vram
 
 
 
@@ -100,9 +101,6 @@ def _shipped_for_repo(repo_id: str) -> Metadata | None:
 # -- budgets and bandwidths --------------------------------------------------------------------
 
 
-free_ram = plan.free_ram  # kept here too: callers of moerun.fit.free_ram
-
-
 @dataclasses.dataclass
 class Bandwidths:
     vram: float
@@ -167,7 +165,7 @@ class FitReport:
     def to_dict(self) -> dict:
         p, s = self.plan, self.summary
         need = 0
-        if p.verdict == "no":
+        if p.verdict is Verdict.NO:
             if p.vram_budget is not None and p.gpu_bytes > p.vram_budget:
                 need = p.gpu_bytes - p.vram_budget
             elif p.ram_budget is not None:
@@ -220,10 +218,10 @@ def recommend(plans: dict[int, plan.Plan]) -> int | None:
     """The most bits that keep everything resident (on the GPU, or in the one memory
     pool); else the fewest bits that offload (fewest bytes per miss); None when nothing fits."""
     for bits in (16, 8, 4):
-        if bits in plans and plans[bits].verdict in ("gpu", "ram"):
+        if bits in plans and plans[bits].verdict.resident:
             return bits
     for bits in (4, 8, 16):
-        if bits in plans and plans[bits].verdict == "offload":
+        if bits in plans and plans[bits].verdict is Verdict.OFFLOAD:
             return bits
     return None
 
@@ -233,13 +231,13 @@ def decode_bounds(s: plan.ModelSummary, p: plan.Plan, bw: Bandwidths, device: st
     embedding table, of which one row is read) and k experts per MoE layer. High: every
     expert resident. Low: every routed expert a miss, copied over PCIe or computed from RAM,
     whichever is faster (moerun --cold auto)."""
-    if p.verdict == "no":
+    if p.verdict is Verdict.NO:
         return 0.0, 0.0
     experts = min(s.experts_per_token, p.n_experts) * p.n_moe_layers * p.expert_blob_bytes
     dense = p.decode_bytes_per_token - experts
     local = bw.vram if device == "cuda" else bw.ram
     high = local / max(p.decode_bytes_per_token, 1)
-    if p.verdict in ("gpu", "ram") or device != "cuda":  # one memory pool: every expert is read from it anyway
+    if p.verdict.resident or device != "cuda":  # one memory pool: every expert is read from it anyway
         return high, high
     miss = experts / max(bw.pcie, bw.ram)
     return 1 / (dense / local + miss), high
@@ -254,27 +252,27 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
     """When `chosen` does not fit: the smallest changes that make it fit, each one line:
     fewer bits; else a shorter context; else more RAM (or a larger card); and when no one
     machine holds the model at these bits, the engines that serve it across machines."""
-    if chosen.verdict != "no":
+    if chosen.verdict is not Verdict.NO:
         return []
     out = []
     vram, ram, ctx = chosen.vram_budget, chosen.ram_budget, chosen.ctx
-    fewer = [b for b in (8, 4) if b < chosen.bits and plans[b].verdict != "no"]
+    fewer = plan.fewer_bits(plans, chosen.bits)
     if fewer:
-        q = plans[fewer[0]]
+        q = fewer[0]
         need = q.ram_bytes if q.unified else q.gpu_bytes
-        out.append(f"--bits {fewer[0]}: {_fits_words(q)} ({gib(need)})")
+        out.append(f"--bits {q.bits}: {_fits_words(q)} ({gib(need)})")
     chip = card is not None and card.unified  # its memory is the chip's: a larger chip, not more RAM
     low = min(chosen.bits, 4) if not fewer else None  # bits alone do not do it: try the rest at 4 bits
     if low is not None:
         shorter = ctx // 2
         while shorter >= 256:
             q = plan.make_plan(summary, low, dtype, vram, ram, shorter, unified=unified)
-            if q.verdict != "no":
+            if q.verdict is not Verdict.NO:
                 out.append(f"--bits {low} --ctx {shorter}: {_fits_words(q, chip)}")
                 break
             shorter //= 2
         q = plan.make_plan(summary, low, dtype, vram, None, ctx, unified=unified)  # more RAM, the same GPU
-        if q.verdict != "no" and not chip:
+        if q.verdict is not Verdict.NO and not chip:
             out.append(f"--bits {low} with {gib(q.ram_bytes)} of RAM: {_fits_words(q)}")
         else:  # a larger card (or chip), with the RAM that then takes
             budget = vram if not unified else ram
@@ -283,7 +281,7 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
                     continue
                 q = plan.make_plan(summary, low, dtype, None if unified else g.memory_bytes,
                                    g.memory_bytes if unified else None, ctx, unified=unified)  # fmt: skip
-                if q.verdict != "no":
+                if q.verdict is not Verdict.NO:
                     extra = f" with {gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
                     out.append(f"--bits {low} on a {g.memory_gib} GiB {'chip' if unified else 'card'} "
                                f"(--gpu {g.key}){extra}: {_fits_words(q, chip)}")  # fmt: skip
@@ -301,9 +299,9 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
 
 
 def _fits_words(p: plan.Plan, chip: bool = False) -> str:
-    if p.verdict == "gpu":
+    if p.verdict is Verdict.GPU:
         return "fits on the GPU"
-    if p.verdict == "ram":
+    if p.verdict is Verdict.RAM:
         return "fits in unified memory" if chip else "fits in RAM"
     return f"offload, {p.expert_slots_per_layer} of {p.n_experts} experts per layer on the GPU"
 
@@ -326,8 +324,8 @@ def fit(
     spec ("ddr5-5600x2", its bandwidth) or both ("32GiB,ddr5-5600x2"). A GPU that is
     planned, this one or another, computes in the checkpoint's 16-bit dtype; only this
     machine's CPU may need float32."""
-    if bits not in (None, 4, 8, 16):
-        raise MoerunError(f"bits must be 4, 8 or 16, got {bits}")
+    if bits is not None:
+        check_bits(bits)
     card = gpus.gpu(gpu) if gpu else None
     if card is not None and vram is not None:
         raise MoerunError("give --gpu or --vram, not both (--gpu sets the card's memory)")
@@ -337,30 +335,28 @@ def fit(
     meta = meta or metadata(name, revision)
     summary = plan.summarize(meta.config, meta.tensors)
     cuda = torch.cuda.is_available()
-    vram_budget, ram_budget = plan.parse_size(vram), plan.parse_size(ram_size)
+    vram_budget, ram_budget = parse_size(vram), parse_size(ram_size)
     if card is not None and card.unified:
         device, ram_budget = "unified", ram_budget or card.memory_bytes
     elif card is not None or vram_budget is not None:
         # A GPU of that size, maybe not here (--vram 0 too: a card with no room, not no card).
         device, vram_budget = "cuda", vram_budget if vram_budget is not None else card.memory_bytes
     elif cuda:
-        free, _ = torch.cuda.mem_get_info()
-        device, vram_budget = "cuda", max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
+        device, vram_budget = "cuda", plan.vram_budget(torch.device("cuda"))
     else:
         device = "cpu"
     if ram_budget is None:
         ram_budget = plan.ram_budget()
     unified = device != "cuda"
     warnings = list(summary.warnings)
-    if dtype is None:
+    dtype = dtype_name(dtype)
+    if dtype == "auto":
         torch_dtype = plan.default_dtype(meta.config, "cpu" if device == "cpu" else "cuda")  # as moerun.load chooses
-    elif dtype in plan.DTYPES:
-        torch_dtype = plan.DTYPES[dtype]
     else:
-        raise MoerunError(f"unknown dtype '{dtype}': use one of {', '.join(plan.DTYPES)}")
+        torch_dtype = plan.DTYPES[dtype]
     if device == "cpu":
-        dtype_name = str(torch_dtype).removeprefix("torch.")
-        warnings.append(f"no CUDA GPU: planned for the CPU, host RAM holds it all ({dtype_name} unless --dtype)")
+        compute_dtype = str(torch_dtype).removeprefix("torch.")
+        warnings.append(f"no CUDA GPU: planned for the CPU, host RAM holds it all ({compute_dtype} unless --dtype)")
     plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified)
              for b in (16, 8, 4)}  # fmt: skip
     recommended = recommend(plans)

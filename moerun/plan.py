@@ -11,9 +11,9 @@ resident live in host RAM.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
-import re
 
 import torch
 
@@ -21,6 +21,7 @@ from moerun.config_checks import text_config
 from moerun.errors import MoerunError
 from moerun.layers import StateSpec
 from moerun.quant.format import ExpertFormat
+from moerun.spec import LoadSpec
 from moerun.units import gib
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
@@ -212,11 +213,23 @@ def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
     )  # fmt: skip
 
 
+class Verdict(enum.StrEnum):
+    """What a plan says of a model: a string enum, so that reports and JSON carry its word."""
+
+    GPU = "gpu"  # everything resident on the GPU
+    RAM = "ram"  # one memory pool (the CPU's RAM, Apple's unified memory) holds it all
+    OFFLOAD = "offload"  # some expert slots per layer on the device, every expert in host RAM
+    NO = "no"  # it does not fit: `Plan.reason` says why
+
+    @property
+    def resident(self) -> bool:
+        """Everything in the one place it computes from: no expert copied in or out."""
+        return self in (Verdict.GPU, Verdict.RAM)
+
+
 @dataclasses.dataclass
 class Plan:
-    """Where everything goes, in bytes. `verdict`: "gpu" (all resident on the GPU), "ram"
-    (one memory pool, the CPU's RAM or Apple's unified memory, holds it all), "offload"
-    (some expert slots per layer on the device, every expert in host RAM) or "no"."""
+    """Where everything goes, in bytes, and whether it fits (`verdict`)."""
 
     bits: int
     dtype: str
@@ -234,7 +247,7 @@ class Plan:
     host_store_bytes: int  # all experts in host RAM when offloading
     vram_budget: int | None
     ram_budget: int | None
-    verdict: str
+    verdict: Verdict
     reason: str = ""
     experts_per_token: int = 0
     # One memory pool (the CPU, Apple silicon): `ram_budget` holds the device share too.
@@ -263,6 +276,18 @@ class Plan:
     def ram_bytes(self) -> int:
         """Host RAM the plan takes: the expert store, and on one memory pool everything."""
         return self.gpu_bytes + self.host_store_bytes if self.unified else self.host_store_bytes
+
+    def describe(self) -> str:
+        """Where it goes, in words: "everything on the GPU (12.00 GiB)", "offload: ...", or
+        "does not fit: <reason>"."""
+        if self.verdict is Verdict.GPU:
+            return f"everything on the GPU ({gib(self.gpu_bytes)})"
+        if self.verdict is Verdict.RAM:
+            return f"everything in RAM ({gib(self.ram_bytes)})"
+        if self.verdict is Verdict.OFFLOAD:
+            slots = f"{self.expert_slots_per_layer} of {self.n_experts} expert slots per layer"
+            return f"offload: {slots} on the device ({gib(self.gpu_bytes)}), all experts in RAM ({gib(self.cpu_bytes)})"
+        return f"does not fit: {self.reason}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -300,7 +325,7 @@ def make_plan(
     non_expert = sum(by_role[r] for r in non_expert_roles)
     kv = summary.kv_cache_bytes(ctx, dtype_bytes)
 
-    def plan(slots: int, verdict: str, reason: str = "") -> Plan:
+    def plan(slots: int, verdict: Verdict, reason: str = "") -> Plan:
         host = blob * E * L if slots < E else 0
         return Plan(
             bits=bits, dtype=str(dtype).removeprefix("torch."), ctx=ctx,
@@ -316,22 +341,22 @@ def make_plan(
             raise MoerunError("expert_slots was given, but this model has no routed experts")
         if not 1 <= expert_slots <= E:
             raise MoerunError(f"expert_slots must be between 1 and {E}, got {expert_slots}")
-        p = plan(expert_slots, "gpu" if expert_slots == E else "offload")
+        p = plan(expert_slots, Verdict.GPU if expert_slots == E else Verdict.OFFLOAD)
     elif vram is None or non_expert + kv + blob * E * L <= vram:
-        p = plan(E, "gpu")
+        p = plan(E, Verdict.GPU)
     else:
         room = vram - non_expert - kv
         slots = room // (blob * L) if L and room > 0 else 0
         if slots < 1:
             need = non_expert + kv + blob * L
-            return plan(0, "no", f"needs at least {gib(need)} of device memory (weights {gib(non_expert)}, "
+            return plan(0, Verdict.NO, f"needs at least {gib(need)} of device memory (weights {gib(non_expert)}, "
                                  f"KV cache {gib(kv)} at {ctx} tokens, one expert slot per layer "
                                  f"{gib(blob * L)}); the budget is {gib(vram)}")  # fmt: skip
-        p = plan(min(int(slots), E), "offload")
-    if unified and p.verdict == "gpu":
-        p.verdict = "ram"
+        p = plan(min(int(slots), E), Verdict.OFFLOAD)
+    if unified and p.verdict is Verdict.GPU:
+        p.verdict = Verdict.RAM
     if ram is not None and p.ram_bytes > ram:
-        p.verdict = "no"
+        p.verdict = Verdict.NO
         if unified:
             parts = f"weights {gib(non_expert + p.slot_bytes)}, KV cache {gib(kv)} at {ctx} tokens"
             if p.host_store_bytes:
@@ -361,28 +386,44 @@ def free_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def bits_hint(summary: ModelSummary, bits: int, dtype: torch.dtype, vram: int | None, ram: int | None,
-              ctx: int | None = None, unified: bool = False) -> str:
-    """For a refusal at `bits`: the fewer bits that fit the same budgets, as options to
-    pass ("; it fits with --bits 8 (19.25 GiB) or --bits 4 (12.10 GiB)"), or ""."""
-    fits = []
-    for fewer in (8, 4):
-        if fewer < bits:
-            p = make_plan(summary, fewer, dtype, vram, ram, ctx, unified=unified)
-            if p.verdict != "no":
-                fits.append(f"--bits {fewer} ({gib(p.ram_bytes if unified else p.gpu_bytes)})")
+VRAM_RESERVE = 1 << 30  # the least a card keeps back for activations and the CUDA context
+
+
+def vram_budget(device: torch.device) -> int | None:
+    """The device memory a plan may take by default: free memory less a reserve (1 GiB, or
+    5% of it on a large card); None on the CPU, where the 'device' is host RAM and holds
+    everything unless a budget is set. The one default `load`, `fit` and `bench` share."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(int(free - max(VRAM_RESERVE, 0.05 * free)), 0)
+
+
+def fewer_bits(plans: dict[int, Plan], bits: int) -> list[Plan]:
+    """Of `plans` (by bits, at the same budgets), those below `bits` that fit, most bits first."""
+    return [p for b, p in sorted(plans.items(), reverse=True) if b < bits and p.verdict is not Verdict.NO]
+
+
+def bits_hint(plans: dict[int, Plan], bits: int) -> str:
+    """For a refusal at `bits`: the fewer bits that fit, as options to pass ("; it fits
+    with --bits 8 (19.25 GiB) or --bits 4 (12.10 GiB)"), or ""."""
+    fits = [f"--bits {p.bits} ({gib(p.ram_bytes if p.unified else p.gpu_bytes)})" for p in fewer_bits(plans, bits)]
     return f"; it fits with {' or '.join(fits)}" if fits else ""
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'12GiB', '12GB', '12000MB', '1.5g', 123 -> bytes (GiB/MiB binary, GB/MB decimal)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise MoerunError(f"cannot read size '{text}': use e.g. 12GiB, 12GB or 12000MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+def plan_load(summary: ModelSummary, spec: LoadSpec, device: torch.device, dtype: torch.dtype, name: str) -> Plan:
+    """The plan for loading `name` as `spec` asks on `device`: its budgets (or the defaults:
+    free VRAM less a reserve, most of the available RAM: on the CPU RAM holds it all, so it
+    is checked as VRAM is, before anything is allocated); refused with numbers, and with
+    the fewer bits that would fit, when it does not."""
+    vram = spec.vram if spec.vram is not None else vram_budget(device)
+    ram = spec.ram if spec.ram is not None else ram_budget()
+    unified = device.type == "cpu"
+    chosen = make_plan(summary, spec.bits, dtype, vram, ram, spec.ctx, spec.expert_slots, unified=unified)
+    if chosen.verdict is Verdict.NO:
+        hint = ""
+        if not spec.expert_slots:  # a refusal with --expert-slots is about those slots, not the bits
+            fewer = {b: make_plan(summary, b, dtype, vram, ram, spec.ctx, unified=unified) for b in (8, 4)}
+            hint = bits_hint(fewer, spec.bits)
+        raise MoerunError(f"{name} does not fit: {chosen.reason}{hint}")
+    return chosen

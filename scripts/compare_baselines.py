@@ -42,6 +42,7 @@ import torch
 
 from moerun import plan
 from moerun.registry import DEMO_DIR, shipped_config
+from moerun.spec import parse_size
 
 RUNNERS = ("moerun", "llama.cpp", "transformers")
 LLAMA_TYPES = {4: "Q4_0", 8: "Q8_0"}  # llama.cpp's nearest formats to NF4 / int8-per-row
@@ -197,9 +198,10 @@ def run_llama_cpp(folder: Path, bits: int, p: int, n: int, reps: int, threads: i
 
 def run_moerun(folder: Path, bits: int, p: int, n: int, reps: int, vram, ram) -> dict:
     from moerun import bench
+    from moerun.spec import LoadSpec
 
     report = bench.run_bench(model=str(folder), prompt_tokens=[p], gen_tokens=[n], repetitions=reps, bits=[bits],
-                             vram=[vram], ram=ram)  # fmt: skip
+                             vram=[vram], spec=LoadSpec(ram=ram))  # fmt: skip
     return {r["test"]: r["t_s_mean"] for r in report["rows"]}
 
 
@@ -210,8 +212,8 @@ def run_transformers(folder: Path, bits: int, p: int, n: int, reps: int, vram, r
     kwargs: dict = {"dtype": torch.bfloat16}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {0: plan.parse_size(vram) or torch.cuda.mem_get_info()[0],
-                                "cpu": plan.parse_size(ram) or "64GiB"}  # fmt: skip
+        kwargs["max_memory"] = {0: parse_size(vram) or torch.cuda.mem_get_info()[0],
+                                "cpu": parse_size(ram) or "64GiB"}  # fmt: skip
     if bits == 4:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16

@@ -12,6 +12,7 @@ import torch
 
 from moerun import bench
 from moerun.registry import ALIASES
+from moerun.spec import LoadSpec
 from tests.model_fixtures import make_checkpoint
 
 ROW_FIELDS = {
@@ -59,7 +60,7 @@ def test_json_report_has_every_field_and_consistent_numbers(folder, tmp_path):
 
 def test_sweep_gives_one_row_per_combination(folder, tmp_path):
     report = bench.run_bench(model=str(folder), prompt_tokens=[4, 8], gen_tokens=[2], repetitions=1, bits=[8],
-                             cold=["gpu", "cpu"], expert_slots=2, device="cpu")  # fmt: skip
+                             cold=["gpu", "cpu"], spec=LoadSpec(expert_slots=2, device="cpu"))  # fmt: skip
     combos = [(r["backend"], r["test"]) for r in report["rows"]]
     assert len(combos) == len(set(combos)) == 2 * 3
     assert {t for _, t in combos} == {"pp4", "pp8", "tg2"}
@@ -86,7 +87,7 @@ FAST_ALIASES = ("qwen3-30b-a3b", "qwen3.5-35b-a3b", "switch-base-8")
 def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     report = bench.run_bench(synthetic=alias, prompt_tokens=[2], gen_tokens=[2], repetitions=1, bits=[4],
-                             layers=1, expert_slots=1, device="cpu")  # fmt: skip
+                             layers=1, spec=LoadSpec(expert_slots=1, device="cpu"))  # fmt: skip
     assert len(report["rows"]) == 2
     for row in report["rows"]:
         check_row(row)
@@ -97,7 +98,7 @@ def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
 
 def test_synthetic_quantized_and_offloaded(monkeypatch):
     report = bench.run_bench(synthetic="qwen3-30b-a3b", prompt_tokens=[4], gen_tokens=[2], repetitions=1, bits=[4],
-                             layers=1, expert_slots=4, device="cpu")  # fmt: skip
+                             layers=1, spec=LoadSpec(expert_slots=4, device="cpu"))  # fmt: skip
     for row in report["rows"]:
         check_row(row)
         assert row["bits"] == 4 and row["expert_slots_per_layer"] == 4 and row["expert_hit_rate"] < 1

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moerun.cli import app
+from moerun.spec import LoadSpec
 
 ARGS = ["demo", "-n", "3", "--device", "cpu", "--json"]
 
@@ -74,6 +75,19 @@ def test_threads_is_one_option_on_every_verb_that_computes():
         assert "--threads" in out, command
 
 
+def test_a_revision_in_the_cache_is_loaded_never_pulled(tmp_path, monkeypatch):
+    from moerun import api
+
+    for command in ("generate", "chat", "serve", "bench"):
+        assert "--revision" in invoke([command, "--help"]).stdout, command
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: any Hub request fails
+    api.pull_if_missing("mixtral-8x7b", LoadSpec(revision="main"))  # not cached, yet not pulled: the Hub not asked
+    with pytest.raises(api.MoerunError, match="not in the local Hugging Face cache"):
+        api.load_spec("mixtral-8x7b", LoadSpec(revision="main"))
+
+
 def test_an_unreachable_hub_is_a_network_error_and_offline_points_to_pull(tmp_path, monkeypatch):
     from moerun import api, hub
 
@@ -81,7 +95,7 @@ def test_an_unreachable_hub_is_a_network_error_and_offline_points_to_pull(tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
     with pytest.raises(hub.HubUnreachable, match="cannot reach http://127.0.0.1:9"):
-        api.pull_if_missing("mixtral-8x7b", bits=16)  # an alias with a shipped config: no fit from it
+        api.pull_if_missing("mixtral-8x7b", LoadSpec(bits=16))  # an alias with a shipped config: no fit from it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.MoerunError, match="`moerun pull mistralai/Mixtral-8x7B-Instruct-v0.1`"):
         hub.resolve("mixtral-8x7b")
@@ -93,7 +107,7 @@ def test_bench_at_80_columns_with_na_params_and_the_context_clip(monkeypatch, tm
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path))
     # pp512 is the default: on the 256-token demo it is clipped to pp256, and a note says so.
     report = bench.run_bench(model="demo", prompt_tokens=[512], gen_tokens=[2], repetitions=1, bits=[16],
-                             device="cpu")  # fmt: skip
+                             spec=LoadSpec(device="cpu"))  # fmt: skip
     assert [r["test"] for r in report["rows"]] == ["pp256", "tg2"]
     assert any("pp512 clipped to pp256" in n for n in report["notes"])
     assert all(r["peak_vram_bytes"] is None and r["pcie_gb_s"] is None for r in report["rows"])
@@ -103,7 +117,8 @@ def test_bench_at_80_columns_with_na_params_and_the_context_clip(monkeypatch, tm
     assert "0.00 B" not in md and "| 1.87 M |" in md, md
     assert "n/a" in md and "0.0 KiB | 422" not in md
     with pytest.raises(bench.MoerunError, match="pp300 needs 300 positions; demo's context is 256"):
-        bench.run_bench(model="demo", prompt_tokens=[300], gen_tokens=[0], repetitions=1, bits=[16], device="cpu")
+        bench.run_bench(model="demo", prompt_tokens=[300], gen_tokens=[0], repetitions=1, bits=[16],
+                        spec=LoadSpec(device="cpu"))
 
 
 def test_bench_piped_prints_progress_lines(tmp_path):

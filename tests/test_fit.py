@@ -16,6 +16,7 @@ import pytest
 from moerun import fit, plan, registry
 from moerun.errors import MoerunError
 from moerun.models import checkpoint_layout
+from moerun.spec import LoadSpec, parse_size
 from tests.hub_server import HubServer, real_file, safetensors_header_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,9 +223,9 @@ def test_no_module_outside_the_models_names_a_family_or_a_checkpoint_tensor():
 
 
 def test_sizes_accept_units():
-    assert plan.parse_size("12GiB") == 12 * 2**30
-    assert plan.parse_size("12GB") == 12 * 10**9
-    assert plan.parse_size("12000MB") == 12 * 10**9
+    assert parse_size("12GiB") == 12 * 2**30
+    assert parse_size("12GB") == 12 * 10**9
+    assert parse_size("12000MB") == 12 * 10**9
 
 
 # -- local folders: the plan fit prints is what load allocates ------------------------------
@@ -403,9 +404,9 @@ def test_ctx_is_the_window_and_is_enforced(tmp_path):
     from moerun import bench
 
     with pytest.raises(MoerunError, match="pp57 needs 57 positions; the context is 16"):
-        bench.run_bench(model="demo", prompt_tokens=[57], gen_tokens=[4], repetitions=1, ctx=16, device="cpu")
+        bench.run_bench(model="demo", prompt_tokens=[57], gen_tokens=[4], repetitions=1, spec=LoadSpec(ctx=16, device="cpu"))
     with pytest.raises(MoerunError, match="tg16 needs 17 positions; the context is 16"):
-        bench.run_bench(model="demo", prompt_tokens=[0], gen_tokens=[16], repetitions=1, ctx=16, device="cpu")
+        bench.run_bench(model="demo", prompt_tokens=[0], gen_tokens=[16], repetitions=1, spec=LoadSpec(ctx=16, device="cpu"))
 
 
 def test_fit_text_at_80_columns_says_what_would_make_it_fit(tmp_path, monkeypatch):

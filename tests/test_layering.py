@@ -16,7 +16,7 @@ PACKAGE = Path(moerun.__file__).parent
 
 # Lowest first. `moerun` is the package's own __init__ (its version; the API it loads lazily).
 LAYERS = [
-    {"moerun", "errors", "units", "paths", "gpus", "registry", "weights", "tokenizer", "config_checks"},
+    {"moerun", "errors", "units", "paths", "gpus", "registry", "weights", "tokenizer", "config_checks", "spec", "progress"},
     {"quant", "hub"},
     {"kernels"},
     {"layers", "rope", "recurrent", "graphs"},
