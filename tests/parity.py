@@ -141,12 +141,8 @@ def static_steps(lm, caches, ids, start: int, as_if_capturing: bool) -> tuple[to
     tokens = [int(ids[0, t]) for t in range(start, ids.shape[1])]
     detector = NoHostSync()
     session = RunOnTheSpot(detector)
-    graphs._capture = session
-    try:
-        with detector:
-            out = [steps.step(token, t) for t, token in enumerate(tokens, start)]
-    finally:
-        graphs._capture = None
+    with graphs.recording(session), detector:
+        out = [steps.step(token, t) for t, token in enumerate(tokens, start)]
     return torch.cat(out, dim=1), session.cuts
 
 
