@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import moerun
 from moerun import plan
 from moerun.layers import KVCache, StaticPosition
+from moerun.models.base import SparseMoeBlock
 from moerun.recurrent import gated_deltanet as gdn
 from moerun.weights import CheckpointWeights
 from tests.model_fixtures import (
@@ -249,7 +250,8 @@ def test_the_layer_pattern_and_its_states(checkpoint):
     assert layers[1].self_attn.output_gate and layers[1].self_attn.rope.dim == 8  # half of 16 dims rotated
     assert [type(c) for c in model.kv_caches] == [gdn.GatedDeltaNetState, KVCache, gdn.GatedDeltaNetState,
                                                  gdn.GatedDeltaNetState]  # fmt: skip
-    assert not hasattr(layers[2].mlp, "router") and hasattr(layers[3].mlp, "router")  # mlp_only_layers
+    # Layer 2 is in mlp_only_layers.
+    assert not isinstance(layers[2].mlp, SparseMoeBlock) and isinstance(layers[3].mlp, SparseMoeBlock)
     assert plan.summarize(json.loads((folder / "config.json").read_text())).kv_kind == "deltanet, kv"
 
 
