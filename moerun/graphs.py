@@ -23,9 +23,10 @@ eagerly: that is what the CPU tests hold against the ordinary decode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,7 +36,7 @@ log = logging.getLogger("moerun")
 
 MIN_SPAN = 256
 
-_capture: "_Capture | None" = None  # the capture in progress, if any
+_capture: "_Capture | None" = None  # the capture in progress, if any: set only by `recording`
 
 
 def capturing() -> bool:
@@ -51,6 +52,19 @@ def host_boundary(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: torch
     if _capture is None:
         return fn(x, *args)
     return _capture.split(fn, (x, *args))
+
+
+@contextlib.contextmanager
+def recording(session) -> Iterator[None]:
+    """While the block runs, host_boundary cuts into `session` (its `split(fn, inputs)`
+    ends the current piece and returns the buffer the next one reads): a capture's
+    pieces, or a stand-in that runs the cut at once (the CPU tests')."""
+    global _capture
+    _capture = session
+    try:
+        yield
+    finally:
+        _capture = None
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -120,19 +134,16 @@ class CapturedStep:
 def capture(fn: Callable[[], torch.Tensor], device: torch.device) -> CapturedStep:
     """Capture fn() (which must already have run once eagerly with the same shapes, so
     that kernels are compiled and lazy state is set up) on a side stream."""
-    global _capture
     torch.cuda.synchronize(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     session = _Capture(torch.cuda.graph_pool_handle())
-    with torch.cuda.stream(stream):
-        _capture = session
+    with torch.cuda.stream(stream), recording(session):
         try:
             session.begin()
             logits = fn()
             session.end()
         finally:
-            _capture = None
             if session.graph is not None:  # fn raised mid-capture: close it so the stream is usable
                 try:
                     session.graph.capture_end()

@@ -173,7 +173,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
-    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray" and hasattr(value, "item"):
+    if any(c.__module__ == "numpy" and c.__name__ == "generic" for c in type(value).__mro__):
         return _plain(value.item())  # a numpy scalar (np.generic): np.bool_(False) must stay falsy
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -28,14 +28,17 @@ _MAX_HEADER_BYTES = 100_000_000
 
 # safetensors dtype names -> torch dtypes; float8 types exist only on newer torch builds.
 _DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-        "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    }.items()
-    if hasattr(torch, attr)
+    name: dtype
+    for name, dtype in (
+        (name, getattr(torch, attr, None))
+        for name, attr in {
+            "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+            "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+        }.items()
+    )
+    if dtype is not None
 }
 
 

@@ -36,6 +36,14 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """MOERUN_CACHE of this test's own: the quantized experts one test's load writes are
+    not what the next test's load reads. A module takes it for all its tests with
+    `pytestmark = pytest.mark.usefixtures("private_cache")`."""
+    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
 def pytest_collection_modifyitems(config, items):
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")

@@ -26,6 +26,44 @@ def check_logits(ours, ref, vocab: int = 256) -> None:
     assert rel_err(got, expected) < 1e-4
 
 
+def check_correction_bias(ours, folder, layer: int, bf16_layer: int | None = None) -> None:
+    """The router's correction bias at `layer` is loaded (not zero) and changes the logits
+    when zeroed; in a bf16 load it stays float32 beside bf16 router weights (at
+    `bf16_layer`, by default `layer`)."""
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    gate = ours.lm.model.layers[layer].mlp.gate
+    bias = gate.e_score_correction_bias.clone()
+    assert bias.abs().sum() > 0
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+        without = ours.logits(ids)
+        gate.e_score_correction_bias.copy_(bias)
+    assert rel_err(without, ours.logits(ids)) > 1e-3
+    half = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    half_gate = half.lm.model.layers[layer if bf16_layer is None else bf16_layer].mlp.gate
+    assert half_gate.e_score_correction_bias.dtype == torch.float32
+    assert half_gate.weight.dtype == torch.bfloat16
+
+
+def check_sanitize_stacks_experts(
+    module, args, prefix: str, others: dict, inter: int = 3, names=("gate_proj", "up_proj", "down_proj")
+) -> None:
+    """The family's sanitize stacks two experts stored one tensor per expert and projection
+    (`{prefix}.{e}.{name}.weight`, hidden size 4) into w13 [2, 2*inter, 4] and w2
+    [2, 4, inter], keeps the `others` tensors, and leaves its own output as it is."""
+    fake = dict(others)
+    for e in range(2):
+        fake[f"{prefix}.{e}.{names[0]}.weight"] = torch.full((inter, 4), 10.0 * e + 1)
+        fake[f"{prefix}.{e}.{names[1]}.weight"] = torch.full((inter, 4), 10.0 * e + 3)
+        fake[f"{prefix}.{e}.{names[2]}.weight"] = torch.full((4, inter), 10.0 * e + 2)
+    out = module.sanitize(fake, args)
+    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", *others}
+    assert out[f"{prefix}.w13"].shape == (2, 2 * inter, 4) and out[f"{prefix}.w2"].shape == (2, 4, inter)
+    # Gate rows first, then up rows: expert 1's gate is 11, its up 13.
+    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
+    assert module.sanitize(out, args).keys() == out.keys()
+
+
 _GREEDY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -141,13 +179,21 @@ def static_steps(lm, caches, ids, start: int, as_if_capturing: bool) -> tuple[to
     tokens = [int(ids[0, t]) for t in range(start, ids.shape[1])]
     detector = NoHostSync()
     session = RunOnTheSpot(detector)
-    graphs._capture = session
-    try:
-        with detector:
-            out = [steps.step(token, t) for t, token in enumerate(tokens, start)]
-    finally:
-        graphs._capture = None
+    with graphs.recording(session), detector:
+        out = [steps.step(token, t) for t, token in enumerate(tokens, start)]
     return torch.cat(out, dim=1), session.cuts
+
+
+def caches_full_of_garbage(lm, max_len: int) -> list:
+    """lm's states for one sequence of max_len, every float buffer noise: stale KV entries
+    past the position must be masked out, and a recurrent state must start afresh at
+    position 0 (a new sequence)."""
+    caches = lm.make_caches(1, max_len)
+    for cache in (c for c in caches if c is not None):
+        for buffer in cache.buffers():
+            if buffer.is_floating_point():
+                buffer.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
+    return caches
 
 
 def check_static_decode(ours, vocab: int = 256) -> None:
@@ -162,13 +208,7 @@ def check_static_decode(ours, vocab: int = 256) -> None:
         lm(ids[:, :8], caches, 0)
         expected = torch.cat([lm(ids[:, t : t + 1], caches, t) for t in range(8, 20)], dim=1)
 
-        caches = lm.make_caches(1, 24)
-        # Garbage everywhere: stale KV entries past the position must be masked out, and a
-        # recurrent state must start afresh at position 0 (a new sequence).
-        for cache in (c for c in caches if c is not None):
-            for buffer in cache.buffers():
-                if buffer.is_floating_point():
-                    buffer.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
+        caches = caches_full_of_garbage(lm, 24)
         lm(ids[:, :8], caches, 0)
         got, _ = static_steps(lm, caches, ids, 8, as_if_capturing=True)
     assert rel_err(got, expected) < 1e-5
@@ -183,6 +223,21 @@ def check_offloaded_4bit_equals_resident(folder) -> None:
     assert offloaded.stats["total"]["misses"] > 0
 
 
+def run_main(*args: str) -> int:
+    """`moerun ARGS` through moerun.cli.main in this process (sys.argv set for the call,
+    as the console script would) -> its exit code."""
+    from moerun.cli import main
+
+    argv, sys.argv = sys.argv, ["moerun", *args]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+
+
 def check_cli_greedy(folder, ref, n: int = 32) -> None:
     """`moerun generate --json` (the CLI's own entry point, a fresh load: the state carried
     across its decode steps) gives the reference's greedy tokens: all n, or up to the eos
@@ -191,21 +246,13 @@ def check_cli_greedy(folder, ref, n: int = 32) -> None:
     import json
     from contextlib import redirect_stderr, redirect_stdout
 
-    from moerun.cli import main
-
     stdout, stderr = io.StringIO(), io.StringIO()
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["moerun", "generate", str(folder), "The quick brown fox", "--raw", "--json", "-n", str(n),
-                "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    threads = torch.get_num_threads()
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+            code = run_main("generate", str(folder), "The quick brown fox", "--raw", "--json", "-n", str(n),
+                            "--device", "cpu", "--dtype", "float32")
     finally:
-        sys.argv = argv
         torch.set_num_threads(threads)
     assert code == 0, stderr.getvalue()
     out = json.loads(stdout.getvalue())

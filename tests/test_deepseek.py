@@ -5,32 +5,21 @@ V3's FP8 release: planned from its layout, refused at load."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moerun
 from moerun import rope
 from moerun.errors import MoerunError
 from moerun.models import build_meta_model, get_architecture
-from tests.parity import rel_err
-from tests.model_fixtures import make_checkpoint, reference_model
+from tests.model_fixtures import TINY_MLA, TINY_ROUTED_EXPERTS, family_fixtures, make_checkpoint, set_tensors
+from tests.parity import check_correction_bias, check_sanitize_stacks_experts, rel_err
 
-# Real DeepSeek configs have as many kv heads as heads (MLA does not group them).
-MLA = dict(
-    num_key_value_heads=4,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=24,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    first_k_dense_replace=1,
-)
+MLA = dict(TINY_MLA, **TINY_ROUTED_EXPERTS, first_k_dense_replace=1)
 YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
 CASES = {
     # DeepSeek-V2-Lite's shape: q_proj directly, greedy top-k.
@@ -48,15 +37,6 @@ CASES = {
 }
 
 
-def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
-    """Overwrite checkpoint tensors in place, in whichever shard holds them."""
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in {weight_map[name] for name in values}:
-        tensors = load_file(folder / shard)
-        tensors.update({k: v for k, v in values.items() if weight_map[k] == shard})
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-
-
 def make_deepseek(folder, case: str):
     arch, config = CASES[case]
     folder = make_checkpoint(folder, arch, dtype=torch.bfloat16, shards=2, **config)
@@ -71,20 +51,8 @@ def make_deepseek(folder, case: str):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def checkpoint(request, tmp_path_factory):
-    return request.param, make_deepseek(tmp_path_factory.mktemp(request.param), request.param)
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    case, folder = checkpoint
-    return case, folder, moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures({case: functools.partial(make_deepseek, case=case) for case in CASES})
 
 
 IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -111,17 +79,7 @@ def test_cache_holds_only_the_latent(pair):
 @pytest.mark.parametrize("checkpoint", ["v3"], indirect=True)
 def test_v3_correction_bias_is_used_and_kept_in_float32(pair):
     _, folder, ours, _ = pair
-    gate = ours.lm.model.layers[1].mlp.gate
-    bias = gate.e_score_correction_bias.clone()
-    assert bias.abs().sum() > 0
-    with torch.no_grad():
-        gate.e_score_correction_bias.zero_()
-        without = ours.logits(IDS)
-        gate.e_score_correction_bias.copy_(bias)
-    assert rel_err(without, ours.logits(IDS)) > 1e-3
-    half = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16)
-    assert half.lm.model.layers[2].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    assert half.lm.model.layers[2].mlp.gate.weight.dtype == torch.bfloat16
+    check_correction_bias(ours, folder, 1, bf16_layer=2)
 
 
 @pytest.mark.parametrize("checkpoint", ["v3"], indirect=True)
@@ -216,17 +174,8 @@ def test_sanitize_stacks_experts_and_is_idempotent(arch):
     module = get_architecture(arch)
     args = module.ModelArgs.from_dict(_fake_config(arch))
     assert args.moe_layers == {1}
-    prefix = "model.layers.1.mlp.experts"
-    fake = {"model.layers.1.mlp.gate.weight": torch.ones(2, 4)}
-    for e in range(2):
-        fake[f"{prefix}.{e}.gate_proj.weight"] = torch.full((3, 4), 10.0 * e + 1)
-        fake[f"{prefix}.{e}.up_proj.weight"] = torch.full((3, 4), 10.0 * e + 3)
-        fake[f"{prefix}.{e}.down_proj.weight"] = torch.full((4, 3), 10.0 * e + 2)
-    out = module.sanitize(fake, args)
-    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", "model.layers.1.mlp.gate.weight"}
-    assert out[f"{prefix}.w13"].shape == (2, 6, 4) and out[f"{prefix}.w2"].shape == (2, 4, 3)
-    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
-    assert module.sanitize(out, args).keys() == out.keys()
+    router = {"model.layers.1.mlp.gate.weight": torch.ones(2, 4)}
+    check_sanitize_stacks_experts(module, args, "model.layers.1.mlp.experts", router)
 
 
 def test_moe_layer_freq_and_refusals():

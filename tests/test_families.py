@@ -36,7 +36,7 @@ from tests import (
     test_new_families,
     test_qwen3_next,
 )
-from tests.model_fixtures import make_checkpoint, reference_model
+from tests.model_fixtures import load_pair, make_checkpoint
 from tests.parity import (
     check_cli_greedy,
     check_greedy_32,
@@ -77,9 +77,7 @@ ROWS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module", params=list(ROWS))
@@ -90,8 +88,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(checkpoint):
-    folder, _ = checkpoint
-    return moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+    return load_pair(checkpoint[0])
 
 
 def test_logits_match_transformers(pair):

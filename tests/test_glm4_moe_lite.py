@@ -5,38 +5,26 @@ Hub config whose first_k_dense_replace is ignored as transformers ignores it."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
-import moerun
 from moerun.models import get_architecture
-from tests.model_fixtures import make_checkpoint, reference_model
-from tests.parity import rel_err
-from tests.test_deepseek import set_tensors
+from tests.model_fixtures import TINY_MLA, TINY_ROUTED_EXPERTS, family_fixtures, make_checkpoint, set_tensors
+from tests.parity import check_correction_bias
 
-# MLA needs as many kv heads as heads in the reference (it repeats none).
-MLA = dict(
-    num_key_value_heads=4,
-    kv_lora_rank=32,
-    q_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=24,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_shared_experts=1,
-    moe_intermediate_size=32,
-    routed_scaling_factor=1.8,
-    norm_topk_prob=True,
-)
+# DeepSeek's latent attention with low-rank queries; one shared expert beside the routed
+# ones, whose weights are renormalised and scaled.
+MLA = dict(TINY_MLA, q_lora_rank=32)
+MOE = dict(TINY_ROUTED_EXPERTS, n_shared_experts=1, routed_scaling_factor=1.8, norm_topk_prob=True)
 CASES = {
     # GLM-4.7-Flash's shape: the first layer dense by default, no groups, interleaved rope.
-    "flash": dict(MLA, n_group=1, topk_group=1, rope_theta=1000000.0),
+    "flash": dict(MLA, **MOE, n_group=1, topk_group=1, rope_theta=1000000.0),
     # The other switches: explicit layer types (a dense layer in the middle), groups,
     # rotate-half rope, yarn with mscale != mscale_all_dim.
-    "variant": dict(MLA, mlp_layer_types=["sparse", "dense", "sparse"], n_group=4, topk_group=2,
+    "variant": dict(MLA, **MOE, mlp_layer_types=["sparse", "dense", "sparse"], n_group=4, topk_group=2,
                     rope_interleave=False,
                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                          original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=0.8)),
@@ -56,23 +44,8 @@ def make_glm(folder, case: str):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def checkpoint(request, tmp_path_factory):
-    return request.param, make_glm(tmp_path_factory.mktemp(request.param), request.param)
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    case, folder = checkpoint
-    return case, folder, moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
-
-
-IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures({case: functools.partial(make_glm, case=case) for case in CASES})
 
 
 def test_layers_and_state_follow_the_reference(pair):
@@ -88,18 +61,7 @@ def test_layers_and_state_follow_the_reference(pair):
 
 def test_correction_bias_is_used_and_kept_in_float32(pair):
     _, folder, ours, _ = pair
-    layer = min(ours.lm.args.moe_layers)
-    gate = ours.lm.model.layers[layer].mlp.gate
-    bias = gate.e_score_correction_bias.clone()
-    assert bias.abs().sum() > 0
-    with torch.no_grad():
-        gate.e_score_correction_bias.zero_()
-        without = ours.logits(IDS)
-        gate.e_score_correction_bias.copy_(bias)
-    assert rel_err(without, ours.logits(IDS)) > 1e-3
-    half = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16)
-    assert half.lm.model.layers[layer].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    assert half.lm.model.layers[layer].mlp.gate.weight.dtype == torch.bfloat16
+    check_correction_bias(ours, folder, min(ours.lm.args.moe_layers))
 
 
 def test_hub_config_ignores_first_k_dense_replace_as_transformers_does():

@@ -17,10 +17,15 @@ from safetensors.torch import load_file, save_file
 import moerun
 from moerun.models import ARCHITECTURES, build_meta_model, get_architecture
 from moerun.quant import mxfp4
-from moerun.weights import CheckpointWeights
+from tests.model_fixtures import (
+    BASE,
+    checkpoint_headers,
+    family_fixtures,
+    reference_model,
+    save_checkpoint,
+    tokenized_folder,
+)
 from tests.parity import rel_err
-from tests.model_fixtures import BASE, reference_model
-from tests.tokenizer_fixtures import write_tokenizer
 
 FAMILIES = ["gpt_oss", "llama4", "llama4_text"]
 
@@ -71,79 +76,43 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.5)
 
 
-def _save(model, folder: Path, dtype: torch.dtype, shards: int) -> Path:
-    model = model.to(dtype)
-    if shards > 1:
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        model.save_pretrained(folder, max_shard_size=max(total // shards + 1, 1024))
-    else:
-        model.save_pretrained(folder, max_shard_size="10GB")
-    return folder
-
-
-def _folder(folder: Path) -> tuple[Path, dict]:
-    """`folder` with the test tokenizer in it, and the bos/eos ids for the config."""
-    from tokenizers import Tokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(folder, template="chatml")
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return folder, dict(bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("<|im_end|>"))
+def _save_randomized(model, folder: Path, dtype: torch.dtype, shards: int, seed: int) -> Path:
+    _randomize(model, seed)
+    return save_checkpoint(model.to(dtype), folder, shards)
 
 
 def make_gpt_oss(folder: Path, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
     import transformers
 
-    folder, ids = _folder(folder)
+    folder, ids = tokenized_folder(folder)
     config = transformers.GptOssConfig(**{**GPT_OSS, **ids, **overrides})
-    model = transformers.GptOssForCausalLM(config)
-    _randomize(model, seed)
-    return _save(model, folder, dtype, shards)
+    return _save_randomized(transformers.GptOssForCausalLM(config), folder, dtype, shards, seed)
 
 
 def make_llama4(folder: Path, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
     """Llama4ForConditionalGeneration, vision tower included, as the Hub checkpoints are."""
     import transformers
 
-    folder, ids = _folder(folder)
+    folder, ids = tokenized_folder(folder)
     text = {**LLAMA4_TEXT, **ids, **overrides}
     config = transformers.Llama4Config(text_config=text, vision_config=LLAMA4_VISION, **ids)
-    model = transformers.Llama4ForConditionalGeneration(config)
-    _randomize(model, seed)
-    return _save(model, folder, dtype, shards)
+    return _save_randomized(transformers.Llama4ForConditionalGeneration(config), folder, dtype, shards, seed)
 
 
 def make_llama4_text(folder: Path, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
     """Llama4ForCausalLM: a text-only checkpoint (model_type llama4_text, no prefix)."""
     import transformers
 
-    folder, ids = _folder(folder)
+    folder, ids = tokenized_folder(folder)
     config = transformers.Llama4TextConfig(**{**LLAMA4_TEXT, **ids, **overrides})
-    model = transformers.Llama4ForCausalLM(config)
-    _randomize(model, seed)
-    return _save(model, folder, dtype, shards)
+    return _save_randomized(transformers.Llama4ForCausalLM(config), folder, dtype, shards, seed)
 
 
 MAKERS = {"gpt_oss": make_gpt_oss, "llama4": make_llama4, "llama4_text": make_llama4_text}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def checkpoint(request, tmp_path_factory):
-    family = request.param
-    return family, MAKERS[family](tmp_path_factory.mktemp(family), dtype=torch.bfloat16, shards=3)
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    family, folder = checkpoint
-    ours = moerun.load(str(folder), device="cpu", dtype=torch.float32)
-    return family, folder, ours, reference_model(folder)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures(MAKERS, dtype=torch.bfloat16, shards=3)
 
 
 # -- parity with transformers -----------------------------------------------------------
@@ -225,8 +194,7 @@ def check_layout(folder: Path) -> dict:
 
     lm, arch = build_meta_model(json.loads((folder / "config.json").read_text()))
     layout = arch.checkpoint_tensors(lm.args)
-    with CheckpointWeights.open(folder) as c:
-        headers = c.headers()
+    headers = checkpoint_headers(folder)
     text = {n: (tuple(s), _STORED[d]) for n, (s, d) in headers.items() if not n.startswith(VISION)}
     assert {n: (s, d) for n, (s, d, _) in layout.items()} == text
     meta = arch.sanitize({n: torch.empty(s, device="meta") for n, (s, _, _) in layout.items()}, lm.args)
@@ -254,8 +222,7 @@ def test_planner_counts_the_vision_tower_as_not_loaded(checkpoint):
     from moerun import plan
 
     _, folder = checkpoint
-    with CheckpointWeights.open(folder) as c:
-        headers = c.headers()
+    headers = checkpoint_headers(folder)
     vision = sum(torch.Size(s).numel() for n, (s, _) in headers.items() if n.startswith(VISION))
     summary = plan.summarize(json.loads((folder / "config.json").read_text()), headers)
     assert vision > 0 and summary.unused_params == vision
@@ -305,7 +272,7 @@ def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
     import transformers
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    dense, _ = _folder(tmp_path / "bf16")
+    dense, _ = tokenized_folder(tmp_path / "bf16")
     config = transformers.GptOssConfig(**GPT_OSS)
     model = transformers.GptOssForCausalLM(config)
     _randomize(model, 3)
@@ -321,7 +288,7 @@ def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
             packed[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
             with torch.no_grad():
                 getattr(layer.mlp.experts, name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
-    _save(model, dense, torch.bfloat16, shards=1)
+    save_checkpoint(model.to(torch.bfloat16), dense, shards=1)
 
     quantized = tmp_path / "mxfp4"
     shutil.copytree(dense, quantized)

@@ -32,9 +32,7 @@ def mixtral(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral", dtype=torch.bfloat16, shards=1)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_span_buckets():

@@ -14,16 +14,14 @@ Mamba state under a bf16 model included). The makers are the family table's rows
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import moerun
+from moerun.models.base import SparseMoeBlock
 from moerun.recurrent.mamba import MambaMixer, scan_chunk
-from moerun.weights import CheckpointWeights
-from tests.model_fixtures import make_checkpoint, reference_model
+from tests.model_fixtures import checkpoint_headers, family_fixtures, make_checkpoint, reference_model, set_tensors
 from tests.parity import rel_err
-from tests.test_new_families import set_tensors
 
 JAMBA = dict(
     num_hidden_layers=4,  # mamba+MLP, mamba+MoE, attention+MLP, mamba+MoE
@@ -56,8 +54,7 @@ def _perturb(folder) -> None:
     """transformers initialises biases to zeros, norms and D to ones, A_log to log(1..N);
     real ones are not, and a model that dropped or misplaced them would pass."""
     g = torch.Generator().manual_seed(7)
-    with CheckpointWeights.open(folder) as ckpt:
-        headers = ckpt.headers()
+    headers = checkpoint_headers(folder)
     values = {}
     for name, (shape, _) in headers.items():
         shape = tuple(shape)
@@ -74,7 +71,7 @@ def _perturb(folder) -> None:
             values[name] = 0.3 * torch.randn(shape, generator=g)
         elif len(shape) == 1 and name.endswith("norm.weight"):
             values[name] = 1.0 + 0.3 * torch.randn(shape, generator=g)
-    set_tensors(folder, values)
+    set_tensors(folder, {name: value.to(headers[name][1]) for name, value in values.items()})
 
 
 def make_jamba(folder):
@@ -92,19 +89,8 @@ def make_lfm2_moe(folder):
 MAKERS = {"jamba": make_jamba, "lfm2_moe": make_lfm2_moe}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=list(MAKERS))
-def checkpoint(request, tmp_path_factory):
-    return MAKERS[request.param](tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    return moerun.load(str(checkpoint), device="cpu", dtype=torch.float32), reference_model(checkpoint)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures(MAKERS)
 
 
 # -- the checks every family passes --------------------------------------------------------
@@ -112,7 +98,7 @@ def pair(checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_plan_counts_the_state_the_layers_allocate(checkpoint, dtype):
-    model = moerun.load(str(checkpoint), device="cpu", dtype=dtype, ctx=48)
+    model = moerun.load(str(checkpoint[1]), device="cpu", dtype=dtype, ctx=48)
     assert model.plan.total_params == model.num_parameters
     states = [c for c in model.kv_caches if c is not None]
     assert states and all(c.max_len == 48 for c in states)
@@ -129,7 +115,7 @@ def test_the_plan_counts_the_state_the_layers_allocate(checkpoint, dtype):
 
 def test_prefill_longer_than_a_chunk_equals_token_by_token_decode(pair, monkeypatch):
     monkeypatch.setattr(MambaMixer, "chunk_size", 4)  # 23 positions: 5 chunks, the last partial
-    lm = pair[0].lm
+    lm = pair[2].lm
     ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         full = lm(ids, lm.make_caches(1, 32), 0)
@@ -172,7 +158,7 @@ def test_a_mamba_prefill_in_any_chunk_size_is_its_decode(chunk, monkeypatch):
 
 
 def test_a_new_sequence_ignores_the_state_left_behind(pair):
-    lm = pair[0].lm
+    lm = pair[2].lm
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         fresh = lm(ids, lm.make_caches(1, 16), 0)
@@ -187,11 +173,11 @@ def test_a_new_sequence_ignores_the_state_left_behind(pair):
 def test_the_routing_quirks_change_the_logits(checkpoint):
     """Jamba's router does not renormalise its top-k; LFM2's expert bias moves the choice:
     a model that got either wrong would not match the reference."""
-    ours = moerun.load(str(checkpoint), device="cpu", dtype=torch.float32)
+    ours = moerun.load(str(checkpoint[1]), device="cpu", dtype=torch.float32)
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
     expected = ours.logits(ids)
     for layer in ours.lm.model.layers:
-        if hasattr(layer.ffn, "router"):
+        if isinstance(layer.ffn, SparseMoeBlock):
             if layer.ffn.router.e_score_correction_bias is None:
                 layer.ffn.router.renormalize = True
             else:
@@ -199,23 +185,15 @@ def test_the_routing_quirks_change_the_logits(checkpoint):
     assert rel_err(ours.logits(ids), expected) > 1e-2
 
 
-def test_jamba_in_bf16_rounds_as_transformers(tmp_path_factory):
-    """The Mamba mixer follows the reference's dtypes step by step (the scan in float32, C.h
-    and the conv in the activations' dtype, out_proj over the same layout): in bf16 the
-    prefill logits agree far below bf16's own error (~5% against float32 here)."""
-    folder = make_jamba(tmp_path_factory.mktemp("jamba_bf16"))
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = reference_model(folder, torch.bfloat16)(ids).logits
-    got = moerun.load(str(folder), device="cpu", dtype=torch.bfloat16).logits(ids)
-    assert rel_err(got, expected) < 1e-3
-
-
-def test_lfm2_in_bf16_routes_as_transformers(tmp_path_factory):
-    """LFM2's reference takes the sigmoid of the bf16 router logits, picks and renormalises
+@pytest.mark.parametrize("family", ["jamba", "lfm2_moe"])
+def test_in_bf16_rounds_and_routes_as_transformers(family, tmp_path_factory):
+    """In bf16 the prefill logits agree far below bf16's own error (~5% against float32
+    here). Jamba: the Mamba mixer follows the reference's dtypes step by step (the scan in
+    float32, C.h and the conv in the activations' dtype, out_proj over the same layout).
+    LFM2: the reference takes the sigmoid of the bf16 router logits, picks and renormalises
     in bf16 (Router(scores_in_logits_dtype=True)); scoring in float32 instead left the bf16
     logits ~5% apart, as far as bf16 is from float32."""
-    folder = make_lfm2_moe(tmp_path_factory.mktemp("lfm2_bf16"))
+    folder = MAKERS[family](tmp_path_factory.mktemp(f"{family}_bf16"))
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference_model(folder, torch.bfloat16)(ids).logits

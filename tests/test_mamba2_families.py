@@ -21,7 +21,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moerun
 from moerun import plan
@@ -32,7 +31,7 @@ from moerun.moe.experts import RELU2, RoutedExperts
 from moerun.quant.format import ExpertFormat
 from moerun.recurrent.mamba2 import Mamba2Mixer
 from moerun.weights import CheckpointWeights
-from tests.model_fixtures import make_checkpoint, reference_model
+from tests.model_fixtures import checkpoint_headers, family_fixtures, load_pair, make_checkpoint, set_tensors
 from tests.parity import (
     check_greedy_32,
     check_kv_cache_decode,
@@ -71,21 +70,11 @@ NEMOTRON_LATENT = dict(
 )  # fmt: skip
 
 
-def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
-    """Overwrite checkpoint tensors in place (in the given dtype), in whichever shard holds them."""
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    for shard in {weight_map[name] for name in values}:
-        tensors = load_file(folder / shard)
-        tensors.update({k: v for k, v in values.items() if weight_map[k] == shard})
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-
-
 def randomise_vectors(folder) -> None:
     """Every 1-D tensor transformers initialises to a constant, made random: A_log (A from
     -0.5 to -8), D, dt_bias, norms, biases; the correction bias in float32, as released."""
     g = torch.Generator().manual_seed(7)
-    with CheckpointWeights.open(folder) as ckpt:
-        headers = ckpt.headers()
+    headers = checkpoint_headers(folder)
     values = {}
     for name, (shape, dtype) in headers.items():
         n = tuple(shape)
@@ -126,19 +115,8 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def checkpoint(request, tmp_path_factory):
-    return CASES[request.param](tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    return moerun.load(str(checkpoint), device="cpu", dtype=torch.float32), reference_model(checkpoint)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures(CASES)
 
 
 # -- the checks every family passes --------------------------------------------------------
@@ -241,7 +219,7 @@ def test_the_state_is_sized_as_planned_in_float32_whatever_the_model_dtype():
 
 def test_a_lowered_chunk_gives_the_same_model(checkpoint, pair):
     """Chunks of 3 instead of the config's 8: the scan is exact whatever the chunking."""
-    ours, ref = pair
+    _, _, ours, ref = pair
     mixers = [m for m in ours.lm.modules() if isinstance(m, Mamba2Mixer)]
     assert mixers
     try:
@@ -256,7 +234,7 @@ def test_a_lowered_chunk_gives_the_same_model(checkpoint, pair):
 
 def test_a_time_step_limit_that_bites_clamps_prefill_and_decode_alike(tmp_path):
     folder = _make("granitemoehybrid", dict(GRANITE, time_step_limit=[0.3, 0.9]), tmp_path / "clamped")
-    ours, ref = moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+    ours, ref = load_pair(folder)
     check_logits(ours, ref)
     check_kv_cache_decode(ours)  # transformers' own decode step does not clamp; ours does, as its prefill
     unclamped = moerun.load(str(make_granitemoehybrid(tmp_path / "plain")), device="cpu", dtype=torch.float32)
@@ -266,7 +244,7 @@ def test_a_time_step_limit_that_bites_clamps_prefill_and_decode_alike(tmp_path):
 
 def test_dense_granite_with_rope_and_biases(tmp_path):
     folder = make_granitemoehybrid_dense(tmp_path / "dense")
-    ours, ref = moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+    ours, ref = load_pair(folder)
     check_logits(ours, ref)
     check_greedy_32(ours, ref)
     check_kv_cache_decode(ours)
@@ -327,7 +305,7 @@ def test_the_plan_counts_non_gated_expert_bytes():
 
 
 def test_routers_keep_their_released_rule_and_dtypes(checkpoint):
-    half = moerun.load(str(checkpoint), device="cpu", dtype=torch.bfloat16)
+    half = moerun.load(str(checkpoint[1]), device="cpu", dtype=torch.bfloat16)
     layer = half.lm.model.layers[1]
     if half.config["model_type"] == "nemotron_h":  # sigmoid, a float32 correction bias, relu² experts
         gate = layer.mixer.gate

@@ -13,8 +13,8 @@ import torch
 import moerun
 from moerun.errors import MoerunError
 from moerun.models import get_architecture
-from tests.parity import rel_err
 from tests.model_fixtures import make_checkpoint, reference_model
+from tests.parity import check_sanitize_stacks_experts, rel_err
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 # A sliding window shorter than the sequences below, so that it changes the result.
@@ -72,18 +72,7 @@ def test_sanitize_stacks_experts_and_is_idempotent(arch):
     inter = 6 if arch == "mixtral" else 3
     names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "mixtral" else "mlp.experts")
-    fake = {}
-    for e in range(2):
-        fake[f"{prefix}.{e}.{names[0]}.weight"] = torch.full((inter, 4), 10.0 * e + 1)
-        fake[f"{prefix}.{e}.{names[1]}.weight"] = torch.full((inter, 4), 10.0 * e + 3)
-        fake[f"{prefix}.{e}.{names[2]}.weight"] = torch.full((4, inter), 10.0 * e + 2)
-    fake["model.norm.weight"] = torch.ones(4)
-    out = module.sanitize(fake, args)
-    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", "model.norm.weight"}
-    assert out[f"{prefix}.w13"].shape == (2, 2 * inter, 4) and out[f"{prefix}.w2"].shape == (2, 4, inter)
-    # Gate rows first, then up rows: expert 1's gate is 11, its up 13.
-    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
-    assert module.sanitize(out, args).keys() == out.keys()
+    check_sanitize_stacks_experts(module, args, prefix, {"model.norm.weight": torch.ones(4)}, inter, names)
 
 
 def test_unknown_architecture_is_refused_with_the_list(tmp_path):

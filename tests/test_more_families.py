@@ -13,9 +13,8 @@ import torch
 
 import moerun
 from moerun.models import build_meta_model, get_architecture
-from moerun.weights import CheckpointWeights
-from tests.parity import rel_err
-from tests.model_fixtures import make_checkpoint, reference_model
+from tests.model_fixtures import checkpoint_headers, make_checkpoint, reference_model
+from tests.parity import check_sanitize_stacks_experts, rel_err
 
 HEAD_DIM = 16  # BASE: hidden 64 over 4 heads
 LONGROPE = dict(
@@ -124,15 +123,7 @@ def test_sanitize_stacks_per_expert_weights_and_is_idempotent(arch):
     args = module.ModelArgs.from_dict(cfg)
     names = ("w1", "w3", "w2") if arch == "phimoe" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "phimoe" else "mlp.experts")
-    fake = {"model.norm.weight": torch.ones(4)}
-    for e in range(2):
-        fake[f"{prefix}.{e}.{names[0]}.weight"] = torch.full((3, 4), 10.0 * e + 1)
-        fake[f"{prefix}.{e}.{names[1]}.weight"] = torch.full((3, 4), 10.0 * e + 3)
-        fake[f"{prefix}.{e}.{names[2]}.weight"] = torch.full((4, 3), 10.0 * e + 2)
-    out = module.sanitize(fake, args)
-    assert set(out) == {f"{prefix}.w13", f"{prefix}.w2", "model.norm.weight"}
-    assert out[f"{prefix}.w13"][1, 0, 0] == 11 and out[f"{prefix}.w13"][1, -1, 0] == 13
-    assert module.sanitize(out, args).keys() == out.keys()
+    check_sanitize_stacks_experts(module, args, prefix, {"model.norm.weight": torch.ones(4)}, names=names)
 
 
 def test_granite_sanitize_renames_fused_experts():
@@ -158,8 +149,7 @@ def test_checkpoint_tensors_are_the_saved_checkpoint_and_sanitize_to_the_model(c
     folder = make_checkpoint(tmp_path, arch, dtype=torch.bfloat16, shards=1, **LAYOUTS[case])
     lm, module = build_meta_model(json.loads((folder / "config.json").read_text()))
     layout = module.checkpoint_tensors(lm.args)
-    with CheckpointWeights.open(folder) as ckpt:
-        headers = ckpt.headers()
+    headers = checkpoint_headers(folder)
     assert {n: tuple(s) for n, (s, _) in headers.items()} == {n: s for n, (s, _, _) in layout.items()}
     ours = module.sanitize({n: torch.empty(s, device="meta") for n, (s, _, _) in layout.items()}, lm.args)
     assert {n: tuple(t.shape) for n, t in ours.items()} == {n: tuple(p.shape) for n, p in lm.named_parameters()}

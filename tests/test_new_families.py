@@ -9,16 +9,17 @@ router stays float32, partial rotary, ERNIE's layer range, MTP layers never load
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import moerun
 from moerun.models import get_architecture
-from moerun.weights import CheckpointWeights
-from tests.model_fixtures import make_checkpoint, reference_model
+from moerun.models.base import SparseMoeBlock
+from tests.model_fixtures import checkpoint_headers, family_fixtures, make_checkpoint, reference_model, set_tensors
 from tests.parity import check_logits, rel_err
 
 CONFIGS = {
@@ -56,27 +57,11 @@ ARCHS = list(CONFIGS)
 IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
-def set_tensors(folder, values: dict[str, torch.Tensor]) -> None:
-    """Overwrite checkpoint tensors in place (keeping their stored dtype), in whichever shard holds them."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    else:
-        weight_map = dict.fromkeys(values, "model.safetensors")
-    for shard in {weight_map[name] for name in values}:
-        tensors = load_file(folder / shard)
-        for name, value in values.items():
-            if weight_map[name] == shard:
-                tensors[name] = value.to(tensors[name].dtype)
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-
-
 def perturb_vectors(folder) -> None:
     """transformers initialises biases and correction biases to zeros and norms to ones;
     real ones are not, and a model that dropped them would pass. Randomise them all."""
     g = torch.Generator().manual_seed(7)
-    with CheckpointWeights.open(folder) as ckpt:
-        headers = ckpt.headers()
+    headers = checkpoint_headers(folder)
     values = {}
     for name, (shape, _) in headers.items():
         if name.endswith("e_score_correction_bias"):
@@ -85,12 +70,7 @@ def perturb_vectors(folder) -> None:
             values[name] = 0.3 * torch.randn(tuple(shape), generator=g)
         elif len(shape) == 1 and name.endswith("norm.weight"):
             values[name] = 1.0 + 0.3 * torch.randn(tuple(shape), generator=g)
-    set_tensors(folder, values)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+    set_tensors(folder, {name: value.to(headers[name][1]) for name, value in values.items()})  # as stored
 
 
 def make_family(arch: str, folder):
@@ -99,16 +79,8 @@ def make_family(arch: str, folder):
     return folder
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def checkpoint(request, tmp_path_factory):
-    arch = request.param
-    return arch, make_family(arch, tmp_path_factory.mktemp(arch))
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    arch, folder = checkpoint
-    return arch, folder, moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures({arch: functools.partial(make_family, arch) for arch in ARCHS})
 
 
 def test_router_params_kept_in_float32(checkpoint):
@@ -124,7 +96,7 @@ def test_router_params_kept_in_float32(checkpoint):
 
 
 def _routers(ours):
-    return [layer.mlp.gate for layer in ours.lm.model.layers if hasattr(layer.mlp, "experts")]
+    return [layer.mlp.gate for layer in ours.lm.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
 
 
 ROUTER_ATTRS = ("n_group", "topk_group", "renorm_min", "renorm_eps", "scaling", "renormalize")
@@ -216,8 +188,7 @@ def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
     index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     cfg = json.loads((folder / "config.json").read_text())
-    with CheckpointWeights.open(folder) as c:
-        headers = c.headers()
+    headers = checkpoint_headers(folder)
     summary = plan.summarize({**cfg, "num_nextn_predict_layers": 1}, headers)
     assert summary.unused_params == sum(v.numel() for v in mtp.values())
     after = moerun.load(str(folder), device="cpu", dtype="float32").logits(ids)

@@ -59,6 +59,20 @@ class Logits:
         return rows
 
 
+def check_reuse_equals_fresh(
+    model, spy: Logits, prompt: list[int], reused: int, max_new_tokens: int, tol: float = 1e-5
+) -> None:
+    """generate(prompt) reuses `reused` held tokens and prefills the rest, and picks the
+    tokens a fresh prefill picks, from the same logits (within tol)."""
+    got = model.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+    assert got.stats.reused_tokens == reused and got.stats.prefilled_tokens == len(prompt) - reused
+    rows = spy.take()
+    want = fresh(model, prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    for a, b in zip(rows, spy.take()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def test_three_turn_chat_prefills_only_the_new_tokens(demo, fresh_demo):
     session = ChatSession(demo, max_new_tokens=32)
     demo.forget_prefix()
@@ -91,14 +105,7 @@ def test_reused_logits_equal_a_fresh_prefill(qwen, monkeypatch):
         (first[:5] + [60, 61, 62], 5),  # diverges: the full KV cache is cut back
         (first[:5] + [60, 61, 62], 7),  # the same prompt again: all but its last token
     ]:
-        got = qwen.generate(prompt, max_new_tokens=4, ignore_eos=True)
-        assert got.stats.reused_tokens == reused and got.stats.prefilled_tokens == len(prompt) - reused
-        reuse_rows = spy.take()
-        want = fresh(qwen, prompt, max_new_tokens=4, ignore_eos=True)
-        fresh_rows = spy.take()
-        assert got.token_ids == want.token_ids
-        for a, b in zip(reuse_rows, fresh_rows):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        check_reuse_equals_fresh(qwen, spy, prompt, reused, max_new_tokens=4)
     # reuse_prefix=False prefills from 0.
     assert qwen.generate(prompt, max_new_tokens=2, reuse_prefix=False).stats.reused_tokens == 0
 
@@ -112,13 +119,7 @@ def test_rings_reuse_only_a_whole_held_sequence(ring, monkeypatch):
     assert ring.cached_ids == held
     spy.take()
     extended = held + [3, 4, 5]
-    got = ring.generate(extended, max_new_tokens=4, ignore_eos=True)
-    assert got.stats.reused_tokens == len(held)
-    rows = spy.take()
-    want = fresh(ring, extended, max_new_tokens=4, ignore_eos=True)
-    assert got.token_ids == want.token_ids
-    for a, b in zip(rows, spy.take()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_reuse_equals_fresh(ring, spy, extended, len(held), max_new_tokens=4)
     # A prompt that shares only part of the held sequence cannot rewind a ring: from 0.
     diverged = extended[:15] + [9, 9]
     got = ring.generate(diverged, max_new_tokens=3, ignore_eos=True)
@@ -169,14 +170,7 @@ def test_mla_latents_rewind_like_kv(tmp_path, monkeypatch):
     first = [5, 9, 17, 33, 2, 41]
     model.generate(first, max_new_tokens=4, ignore_eos=True)
     spy.take()
-    prompt = first[:4] + [11, 12]
-    got = model.generate(prompt, max_new_tokens=3, ignore_eos=True)
-    assert got.stats.reused_tokens == 4
-    rows = spy.take()
-    want = fresh(model, prompt, max_new_tokens=3, ignore_eos=True)
-    assert got.token_ids == want.token_ids
-    for a, b in zip(rows, spy.take()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_reuse_equals_fresh(model, spy, first[:4] + [11, 12], 4, max_new_tokens=3)
 
 
 def test_recurrent_hybrid_reuses_only_a_whole_held_sequence(tmp_path, monkeypatch):
@@ -192,13 +186,7 @@ def test_recurrent_hybrid_reuses_only_a_whole_held_sequence(tmp_path, monkeypatc
     out = model.generate(first, max_new_tokens=5, ignore_eos=True)
     spy.take()
     extended = first + out.token_ids + [7, 3]
-    got = model.generate(extended, max_new_tokens=4, ignore_eos=True)
-    assert got.stats.reused_tokens == len(first) + 4
-    rows = spy.take()
-    want = fresh(model, extended, max_new_tokens=4, ignore_eos=True)
-    assert got.token_ids == want.token_ids
-    for a, b in zip(rows, spy.take()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    check_reuse_equals_fresh(model, spy, extended, len(first) + 4, max_new_tokens=4, tol=1e-4)
     diverged = first[:4] + [60, 61]
     got = model.generate(diverged, max_new_tokens=3, ignore_eos=True)
     assert got.stats.reused_tokens == 0

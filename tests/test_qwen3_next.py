@@ -19,11 +19,20 @@ from safetensors.torch import load_file, save_file
 import moerun
 from moerun import plan
 from moerun.layers import KVCache, StaticPosition
+from moerun.models.base import SparseMoeBlock
 from moerun.recurrent import gated_deltanet as gdn
 from moerun.weights import CheckpointWeights
-from tests.model_fixtures import BASE, make_checkpoint, reference_model
+from tests.model_fixtures import (
+    BASE,
+    checkpoint_headers,
+    family_fixtures,
+    make_checkpoint,
+    randomize_matrices,
+    reference_model,
+    save_checkpoint,
+    tokenized_folder,
+)
 from tests.parity import NoHostSync, rel_err
-from tests.tokenizer_fixtures import write_tokenizer
 
 # 3 DeltaNet layers and 1 gated-attention layer; 2 key heads serving 4 value heads, key and
 # value head dims that differ, half of each attention head rotated.
@@ -82,24 +91,14 @@ def make_qwen3_5_moe(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 
     layout the release has; released=False: one tensor per expert, as save_pretrained
     writes by default)."""
     import transformers
-    from tokenizers import Tokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(folder, template="chatml")
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = dict(bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("<|im_end|>"))
+    folder, ids = tokenized_folder(folder)
     config = transformers.Qwen3_5MoeConfig(text_config={**QWEN3_5_TEXT, **ids, **overrides},
                                            vision_config=QWEN3_5_VISION)  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.Qwen3_5MoeForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.15)
-    model = model.to(dtype)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(folder, max_shard_size=max(total // shards + 1, 1024), save_original_format=not released)
+    randomize_matrices(model, 0.15)
+    save_checkpoint(model.to(dtype), folder, shards, save_original_format=not released)
     (folder / "generation_config.json").write_text(json.dumps(ids))
     perturb_vectors(folder, seed)
     return folder
@@ -112,21 +111,8 @@ ROWS = {"qwen3_next": (make_qwen3_next, ()), "qwen3_5_moe_text": (make_qwen3_5_m
 FAMILIES = list(MAKERS)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def checkpoint(request, tmp_path_factory):
-    family = request.param
-    return family, MAKERS[family](tmp_path_factory.mktemp(family), dtype=torch.bfloat16, shards=3)
-
-
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    _, folder = checkpoint
-    return moerun.load(str(folder), device="cpu", dtype=torch.float32), reference_model(folder)
+pytestmark = pytest.mark.usefixtures("private_cache")
+checkpoint, pair = family_fixtures(MAKERS, dtype=torch.bfloat16, shards=3)
 
 
 # -- the checks every family passes -------------------------------------------------------
@@ -181,10 +167,15 @@ def tiny_mixer(grouped: bool, dtype=torch.float32) -> gdn.GatedDeltaNet:
     return mixer.to(dtype).eval()
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["qwen3_next", "qwen3_5"])
-def test_chunked_prefill_equals_token_by_token_decode(monkeypatch, grouped):
+@pytest.fixture(params=[True, False], ids=["qwen3_next", "qwen3_5"])
+def mixer(request, monkeypatch):
+    """tiny_mixer with grouped projections (Qwen3-Next) or not (Qwen3.5), its prompt scan
+    in chunks of 4."""
     monkeypatch.setattr(gdn, "CHUNK", 4)
-    mixer = tiny_mixer(grouped)
+    return tiny_mixer(request.param)
+
+
+def test_chunked_prefill_equals_token_by_token_decode(mixer):
     x = torch.randn(2, 13, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole = mixer.make_state(2, 32, torch.float32, "cpu")
@@ -195,10 +186,7 @@ def test_chunked_prefill_equals_token_by_token_decode(monkeypatch, grouped):
     assert rel_err(whole.recurrent, stepped.recurrent) < 1e-5 and rel_err(whole.conv, stepped.conv) < 1e-6
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["qwen3_next", "qwen3_5"])
-def test_prefill_then_decode_equals_a_longer_prefill(monkeypatch, grouped):
-    monkeypatch.setattr(gdn, "CHUNK", 4)
-    mixer = tiny_mixer(grouped)
+def test_prefill_then_decode_equals_a_longer_prefill(mixer):
     x = torch.randn(1, 15, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = mixer(x, mixer.make_state(1, 32, torch.float32, "cpu"), 0)
@@ -262,13 +250,14 @@ def test_the_layer_pattern_and_its_states(checkpoint):
     assert layers[1].self_attn.output_gate and layers[1].self_attn.rope.dim == 8  # half of 16 dims rotated
     assert [type(c) for c in model.kv_caches] == [gdn.GatedDeltaNetState, KVCache, gdn.GatedDeltaNetState,
                                                  gdn.GatedDeltaNetState]  # fmt: skip
-    assert not hasattr(layers[2].mlp, "router") and hasattr(layers[3].mlp, "router")  # mlp_only_layers
+    # Layer 2 is in mlp_only_layers.
+    assert not isinstance(layers[2].mlp, SparseMoeBlock) and isinstance(layers[3].mlp, SparseMoeBlock)
     assert plan.summarize(json.loads((folder / "config.json").read_text())).kv_kind == "deltanet, kv"
 
 
 def test_a_prompt_over_several_chunks_matches_transformers(pair):
     """150 tokens: three of the reference's (and our) chunks of 64, the state carried across them."""
-    ours, ref = pair
+    _, _, ours, ref = pair
     ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref(ids).logits.float()
@@ -330,8 +319,7 @@ def test_qwen3_5_moe_text_reads_fused_experts_as_well(tmp_path):
 
 def test_qwen3_5_moe_counts_the_vision_tower_as_not_loaded(tmp_path):
     folder = make_qwen3_5_moe(tmp_path / "m", shards=1)
-    with CheckpointWeights.open(folder) as c:
-        headers = c.headers()
+    headers = checkpoint_headers(folder)
     vision = sum(torch.Size(s).numel() for n, (s, _) in headers.items() if n.startswith(VISION))
     summary = plan.summarize(json.loads((folder / "config.json").read_text()), headers)
     assert vision > 0 and summary.unused_params == vision

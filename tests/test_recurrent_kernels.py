@@ -27,7 +27,6 @@ from moerun.kernels.recurrent import (  # noqa: E402
 )
 from moerun.layers import StaticPosition  # noqa: E402
 from moerun.recurrent import gated_deltanet as gdn  # noqa: E402
-from moerun.recurrent import mamba, mamba2  # noqa: E402
 from moerun.recurrent.mamba import MambaMixer, selective_scan_step  # noqa: E402
 from moerun.recurrent.mamba2 import Mamba2Mixer, selective_state_step  # noqa: E402
 
@@ -207,20 +206,20 @@ def decode_on(mixer, x: torch.Tensor, device: str, static: bool):
     return torch.cat(outs, dim=1).cpu(), state
 
 
-# Each recurrent layer kind: (the module whose `use_step_kernel` it reads, a tiny random
-# layer, its hidden size, the name of its recurrent state).
+# Each recurrent layer kind: (a tiny random layer, its hidden size, the name of its
+# recurrent state).
 LAYERS = {
-    "qwen3_next": (gdn, lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
-                                                  grouped_projections=True), 64, "recurrent"),
-    "qwen3_5": (gdn, lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
-                                               grouped_projections=False), 64, "recurrent"),
-    "gqa3": (gdn, lambda: gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6,
-                                            grouped_projections=True), 32, "recurrent"),
-    "mamba2-1-group": (mamba2, lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=1, state_size=6,
-                                                   conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
-    "mamba2-2-groups": (mamba2, lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6,
-                                                    conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
-    "jamba": (mamba, lambda: MambaMixer(32, 48, 6, conv_kernel=4, dt_rank=4, bcdt_norm_eps=1e-6), 32, "ssm"),
+    "qwen3_next": (lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
+                                             grouped_projections=True), 64, "recurrent"),
+    "qwen3_5": (lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
+                                          grouped_projections=False), 64, "recurrent"),
+    "gqa3": (lambda: gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6,
+                                       grouped_projections=True), 32, "recurrent"),
+    "mamba2-1-group": (lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=1, state_size=6,
+                                           conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
+    "mamba2-2-groups": (lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6,
+                                            conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
+    "jamba": (lambda: MambaMixer(32, 48, 6, conv_kernel=4, dt_rank=4, bcdt_norm_eps=1e-6), 32, "ssm"),
 }  # fmt: skip
 
 
@@ -228,7 +227,7 @@ LAYERS = {
 @pytest.mark.parametrize("layer", ["qwen3_next", "qwen3_5", "mamba2-1-group", "mamba2-2-groups", "jamba"])
 def test_recurrent_decode_on_cuda_matches_the_cpu(layer, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the conv in true float32, as the CPU
-    _, make, hidden, state_name = LAYERS[layer]
+    make, hidden, state_name = LAYERS[layer]
     mixer = random_params(make(), 1)
     x = torch.randn(2, 9, hidden, generator=torch.Generator().manual_seed(2))
     cpu, cpu_state = decode_on(mixer, x, "cpu", static=False)
@@ -263,12 +262,12 @@ def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, 
 
 
 @pytest.mark.parametrize("layer", ["gqa3", "mamba2-2-groups", "jamba"])
-def test_decode_through_the_kernel_equals_the_torch_path(layer, monkeypatch):
-    module, make, hidden, state_name = LAYERS[layer]
+def test_decode_through_the_kernel_equals_the_torch_path(layer):
+    make, hidden, state_name = LAYERS[layer]
     mixer = random_params(make(), 1)
     x = torch.randn(2, 8, hidden, generator=torch.Generator().manual_seed(2))
     torch_out, torch_state = decode_on(mixer, x, "cpu", static=True)
-    monkeypatch.setattr(module, "use_step_kernel", lambda t: True)
+    mixer.step_kernel = True
     kernel_out, kernel_state = decode_on(mixer, x, "cpu", static=True)
     assert rel_err(kernel_out, torch_out) < 1e-5
     assert rel_err(getattr(kernel_state, state_name), getattr(torch_state, state_name)) < 1e-5

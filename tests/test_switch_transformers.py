@@ -20,7 +20,8 @@ from moerun.errors import MoerunError
 from moerun.models import build_meta_model
 from moerun.moe.offload import routed_expert_modules
 from moerun.weights import CheckpointWeights
-from tests.parity import rel_err, static_steps
+from tests.model_fixtures import randomize_matrices, save_checkpoint
+from tests.parity import caches_full_of_garbage, rel_err, static_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SENTINELS = 10
@@ -66,13 +67,8 @@ def make_switch(folder: Path, seed: int = 0, shards: int = 3, **overrides) -> Pa
     config = transformers.SwitchTransformersConfig(vocab_size=vocab, **{**CONFIG, **overrides})
     torch.manual_seed(seed)
     model = transformers.SwitchTransformersForConditionalGeneration(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(folder, max_shard_size=max(total // shards + 1, 1024))
-    return folder
+    randomize_matrices(model, 0.3)
+    return save_checkpoint(model, folder, shards)
 
 
 def reference(folder: Path):
@@ -82,9 +78,7 @@ def reference(folder: Path):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +157,7 @@ def test_static_decode_step_equals_eager_decode(pair):
             lm.encode(enc, caches)
             lm(dec[:, :8], caches, 0)
             expected = torch.cat([lm(dec[:, t : t + 1], caches, t) for t in range(8, 20)], dim=1)
-            caches = lm.make_caches(1, 24)
-            for state in (c for c in caches if c is not None):
-                for buffer in state.buffers():
-                    if buffer.is_floating_point():
-                        buffer.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(3))
+            caches = caches_full_of_garbage(lm, 24)
             lm.encode(enc, caches)
             lm(dec[:, :8], caches, 0)
             got, cuts = static_steps(lm, caches, dec, 8, as_if_capturing=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from moerun.cli import main
 from moerun.registry import DEMO_DIR
+from tests.parity import run_main
 from tests.test_cli import ROOT, run_cli
 
 
@@ -34,15 +34,7 @@ def cli(capsys, *args: str) -> tuple[int, str]:
     """Run `moerun ARGS` in-process; (exit code, the one error line) after checking the
     contract: one non-empty stderr line starting with `error: `, no traceback."""
     capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["moerun", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
+    code = run_main(*args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0, err
@@ -126,11 +118,7 @@ def test_multi_token_prediction_layers_still_load(capsys, model):
     # The same checkpoint, its last layer declared as an MTP layer (as DeepSeek-V3 and GLM do).
     patch_json(model / "config.json", num_hidden_layers=3, num_nextn_predict_layers=1)
     capsys.readouterr()
-    sys.argv, argv = ["moerun", "generate", str(model), "hi", "-n", "1", "--json"], sys.argv
-    try:
-        main()
-    finally:
-        sys.argv = argv
+    assert run_main("generate", str(model), "hi", "-n", "1", "--json") == 0
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 1
 
 

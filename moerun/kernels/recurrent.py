@@ -188,22 +188,29 @@ def gated_delta_sequence(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | No
     the final one -> (o [B, H, T, Dv] float32, S). Equals `chunk_gated_delta_rule` (which
     reorders the sums) to float32 rounding. Not yet called by the layer (see the report
     of issue 14: its speed on long prompts against the chunked torch path is unmeasured)."""
+    block_k = triton.next_power_of_2(q.shape[3])
+    block_v = block_v or min(triton.next_power_of_2(v.shape[3]), max(16, 8192 // block_k))
+    return _gated_delta_prompt(_gated_delta_sequence_kernel, "gated_delta_sequence", q, k, v, g, beta, S, block_v)
+
+
+def _gated_delta_prompt(kernel, name: str, q, k, v, g, beta, S: torch.Tensor, block_v: int, **meta):
+    """What the two prompt kernels' launchers share (their arguments as
+    gated_delta_sequence's): the checks, o, one program per (batch, value head, block of
+    block_v value columns), the launch -> (o, S)."""
     B, H, T, Dv = v.shape
     Hk, Dk = q.shape[1], q.shape[3]
     if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
-        raise ValueError(f"gated_delta_sequence: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
-                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
+        shapes = f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} S {tuple(S.shape)} {S.dtype}"
+        raise ValueError(f"{name}: {shapes}")
     if not S.is_contiguous():
-        raise ValueError("gated_delta_sequence: the state must be contiguous (it is updated in place)")
+        raise ValueError(f"{name}: the state must be contiguous (it is updated in place)")
     q, k, v = (_rows(t) for t in (q, k, v))
     o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
-    BLOCK_K = triton.next_power_of_2(Dk)
-    BLOCK_V = block_v or min(triton.next_power_of_2(Dv), max(16, 8192 // BLOCK_K))
-    grid = (B * H, triton.cdiv(Dv, BLOCK_V))
-    _gated_delta_sequence_kernel[grid](
+    grid = (B * H, triton.cdiv(Dv, block_v))
+    kernel[grid](
         q, k, v, g, beta, S, o, H, H // Hk, T, Dk, Dv, Dk**-0.5,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
+        BLOCK_K=triton.next_power_of_2(Dk), BLOCK_V=block_v, **meta,
     )  # fmt: skip
     return o, S
 
@@ -282,24 +289,9 @@ def gated_delta_chunked(q, k, v, g, beta, S: torch.Tensor, *, chunk: int = 16, b
     the initial state, updated in place to the final one -> (o [B, H, T, Dv] float32, S).
     chunk: a power of two. Its products are broadcast sums in registers, not tl.dot, so
     it serves small heads and tests; not yet called by the layer."""
-    B, H, T, Dv = v.shape
-    Hk, Dk = q.shape[1], q.shape[3]
-    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
-        raise ValueError(f"gated_delta_chunked: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
-                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
-    if not S.is_contiguous():
-        raise ValueError("gated_delta_chunked: the state must be contiguous (it is updated in place)")
-    q, k, v = (_rows(t) for t in (q, k, v))
-    o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
-    BLOCK_K = triton.next_power_of_2(Dk)
-    BLOCK_V = block_v or min(triton.next_power_of_2(Dv), 32)
-    grid = (B * H, triton.cdiv(Dv, BLOCK_V))
-    _gated_delta_chunk_kernel[grid](
-        q, k, v, g, beta, S, o, H, H // Hk, T, Dk, Dv, Dk**-0.5,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-        CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
-    )  # fmt: skip
-    return o, S
+    block_v = block_v or min(triton.next_power_of_2(v.shape[3]), 32)
+    return _gated_delta_prompt(_gated_delta_chunk_kernel, "gated_delta_chunked", q, k, v, g, beta, S, block_v,
+                               CHUNK=chunk)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ import json
 import re
 import types
 import typing
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -94,8 +95,15 @@ class BaseModelArgs:
     spec()), naming the key and the file, so a bad config is refused in one line before
     a model is built from it. A null where the type admits none reads as the key unset."""
 
+    # A family whose multimodal release nests the text model's config in `text_config`
+    # (Llama 4, Qwen3.5) reads it from there; its text-only checkpoints have it flat.
+    nested_text_config: typing.ClassVar[bool] = False
+
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json"):
+        text = config.get("text_config") if cls.nested_text_config else None
+        if isinstance(text, dict):
+            config, source = {**text, "model_type": config.get("model_type")}, f"{source} (text_config)"
         fields = dataclasses.fields(cls)
         missing = [
             f.name
@@ -413,6 +421,13 @@ class CheckpointLayout:
         self.args, self.dtype, self.prefix = args, dtype, prefix
         self.tensors: dict[str, tuple[tuple[int, ...], str, str]] = {}
 
+    @classmethod
+    def decoder(cls, args, **options) -> "CheckpointLayout":
+        """A decoder-only checkpoint's layout, begun with its embeddings."""
+        layout = cls(args, **options)
+        layout.embeddings()
+        return layout
+
     def add(self, name: str, shape, role: str, dtype: str | None = None) -> None:
         self.tensors[self.prefix + name] = (tuple(int(s) for s in shape), dtype or self.dtype, role)
 
@@ -427,6 +442,10 @@ class CheckpointLayout:
         self.linear(f"{prefix}.{names[0]}", inter, D, role, bias)
         self.linear(f"{prefix}.{names[1]}", inter, D, role, bias)
         self.linear(f"{prefix}.{names[2]}", D, inter, role, bias)
+
+    def layers(self) -> Iterator[tuple[int, str]]:
+        """(i, `model.layers.{i}`) for each of the config's layers, in order."""
+        return ((i, f"model.layers.{i}") for i in range(self.args.num_hidden_layers))
 
     def embeddings(self) -> None:
         self.add("model.embed_tokens.weight", (self.args.vocab_size, self.args.hidden_size), "embeddings")
@@ -517,6 +536,17 @@ def stack_experts(
         w2.append(d)
     weights[f"{prefix}.w13"] = torch.stack(w13)
     weights[f"{prefix}.w2"] = torch.stack(w2)
+
+
+def stacked_experts(weights: dict[str, torch.Tensor], layers, experts: str, n_experts: int,
+                    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict[str, torch.Tensor]:
+    """A copy of `weights` with the experts of each layer i in `layers` stacked
+    (stack_experts on `model.layers.{i}.{experts}`, their per-expert `names` gate, up,
+    down): the whole sanitize of a family whose checkpoint differs from the model only there."""
+    weights = dict(weights)
+    for i in layers:
+        stack_experts(weights, f"model.layers.{i}.{experts}", n_experts, *names)
+    return weights
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")

@@ -48,7 +48,7 @@ from moerun.layers import (
     key_positions,
     token_positions,
 )
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stacked_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -250,12 +250,7 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    weights = dict(weights)
-    for i in args.moe_layers:
-        stack_experts(
-            weights, f"model.layers.{i}.mlp.experts", args.n_routed_experts, "gate_proj", "up_proj", "down_proj"
-        )
-    return weights
+    return stacked_experts(weights, args.moe_layers, "mlp.experts", args.n_routed_experts)
 
 
 # -- the released checkpoint -------------------------------------------------------------------
@@ -280,14 +275,26 @@ class _Layout(CheckpointLayout):
             self.add(f"{name}.bias", (n_out,), role)
 
 
+def moe_tensors(t: CheckpointLayout, prefix: str, args, correction_bias: bool) -> None:
+    """A sparse layer's MoE block under `prefix` (GLM-4.5 keeps this layout): the router
+    (`gate`, with its float32 correction bias), the routed experts one tensor per expert,
+    the shared experts as one MLP."""
+    E = args.n_routed_experts
+    t.add(f"{prefix}.gate.weight", (E, args.hidden_size), "routers")  # the router stays in bf16 in FP8 releases
+    if correction_bias:
+        t.add(f"{prefix}.gate.e_score_correction_bias", (E,), "routers", "F32")
+    t.experts(f"{prefix}.experts", E, args.moe_intermediate_size)
+    if args.n_shared_experts:
+        t.swiglu(f"{prefix}.shared_experts", args.moe_intermediate_size * args.n_shared_experts, "shared_experts")
+
+
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role). The
     multi-token-prediction layer (index num_hidden_layers) is left out: it is never loaded."""
-    D, V, E, H = args.hidden_size, args.vocab_size, args.n_routed_experts, args.num_attention_heads
+    D, V, H = args.hidden_size, args.vocab_size, args.num_attention_heads
     nope, rope_dim, vd, kvr = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim, args.kv_lora_rank
     bias = args.attention_bias
-    t = _Layout(args)
-    t.embeddings()
+    t = _Layout.decoder(args)
     for i in range(args.num_hidden_layers):
         p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
         t.decoder_norms(p)
@@ -302,13 +309,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         t.linear(f"{a}.kv_b_proj", H * (nope + vd), kvr, "attention")
         t.linear(f"{a}.o_proj", D, H * vd, "attention", bias)
         if i in args.moe_layers:
-            t.add(f"{p}.mlp.gate.weight", (E, D), "routers")  # the router stays in bf16 in FP8 releases
-            if args.correction_bias:
-                t.add(f"{p}.mlp.gate.e_score_correction_bias", (E,), "routers", "F32")
-            t.experts(f"{p}.mlp.experts", E, args.moe_intermediate_size)
-            if args.n_shared_experts:
-                t.swiglu(f"{p}.mlp.shared_experts", args.moe_intermediate_size * args.n_shared_experts,
-                         "shared_experts")  # fmt: skip
+            moe_tensors(t, f"{p}.mlp", args, args.correction_bias)
         else:
             t.swiglu(f"{p}.mlp", args.intermediate_size, "dense_mlp")
     t.add("model.norm.weight", (D,), "norms")

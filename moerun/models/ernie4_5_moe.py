@@ -93,10 +93,8 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors but the MTP ones: name -> (shape, stored dtype, role)."""
     D, E, bias = args.hidden_size, args.moe_num_experts, args.use_bias
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, bias, bias)
         if i in args.moe_layers:
             t.add(f"{p}.mlp.gate.weight", (E, D), "routers", dtype="F32")

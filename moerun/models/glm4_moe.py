@@ -20,6 +20,7 @@ import dataclasses
 from moerun.layers import MLP
 from moerun.models import deepseek_v3
 from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec
+from moerun.models.deepseek_v2 import moe_tensors  # DeepSeek's MoE block layout
 from moerun.models.deepseek_v3 import sanitize  # noqa: F401  (the same names: only the routed experts are stacked)
 
 # The reference keeps the correction bias in float32: in bf16 it would round away the
@@ -72,19 +73,11 @@ class Model(CausalLM):
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors but the MTP layers: name -> (shape, stored dtype, role)."""
-    D, E = args.hidden_size, args.n_routed_experts
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, qk_norm="head" if args.use_qk_norm else None)
         if i in args.moe_layers:
-            t.add(f"{p}.mlp.gate.weight", (E, D), "routers")
-            t.add(f"{p}.mlp.gate.e_score_correction_bias", (E,), "routers", dtype="F32")
-            t.experts(f"{p}.mlp.experts", E, args.moe_intermediate_size)
-            if args.n_shared_experts:
-                t.swiglu(f"{p}.mlp.shared_experts", args.moe_intermediate_size * args.n_shared_experts,
-                         "shared_experts")  # fmt: skip
+            moe_tensors(t, f"{p}.mlp", args, correction_bias=True)
         else:
             t.swiglu(f"{p}.mlp", args.intermediate_size, "dense_mlp")
     t.final()

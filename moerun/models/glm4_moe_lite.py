@@ -34,9 +34,8 @@ class ModelArgs(v3.ModelArgs):
     num_experts_per_tok: int | None = 4
     n_shared_experts: int | None = 1
     routed_scaling_factor: float = 1.8
-    kv_lora_rank: int = 512
+    # kv_lora_rank 512 and qk_rope_head_dim 64 as DeepSeek's.
     q_lora_rank: int | None = 768
-    qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 192
     v_head_dim: int = 256
     rms_norm_eps: float = 1e-5

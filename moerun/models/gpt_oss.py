@@ -125,10 +125,8 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     MXFP4 (rows are output features: 32 values per block, two per byte, one U8 exponent
     per block) when the config says so, else bf16 [E, D, 2I] / [E, I, D]."""
     D, E, I, H = args.hidden_size, args.num_local_experts, args.intermediate_size, args.num_attention_heads
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias)
         t.add(f"{p}.self_attn.sinks", (H,), "attention")
         t.linear(f"{p}.mlp.router", E, D, "routers", bias=True)

@@ -75,10 +75,8 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
     D, E, I = args.hidden_size, args.num_local_experts, args.intermediate_size
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias)
         t.add(f"{p}.block_sparse_moe.router.layer.weight", (E, D), "routers")
         t.add(f"{p}.block_sparse_moe.input_linear.weight", (E, 2 * I, D), "routed_experts")

@@ -143,8 +143,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
     D, E, I, S = args.hidden_size, args.num_local_experts, args.intermediate_size, args.shared_intermediate_size
-    t = CheckpointLayout(args)
-    t.embeddings()
+    t = CheckpointLayout.decoder(args)
     for i, kind in enumerate(args.kinds):
         p = f"model.layers.{i}"
         t.decoder_norms(p)

@@ -112,8 +112,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     D, E, I = args.hidden_size, args.num_experts, args.intermediate_size
     inner, N, R = args.mamba_expand * D, args.mamba_d_state, args.mamba_dt_rank
     t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    for i, p in t.layers():
         t.add(f"{p}.input_layernorm.weight", (D,), "norms")
         t.add(f"{p}.pre_ff_layernorm.weight", (D,), "norms")
         if i in args.attention_layers:

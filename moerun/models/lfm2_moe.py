@@ -125,8 +125,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     t = CheckpointLayout(args)
     D, E, H, K, Dh = args.hidden_size, args.num_experts, args.num_attention_heads, args.num_key_value_heads, args.head_dim
     t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    for i, p in t.layers():
         t.add(f"{p}.operator_norm.weight", (D,), "norms")
         t.add(f"{p}.ffn_norm.weight", (D,), "norms")
         if args.is_conv(i):

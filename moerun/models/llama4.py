@@ -17,6 +17,7 @@ Shape legend: D hidden, E experts, I expert intermediate.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -53,13 +54,7 @@ class ModelArgs(TransformerArgs):
     attn_scale: float = 0.1
     max_position_embeddings: int = 131072
 
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "config.json"):
-        """The text config, nested in `text_config` (Llama4ForConditionalGeneration) or flat."""
-        text = config.get("text_config")
-        if isinstance(text, dict):
-            config, source = {**text, "model_type": config.get("model_type")}, f"{source} (text_config)"
-        return super().from_dict(config, source)
+    nested_text_config: ClassVar[bool] = True  # in Llama4ForConditionalGeneration's config
 
     def __post_init__(self):
         super().__post_init__()
@@ -130,10 +125,8 @@ def checkpoint_tensors(args: ModelArgs, prefix: str = CHECKPOINT_PREFIX) -> dict
     """The released checkpoint's text model: name -> (shape, stored dtype, role). The
     vision tower and projector are left out (never loaded)."""
     D, E, I = args.hidden_size, args.num_local_experts, args.intermediate_size
-    t = CheckpointLayout(args, prefix=prefix)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args, prefix=prefix)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias)
         f = f"{p}.feed_forward"
         if i in args.moe_layers:

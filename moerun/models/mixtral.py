@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
+from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stacked_experts
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -47,18 +47,14 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the experts differ (w1/w3/w2 per expert -> stacked w13, w2)."""
-    weights = dict(weights)
-    for i in range(args.num_hidden_layers):
-        stack_experts(weights, f"model.layers.{i}.block_sparse_moe.experts", args.num_local_experts, "w1", "w3", "w2")
-    return weights
+    return stacked_experts(weights, range(args.num_hidden_layers), "block_sparse_moe.experts", args.num_local_experts,
+                           ("w1", "w3", "w2"))
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p)
         t.add(f"{p}.block_sparse_moe.gate.weight", (args.num_local_experts, args.hidden_size), "routers")
         t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))

@@ -12,9 +12,8 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
-from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import Router
+from moerun.models.base import CausalLM, CheckpointLayout, TransformerArgs, attention_layer, spec, stacked_experts
+from moerun.models.qwen3_moe import moe_block  # Qwen3-MoE's block: the same router, no shared expert
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -27,38 +26,27 @@ class ModelArgs(TransformerArgs):
     attention_bias: bool = False
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
-    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
-                    weights_dtype="logits")  # fmt: skip
-    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.intermediate_size))
-
-
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
+        ffns = [moe_block(args, args.intermediate_size) for _ in range(args.num_hidden_layers)]
         layers = [
-            attention_layer(args, rope, moe_block(args), qkv_bias=args.attention_bias, o_bias=args.attention_bias,
+            attention_layer(args, rope, ffn, qkv_bias=args.attention_bias, o_bias=args.attention_bias,
                             qk_norm="full", qk_norm_eps=args.rms_norm_eps, clip_qkv=args.clip_qkv)  # fmt: skip
-            for _ in range(args.num_hidden_layers)
+            for ffn in ffns
         ]
         super().__init__(args, layers)
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    weights = dict(weights)
-    for i in range(args.num_hidden_layers):
-        stack_experts(weights, f"model.layers.{i}.mlp.experts", args.num_experts, "gate_proj", "up_proj", "down_proj")
-    return weights
+    return stacked_experts(weights, range(args.num_hidden_layers), "mlp.experts", args.num_experts)
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias, qk_norm="full")
         t.add(f"{p}.mlp.gate.weight", (args.num_experts, args.hidden_size), "routers")
         t.experts(f"{p}.mlp.experts", args.num_experts, args.intermediate_size)

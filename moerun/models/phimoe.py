@@ -97,10 +97,8 @@ class Model(CausalLM):
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         # Not t.attention_layer: the LayerNorms store a bias beside each weight.
         t.decoder_norms(p, bias=True)
         t.attention(f"{p}.self_attn", args.num_attention_heads, args.num_key_value_heads, args.head_dim,

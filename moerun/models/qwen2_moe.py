@@ -91,10 +91,8 @@ class Model(CausalLM):
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.qkv_bias)
         if i in args.moe_layers:
             t.add(f"{p}.mlp.gate.weight", (args.num_experts, args.hidden_size), "routers")

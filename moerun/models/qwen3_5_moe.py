@@ -41,14 +41,7 @@ class ModelArgs(qwen3_next.ModelArgs):
     max_position_embeddings: int = 262144
 
     grouped_projections: ClassVar[bool] = False
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str = "config.json"):
-        """The text config, nested in `text_config` (the multimodal release) or flat."""
-        text = config.get("text_config")
-        if isinstance(text, dict):
-            config, source = {**text, "model_type": config.get("model_type")}, f"{source} (text_config)"
-        return super().from_dict(config, source)
+    nested_text_config: ClassVar[bool] = True  # in the multimodal release's config
 
     def __post_init__(self):
         # Every layer is MoE and the top-k is always renormalised, whatever the config says.

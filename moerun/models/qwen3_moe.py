@@ -21,7 +21,7 @@ from moerun.models.base import (
     attention_layer,
     moe_layer_indices,
     spec,
-    stack_experts,
+    stacked_experts,
 )
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -56,11 +56,14 @@ class ModelArgs(TransformerArgs):
         )
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args, intermediate_size: int | None = None) -> SparseMoeBlock:
+    """Routed experts of `intermediate_size` (by default moe_intermediate_size), no shared
+    one (OLMoE's block too)."""
     # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
     router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
                     weights_dtype="logits")  # fmt: skip
-    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size))
+    inter = intermediate_size or args.moe_intermediate_size
+    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, inter))
 
 
 class Model(CausalLM):
@@ -79,18 +82,13 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    weights = dict(weights)
-    for i in args.moe_layers:
-        stack_experts(weights, f"model.layers.{i}.mlp.experts", args.num_experts, "gate_proj", "up_proj", "down_proj")
-    return weights
+    return stacked_experts(weights, args.moe_layers, "mlp.experts", args.num_experts)
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
-    t.embeddings()
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}"
+    t = CheckpointLayout.decoder(args)
+    for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias, qk_norm="head")
         if i in args.moe_layers:
             t.add(f"{p}.mlp.gate.weight", (args.num_experts, args.hidden_size), "routers")

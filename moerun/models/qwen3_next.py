@@ -138,8 +138,7 @@ def text_layout(args: ModelArgs, fused_experts: bool = False) -> CheckpointLayou
     key_dim = a.linear_num_key_heads * a.linear_key_head_dim
     value_dim = a.linear_num_value_heads * a.linear_value_head_dim
     channels, Hv = 2 * key_dim + value_dim, a.linear_num_value_heads
-    t = CheckpointLayout(args)
-    t.embeddings()
+    t = CheckpointLayout.decoder(args)
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}"
         t.decoder_norms(p)

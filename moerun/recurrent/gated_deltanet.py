@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
-from moerun.recurrent import use_step_kernel
+from moerun.recurrent import RecurrentMixer
 
 # Tokens per chunk of the prefill (the reference's chunk_size); a module global read at
 # each call, so that tests can make prompts span several chunks.
@@ -115,7 +115,7 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * x32.to(dtype) * F.silu(gate.float())).to(dtype)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(RecurrentMixer):
     """The mixer. grouped_projections: Qwen3-Next's two projections, `in_proj_qkvz` and
     `in_proj_ba`, whose rows are grouped by key head (each head's q, k, then its value
     heads' v and z; b and a likewise); otherwise Qwen3.5's four, `in_proj_qkv` (all q,
@@ -195,7 +195,7 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, T, Hk, Dk).repeat_interleave(Hv // Hk, dim=2)
         q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v.reshape(B, T, Hv, Dv), beta, g))
         q, k = l2norm(q), l2norm(k)
-        if T == 1 and not fresh and use_step_kernel(x):
+        if T == 1 and not fresh and self.use_step_kernel(x):
             from moerun.kernels.recurrent import gated_delta_step
 
             # The key heads before their repeat: value head h reads key head h // (Hv // Hk).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.layers import LayerState, RMSNorm, Start, StateSpec, StaticPosition
-from moerun.recurrent import use_step_kernel
+from moerun.recurrent import RecurrentMixer
 from moerun.recurrent.short_conv import causal_conv1d
 
 
@@ -75,7 +75,7 @@ def selective_scan_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor |
     return torch.matmul(h.to(c.dtype), c[:, :, None])[..., 0] + x * D, h
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(RecurrentMixer):
     """One Mamba layer under the checkpoint's names (in_proj, conv1d, x_proj, dt_proj,
     A_log, D, out_proj; with `bcdt_norm_eps`, Jamba's dt_layernorm, b_layernorm and
     c_layernorm). `proj_bias`: biases on in_proj and out_proj; `conv_bias`: on conv1d."""
@@ -162,7 +162,7 @@ class MambaMixer(nn.Module):
         """One token from the state -> y [B, I, 1] in the activations' dtype (D too), as
         the reference's selective_state_update; keep as `selective_scan_step`'s."""
         x, d, bt, ct = u[..., 0], dt[..., 0], b[:, 0], c[:, 0]  # [B, I] x2, [B, N] x2
-        if use_step_kernel(x):
+        if self.use_step_kernel(x):
             from moerun.kernels.recurrent import mamba_step
 
             y, _ = mamba_step(x, d, A, bt, ct, self.D, state.ssm, keep)  # state.ssm in place

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
-from moerun.recurrent import use_step_kernel
+from moerun.recurrent import RecurrentMixer
 
 
 class Mamba2State(LayerState):
@@ -84,7 +84,7 @@ def selective_state_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor
     return y + xs * D[:, None].to(xs.dtype), h
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(RecurrentMixer):
     """One Mamba-2 layer under the checkpoint's names (in_proj, conv1d, dt_bias, A_log, D,
     norm, out_proj). Options where the families differ: `time_step_limit` (Granite's
     config value; Nemotron-H's (time_step_min, inf)), `proj_bias`, `conv_bias`, `eps`."""
@@ -223,7 +223,7 @@ class Mamba2Mixer(nn.Module):
         xs, b, c = self._split(self._conv(full)[:, :, 0])  # [B, H, P], [B, G, N] x2
         dt = self._dt(dt[:, 0])  # [B, H]
         A = -torch.exp(self.A_log.float())
-        if use_step_kernel(xs):
+        if self.use_step_kernel(xs):
             from moerun.kernels.recurrent import mamba2_step
 
             y, _ = mamba2_step(xs, dt, A, b, c, self.D, state.ssm, keep)  # state.ssm in place
