@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from moerun import __version__, registry
 from moerun.errors import MoerunError
+from moerun.plan import Verdict
 from moerun.served_model import ServedModel
 from moerun.server_protocol import (
     Defaults,
@@ -721,7 +722,7 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
             return 0, 0, device
         host_only = not device.startswith("cuda")
         on_device = p.gpu_bytes
-        in_ram = p.cpu_bytes if p.verdict == "offload" else 0
+        in_ram = p.cpu_bytes if p.verdict == Verdict.OFFLOAD else 0
         return (0, on_device + in_ram, device) if host_only else (on_device, in_ram, device)
 
     def on_disk() -> int:
