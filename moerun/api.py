@@ -23,6 +23,7 @@ from moerun.generate import (
 )
 from moerun.graphs import DecodeGraphs, graphs_enabled
 from moerun.models import check_config, get_architecture, load_model
+from moerun.models.base import is_encoder_decoder
 from moerun.moe.offload import attach_expert_cache, cache_stats, reset_cache_stats
 from moerun.progress import ExpertsPrepared, FitChecked, OnEvent, download_callbacks
 from moerun.spec import LoadSpec
@@ -150,7 +151,7 @@ class Model:
     @property
     def is_encoder_decoder(self) -> bool:
         """An encoder-decoder model (the Switch Transformer): the prompt goes to the encoder."""
-        return bool(getattr(self.lm, "is_encoder_decoder", False))
+        return is_encoder_decoder(self.lm)
 
     @property
     def is_chat_model(self) -> bool:
@@ -193,7 +194,7 @@ class Model:
         if prompt and isinstance(prompt[0], dict):
             return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         ids = [int(t) for t in prompt]
-        vocab = getattr(self.lm.args, "vocab_size", None)
+        vocab = self.lm.args.vocab_size
         bad = next((t for t in ids if t < 0 or (vocab and t >= vocab)), None)
         if bad is not None:
             raise MoerunError(f"token id {bad} is not in the model's vocabulary (0 to {vocab - 1})")

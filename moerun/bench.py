@@ -29,7 +29,7 @@ from moerun.api import assemble, load_spec
 from moerun.errors import MoerunError
 from moerun.kernels import cpu_experts
 from moerun.models import build_meta_model, get_architecture
-from moerun.models.base import parameter_roles
+from moerun.models.base import is_encoder_decoder, parameter_roles, role_of
 from moerun.moe.cache import CachedExperts
 from moerun.moe.offload import (
     cache_stats,
@@ -199,7 +199,7 @@ def profiled(lm: nn.Module, timer: SectionTimer):
 
     moe_blocks = {path.rpartition(".")[0] for _, path, _ in routed_expert_modules(lm)}
     for path, module in lm.named_modules():
-        if getattr(module, "role", None) == "attention":  # the layers' mixers
+        if role_of(module) == "attention":  # the layers' mixers
             kind = "attention"
         elif path in moe_blocks:
             kind = "moe"
@@ -229,7 +229,7 @@ def run_prompt(lm, n_tokens: int, device, vocab: int, seed: int) -> float:
     caches = lm.make_caches(1, n_tokens)
     _sync(device)
     t0 = time.perf_counter()
-    if getattr(lm, "is_encoder_decoder", False):  # the prompt is the encoder's; the decoder takes its start token
+    if is_encoder_decoder(lm):  # the prompt is the encoder's; the decoder takes its start token
         lm.encode(ids, caches)
         lm(ids[:, :1], caches, 0, last_only=True)
     else:

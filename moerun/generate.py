@@ -18,6 +18,7 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import context_of
+from moerun.models.base import is_encoder_decoder
 
 
 @dataclasses.dataclass
@@ -226,7 +227,7 @@ def stream_tokens(
     # An encoder-decoder model (the Switch Transformer): the prompt goes to the encoder, once;
     # the decoder starts from its start token. Its states hold up to cache_len encoder
     # positions and as many decoder positions.
-    encoder_decoder = getattr(lm, "is_encoder_decoder", False)
+    encoder_decoder = is_encoder_decoder(lm)
     decoder_needs = 1 + max_new_tokens if encoder_decoder else len(prompt_ids) + max_new_tokens
     if caches is None:
         if len(prompt_ids) >= max_context:

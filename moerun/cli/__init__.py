@@ -30,7 +30,7 @@ def _flag_type(display_type_rich):
     return display
 
 
-if hasattr(typer.core.TyperOption, "display_type_rich"):  # Typer >= 0.24 prints option types
+if getattr(typer.core.TyperOption, "display_type_rich", None) is not None:  # Typer >= 0.24 prints option types
     typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
 
 app = typer.Typer(

@@ -223,6 +223,17 @@ def attention_layer(args, rope, ffn: nn.Module, ffn_name: str = "mlp", **options
     return DecoderLayer(attn, ffn, ffn_name, args.hidden_size, args.rms_norm_eps)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """An encoder-decoder model (the Switch Transformer: the prompt goes to its encoder)
+    declares `is_encoder_decoder = True` on its class; the decoder-only families say nothing."""
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
+def role_of(module: nn.Module) -> str | None:
+    """The role a shared module declares ("attention", "shared_experts", "lm_head", ...), if any."""
+    return getattr(module, "role", None)
+
+
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Each parameter's role for the planner ("attention", "routed_experts", ...; see
     moerun.plan.ROLES), named as model.named_parameters() names it. A module says its role
@@ -236,7 +247,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
         parts = name.split(".")
         role = None
         for i in range(1, len(parts)):
-            role = getattr(modules[".".join(parts[:i])], "role", None)
+            role = role_of(modules[".".join(parts[:i])])
             if role:
                 break
         roles[name] = role or "dense_mlp"

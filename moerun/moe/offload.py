@@ -19,9 +19,9 @@ from moerun.moe.residency import CacheStats, ColdPolicy, make_prefetch_hook
 from moerun.moe.routing import Router
 from moerun.moe.store import QuantizedCache, layer_expert_blobs
 from moerun.quant.format import ExpertFormat
+from moerun.spec import check_cold
 from moerun.weights import CheckpointWeights
 
-COLD_MODES = ("gpu", "cpu", "auto")
 
 
 def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
@@ -86,8 +86,6 @@ def attach_expert_cache(
     the on-disk quantized cache, built on first use. `progress(done, total)` is called per
     MoE layer while stores are built. Returns facts for the report (whether the cache was
     built, where it lives)."""
-    if cold not in COLD_MODES:
-        raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
     fmts, n_experts, paths = expert_formats(lm, bits, dtype)
     info: dict = {"bits": bits, "slots": slots}
     with contextlib.ExitStack() as stack:
@@ -127,8 +125,7 @@ def install_expert_cache(
 ) -> dict:
     """Swap each layer's RoutedExperts for a CachedExperts over `stores[layer]` (uint8
     [E, blob_bytes] host tensors), link prefetch, and calibrate the cold policy."""
-    if cold not in COLD_MODES:
-        raise MoerunError(f"cold must be one of {', '.join(COLD_MODES)}, got '{cold}'")
+    check_cold(cold)
     on_cuda = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if on_cuda else None
     policies: dict[ExpertFormat, ColdPolicy] = {}  # one per expert format: layers alike share it
