@@ -1,6 +1,6 @@
 # moerun: two commands on a fresh machine.
 #   make demo   install, then chat-free generation on the embedded demo model (no download)
-#   make test   install, then the test suite (what CI runs: the fast tier)
+#   make test   install, then ruff's lint and format check and the test suite (what CI runs: the fast tier)
 #   make test-all  install, then both tiers (adds the slow sweeps: every alias, compile)
 #   make serve  install, then the demo model behind an OpenAI/Ollama API on 127.0.0.1:8000
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # Pinned so that pip takes the local CPU build instead of gigabytes of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo chat serve test test-all test-gpu clean
+.PHONY: install demo chat serve lint test test-all test-gpu clean
 
 # setup.py builds moerun's C kernels (moerun/kernels/cpu.c) in place: a changed source rebuilds.
 $(VENV)/.installed: pyproject.toml setup.py moerun/kernels/cpu.c
@@ -30,7 +30,12 @@ chat: install
 serve: install
 	$(VENV)/bin/moerun serve demo
 
-test: install
+# ruff's lint and format check (configured in pyproject.toml) run before the tests, as CI does.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-all: install

@@ -24,8 +24,9 @@ class OptionalBuildExt(build_ext):
                 return super().build_extension(ext)
             except Exception as e:  # noqa: BLE001 - a missing compiler or flag: try the next way
                 print(f"moerun: building {ext.name} with {compile_args} failed: {e}", file=sys.stderr)
-        print("moerun: the CPU expert kernels were not built; CPU experts will use the slow torch path",
-              file=sys.stderr)
+        print(
+            "moerun: the CPU expert kernels were not built; CPU experts will use the slow torch path", file=sys.stderr
+        )
 
 
 if sys.platform == "win32":

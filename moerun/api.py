@@ -88,8 +88,10 @@ def _check_vocab(tokenizer: Tokenizer, vocab_size: int, folder: Path) -> None:
     if beyond:
         token, token_id = beyond[0]
         more = f" and {len(beyond) - 1} more" if len(beyond) > 1 else ""
-        raise MoerunError(f"the tokenizer in {folder} has token {token!r} at id {token_id}{more}, but the model's "
-                          f"vocab_size (config.json) is {vocab_size}: the tokenizer and the model disagree")  # fmt: skip
+        raise MoerunError(
+            f"the tokenizer in {folder} has token {token!r} at id {token_id}{more}, but the model's "
+            f"vocab_size (config.json) is {vocab_size}: the tokenizer and the model disagree"
+        )
 
 
 class Model:
@@ -176,8 +178,9 @@ class Model:
             raise MoerunError("an encoder-decoder model needs decoder_input_ids as well as input_ids")
         decoder_input_ids = torch.as_tensor(decoder_input_ids, dtype=torch.long)
         if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_ids.shape[0]:
-            raise MoerunError(f"decoder_input_ids must be [{input_ids.shape[0]}, tokens], "
-                              f"got shape {list(decoder_input_ids.shape)}")  # fmt: skip
+            raise MoerunError(
+                f"decoder_input_ids must be [{input_ids.shape[0]}, tokens], got shape {list(decoder_input_ids.shape)}"
+            )
         caches = self.lm.make_caches(input_ids.shape[0], max(input_ids.shape[1], decoder_input_ids.shape[1]))
         self.lm.encode(input_ids.to(self.device), caches)
         return self.lm(decoder_input_ids.to(self.device), caches, 0).float()
@@ -243,8 +246,19 @@ class Model:
             if not reuse_prefix:
                 held.clear()
         for response in stream_tokens(
-            self.lm, ids, max_new_tokens, params, self.eos_token_ids, self.max_context, self.tokenizer, ignore_eos,
-            self.kv_caches, self.decode_graphs, held, tuple(keep_special), constraint,
+            self.lm,
+            ids,
+            max_new_tokens,
+            params,
+            self.eos_token_ids,
+            self.max_context,
+            self.tokenizer,
+            ignore_eos,
+            self.kv_caches,
+            self.decode_graphs,
+            held,
+            tuple(keep_special),
+            constraint,
         ):
             if response.stats is not None:
                 self.last_stats = response.stats
@@ -300,8 +314,20 @@ def load(
     The keywords become one LoadSpec (moerun.spec), checked there; `load_spec` takes one.
     """
     spec = LoadSpec(
-        bits=bits, dtype=dtype, device=device, vram=vram, ram=ram, expert_slots=expert_slots, ctx=ctx, cold=cold,
-        prefetch=prefetch, threads=threads, cuda_graphs=cuda_graphs, revision=revision, pull=pull, force=force,
+        bits=bits,
+        dtype=dtype,
+        device=device,
+        vram=vram,
+        ram=ram,
+        expert_slots=expert_slots,
+        ctx=ctx,
+        cold=cold,
+        prefetch=prefetch,
+        threads=threads,
+        cuda_graphs=cuda_graphs,
+        revision=revision,
+        pull=pull,
+        force=force,
     )
 
     def on_event(event) -> None:

@@ -434,7 +434,9 @@ def run_bench(
 
             config = shipped_config(synthetic)
             if config is None:
-                raise MoerunError(f"no shipped config for '{synthetic}': --synthetic takes an alias from `moerun models`")
+                raise MoerunError(
+                    f"no shipped config for '{synthetic}': --synthetic takes an alias from `moerun models`"
+                )
             bm = synthetic_model(config, synthetic, combo_spec, layers=layers)
             vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
             if bm.layers_note and bm.layers_note not in " ".join(notes):
@@ -450,8 +452,10 @@ def run_bench(
             for test, counts, extra in (("pp", pp_counts, 0), ("tg", tg_counts, 1)):
                 too_long = [n for n in counts if n + extra > p.ctx]
                 if too_long:
-                    raise MoerunError(f"{test}{too_long[0]} needs {too_long[0] + extra} positions; the context is "
-                                      f"{p.ctx} (--ctx {ctx}, at most the model's)")  # fmt: skip
+                    raise MoerunError(
+                        f"{test}{too_long[0]} needs {too_long[0] + extra} positions; the context is "
+                        f"{p.ctx} (--ctx {ctx}, at most the model's)"
+                    )
         base = {
             "model": bm.name + (" (synthetic)" if bm.synthetic else ""),
             "size_bytes": p.weight_bytes,
@@ -460,8 +464,7 @@ def run_bench(
             "bits": combo["bits"],
             "budget": (f"{expert_slots} slots/layer" if expert_slots else combo["vram"])
             or ("all" if budget is None else gib(budget)),
-            "backend": dev.type
-            + (f" offload cold={combo['cold']}" if p.expert_slots_per_layer < p.n_experts else ""),
+            "backend": dev.type + (f" offload cold={combo['cold']}" if p.expert_slots_per_layer < p.n_experts else ""),
             "expert_slots_per_layer": p.expert_slots_per_layer,
             "n_experts": p.n_experts,
             "dtype": p.dtype,
@@ -528,7 +531,10 @@ def render_markdown(report: dict, width: int = 80) -> str:
     import textwrap
 
     na = "n/a"
-    lines = ["| model | size | params | bits | budget | backend | test | t/s |", "|---|---:|---:|---:|---|---|---|---:|"]
+    lines = [
+        "| model | size | params | bits | budget | backend | test | t/s |",
+        "|---|---:|---:|---:|---|---|---|---:|",
+    ]
     for r in report["rows"]:
         lines.append(
             f"| {r['model']} | {gib(r['size_bytes'])} | {params(r['params'])} | {r['bits']} | {r['budget']} | "
@@ -548,13 +554,23 @@ def render_markdown(report: dict, width: int = 80) -> str:
     def memory(r):
         per_token = gib(r["decode_bytes_per_token"]) if r["test"].startswith("tg") else "-"
         vram = gib(r["peak_vram_bytes"]) if r["peak_vram_bytes"] is not None else na
-        return [f"{r['expert_slots_per_layer']}/{r['n_experts']}", f"{r['ttft_s'] * 1000:.1f} ms", vram,
-                gib(r["peak_ram_bytes"]), per_token, f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-"]  # fmt: skip
+        return [
+            f"{r['expert_slots_per_layer']}/{r['n_experts']}",
+            f"{r['ttft_s'] * 1000:.1f} ms",
+            vram,
+            gib(r["peak_ram_bytes"]),
+            per_token,
+            f"{r['bound_t_s']:.1f}" if "bound_t_s" in r else "-",
+        ]
 
     def experts(r):
         pcie = f"{r['pcie_gb_s']:.2f}" if r["pcie_gb_s"] is not None else na
-        return [f"{r['expert_hit_rate']:.0%}", gib(r["bytes_copied_per_token"]), pcie,
-                f"{r['cpu_experts_per_token']:.1f}"]  # fmt: skip
+        return [
+            f"{r['expert_hit_rate']:.0%}",
+            gib(r["bytes_copied_per_token"]),
+            pcie,
+            f"{r['cpu_experts_per_token']:.1f}",
+        ]
 
     def shares(r):
         sh = r["time_share"]
@@ -566,8 +582,10 @@ def render_markdown(report: dict, width: int = 80) -> str:
     m = report["machine"]
     gpu = f"{m['gpu']} ({gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
     read = f", read {m['ram_read_bytes_s'] / 1e9:.1f} GB/s" if m.get("ram_read_bytes_s") else ""
-    text = [f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
-            f"RAM {gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"]  # fmt: skip
+    text = [
+        f"machine: GPU {gpu}; CPU {m['cpu']} ({m['cpu_threads']} threads, kernels {m.get('cpu_kernels')}); "
+        f"RAM {gib(m['ram_bytes'] or 0)}{read}; torch {m['torch']}; moerun {m['moerun']}"
+    ]
     text += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
     text += [f"note: {n}" for n in report["notes"]]
     text += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]

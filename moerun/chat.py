@@ -126,8 +126,9 @@ class ChatSession:
         if alone >= ctx:
             most = self.model.max_context
             if alone < most:
-                raise MoerunError(f"the message is {alone} tokens, over the {ctx}-token context "
-                                  f"(try --ctx {min(2 * alone, most)})")
+                raise MoerunError(
+                    f"the message is {alone} tokens, over the {ctx}-token context (try --ctx {min(2 * alone, most)})"
+                )
             raise MoerunError(f"the message is {alone} tokens, over the model's {most}-token context; shorten it")
         while len(self.history) >= 3 and (self.dropped == 0 or length(self.messages()) > limit // 2):
             del self.history[:2]
@@ -268,8 +269,7 @@ def _stats_line(stats) -> str:
     reused = stats.reused_tokens
     prompt = f"prompt {stats.prompt_tokens} tokens" + (f", {reused} reused" if reused else "")
     return (
-        f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s "
-        f"({prompt} · {stats.prompt_tps:.1f} tok/s)"
+        f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s ({prompt} · {stats.prompt_tps:.1f} tok/s)"
     )
 
 
@@ -289,7 +289,7 @@ def _read_message(input_fn: Callable[[str], str], prompt: str = PROMPT, continua
     stripped = line.strip()
     if not stripped.startswith(MULTILINE):
         return line
-    body = stripped[len(MULTILINE):]
+    body = stripped[len(MULTILINE) :]
     if body.endswith(MULTILINE):  # """the whole block on one line"""
         return body[: -len(MULTILINE)]
     lines = [body]
@@ -497,8 +497,12 @@ def run_repl(
                 return failed
             except UnicodeDecodeError as exc:  # a stdin decoded strictly: that message is lost, the next is read
                 failed += 1
-                notice(("error: " if interactive else "moerun: ") + f"the message is not UTF-8 text "
-                       f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})", style="red", wrap=True)
+                notice(
+                    ("error: " if interactive else "moerun: ") + f"the message is not UTF-8 text "
+                    f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                    style="red",
+                    wrap=True,
+                )
                 continue
             except KeyboardInterrupt:
                 write("\n")
@@ -543,8 +547,10 @@ def run_repl(
 
             def on_drop(n: int) -> None:
                 turns = "turn" if n == 1 else f"{n} turns"
-                notice(f"(the conversation outgrew the {session.context_length()}-token context: "
-                       f"dropped the oldest {turns})")
+                notice(
+                    f"(the conversation outgrew the {session.context_length()}-token context: "
+                    f"dropped the oldest {turns})"
+                )
 
             try:
                 check_utf8(text, "the message")  # bytes a terminal or pipe sent that are not UTF-8

@@ -21,10 +21,25 @@ MAX_EXPERTS = 16384
 # largest released MoE holds ~1.0e12 (Kimi K2); ten times that is refused as a mistake.
 MAX_PARAMETERS = 10**13
 
-LAYER_COUNTS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "num_sparse_decoder_layers",
-                "num_sparse_encoder_layers", "num_dense_layers", "num_nextn_predict_layers")  # fmt: skip
-EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "n_shared_experts",
-                 "moe_num_shared_experts", "num_experts_per_tok", "moe_k")  # fmt: skip
+LAYER_COUNTS = (
+    "num_hidden_layers",
+    "num_layers",
+    "num_decoder_layers",
+    "num_sparse_decoder_layers",
+    "num_sparse_encoder_layers",
+    "num_dense_layers",
+    "num_nextn_predict_layers",
+)
+EXPERT_COUNTS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "n_shared_experts",
+    "moe_num_shared_experts",
+    "num_experts_per_tok",
+    "moe_k",
+)
 _HIDDEN = ("hidden_size", "d_model")
 _EXPERT_WIDTH = ("moe_intermediate_size", "intermediate_size", "d_ff")
 # RoPE values that must be above 0 (the others in the dict need only be finite).

@@ -27,7 +27,6 @@ DEFAULT_PCIE_BW = 16e9
 DEFAULT_RAM_BW = 30e9
 
 
-
 # -- metadata: config + (shape, dtype) of every tensor, from wherever it can be had -------------
 
 
@@ -247,8 +246,14 @@ def decode_bounds(s: plan.ModelSummary, p: plan.Plan, bw: Bandwidths, device: st
 ONE_MACHINE_BYTES = 8 * gpus.DATACENTER.memory_bytes
 
 
-def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: plan.Plan, dtype: torch.dtype,
-            unified: bool, card: gpus.Gpu | None) -> list[str]:
+def suggest(
+    summary: plan.ModelSummary,
+    plans: dict[int, plan.Plan],
+    chosen: plan.Plan,
+    dtype: torch.dtype,
+    unified: bool,
+    card: gpus.Gpu | None,
+) -> list[str]:
     """When `chosen` does not fit: the smallest changes that make it fit, each one line:
     fewer bits; else a shorter context; else more RAM (or a larger card); and when no one
     machine holds the model at these bits, the engines that serve it across machines."""
@@ -279,19 +284,30 @@ def suggest(summary: plan.ModelSummary, plans: dict[int, plan.Plan], chosen: pla
             for g in sorted((g for g in gpus.GPUS.values() if g.unified == unified), key=lambda g: g.memory_gib):
                 if budget is not None and g.memory_bytes <= budget:
                     continue
-                q = plan.make_plan(summary, low, dtype, None if unified else g.memory_bytes,
-                                   g.memory_bytes if unified else None, ctx, unified=unified)  # fmt: skip
+                q = plan.make_plan(
+                    summary,
+                    low,
+                    dtype,
+                    None if unified else g.memory_bytes,
+                    g.memory_bytes if unified else None,
+                    ctx,
+                    unified=unified,
+                )
                 if q.verdict is not Verdict.NO:
                     extra = f" with {gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
-                    out.append(f"--bits {low} on a {g.memory_gib} GiB {'chip' if unified else 'card'} "
-                               f"(--gpu {g.key}){extra}: {_fits_words(q, chip)}")  # fmt: skip
+                    out.append(
+                        f"--bits {low} on a {g.memory_gib} GiB {'chip' if unified else 'card'} "
+                        f"(--gpu {g.key}){extra}: {_fits_words(q, chip)}"
+                    )
                     break
     need = chosen.non_expert_bytes + chosen.kv_cache_bytes + chosen.weight_bytes_by_role.get("routed_experts", 0)
     if need > ONE_MACHINE_BYTES:
         per = gpus.DATACENTER
         n = -(-need // int(0.9 * per.memory_bytes))
-        line = (f"at {chosen.bits} bits no one machine holds its {gib(need)}: vLLM or SGLang with "
-                f"expert parallelism serve it across machines, on ~{n} GPUs of 80 GB")  # fmt: skip
+        line = (
+            f"at {chosen.bits} bits no one machine holds its {gib(need)}: vLLM or SGLang with "
+            f"expert parallelism serve it across machines, on ~{n} GPUs of 80 GB"
+        )
         if card is not None and not card.unified:
             line += f" (~{-(-need // int(0.9 * card.memory_bytes))} of the {card.key})"
         out.append(line)
@@ -357,12 +373,15 @@ def fit(
     if device == "cpu":
         compute_dtype = str(torch_dtype).removeprefix("torch.")
         warnings.append(f"no CUDA GPU: planned for the CPU, host RAM holds it all ({compute_dtype} unless --dtype)")
-    plans = {b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified)
-             for b in (16, 8, 4)}  # fmt: skip
+    plans = {
+        b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified) for b in (16, 8, 4)
+    }
     recommended = recommend(plans)
     chosen = plans[bits or recommended or 4]
     if meta.source == "shipped config":
-        warnings.append("the Hub was not reached (offline): sizes from the config shipped with moerun, not the repo's headers")
+        warnings.append(
+            "the Hub was not reached (offline): sizes from the config shipped with moerun, not the repo's headers"
+        )
     bw = bandwidths(cuda and card is None, measure)
     if card is not None:
         bw.vram, bw.source["vram"] = card.bandwidth, f"{card.key} table"
@@ -371,8 +390,19 @@ def fit(
             bw.ram, bw.source["ram"] = card.bandwidth, f"{card.key} table"
     if ram_bw is not None:
         bw.ram, bw.source["ram"] = ram_bw, "given"
-    report = FitReport(meta, summary, chosen, plans, recommended, device, torch_dtype, bw,
-                       decode_bounds(summary, chosen, bw, device), warnings, card)  # fmt: skip
+    report = FitReport(
+        meta,
+        summary,
+        chosen,
+        plans,
+        recommended,
+        device,
+        torch_dtype,
+        bw,
+        decode_bounds(summary, chosen, bw, device),
+        warnings,
+        card,
+    )
     report.suggestions = suggest(summary, plans, chosen, torch_dtype, unified, card)
     return report
 

@@ -37,8 +37,12 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or (self.repeat_penalty != 1.0 and self.repeat_last_n != 0))  # fmt: skip
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or (self.repeat_penalty != 1.0 and self.repeat_last_n != 0)
+        )
 
     def __post_init__(self):
         if self.temperature < 0:

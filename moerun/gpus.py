@@ -57,43 +57,46 @@ def _apple(key, name, gib, gbs):
     return Gpu(key, name, gib, gbs)
 
 
-GPUS: dict[str, Gpu] = {g.key: g for g in (
-    _g("rtx-3060", "GeForce RTX 3060 12GB", 12, 360, 4, 16),
-    _g("rtx-3060-ti", "GeForce RTX 3060 Ti", 8, 448, 4, 16),
-    _g("rtx-3070", "GeForce RTX 3070", 8, 448, 4, 16),
-    _g("rtx-3080", "GeForce RTX 3080 10GB", 10, 760, 4, 16),
-    _g("rtx-3080-12gb", "GeForce RTX 3080 12GB", 12, 912, 4, 16),
-    _g("rtx-3090", "GeForce RTX 3090", 24, 936, 4, 16),
-    _g("rtx-4060-ti-16gb", "GeForce RTX 4060 Ti 16GB", 16, 288, 4, 8),
-    _g("rtx-4070", "GeForce RTX 4070", 12, 504, 4, 16),
-    _g("rtx-4070-ti-super", "GeForce RTX 4070 Ti Super", 16, 672, 4, 16),
-    _g("rtx-4080", "GeForce RTX 4080", 16, 717, 4, 16),
-    _g("rtx-4080-super", "GeForce RTX 4080 Super", 16, 736, 4, 16),
-    _g("rtx-4090", "GeForce RTX 4090", 24, 1008, 4, 16),
-    _g("rtx-5060-ti-16gb", "GeForce RTX 5060 Ti 16GB", 16, 448, 5, 8),
-    _g("rtx-5070", "GeForce RTX 5070", 12, 672, 5, 16),
-    _g("rtx-5070-ti", "GeForce RTX 5070 Ti", 16, 896, 5, 16),
-    _g("rtx-5080", "GeForce RTX 5080", 16, 960, 5, 16),
-    _g("rtx-5090", "GeForce RTX 5090", 32, 1792, 5, 16),
-    _g("rx-7900-xtx", "Radeon RX 7900 XTX", 24, 960, 4, 16),
-    _g("rx-9070-xt", "Radeon RX 9070 XT", 16, 640, 5, 16),
-    _g("rtx-a4000", "RTX A4000", 16, 448, 4, 16),
-    _g("rtx-a5000", "RTX A5000", 24, 768, 4, 16),
-    _g("rtx-a6000", "RTX A6000", 48, 768, 4, 16),
-    _g("rtx-6000-ada", "RTX 6000 Ada", 48, 960, 4, 16),
-    _g("l4", "L4", 24, 300, 4, 16),
-    _g("a100-80gb", "A100 80GB (PCIe)", 80, 1935, 4, 16),
-    _g("h100-80gb", "H100 80GB (PCIe)", 80, 2000, 5, 16),
-    # Apple: the largest memory each chip is sold with (--ram sets a smaller one).
-    _apple("m1-max", "Apple M1 Max", 64, 400),
-    _apple("m1-ultra", "Apple M1 Ultra", 128, 800),
-    _apple("m2-max", "Apple M2 Max", 96, 400),
-    _apple("m2-ultra", "Apple M2 Ultra", 192, 800),
-    _apple("m3-max", "Apple M3 Max", 128, 400),
-    _apple("m3-ultra", "Apple M3 Ultra", 512, 819),
-    _apple("m4-pro", "Apple M4 Pro", 64, 273),
-    _apple("m4-max", "Apple M4 Max", 128, 546),
-)}  # fmt: skip
+GPUS: dict[str, Gpu] = {
+    g.key: g
+    for g in (
+        _g("rtx-3060", "GeForce RTX 3060 12GB", 12, 360, 4, 16),
+        _g("rtx-3060-ti", "GeForce RTX 3060 Ti", 8, 448, 4, 16),
+        _g("rtx-3070", "GeForce RTX 3070", 8, 448, 4, 16),
+        _g("rtx-3080", "GeForce RTX 3080 10GB", 10, 760, 4, 16),
+        _g("rtx-3080-12gb", "GeForce RTX 3080 12GB", 12, 912, 4, 16),
+        _g("rtx-3090", "GeForce RTX 3090", 24, 936, 4, 16),
+        _g("rtx-4060-ti-16gb", "GeForce RTX 4060 Ti 16GB", 16, 288, 4, 8),
+        _g("rtx-4070", "GeForce RTX 4070", 12, 504, 4, 16),
+        _g("rtx-4070-ti-super", "GeForce RTX 4070 Ti Super", 16, 672, 4, 16),
+        _g("rtx-4080", "GeForce RTX 4080", 16, 717, 4, 16),
+        _g("rtx-4080-super", "GeForce RTX 4080 Super", 16, 736, 4, 16),
+        _g("rtx-4090", "GeForce RTX 4090", 24, 1008, 4, 16),
+        _g("rtx-5060-ti-16gb", "GeForce RTX 5060 Ti 16GB", 16, 448, 5, 8),
+        _g("rtx-5070", "GeForce RTX 5070", 12, 672, 5, 16),
+        _g("rtx-5070-ti", "GeForce RTX 5070 Ti", 16, 896, 5, 16),
+        _g("rtx-5080", "GeForce RTX 5080", 16, 960, 5, 16),
+        _g("rtx-5090", "GeForce RTX 5090", 32, 1792, 5, 16),
+        _g("rx-7900-xtx", "Radeon RX 7900 XTX", 24, 960, 4, 16),
+        _g("rx-9070-xt", "Radeon RX 9070 XT", 16, 640, 5, 16),
+        _g("rtx-a4000", "RTX A4000", 16, 448, 4, 16),
+        _g("rtx-a5000", "RTX A5000", 24, 768, 4, 16),
+        _g("rtx-a6000", "RTX A6000", 48, 768, 4, 16),
+        _g("rtx-6000-ada", "RTX 6000 Ada", 48, 960, 4, 16),
+        _g("l4", "L4", 24, 300, 4, 16),
+        _g("a100-80gb", "A100 80GB (PCIe)", 80, 1935, 4, 16),
+        _g("h100-80gb", "H100 80GB (PCIe)", 80, 2000, 5, 16),
+        # Apple: the largest memory each chip is sold with (--ram sets a smaller one).
+        _apple("m1-max", "Apple M1 Max", 64, 400),
+        _apple("m1-ultra", "Apple M1 Ultra", 128, 800),
+        _apple("m2-max", "Apple M2 Max", 96, 400),
+        _apple("m2-ultra", "Apple M2 Ultra", 192, 800),
+        _apple("m3-max", "Apple M3 Max", 128, 400),
+        _apple("m3-ultra", "Apple M3 Ultra", 512, 819),
+        _apple("m4-pro", "Apple M4 Pro", 64, 273),
+        _apple("m4-max", "Apple M4 Max", 128, 546),
+    )
+}
 
 # The card class a model that no single machine holds is counted in (vLLM / SGLang nodes).
 DATACENTER = GPUS["h100-80gb"]

@@ -47,8 +47,14 @@ def check_revision(revision: str | None) -> str | None:
     if revision is None:
         return None
     parts = revision.split("/")
-    if (not revision or _REF_BAD.search(revision) or revision == "@" or revision.startswith("/")
-            or revision.endswith(("/", ".")) or any(p.startswith(".") or p.endswith(".lock") for p in parts)):  # fmt: skip
+    if (
+        not revision
+        or _REF_BAD.search(revision)
+        or revision == "@"
+        or revision.startswith("/")
+        or revision.endswith(("/", "."))
+        or any(p.startswith(".") or p.endswith(".lock") for p in parts)
+    ):
         raise MoerunError(
             f"{revision!r} is not a valid revision: give a branch, tag or commit "
             "(no '..', no leading '/', no spaces, control characters or ~^:?*[\\)"
@@ -328,14 +334,15 @@ class _HubErrors:
         if isinstance(exc, errors.OfflineModeIsEnabled):
             raise MoerunError(f"offline mode (HF_HUB_OFFLINE=1): cannot reach the Hub for {repo}") from None
         if isinstance(exc, errors.HfHubHTTPError):
-            raise MoerunError(f"the Hub answered {exc.response.status_code} for {repo}: {str(exc).splitlines()[0]}") from None
+            raise MoerunError(
+                f"the Hub answered {exc.response.status_code} for {repo}: {str(exc).splitlines()[0]}"
+            ) from None
         if isinstance(exc, httpx2.TransportError):
             raise HubUnreachable(
                 f"cannot reach {endpoint()} ({type(exc).__name__}: {exc}); "
                 "check the connection, or set HF_HUB_OFFLINE=1 to use cached models only"
             ) from None
         return False
-
 
 
 @dataclasses.dataclass

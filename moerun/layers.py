@@ -242,7 +242,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // Hk
     # Keys as the left operand: the cache's prefix slice k[:, :, :S] is strided across
     # heads, and as a transposed right operand it is copied first (3x the time).
-    scores = torch.matmul(k, q.reshape(B, Hk, G * T, q.shape[-1]).transpose(-1, -2)).float().mul_(scale)  # [B, Hk, S, G*T]
+    scores = (
+        torch.matmul(k, q.reshape(B, Hk, G * T, q.shape[-1]).transpose(-1, -2)).float().mul_(scale)
+    )  # [B, Hk, S, G*T]
     if mask is not None:
         scores.masked_fill_(~mask.t().repeat(1, G), float("-inf"))
     probs = torch.softmax(scores, dim=-2).to(v.dtype)

@@ -48,8 +48,14 @@ class QuantizedCache:
     last_used: float  # the manifest's mtime: built or last opened
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "source": self.source, "bits": self.bits, "formats": self.formats,
-                "size_bytes": self.size, "last_used": self.last_used}  # fmt: skip
+        return {
+            "path": str(self.path),
+            "source": self.source,
+            "bits": self.bits,
+            "formats": self.formats,
+            "size_bytes": self.size,
+            "last_used": self.last_used,
+        }
 
 
 @dataclasses.dataclass
@@ -66,9 +72,16 @@ class PulledRevision:
     last_used: float | None  # None: never loaded by moerun
 
     def to_dict(self) -> dict:
-        return {"repo_id": self.repo_id, "alias": self.alias, "revision": self.commit, "refs": self.refs,
-                "snapshot": str(self.snapshot), "size_bytes": self.size, "last_used": self.last_used,
-                "quantized_caches": [c.to_dict() for c in self.caches]}  # fmt: skip
+        return {
+            "repo_id": self.repo_id,
+            "alias": self.alias,
+            "revision": self.commit,
+            "refs": self.refs,
+            "snapshot": str(self.snapshot),
+            "size_bytes": self.size,
+            "last_used": self.last_used,
+            "quantized_caches": [c.to_dict() for c in self.caches],
+        }
 
 
 def _repo_folder_id(folder: Path) -> str | None:
@@ -92,8 +105,16 @@ def quantized_caches() -> list[QuantizedCache]:
         except (OSError, json.JSONDecodeError):
             continue
         bits = m.get("bits")
-        out.append(QuantizedCache(folder, str(m.get("source", "")), bits if isinstance(bits, int) else None,
-                                  folder.name.partition("-")[2], _tree_size(folder), manifest.stat().st_mtime))  # fmt: skip
+        out.append(
+            QuantizedCache(
+                folder,
+                str(m.get("source", "")),
+                bits if isinstance(bits, int) else None,
+                folder.name.partition("-")[2],
+                _tree_size(folder),
+                manifest.stat().st_mtime,
+            )
+        )
     return out
 
 
@@ -141,8 +162,18 @@ def _revisions(storage: Path, caches: list[QuantizedCache]) -> list[PulledRevisi
         stamp = _stamp(storage.name, snap.name)
         used = [stamp.stat().st_mtime] if stamp.is_file() else []
         used += [c.last_used for c in mine]
-        out.append(PulledRevision(repo_id, alias.name if alias else None, snap.name, refs.get(snap.name, []), snap,
-                                  size, mine, max(used) if used else None))  # fmt: skip
+        out.append(
+            PulledRevision(
+                repo_id,
+                alias.name if alias else None,
+                snap.name,
+                refs.get(snap.name, []),
+                snap,
+                size,
+                mine,
+                max(used) if used else None,
+            )
+        )
     return out
 
 
@@ -213,12 +244,15 @@ def plan_removal(model: str, revision: str | None = None) -> Removal:
             raise MoerunError("--revision names a revision of a pulled model, not of a folder")
         caches = _caches_of(Path(text))
         if not caches:
-            raise MoerunError(f"no quantized cache of or at {text} (see `moerun ls`); moerun never deletes a model "
-                              "folder of yours")  # fmt: skip
+            raise MoerunError(
+                f"no quantized cache of or at {text} (see `moerun ls`); moerun never deletes a model folder of yours"
+            )
         return _cache_removal(text, caches)
     repo_id = hub.repo_id_for(text)
     if repo_id is None:
-        raise MoerunError(f"'{text}' is not an alias or a Hub repo id: `moerun rm` removes pulled models (see `moerun ls`)")
+        raise MoerunError(
+            f"'{text}' is not an alias or a Hub repo id: `moerun rm` removes pulled models (see `moerun ls`)"
+        )
     storage = hub.hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
     every = _revisions(storage, quantized_caches()) if storage.is_dir() else []
     if not every and not storage.is_dir():
@@ -228,8 +262,10 @@ def plan_removal(model: str, revision: str | None = None) -> Removal:
         chosen = [r for r in every if revision in r.refs or r.commit.startswith(revision)]
         if len(chosen) != 1:
             have = ", ".join(r.commit[:12] for r in every) or "none"
-            raise MoerunError(f"{repo_id} has {'no' if not chosen else 'more than one'} revision '{revision}' "
-                              f"in the cache (revisions: {have})")  # fmt: skip
+            raise MoerunError(
+                f"{repo_id} has {'no' if not chosen else 'more than one'} revision '{revision}' "
+                f"in the cache (revisions: {have})"
+            )
     kept = [r for r in every if r not in chosen]
     caches = [c.path for r in chosen for c in r.caches]
     stamps = [_stamp(storage.name, r.commit) for r in chosen]
@@ -240,7 +276,9 @@ def plan_removal(model: str, revision: str | None = None) -> Removal:
     blobs = {f.resolve() for r in chosen for f in r.snapshot.rglob("*") if f.is_symlink()} - keep_blobs
     blobs = sorted(b for b in blobs if b.is_file())
     refs = [storage / "refs" / name for r in chosen for name in r.refs]
-    size = sum(_size(b) for b in blobs) + sum(_tree_size(r.snapshot) for r in chosen) + sum(_tree_size(c) for c in caches)
+    size = (
+        sum(_size(b) for b in blobs) + sum(_tree_size(r.snapshot) for r in chosen) + sum(_tree_size(c) for c in caches)
+    )
     return Removal(repo_id, chosen, [*caches, *stamps, *refs, *blobs, *(r.snapshot for r in chosen)], size, False)
 
 
@@ -286,19 +324,33 @@ class ModelInfo:
     def to_dict(self) -> dict:
         f = self.fit
         return {
-            "name": self.name, "repo_id": self.repo_id, "alias": self.alias,
-            "folder": str(self.folder) if self.folder else None, "source": self.source,
-            "model_type": self.model_type, "architectures": self.architectures,
-            "total_params": self.total_params, "active_params": self.active_params, "n_layers": self.n_layers,
-            "n_experts": self.n_experts, "experts_per_token": self.experts_per_token, "context": self.context,
+            "name": self.name,
+            "repo_id": self.repo_id,
+            "alias": self.alias,
+            "folder": str(self.folder) if self.folder else None,
+            "source": self.source,
+            "model_type": self.model_type,
+            "architectures": self.architectures,
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "n_layers": self.n_layers,
+            "n_experts": self.n_experts,
+            "experts_per_token": self.experts_per_token,
+            "context": self.context,
             "chat_template": self.chat_template is not None,
             "chat_template_head": template_head(self.chat_template) if self.chat_template else None,
             "license": self.license,
-            "fit": None if f is None else {"verdict": f.plan.verdict, "bits": f.plan.bits,
-                                           "recommended_bits": f.recommended_bits, "reason": f.plan.reason,
-                                           "device": f.device},
+            "fit": None
+            if f is None
+            else {
+                "verdict": f.plan.verdict,
+                "bits": f.plan.bits,
+                "recommended_bits": f.recommended_bits,
+                "reason": f.plan.reason,
+                "device": f.device,
+            },
             "quantized_caches": [c.to_dict() for c in self.caches],
-        }  # fmt: skip
+        }
 
 
 def template_head(template: str, lines: int = 3, width: int = 76) -> list[str]:
@@ -365,10 +417,12 @@ def show(model: str, revision: str | None = None) -> ModelInfo:
         source = "cache" if repo_id else ("shipped with moerun" if a is not None else "folder")
         meta = fitting.folder_metadata(folder, source, text) if any(folder.glob("*.safetensors")) else None
     else:
-        config = (registry.shipped_config(a.name) if a else None)
+        config = registry.shipped_config(a.name) if a else None
         if config is None:
-            raise MoerunError(f"{repo_id} is not in the local cache and moerun ships no config for it: "
-                              f"`moerun pull {repo_id}` first (or `moerun fit {repo_id}` reads it from the Hub)")  # fmt: skip
+            raise MoerunError(
+                f"{repo_id} is not in the local cache and moerun ships no config for it: "
+                f"`moerun pull {repo_id}` first (or `moerun fit {repo_id}` reads it from the Hub)"
+            )
         source, meta = "shipped config", fitting.shipped_metadata(a.name)
     report = None
     if meta is not None:
@@ -383,16 +437,24 @@ def show(model: str, revision: str | None = None) -> ModelInfo:
     real = str(folder.resolve()) if folder is not None else None
     caches = [c for c in quantized_caches() if real and (c.source == real or c.source.startswith(real + os.sep))]
     return ModelInfo(
-        name=text, repo_id=repo_id, alias=a.name if a else None, folder=folder, source=source,
-        model_type=config.get("model_type"), architectures=list(config.get("architectures") or []),
-        total_params=s.total_params if s else None, active_params=s.active_params if s else None,
+        name=text,
+        repo_id=repo_id,
+        alias=a.name if a else None,
+        folder=folder,
+        source=source,
+        model_type=config.get("model_type"),
+        architectures=list(config.get("architectures") or []),
+        total_params=s.total_params if s else None,
+        active_params=s.active_params if s else None,
         n_layers=(s.n_layers if s else tc.get("num_hidden_layers")),
-        n_experts=(s.n_experts if s else n_experts), experts_per_token=(s.experts_per_token if s else per_token),
+        n_experts=(s.n_experts if s else n_experts),
+        experts_per_token=(s.experts_per_token if s else per_token),
         context=(s.max_context if s else tc.get("max_position_embeddings")),
         chat_template=read_chat_template(folder) if folder is not None else None,
         license=read_license(folder) if folder is not None else None,
-        fit=report, caches=caches,
-    )  # fmt: skip
+        fit=report,
+        caches=caches,
+    )
 
 
 def ago(t: float | None, now: float | None = None) -> str:

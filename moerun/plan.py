@@ -26,8 +26,24 @@ from moerun.units import gib
 
 ROLES = ("embeddings", "attention", "norms", "routers", "shared_experts", "dense_mlp", "routed_experts", "lm_head")
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U8": 1, "I8": 1,
-                "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}  # fmt: skip
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U8": 1,
+    "I8": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "BOOL": 1,
+}
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -182,7 +198,9 @@ def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) 
     )
 
 
-def summarize(config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]] | None = None) -> ModelSummary:
+def summarize(
+    config: dict, tensors: dict[str, tuple[tuple[int, ...], str | torch.dtype]] | None = None
+) -> ModelSummary:
     """Describe a checkpoint from its config (the family's model built on the meta device
     and asked) and, when given, its tensors' (shape, dtype) headers: the dtype as
     safetensors names it ("BF16") or as a torch.dtype. A model_type moerun does not
@@ -204,13 +222,21 @@ def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
     params, stored = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0)
     params["dense_mlp"], stored["dense_mlp"] = n, nbytes
     return ModelSummary(
-        params_by_role=params, stored_bytes_by_role=stored, moe_layers=[], n_experts=0, experts_per_token=0,
-        hidden_size=int(text.get("hidden_size") or 0), expert_intermediate_size=0,
-        n_layers=int(text.get("num_hidden_layers") or 0), vocab_size=int(text.get("vocab_size") or 0),
+        params_by_role=params,
+        stored_bytes_by_role=stored,
+        moe_layers=[],
+        n_experts=0,
+        experts_per_token=0,
+        hidden_size=int(text.get("hidden_size") or 0),
+        expert_intermediate_size=0,
+        n_layers=int(text.get("num_hidden_layers") or 0),
+        vocab_size=int(text.get("vocab_size") or 0),
         max_context=int(text.get("max_position_embeddings") or 4096),
-        warnings=[f"unknown architecture '{config.get('model_type')}': a generic estimate from the headers, "
-                  "planned as a dense model"],
-    )  # fmt: skip
+        warnings=[
+            f"unknown architecture '{config.get('model_type')}': a generic estimate from the headers, "
+            "planned as a dense model"
+        ],
+    )
 
 
 class Verdict(enum.StrEnum):
@@ -291,8 +317,9 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(weight_bytes=self.weight_bytes, gpu_bytes=self.gpu_bytes, cpu_bytes=self.cpu_bytes,
-                 ram_bytes=self.ram_bytes)  # fmt: skip
+        d.update(
+            weight_bytes=self.weight_bytes, gpu_bytes=self.gpu_bytes, cpu_bytes=self.cpu_bytes, ram_bytes=self.ram_bytes
+        )
         return d
 
 
@@ -319,8 +346,9 @@ def make_plan(
     E, L = summary.n_experts, len(summary.moe_layers)
     blob = 0
     if E:
-        blob = ExpertFormat(bits, summary.hidden_size, summary.expert_intermediate_size, dtype,
-                            gated=summary.expert_gated).blob_bytes  # fmt: skip
+        blob = ExpertFormat(
+            bits, summary.hidden_size, summary.expert_intermediate_size, dtype, gated=summary.expert_gated
+        ).blob_bytes
     by_role["routed_experts"] = blob * E * L
     non_expert = sum(by_role[r] for r in non_expert_roles)
     kv = summary.kv_cache_bytes(ctx, dtype_bytes)
@@ -328,13 +356,27 @@ def make_plan(
     def plan(slots: int, verdict: Verdict, reason: str = "") -> Plan:
         host = blob * E * L if slots < E else 0
         return Plan(
-            bits=bits, dtype=str(dtype).removeprefix("torch."), ctx=ctx,
-            total_params=summary.total_params, active_params=summary.active_params,
-            weight_bytes_by_role=by_role, non_expert_bytes=non_expert, kv_cache_bytes=kv,
-            expert_blob_bytes=blob, n_moe_layers=L, n_experts=E, expert_slots_per_layer=slots,
-            slot_bytes=slots * blob * L, host_store_bytes=host, vram_budget=vram, ram_budget=ram,
-            verdict=verdict, reason=reason, experts_per_token=summary.experts_per_token, unified=unified,
-        )  # fmt: skip
+            bits=bits,
+            dtype=str(dtype).removeprefix("torch."),
+            ctx=ctx,
+            total_params=summary.total_params,
+            active_params=summary.active_params,
+            weight_bytes_by_role=by_role,
+            non_expert_bytes=non_expert,
+            kv_cache_bytes=kv,
+            expert_blob_bytes=blob,
+            n_moe_layers=L,
+            n_experts=E,
+            expert_slots_per_layer=slots,
+            slot_bytes=slots * blob * L,
+            host_store_bytes=host,
+            vram_budget=vram,
+            ram_budget=ram,
+            verdict=verdict,
+            reason=reason,
+            experts_per_token=summary.experts_per_token,
+            unified=unified,
+        )
 
     if expert_slots is not None:
         if not E:
@@ -349,9 +391,13 @@ def make_plan(
         slots = room // (blob * L) if L and room > 0 else 0
         if slots < 1:
             need = non_expert + kv + blob * L
-            return plan(0, Verdict.NO, f"needs at least {gib(need)} of device memory (weights {gib(non_expert)}, "
-                                 f"KV cache {gib(kv)} at {ctx} tokens, one expert slot per layer "
-                                 f"{gib(blob * L)}); the budget is {gib(vram)}")  # fmt: skip
+            return plan(
+                0,
+                Verdict.NO,
+                f"needs at least {gib(need)} of device memory (weights {gib(non_expert)}, "
+                f"KV cache {gib(kv)} at {ctx} tokens, one expert slot per layer "
+                f"{gib(blob * L)}); the budget is {gib(vram)}",
+            )
         p = plan(min(int(slots), E), Verdict.OFFLOAD)
     if unified and p.verdict is Verdict.GPU:
         p.verdict = Verdict.RAM

@@ -122,8 +122,13 @@ def dynamic_inv_freq(params: dict, head_dim: int, max_position_embeddings: int |
     return default_inv_freq(params, head_dim)
 
 
-_VARIANTS = {"default": default_inv_freq, "linear": linear_inv_freq, "dynamic": dynamic_inv_freq,
-             "yarn": yarn_inv_freq, "llama3": llama3_inv_freq}  # fmt: skip
+_VARIANTS = {
+    "default": default_inv_freq,
+    "linear": linear_inv_freq,
+    "dynamic": dynamic_inv_freq,
+    "yarn": yarn_inv_freq,
+    "llama3": llama3_inv_freq,
+}
 
 
 def check_supported(params: dict) -> None:
@@ -168,8 +173,14 @@ class Rotary:
     Plain attributes, not buffers: models are built on the meta device and these hold
     real numbers; they follow the activations' device on first use."""
 
-    def __init__(self, params: dict, head_dim: int, max_position_embeddings: int | None = None,
-                 interleaved: bool = False, float32: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        params: dict,
+        head_dim: int,
+        max_position_embeddings: int | None = None,
+        interleaved: bool = False,
+        float32: bool = False,
+    ):
         check_supported(params)
         self.kind = params["rope_type"]
         self.dim = _rotary_dim(params, head_dim)
@@ -226,7 +237,7 @@ class Rotary:
         seq = torch.clamp(seq_len.float(), min=float(self.original_max))
         base = self.theta * ((self.factor * seq / self.original_max) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
         exponent = torch.arange(0, self.dim, 2, device=seq_len.device).float() / self.dim
-        return 1.0 / base ** exponent
+        return 1.0 / base**exponent
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [..., T, Dh] with cos, sin [T, dim] -> x with its first `dim` dims rotated."""
@@ -247,6 +258,8 @@ class Rotary:
 
 def rotary_for(config: dict, head_dim: int, default_theta: float = DEFAULT_THETA, **kwargs) -> Rotary:
     """The Rotary a family's config asks for (`rope_theta` defaulting to the family's own)."""
-    if config.get("rope_theta") is None and "rope_theta" not in (config.get("rope_scaling") or config.get("rope_parameters") or {}):
+    if config.get("rope_theta") is None and "rope_theta" not in (
+        config.get("rope_scaling") or config.get("rope_parameters") or {}
+    ):
         config = {**config, "rope_theta": default_theta}
     return Rotary(rope_parameters(config), head_dim, config.get("max_position_embeddings"), **kwargs)

@@ -151,8 +151,11 @@ class Engine:
         """Prompt ids, through the chat template unless raw; refused when the planned context cannot hold them."""
         ctx = self.window(gen)  # a num_ctx above the plan is refused before any tokenizing
         if gen.messages is not None and not self.model.is_chat_model:
-            raise RequestError("this model does not chat (a span-corruption encoder-decoder without a chat template): "
-                               "send the raw prompt to /v1/completions or /api/generate", code="invalid_value")  # fmt: skip
+            raise RequestError(
+                "this model does not chat (a span-corruption encoder-decoder without a chat template): "
+                "send the raw prompt to /v1/completions or /api/generate",
+                code="invalid_value",
+            )
         tokenizer = self.model.tokenizer
         if gen.messages is not None:
             extra = {**gen.template_kwargs, **({"tools": gen.tools} if gen.tools else {})}
@@ -167,12 +170,17 @@ class Engine:
         vocab = self.model.tokenizer.vocab_size
         outside = [t for t in gen.penalties.get("logit_bias") or {} if t >= vocab]
         if outside:
-            raise RequestError(f"logit_bias: token id {outside[0]} is not in the vocabulary (0 to {vocab - 1})",
-                               code="invalid_value", param="logit_bias")  # fmt: skip
+            raise RequestError(
+                f"logit_bias: token id {outside[0]} is not in the vocabulary (0 to {vocab - 1})",
+                code="invalid_value",
+                param="logit_bias",
+            )
         if len(ids) >= ctx:
             what = f"options.num_ctx is {ctx}" if ctx < self.context_length else f"the planned context is {ctx}"
-            raise RequestError(f"the prompt has {len(ids)} tokens; {what} (start the server with a larger --ctx)",
-                               code="context_length_exceeded")  # fmt: skip
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; {what} (start the server with a larger --ctx)",
+                code="context_length_exceeded",
+            )
         return ids
 
     def _refuse_surely_too_long(self, text: str, ctx: int) -> None:
@@ -183,18 +191,23 @@ class Engine:
             self._longest_token = max((len(t) for t, _ in self.model.tokenizer.tokens_from(0)), default=1)
         per_token = max(self._longest_token, 1) * 4
         if len(text) >= ctx * per_token:
-            raise RequestError(f"the prompt has at least {len(text) // per_token} tokens ({len(text)} characters); the "
-                               f"planned context is {ctx} (start the server with a larger --ctx)",
-                               code="context_length_exceeded")  # fmt: skip
+            raise RequestError(
+                f"the prompt has at least {len(text) // per_token} tokens ({len(text)} characters); the "
+                f"planned context is {ctx} (start the server with a larger --ctx)",
+                code="context_length_exceeded",
+            )
 
     def window(self, gen: GenRequest) -> int:
         """The request's window (prompt + reply): the planned context, or a smaller options.num_ctx;
         a larger one is refused, since the states were allocated for the plan."""
         ctx = self.context_length
         if gen.num_ctx is not None and gen.num_ctx > ctx:
-            raise RequestError(f"options.num_ctx {gen.num_ctx} is above the planned context of {ctx} tokens (start the "
-                               f"server with --ctx {gen.num_ctx}, or leave num_ctx out)", param="options.num_ctx",
-                               code="context_length_exceeded")  # fmt: skip
+            raise RequestError(
+                f"options.num_ctx {gen.num_ctx} is above the planned context of {ctx} tokens (start the "
+                f"server with --ctx {gen.num_ctx}, or leave num_ctx out)",
+                param="options.num_ctx",
+                code="context_length_exceeded",
+            )
         return min(ctx, gen.num_ctx or ctx)
 
     def job(self, ids: list[int], gen: GenRequest, route: str, client: str) -> Job:
@@ -253,8 +266,15 @@ class Engine:
             if gen.json_mode:
                 extra["json_mode"] = True
             extra.update(gen.penalties)
-            stream = model.stream_generate(job.ids, max_new_tokens=job.max_new_tokens, temperature=gen.temperature,
-                                           top_p=gen.top_p, top_k=gen.top_k, seed=gen.seed, **extra)  # fmt: skip
+            stream = model.stream_generate(
+                job.ids,
+                max_new_tokens=job.max_new_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                top_k=gen.top_k,
+                seed=gen.seed,
+                **extra,
+            )
             hit = False
             for resp in stream:
                 result.completion_tokens += 1
@@ -331,17 +351,21 @@ class Engine:
 def _log_line(job: Job, r: Result) -> str:
     prompt_tps = r.prefilled_tokens / r.prompt_s if r.prompt_s > 0 else 0.0
     decode_tps = (r.completion_tokens - 1) / r.decode_s if r.completion_tokens > 1 and r.decode_s > 0 else 0.0
-    line = (f"{job.route} {job.client} · prompt {r.prompt_tokens} tok ({r.reused_tokens} reused, "
-            f"{r.prefilled_tokens} prefilled, {prompt_tps:.1f} tok/s) · reply {r.completion_tokens} tok "
-            f"({decode_tps:.1f} tok/s) · {'cancelled' if r.cancelled else r.finish_reason} · "
-            f"queued {r.queued_s:.2f} s")  # fmt: skip
+    line = (
+        f"{job.route} {job.client} · prompt {r.prompt_tokens} tok ({r.reused_tokens} reused, "
+        f"{r.prefilled_tokens} prefilled, {prompt_tps:.1f} tok/s) · reply {r.completion_tokens} tok "
+        f"({decode_tps:.1f} tok/s) · {'cancelled' if r.cancelled else r.finish_reason} · "
+        f"queued {r.queued_s:.2f} s"
+    )
     e = r.experts
     if e is None:
         return line + " · experts resident"
     uses = e["hits"] + e["misses"]
     rate = f"{e['hits'] / uses:.0%}" if uses else "-"
-    return line + (f" · experts {rate} hit ({e['hits']} hits, {e['misses']} misses, {e['prefetch_hits']} prefetched, "
-                   f"{e['cpu_experts']} on CPU, {e['bytes_copied'] / 1e6:.1f} MB copied)")  # fmt: skip
+    return line + (
+        f" · experts {rate} hit ({e['hits']} hits, {e['misses']} misses, {e['prefetch_hits']} prefetched, "
+        f"{e['cpu_experts']} on CPU, {e['bytes_copied'] / 1e6:.1f} MB copied)"
+    )
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -363,7 +387,9 @@ class _GenerationStream(StreamingResponse):
     """A streamed reply whose job is cancelled however the response ends (done, client gone, server stopping)."""
 
     def __init__(self, content, job: Job, media_type: str):
-        super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
@@ -544,9 +570,16 @@ class Origins:
         return any(p == "*" or fnmatch.fnmatchcase(origin, p) for p in self.extra)
 
 
-def build_app(model: ServedModel, *, name: str | None = None, api_key: str | None = None,
-              defaults: Defaults | None = None, engine: Engine | None = None,
-              origins: Origins | None = None, max_body: int = MAX_BODY) -> Starlette:  # fmt: skip
+def build_app(
+    model: ServedModel,
+    *,
+    name: str | None = None,
+    api_key: str | None = None,
+    defaults: Defaults | None = None,
+    engine: Engine | None = None,
+    origins: Origins | None = None,
+    max_body: int = MAX_BODY,
+) -> Starlette:
     """The ASGI app over a loaded moerun Model: each route parses its request
     (moerun.server_protocol), runs the engine and writes the response (moerun.server_responses)."""
     engine = engine or Engine(model, defaults)
@@ -570,8 +603,12 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
         if _bare_name(requested) not in names:
             shown = requested if len(requested) <= 200 else requested[:200] + "..."
             have = ollama_tag(model_id) if ollama else model_id
-            raise RequestError(f"model '{shown}' not found (this server has '{have}')", status=404,
-                               code="model_not_found", param="model")  # fmt: skip
+            raise RequestError(
+                f"model '{shown}' not found (this server has '{have}')",
+                status=404,
+                code="model_not_found",
+                param="model",
+            )
 
     def handler(fn, ollama: bool = False):
         # Every route's errors become JSON here: a 4xx for the client's, a 500 (one log line) for ours.
@@ -735,8 +772,12 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
 
     def listing() -> OllamaListing:
         bits = model.plan.bits if model.plan is not None else 16
-        details = ollama_details(model.config.get("model_type", ""), params_short(model.num_parameters), bits,
-                                 str(model.dtype).removeprefix("torch."))
+        details = ollama_details(
+            model.config.get("model_type", ""),
+            params_short(model.num_parameters),
+            bits,
+            str(model.dtype).removeprefix("torch."),
+        )
         return OllamaListing(ollama_tag(model_id), model_digest_once(), _modified_at(model), details)
 
     async def tags(request: Request) -> Response:
@@ -748,8 +789,14 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
             raise RequestError("'model' is required", param="model")
         check_model(body, ollama=True, keys=("model", "name"))
         template, plan = model.tokenizer.chat_template or "", model.plan
-        info = ollama_model_info(model.config, model.name, model.num_parameters, engine.context_length,
-                                 plan.n_experts if plan else 0, plan.experts_per_token if plan else 0)
+        info = ollama_model_info(
+            model.config,
+            model.name,
+            model.num_parameters,
+            engine.context_length,
+            plan.n_experts if plan else 0,
+            plan.experts_per_token if plan else 0,
+        )
         fmt = engine.tool_format
         capabilities = ollama_capabilities(model.is_chat_model, fmt.name if fmt else None, template)
         parameters = ollama_parameters(engine.defaults, engine.context_length)
@@ -758,8 +805,9 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
     async def ps(request: Request) -> Response:
         vram, ram, device = sizes()
         stats = model.stats
-        where = Residency(vram, ram, device, engine.context_length, stats["total"] if stats else None,
-                          len(model.cached_ids))
+        where = Residency(
+            vram, ram, device, engine.context_length, stats["total"] if stats else None, len(model.cached_ids)
+        )
         running = engine.running is not None
         return JSONResponse(ollama_ps(listing(), where, running, engine.waiting, engine.served))
 
@@ -787,8 +835,11 @@ def build_app(model: ServedModel, *, name: str | None = None, api_key: str | Non
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
         words = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-        err = RequestError(words.get(status, str(getattr(exc, "detail", "bad request"))), status=status,
-                           code="not_found" if status == 404 else "method_not_allowed")  # fmt: skip
+        err = RequestError(
+            words.get(status, str(getattr(exc, "detail", "bad request"))),
+            status=status,
+            code="not_found" if status == 404 else "method_not_allowed",
+        )
         return _error(err, request.url.path.startswith("/api/"))
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
@@ -815,9 +866,13 @@ class _Guard:
         extra = [h.strip() for h in asked.split(",") if _TOKEN.match(h.strip())]
         allow = ["Authorization", "Content-Type"]
         allow += [h for h in extra if h.lower() not in ("authorization", "content-type")]
-        out = {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST, HEAD, OPTIONS",
-               "Access-Control-Allow-Headers": ", ".join(allow), "Access-Control-Max-Age": "600",
-               "Vary": "Origin"}  # fmt: skip
+        out = {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, HEAD, OPTIONS",
+            "Access-Control-Allow-Headers": ", ".join(allow),
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        }
         if headers.get(b"access-control-request-private-network", b"").lower() == b"true":
             out["Access-Control-Allow-Private-Network"] = "true"  # Chrome's check before a page reaches loopback
         return Response(status_code=204, headers=out)
@@ -831,8 +886,11 @@ class _Guard:
         origin = headers.get(b"origin", b"").decode("latin-1").strip() or None
         if origin is not None and not self.origins.allows(origin):
             # Browsers send Origin; a page from elsewhere must not drive the model (nor a DNS-rebound name).
-            err = RequestError(f"origin {origin[:200]} is not allowed (start the server with --origins {origin[:200]})",
-                               status=403, code="origin_not_allowed")  # fmt: skip
+            err = RequestError(
+                f"origin {origin[:200]} is not allowed (start the server with --origins {origin[:200]})",
+                status=403,
+                code="origin_not_allowed",
+            )
             return await _error(err, ollama)(scope, receive, send)
         if origin is not None and scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers:
             return await self._preflight(origin, headers)(scope, receive, send)
@@ -850,8 +908,9 @@ class _Guard:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             # The key as the client's bytes (UTF-8), not as Latin-1 text: 'clé' matches 'clé'.
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key.encode()):
-                err = RequestError("missing or wrong API key (send Authorization: Bearer <key>)", status=401,
-                                   code="invalid_api_key")  # fmt: skip
+                err = RequestError(
+                    "missing or wrong API key (send Authorization: Bearer <key>)", status=401, code="invalid_api_key"
+                )
                 return await _error(err, ollama)(scope, receive, send_status)
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body:  # refused before a byte of it is read
@@ -861,13 +920,22 @@ class _Guard:
         if generates and status[0] < 400:
             return  # the worker logged it, with its tokens/sec
         client = scope.get("client")
-        log.info("%s %s %s · %d · %.3f s", scope.get("method"), path, f"{client[0]}:{client[1]}" if client else "-",
-                 status[0], time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "%s %s %s · %d · %.3f s",
+            scope.get("method"),
+            path,
+            f"{client[0]}:{client[1]}" if client else "-",
+            status[0],
+            time.perf_counter() - t0,
+        )
 
 
 def _too_large(limit: int) -> RequestError:
-    return RequestError(f"the request body is larger than {limit / (1 << 20):g} MiB (start the server with a larger "
-                        "--max-body)", status=413, code="request_too_large")  # fmt: skip
+    return RequestError(
+        f"the request body is larger than {limit / (1 << 20):g} MiB (start the server with a larger --max-body)",
+        status=413,
+        code="request_too_large",
+    )
 
 
 def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
@@ -904,10 +972,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, defaults: Defaults | None = None, announce: Callable[[str], None] | None = None,
-          sock: socket.socket | None = None, origins: Sequence[str] = (),
-          max_body: int = MAX_BODY) -> None:  # fmt: skip
+def serve(
+    model: ServedModel,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    name: str | None = None,
+    defaults: Defaults | None = None,
+    announce: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
+    origins: Sequence[str] = (),
+    max_body: int = MAX_BODY,
+) -> None:
     """Serve `model` until Ctrl-C (or SIGTERM): the running generation stops after its
     current token, queued ones are dropped, and the process exits cleanly.
     `origins`: browser origins allowed beside loopback pages (parse_origins)."""
@@ -915,8 +991,9 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = Engine(model, defaults)
-    app = build_app(model, name=name, api_key=api_key, defaults=defaults, engine=engine, origins=Origins(origins),
-                    max_body=max_body)  # fmt: skip
+    app = build_app(
+        model, name=name, api_key=api_key, defaults=defaults, engine=engine, origins=Origins(origins), max_body=max_body
+    )
     sock = sock or bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
@@ -934,8 +1011,10 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key
     server = Server(config)
     say = announce or (lambda line: print(line, flush=True))
     say(f"moerun serve: {model.describe()}")
-    say(f"listening on {url} (OpenAI: {url}/v1, Ollama: {url}/api; one generation at a time"
-        + (", API key required)" if api_key else ")"))  # fmt: skip
+    say(
+        f"listening on {url} (OpenAI: {url}/v1, Ollama: {url}/api; one generation at a time"
+        + (", API key required)" if api_key else ")")
+    )
     if not api_key and not _is_loopback(host):
         say(f"warning: {host} is reachable from other machines and no --api-key is set")
     try:

@@ -51,7 +51,8 @@ class ServedModel(Protocol):
         """How many leading tokens of `ids` the next generation takes from the states."""
         ...
 
-    def stream_generate(self, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int = 64,
-                        **kwargs) -> Generator[GenerationResponse, None, None]:
+    def stream_generate(
+        self, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int = 64, **kwargs
+    ) -> Generator[GenerationResponse, None, None]:
         """One response per token, the last with the stats; closing it early frees the states."""
         ...

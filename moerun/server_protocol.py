@@ -16,8 +16,14 @@ from moerun.tool_calls import held_tail
 class RequestError(Exception):
     """A bad request: becomes a 4xx JSON error, never a traceback."""
 
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error"):  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        code: str | None = None,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.status, self.code, self.param, self.kind = message, status, code, param, kind
 
@@ -104,8 +110,11 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise RequestError(f"'{where}{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)[:100]}",
-                           code="invalid_value", param=where + key)  # fmt: skip
+        raise RequestError(
+            f"'{where}{key}' must be {kind} between {lo:g} and {hi:g}, got {json.dumps(value)[:100]}",
+            code="invalid_value",
+            param=where + key,
+        )
     return value
 
 
@@ -139,8 +148,11 @@ def _text_content(content, where: str) -> str:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(f"{where}: only text content is supported, got a '{kind}' part", code="invalid_value",
-                                   param="messages")  # fmt: skip
+                raise RequestError(
+                    f"{where}: only text content is supported, got a '{kind}' part",
+                    code="invalid_value",
+                    param="messages",
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise RequestError(f"{where}: 'content' must be a string or a list of text parts", param="messages")
@@ -169,8 +181,11 @@ def _messages(value) -> list[dict]:
             raise RequestError(f"{where} must be an object with 'role' and 'content'", param="messages")
         role = m.get("role")
         if role not in ROLES:
-            raise RequestError(f"{where}: unknown role {json.dumps(role)} (use one of {', '.join(ROLES)})",
-                               code="invalid_value", param="messages")  # fmt: skip
+            raise RequestError(
+                f"{where}: unknown role {json.dumps(role)} (use one of {', '.join(ROLES)})",
+                code="invalid_value",
+                param="messages",
+            )
         if m.get("images"):
             raise RequestError(f"{where}: images are not supported (text-only model)", param="messages")
         message = {"role": "system" if role == "developer" else role, "content": _text_content(m.get("content"), where)}
@@ -204,16 +219,24 @@ def _tools(value) -> list | None:
 # that value (clients send the defaults) passes, any other is a 400 naming the field, never silently ignored.
 _NEUTRAL = {"repetition_penalty": (1, 0, 1e9), "typical_p": (1, 0, 1), "tfs_z": (1, 0, 1e9), "mirostat": (0, 0, 2)}
 # Implemented (moerun.generate.adjust_logits, filtered_probs): field -> (range, integer).
-_PENALTIES = {"presence_penalty": (-2, 2, False), "frequency_penalty": (-2, 2, False), "min_p": (0, 1, False),
-              "repeat_penalty": (1e-6, 1e6, False), "repeat_last_n": (-1, 1 << 31, True)}  # fmt: skip
+_PENALTIES = {
+    "presence_penalty": (-2, 2, False),
+    "frequency_penalty": (-2, 2, False),
+    "min_p": (0, 1, False),
+    "repeat_penalty": (1e-6, 1e6, False),
+    "repeat_last_n": (-1, 1 << 31, True),
+}
 
 
 def _unsupported_sampling(body: dict, where: str = "") -> None:
     for key, (neutral, lo, hi) in _NEUTRAL.items():
         value = _number(body, key, lo, hi, neutral, integer=key == "mirostat", where=where)
         if value != neutral:
-            raise RequestError(f"'{where}{key}' is not supported (leave it out or send {neutral})",
-                               code="unsupported_parameter", param=where + key)  # fmt: skip
+            raise RequestError(
+                f"'{where}{key}' is not supported (leave it out or send {neutral})",
+                code="unsupported_parameter",
+                param=where + key,
+            )
 
 
 def _logit_bias(body: dict) -> dict[int, float] | None:
@@ -221,8 +244,11 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     bias = body.get("logit_bias")
     if bias is None or bias == {}:
         return None
-    bad = RequestError("'logit_bias' must be an object of token ids (\"42\") to numbers from -100 to 100",
-                       code="invalid_value", param="logit_bias")  # fmt: skip
+    bad = RequestError(
+        "'logit_bias' must be an object of token ids (\"42\") to numbers from -100 to 100",
+        code="invalid_value",
+        param="logit_bias",
+    )
     if not isinstance(bias, dict) or len(bias) > 1024:
         raise bad
     out = {}
@@ -292,10 +318,14 @@ def _tool_choice(body: dict, tools: list | None) -> list | None:
     if choice == "none":
         return None
     if choice == "required" or isinstance(choice, dict):
-        raise RequestError("tool_choice: forcing a tool call is not supported; use \"auto\" or \"none\"",
-                           code="unsupported_parameter", param="tool_choice")  # fmt: skip
-    raise RequestError(f"tool_choice must be \"auto\" or \"none\", got {json.dumps(choice)}", code="invalid_value",
-                       param="tool_choice")  # fmt: skip
+        raise RequestError(
+            'tool_choice: forcing a tool call is not supported; use "auto" or "none"',
+            code="unsupported_parameter",
+            param="tool_choice",
+        )
+    raise RequestError(
+        f'tool_choice must be "auto" or "none", got {json.dumps(choice)}', code="invalid_value", param="tool_choice"
+    )
 
 
 def _response_format(value) -> bool:
@@ -308,11 +338,17 @@ def _response_format(value) -> bool:
     if kind == "json_object":
         return True
     if kind == "json_schema":
-        raise RequestError("response_format json_schema is not supported (only {\"type\": \"json_object\"}, which "
-                           "constrains the reply to a JSON object without a schema)", code="unsupported_parameter",
-                           param="response_format")  # fmt: skip
-    raise RequestError("response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}", code="invalid_value",
-                       param="response_format")  # fmt: skip
+        raise RequestError(
+            'response_format json_schema is not supported (only {"type": "json_object"}, which '
+            "constrains the reply to a JSON object without a schema)",
+            code="unsupported_parameter",
+            param="response_format",
+        )
+    raise RequestError(
+        'response_format must be {"type": "text"} or {"type": "json_object"}',
+        code="invalid_value",
+        param="response_format",
+    )
 
 
 # Variables the server sets itself; a request's chat_template_kwargs may not replace them.
@@ -327,10 +363,14 @@ def _template_kwargs(body: dict, thinking_key: str) -> dict:
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise RequestError("'chat_template_kwargs' must be an object", code="invalid_value", param="chat_template_kwargs")
+        raise RequestError(
+            "'chat_template_kwargs' must be an object", code="invalid_value", param="chat_template_kwargs"
+        )
     bad = [k for k in kwargs if k in _RESERVED_TEMPLATE_VARS or k.startswith("_")]
     if bad:
-        raise RequestError(f"chat_template_kwargs may not set '{bad[0]}'", code="invalid_value", param="chat_template_kwargs")
+        raise RequestError(
+            f"chat_template_kwargs may not set '{bad[0]}'", code="invalid_value", param="chat_template_kwargs"
+        )
     out = dict(kwargs)
     think = body.get(thinking_key)
     if thinking_key == "think" and think in ("low", "medium", "high"):  # Ollama's levels for gpt-oss
@@ -343,8 +383,9 @@ def _template_kwargs(body: dict, thinking_key: str) -> dict:
     effort = body.get("reasoning_effort")
     if effort is not None:
         if effort not in ("low", "medium", "high"):
-            raise RequestError("'reasoning_effort' must be \"low\", \"medium\" or \"high\"", code="invalid_value",
-                               param="reasoning_effort")  # fmt: skip
+            raise RequestError(
+                '\'reasoning_effort\' must be "low", "medium" or "high"', code="invalid_value", param="reasoning_effort"
+            )
         out.setdefault("reasoning_effort", effort)
     return out
 
@@ -353,12 +394,17 @@ def openai_chat(body: dict, defaults: Defaults) -> GenRequest:
     _openai_checks(body)
     tools = _tool_choice(body, _tools(body.get("tools")))
     return GenRequest(
-        messages=_messages(body.get("messages")), text=None,
+        messages=_messages(body.get("messages")),
+        text=None,
         max_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), defaults.max_tokens),
-        stop=_stop(body.get("stop")), stream=_bool(body, "stream", False), tools=tools,
-        include_usage=_stream_usage(body), json_mode=_response_format(body.get("response_format")),
-        template_kwargs=_template_kwargs(body, "enable_thinking"), **_common(body, defaults, openai=True),
-    )  # fmt: skip
+        stop=_stop(body.get("stop")),
+        stream=_bool(body, "stream", False),
+        tools=tools,
+        include_usage=_stream_usage(body),
+        json_mode=_response_format(body.get("response_format")),
+        template_kwargs=_template_kwargs(body, "enable_thinking"),
+        **_common(body, defaults, openai=True),
+    )
 
 
 def openai_completion(body: dict, defaults: Defaults) -> GenRequest:
@@ -367,16 +413,24 @@ def openai_completion(body: dict, defaults: Defaults) -> GenRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        raise RequestError("'prompt' must be a non-empty string (one prompt per request)", code="invalid_value",
-                           param="prompt")  # fmt: skip
+        raise RequestError(
+            "'prompt' must be a non-empty string (one prompt per request)", code="invalid_value", param="prompt"
+        )
     if body.get("suffix"):
-        raise RequestError("'suffix' (fill in the middle) is not supported", code="unsupported_parameter", param="suffix")
+        raise RequestError(
+            "'suffix' (fill in the middle) is not supported", code="unsupported_parameter", param="suffix"
+        )
     # 16 is OpenAI's own default for this endpoint.
     return GenRequest(
-        messages=None, text=prompt, max_tokens=_max_tokens(body, ("max_tokens",), 16), stop=_stop(body.get("stop")),
-        stream=_bool(body, "stream", False), include_usage=_stream_usage(body), echo=_bool(body, "echo", False),
+        messages=None,
+        text=prompt,
+        max_tokens=_max_tokens(body, ("max_tokens",), 16),
+        stop=_stop(body.get("stop")),
+        stream=_bool(body, "stream", False),
+        include_usage=_stream_usage(body),
+        echo=_bool(body, "echo", False),
         **_common(body, defaults, openai=True),
-    )  # fmt: skip
+    )
 
 
 def _ollama_options(body: dict, defaults: Defaults) -> dict:
@@ -384,12 +438,18 @@ def _ollama_options(body: dict, defaults: Defaults) -> dict:
     if not isinstance(options, dict):
         raise RequestError("'options' must be an object", param="options")
     predict = options.get("num_predict")
-    if predict is not None and (isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2):
+    if predict is not None and (
+        isinstance(predict, bool) or not isinstance(predict, int) or predict == 0 or predict < -2
+    ):
         raise RequestError("'options.num_predict' must be a positive integer, -1 or -2", param="options")
     max_tokens = predict if predict is not None and predict > 0 else defaults.max_tokens  # -1, -2: to the context
     num_ctx = _number(options, "num_ctx", 1, 1 << 31, None, integer=True, where="options.")
-    return dict(max_tokens=max_tokens, stop=_stop(options.get("stop"), "options.stop"), num_ctx=num_ctx,
-                **_common(options, defaults, "options."))  # fmt: skip
+    return dict(
+        max_tokens=max_tokens,
+        stop=_stop(options.get("stop"), "options.stop"),
+        num_ctx=num_ctx,
+        **_common(options, defaults, "options."),
+    )
 
 
 def _ollama_format(body: dict) -> bool:
@@ -405,10 +465,15 @@ def _ollama_format(body: dict) -> bool:
 
 
 def ollama_chat(body: dict, defaults: Defaults) -> GenRequest:
-    return GenRequest(messages=_messages(body.get("messages")), text=None,
-                      stream=_bool(body, "stream", True), tools=_tools(body.get("tools")),
-                      json_mode=_ollama_format(body), template_kwargs=_template_kwargs(body, "think"),
-                      **_ollama_options(body, defaults))  # fmt: skip
+    return GenRequest(
+        messages=_messages(body.get("messages")),
+        text=None,
+        stream=_bool(body, "stream", True),
+        tools=_tools(body.get("tools")),
+        json_mode=_ollama_format(body),
+        template_kwargs=_template_kwargs(body, "think"),
+        **_ollama_options(body, defaults),
+    )
 
 
 def ollama_generate(body: dict, defaults: Defaults) -> GenRequest:
@@ -425,10 +490,18 @@ def ollama_generate(body: dict, defaults: Defaults) -> GenRequest:
     options = _ollama_options(body, defaults)
     json_mode = _ollama_format(body)
     if raw:
-        return GenRequest(messages=None, text=prompt, stream=_bool(body, "stream", True), json_mode=json_mode, **options)
+        return GenRequest(
+            messages=None, text=prompt, stream=_bool(body, "stream", True), json_mode=json_mode, **options
+        )
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return GenRequest(messages=messages, text=None, stream=_bool(body, "stream", True), json_mode=json_mode,
-                      template_kwargs=_template_kwargs(body, "think"), **options)  # fmt: skip
+    return GenRequest(
+        messages=messages,
+        text=None,
+        stream=_bool(body, "stream", True),
+        json_mode=json_mode,
+        template_kwargs=_template_kwargs(body, "think"),
+        **options,
+    )
 
 
 # -- streaming filters --------------------------------------------------------------------------

@@ -66,8 +66,9 @@ def request_error(exc: BaseException) -> RequestError:
         return exc
     if isinstance(exc, MoerunError):
         return RequestError(" ".join(str(exc).split()), code="invalid_value")
-    return RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500, kind="server_error",
-                        code="internal_error")
+    return RequestError(
+        f"internal error: {type(exc).__name__}: {exc}", status=500, kind="server_error", code="internal_error"
+    )
 
 
 # -- OpenAI -------------------------------------------------------------------------------------
@@ -77,8 +78,11 @@ def openai_tool_calls(calls: list[Call], streaming: bool = False) -> list[dict]:
     out = []
     for i, call in enumerate(calls):
         args = call["arguments"]
-        entry = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                 "function": {"name": call["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
+        entry = {
+            "id": "call_" + uuid.uuid4().hex[:24],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
+        }
         if streaming:
             entry = {"index": i, **entry}
         out.append(entry)
@@ -86,9 +90,12 @@ def openai_tool_calls(calls: list[Call], streaming: bool = False) -> list[dict]:
 
 
 def openai_usage(r: Result) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": r.reused_tokens}}
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": r.reused_tokens},
+    }
 
 
 def openai_chat_completion(head: ReplyHead, r: Result, content: str, reasoning: str, calls: list[Call]) -> dict:
@@ -100,9 +107,15 @@ def openai_chat_completion(head: ReplyHead, r: Result, content: str, reasoning: 
     if calls:
         message.update(content=content or None, tool_calls=openai_tool_calls(calls))
         finish = "tool_calls"
-    return {"id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": openai_usage(r), "system_fingerprint": None}
+    return {
+        "id": head.id,
+        "object": "chat.completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": openai_usage(r),
+        "system_fingerprint": None,
+    }
 
 
 def _chunk_head(head: ReplyHead, kind: str) -> dict:
@@ -153,12 +166,21 @@ def openai_models(model_id: str, created: int) -> dict:
 
 
 def ollama_tool_calls(calls: list[Call]) -> list[dict]:
-    return [{"function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], dict) else {}}}
-            for c in calls]
+    return [
+        {"function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], dict) else {}}}
+        for c in calls
+    ]
 
 
-def ollama_piece(model: str, created_at: str, chat: bool, text: str, done: bool = False, calls: Sequence[Call] = (),
-                 thinking: str = "") -> dict:
+def ollama_piece(
+    model: str,
+    created_at: str,
+    chat: bool,
+    text: str,
+    done: bool = False,
+    calls: Sequence[Call] = (),
+    thinking: str = "",
+) -> dict:
     """One line of /api/chat (a message) or /api/generate (a response), streamed or whole."""
     out = {"model": model, "created_at": created_at}
     if chat:
@@ -175,11 +197,17 @@ def ollama_piece(model: str, created_at: str, chat: bool, text: str, done: bool 
     return out
 
 
-def ollama_pieces(model: str, created_at: str, chat: bool, pieces: list[Piece],
-                  calls: Sequence[Call] = ()) -> list[dict]:
+def ollama_pieces(
+    model: str, created_at: str, chat: bool, pieces: list[Piece], calls: Sequence[Call] = ()
+) -> list[dict]:
     """A parser's (kind, text) pieces as streamed lines, content or thinking, then one line of tool calls."""
-    out = [ollama_piece(model, created_at, chat, text) if kind == "content"
-           else ollama_piece(model, created_at, chat, "", thinking=text) for kind, text in pieces if text]
+    out = [
+        ollama_piece(model, created_at, chat, text)
+        if kind == "content"
+        else ollama_piece(model, created_at, chat, "", thinking=text)
+        for kind, text in pieces
+        if text
+    ]
     if calls:
         out.append(ollama_piece(model, created_at, chat, "", False, calls))
     return out
@@ -188,13 +216,20 @@ def ollama_pieces(model: str, created_at: str, chat: bool, pieces: list[Piece],
 def ollama_stats(r: Result) -> dict:
     """The counters of a reply's last line, durations in nanoseconds."""
     ns = 1_000_000_000
-    return {"done_reason": r.finish_reason, "total_duration": int((r.queued_s + r.prompt_s + r.decode_s) * ns),
-            "load_duration": 0, "prompt_eval_count": r.prompt_tokens, "prompt_eval_duration": int(r.prompt_s * ns),
-            "eval_count": r.completion_tokens, "eval_duration": int(r.decode_s * ns)}
+    return {
+        "done_reason": r.finish_reason,
+        "total_duration": int((r.queued_s + r.prompt_s + r.decode_s) * ns),
+        "load_duration": 0,
+        "prompt_eval_count": r.prompt_tokens,
+        "prompt_eval_duration": int(r.prompt_s * ns),
+        "eval_count": r.completion_tokens,
+        "eval_duration": int(r.decode_s * ns),
+    }
 
 
-def ollama_last(model: str, created_at: str, chat: bool, r: Result, text: str = "", calls: Sequence[Call] = (),
-                thinking: str = "") -> dict:
+def ollama_last(
+    model: str, created_at: str, chat: bool, r: Result, text: str = "", calls: Sequence[Call] = (), thinking: str = ""
+) -> dict:
     """A reply's last line (done, with its counters); a whole reply when not streamed."""
     return {**ollama_piece(model, created_at, chat, text, True, calls, thinking), **ollama_stats(r)}
 
@@ -224,14 +259,30 @@ def ollama_details(model_type: str, parameters: str, bits: int, dtype: str) -> d
     """`parameters` as a model name says it (moerun.units.params_short); `bits` of the experts (16: not quantized)."""
     unquantized = {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")
     quant = {4: "NF4 experts", 8: "Q8_0 experts (int8)"}.get(bits, unquantized)
-    return {"parent_model": "", "format": "safetensors", "family": model_type, "families": [model_type],
-            "parameter_size": parameters, "quantization_level": quant}
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": model_type,
+        "families": [model_type],
+        "parameter_size": parameters,
+        "quantization_level": quant,
+    }
 
 
 def ollama_tags(listing: OllamaListing, size: int) -> dict:
     """/api/tags: `size` is the model's bytes on disk."""
-    return {"models": [{"name": listing.tag, "model": listing.tag, "modified_at": listing.modified_at, "size": size,
-                        "digest": listing.digest, "details": listing.details}]}
+    return {
+        "models": [
+            {
+                "name": listing.tag,
+                "model": listing.tag,
+                "modified_at": listing.modified_at,
+                "size": size,
+                "digest": listing.digest,
+                "details": listing.details,
+            }
+        ]
+    }
 
 
 def _config_number(config: dict, *keys: str):
@@ -243,25 +294,33 @@ def _config_number(config: dict, *keys: str):
     return None
 
 
-def ollama_model_info(config: dict, name: str, parameter_count: int, context_length: int, n_experts: int = 0,
-                      experts_per_token: int = 0) -> dict:
+def ollama_model_info(
+    config: dict, name: str, parameter_count: int, context_length: int, n_experts: int = 0, experts_per_token: int = 0
+) -> dict:
     """/api/show's model_info: general.* and <arch>.* keys, as Ollama writes them from a GGUF.
     The expert counts are the plan's when it has them, else config.json's."""
     arch = str(config.get("model_type") or "unknown")
     text = text_config(config)
-    info = {"general.architecture": arch, "general.parameter_count": parameter_count,
-            "general.basename": name, f"{arch}.context_length": context_length}
-    fields = {"embedding_length": ("hidden_size", "d_model", "n_embd"),
-              "block_count": ("num_hidden_layers", "num_layers", "n_layer"),
-              "attention.head_count": ("num_attention_heads", "num_heads"),
-              "attention.head_count_kv": ("num_key_value_heads",),
-              "vocab_size": ("vocab_size",)}
+    info = {
+        "general.architecture": arch,
+        "general.parameter_count": parameter_count,
+        "general.basename": name,
+        f"{arch}.context_length": context_length,
+    }
+    fields = {
+        "embedding_length": ("hidden_size", "d_model", "n_embd"),
+        "block_count": ("num_hidden_layers", "num_layers", "n_layer"),
+        "attention.head_count": ("num_attention_heads", "num_heads"),
+        "attention.head_count_kv": ("num_key_value_heads",),
+        "vocab_size": ("vocab_size",),
+    }
     for key, names in fields.items():
         value = _config_number(text, *names)
         if value is not None:
             info[f"{arch}.{key}"] = value
-    experts = n_experts or _config_number(text, "num_local_experts", "num_experts", "n_routed_experts",
-                                          "moe_num_experts")
+    experts = n_experts or _config_number(
+        text, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"
+    )
     used = experts_per_token or _config_number(text, "num_experts_per_tok", "moe_k", "top_k")
     if experts:
         info[f"{arch}.expert_count"] = int(experts)
@@ -286,17 +345,27 @@ def ollama_capabilities(chats: bool, tool_format: str | None, template: str) -> 
 def ollama_parameters(defaults: Defaults, context_length: int) -> str:
     """/api/show's parameters: the server's sampling defaults, one `name value` line each."""
     d = defaults
-    rows = [("num_ctx", context_length), ("temperature", d.temperature), ("top_p", d.top_p),
-            ("top_k", d.top_k)] + ([("seed", d.seed)] if d.seed is not None else []) + (
-            [("num_predict", d.max_tokens)] if d.max_tokens else [])
+    rows = (
+        [("num_ctx", context_length), ("temperature", d.temperature), ("top_p", d.top_p), ("top_k", d.top_k)]
+        + ([("seed", d.seed)] if d.seed is not None else [])
+        + ([("num_predict", d.max_tokens)] if d.max_tokens else [])
+    )
     return "\n".join(f"{k:<30} {v:g}" if isinstance(v, float) else f"{k:<30} {v}" for k, v in rows)
 
 
-def ollama_show(listing: OllamaListing, model_id: str, parameters: str, template: str, model_info: dict,
-                capabilities: list[str]) -> dict:
-    return {"license": "", "modelfile": f"# Modelfile of moerun's {listing.tag}\nFROM {model_id}\n",
-            "parameters": parameters, "template": template, "details": listing.details, "model_info": model_info,
-            "capabilities": capabilities, "modified_at": listing.modified_at}
+def ollama_show(
+    listing: OllamaListing, model_id: str, parameters: str, template: str, model_info: dict, capabilities: list[str]
+) -> dict:
+    return {
+        "license": "",
+        "modelfile": f"# Modelfile of moerun's {listing.tag}\nFROM {model_id}\n",
+        "parameters": parameters,
+        "template": template,
+        "details": listing.details,
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": listing.modified_at,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,13 +386,25 @@ def ollama_ps(listing: OllamaListing, where: Residency, running: bool, waiting: 
         t = where.expert_cache
         uses = t["hits"] + t["misses"]
         cache = {**t, "hit_rate": t["hits"] / uses if uses else None}
-    return {"models": [{
-        "name": listing.tag, "model": listing.tag, "size": where.vram + where.ram, "size_vram": where.vram,
-        "size_ram": where.ram, "digest": listing.digest, "details": listing.details,
-        "expires_at": "9999-12-31T23:59:59Z", "device": where.device,
-        "context_length": where.context_length, "expert_cache": cache, "prefix_tokens": where.prefix_tokens,
-        "generations": {"max_concurrent": 1, "running": int(running), "waiting": waiting, "served": served},
-    }]}
+    return {
+        "models": [
+            {
+                "name": listing.tag,
+                "model": listing.tag,
+                "size": where.vram + where.ram,
+                "size_vram": where.vram,
+                "size_ram": where.ram,
+                "digest": listing.digest,
+                "details": listing.details,
+                "expires_at": "9999-12-31T23:59:59Z",
+                "device": where.device,
+                "context_length": where.context_length,
+                "expert_cache": cache,
+                "prefix_tokens": where.prefix_tokens,
+                "generations": {"max_concurrent": 1, "running": int(running), "waiting": waiting, "served": served},
+            }
+        ]
+    }
 
 
 def ollama_version(api_version: str, moerun_version: str) -> dict:

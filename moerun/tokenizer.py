@@ -63,8 +63,9 @@ def _check_special_tokens(config: dict, source: Path) -> None:
         content = value.get("content") if isinstance(value, dict) else value
         if content is not None and not isinstance(content, str):
             shown = json.dumps(value) if isinstance(value, (dict, list, int, float, bool)) else type(value).__name__
-            raise MoerunError(f"{source}: {name} is {shown}, expected a token: text, or an object whose \"content\" "
-                              "is text")  # fmt: skip
+            raise MoerunError(
+                f'{source}: {name} is {shown}, expected a token: text, or an object whose "content" is text'
+            )
 
 
 def _named_templates(value: Any) -> dict[str, str]:
@@ -274,8 +275,10 @@ class Tokenizer:
             try:
                 templates["default"] = template_path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise MoerunError(f"{template_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                                  f"{e.start}): a chat template is a Jinja text file") from None  # fmt: skip
+                raise MoerunError(
+                    f"{template_path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                    f"{e.start}): a chat template is a Jinja text file"
+                ) from None
             except OSError as e:
                 raise MoerunError(f"cannot read {template_path}: {e.strerror or e}") from None
         return cls(backend, config, templates)
@@ -288,8 +291,10 @@ class Tokenizer:
     def tokens_from(self, first_id: int) -> list[tuple[str, int]]:
         """(token, id) of every token whose id is `first_id` or more, lowest id first: the
         tokens a model with a `first_id`-row embedding cannot take."""
-        return sorted(((t, i) for t, i in self._tok.get_vocab(with_added_tokens=True).items() if i >= first_id),
-                      key=lambda ti: ti[1])  # fmt: skip
+        return sorted(
+            ((t, i) for t, i in self._tok.get_vocab(with_added_tokens=True).items() if i >= first_id),
+            key=lambda ti: ti[1],
+        )
 
     @property
     def has_chat_template(self) -> bool:
@@ -458,8 +463,10 @@ class StreamDecoder:
     def _window_text(self) -> tuple[str, str]:
         decode = self._tokenizer.decode
         window = self._ids[self._prefix :]
-        return (decode(window[: self._read - self._prefix], self._skip, self._keep),
-                decode(window, self._skip, self._keep))  # fmt: skip
+        return (
+            decode(window[: self._read - self._prefix], self._skip, self._keep),
+            decode(window, self._skip, self._keep),
+        )
 
     def add(self, token_id: int) -> str:
         """Add one token id; return the text it made printable (often "", never a partial char)."""
@@ -479,7 +486,17 @@ class StreamDecoder:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization: drop spaces that WordPiece decoding puts before punctuation."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text

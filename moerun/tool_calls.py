@@ -466,8 +466,9 @@ def format_for(config: dict | None) -> ToolFormat | None:
     return FORMATS.get(name) if name else None
 
 
-def parse_reply(fmt: ToolFormat, text: str, tools: list | None = None, prompt: str = "",
-                find_calls: bool = True) -> tuple[str, str, list[Call]]:  # fmt: skip
+def parse_reply(
+    fmt: ToolFormat, text: str, tools: list | None = None, prompt: str = "", find_calls: bool = True
+) -> tuple[str, str, list[Call]]:
     """A whole reply -> (content, reasoning, calls); arguments as for ReplyParser."""
     parser = fmt.parser(tools, prompt, find_calls)
     pieces = parser.feed(text)

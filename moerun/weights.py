@@ -32,10 +32,22 @@ _DTYPES: dict[str, torch.dtype] = {
     for name, dtype in (
         (name, getattr(torch, attr, None))
         for name, attr in {
-            "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-            "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+            "F64": "float64",
+            "F32": "float32",
+            "F16": "float16",
+            "BF16": "bfloat16",
+            "I64": "int64",
+            "I32": "int32",
+            "I16": "int16",
+            "I8": "int8",
+            "U8": "uint8",
+            "U16": "uint16",
+            "U32": "uint32",
+            "U64": "uint64",
+            "BOOL": "bool",
+            "F8_E4M3": "float8_e4m3fn",
+            "F8_E5M2": "float8_e5m2",
+            "F8_E8M0": "float8_e8m0fnu",
         }.items()
     )
     if dtype is not None
@@ -104,7 +116,9 @@ def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo
         for d in shape:
             numel *= d
         if end - start != numel * dtype.itemsize:
-            raise MoerunError(corrupt.format(f"{key} has offsets [{start}, {end}] that do not fit shape {_fmt_shape(shape)}"))
+            raise MoerunError(
+                corrupt.format(f"{key} has offsets [{start}, {end}] that do not fit shape {_fmt_shape(shape)}")
+            )
         tensors[key] = TensorInfo(path, dtype, shape)
         spans.append((start, end, key))
 
@@ -113,7 +127,11 @@ def read_header(path: Path, raw_out: list | None = None) -> dict[str, TensorInfo
     data_end = 0
     for start, end, key in sorted(spans):
         if start != data_end:
-            what = "overlaps the tensor before it" if start < data_end else f"leaves a gap of {start - data_end} bytes before it"
+            what = (
+                "overlaps the tensor before it"
+                if start < data_end
+                else f"leaves a gap of {start - data_end} bytes before it"
+            )
             raise MoerunError(corrupt.format(f"tensor {key} at data offsets [{start}, {end}] {what}"))
         data_end = end
 
@@ -264,7 +282,9 @@ class CheckpointWeights:
     def __enter__(self) -> CheckpointWeights:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -89,8 +89,12 @@ def backends(bits: int, D: int, I: int, E: int, K: int):
         out.append(("dequant+mm", layer(dequant)))
     if bits == 16:
         W = [fmt.unpack(store[e], torch.bfloat16)[:2] for e in range(E)]  # views into the store
-        out.append(("torch-bf16", layer(lambda x, e: swiglu_expert(x, lambda t: F.linear(t, W[e][0]),
-                                                                      lambda t: F.linear(t, W[e][1])))))  # fmt: skip
+        out.append(
+            (
+                "torch-bf16",
+                layer(lambda x, e: swiglu_expert(x, lambda t: F.linear(t, W[e][0]), lambda t: F.linear(t, W[e][1]))),
+            )
+        )
     if bits == 8:
 
         def q8(w):
@@ -99,8 +103,12 @@ def backends(bits: int, D: int, I: int, E: int, K: int):
 
         Q = [(q8(w13[e % 2]), q8(w2[e % 2])) for e in range(E)]
         mm8 = torch.ops.aten._weight_int8pack_mm
-        out.append(("torch-int8pack", layer(lambda x, e: swiglu_expert(x, lambda t: mm8(t, *Q[e][0]),
-                                                                          lambda t: mm8(t, *Q[e][1])))))  # fmt: skip
+        out.append(
+            (
+                "torch-int8pack",
+                layer(lambda x, e: swiglu_expert(x, lambda t: mm8(t, *Q[e][0]), lambda t: mm8(t, *Q[e][1]))),
+            )
+        )
     if bits == 4:
         group = 64
 
@@ -120,19 +128,43 @@ def backends(bits: int, D: int, I: int, E: int, K: int):
             Q4 = [(Q4[0], Q4[1]) if e % 2 == 0 else (Q4[2], Q4[3]) for e in range(2)]
             Q4 = [tuple((a.clone(), b.clone()) for a, b in Q4[e % 2]) for e in range(E)]
             mm4 = torch.ops.aten._weight_int4pack_mm_for_cpu
-            out.append(("torch-int4pack", layer(lambda x, e: swiglu_expert(
-                x, lambda t: mm4(t, Q4[e][0][0], group, Q4[e][0][1]), lambda t: mm4(t, Q4[e][1][0], group, Q4[e][1][1])))))  # fmt: skip
+            out.append(
+                (
+                    "torch-int4pack",
+                    layer(
+                        lambda x, e: swiglu_expert(
+                            x,
+                            lambda t: mm4(t, Q4[e][0][0], group, Q4[e][0][1]),
+                            lambda t: mm4(t, Q4[e][1][0], group, Q4[e][1][1]),
+                        )
+                    ),
+                )
+            )
         except (RuntimeError, NotImplementedError) as err:
             print(f"torch-int4pack: not available here ({str(err).splitlines()[0][:80]})")
         try:
             import bitsandbytes as bnb
             import bitsandbytes.functional as bF
 
-            B = [(bF.quantize_4bit(w13[e % 2], blocksize=64, quant_type="nf4"),
-                  bF.quantize_4bit(w2[e % 2], blocksize=64, quant_type="nf4")) for e in range(E)]  # fmt: skip
-            out.append(("bnb-nf4", layer(lambda x, e: swiglu_expert(
-                x, lambda t: bnb.matmul_4bit(t, B[e][0][0].t(), B[e][0][1]),
-                lambda t: bnb.matmul_4bit(t, B[e][1][0].t(), B[e][1][1])))))  # fmt: skip
+            B = [
+                (
+                    bF.quantize_4bit(w13[e % 2], blocksize=64, quant_type="nf4"),
+                    bF.quantize_4bit(w2[e % 2], blocksize=64, quant_type="nf4"),
+                )
+                for e in range(E)
+            ]
+            out.append(
+                (
+                    "bnb-nf4",
+                    layer(
+                        lambda x, e: swiglu_expert(
+                            x,
+                            lambda t: bnb.matmul_4bit(t, B[e][0][0].t(), B[e][0][1]),
+                            lambda t: bnb.matmul_4bit(t, B[e][1][0].t(), B[e][1][1]),
+                        )
+                    ),
+                )
+            )
         except ImportError:
             print("bnb-nf4: bitsandbytes not installed")
     return fmt, out
@@ -151,8 +183,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     D, I, K = SHAPES[args.shape]
     bw = read_bandwidth(1024)
-    print(f"shape {args.shape}: D={D} I={I}, {K} experts per call; {args.threads} threads; C kernels: {cpu_experts.isa()}; "
-          f"read bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
+    print(
+        f"shape {args.shape}: D={D} I={I}, {K} experts per call; {args.threads} threads; C kernels: {cpu_experts.isa()}; "
+        f"read bandwidth {bw / 1e9:.1f} GB/s"
+    )
     rows = []
     print("| bits | backend | tokens per expert | ms per layer call | weight GB/s | % of read bw |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -86,8 +86,14 @@ def bnb_expert_fns(fmt: ExpertFormat, slots: torch.Tensor):
         v = fmt.views(slots[s])
         mats = []
         for name, shape in (("w13", (2 * I, D)), ("w2", (D, I))):
-            qs = QuantState(absmax=v[f"{name}.absmax"], shape=torch.Size(shape), code=code, blocksize=64,
-                            quant_type="nf4", dtype=torch.bfloat16)  # fmt: skip
+            qs = QuantState(
+                absmax=v[f"{name}.absmax"],
+                shape=torch.Size(shape),
+                code=code,
+                blocksize=64,
+                quant_type="nf4",
+                dtype=torch.bfloat16,
+            )
             mats.append((v[f"{name}.q"].view(-1, 1), qs))
         experts.append(mats)
 
@@ -128,8 +134,16 @@ def main() -> int:
     dtype, K = torch.bfloat16, args.top_k
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    rows, results = [], {"device": gpu, "config_file": device_name("cuda"), "copy_bandwidth_GBps": bw / 1e9,
-                         "shape": {"D": D, "I": I, "slots": args.slots, "top_k": K}, "runs": []}  # fmt: skip
+    rows, results = (
+        [],
+        {
+            "device": gpu,
+            "config_file": device_name("cuda"),
+            "copy_bandwidth_GBps": bw / 1e9,
+            "shape": {"D": D, "I": I, "slots": args.slots, "top_k": K},
+            "runs": [],
+        },
+    )
     rows.append(("device copy (D2D, read+write)", "-", f"{bw / 1e9:.0f} GB/s", "", ""))
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -146,12 +160,27 @@ def main() -> int:
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         t, sd = cuda_time(lambda: fused_experts(x, ids, w, slots, fmt, dtype, mode="decode"), args.iters)
         nbytes = K * weight_bytes(fmt)
-        run = {"op": "decode", "bits": bits, "tokens": 1, "seconds": t, "std": sd, "bytes": nbytes,
-               "GBps": nbytes / t / 1e9, "fraction_of_copy_bw": nbytes / t / bw, "max_rel_err": err}  # fmt: skip
+        run = {
+            "op": "decode",
+            "bits": bits,
+            "tokens": 1,
+            "seconds": t,
+            "std": sd,
+            "bytes": nbytes,
+            "GBps": nbytes / t / 1e9,
+            "fraction_of_copy_bw": nbytes / t / bw,
+            "max_rel_err": err,
+        }
         results["runs"].append(run)
-        rows.append((f"decode tg1 {fmt.name} (moerun)", f"{t * 1e6:.0f} ± {sd * 1e6:.0f} us",
-                     f"{run['GBps']:.0f} GB/s", f"{100 * run['fraction_of_copy_bw']:.0f}% of copy bw",
-                     f"rel err {err:.1e}"))  # fmt: skip
+        rows.append(
+            (
+                f"decode tg1 {fmt.name} (moerun)",
+                f"{t * 1e6:.0f} ± {sd * 1e6:.0f} us",
+                f"{run['GBps']:.0f} GB/s",
+                f"{100 * run['fraction_of_copy_bw']:.0f}% of copy bw",
+                f"rel err {err:.1e}",
+            )
+        )
 
         if bits == 4:
             fns = bnb_expert_fns(fmt, slots)
@@ -167,36 +196,80 @@ def main() -> int:
                     except Exception as e:  # noqa: BLE001
                         rows.append((f"bitsandbytes {label}", "-", "-", f"failed: {e}", ""))
                         continue
-                    results["runs"].append({"op": f"bnb {label}", "bits": 4, "tokens": 1, "seconds": bt,
-                                            "std": bsd, "GBps": nbytes / bt / 1e9, "max_rel_err": b_err,
-                                            "moerun_speedup": bt / t})  # fmt: skip
-                    rows.append((f"decode tg1 bnb {label}", f"{bt * 1e6:.0f} ± {bsd * 1e6:.0f} us",
-                                 f"{nbytes / bt / 1e9:.0f} GB/s", f"moerun {bt / t:.2f}x faster",
-                                 f"rel err {b_err:.1e}"))  # fmt: skip
+                    results["runs"].append(
+                        {
+                            "op": f"bnb {label}",
+                            "bits": 4,
+                            "tokens": 1,
+                            "seconds": bt,
+                            "std": bsd,
+                            "GBps": nbytes / bt / 1e9,
+                            "max_rel_err": b_err,
+                            "moerun_speedup": bt / t,
+                        }
+                    )
+                    rows.append(
+                        (
+                            f"decode tg1 bnb {label}",
+                            f"{bt * 1e6:.0f} ± {bsd * 1e6:.0f} us",
+                            f"{nbytes / bt / 1e9:.0f} GB/s",
+                            f"moerun {bt / t:.2f}x faster",
+                            f"rel err {b_err:.1e}",
+                        )
+                    )
 
         # Prefill: ppN tokens, top-K, grouped GEMM vs a dense bf16 matmul of the same shape.
         N = args.prompt
         xp = torch.randn(N, D, device="cuda", dtype=dtype, generator=gen)
         idp = torch.stack([torch.randperm(args.slots, device="cuda", generator=gen)[:K] for _ in range(N)])
         wp = torch.softmax(torch.randn(N, K, device="cuda", generator=gen), -1)
-        t, sd = cuda_time(lambda: fused_experts(xp, idp, wp, slots, fmt, dtype, mode="prefill"), max(args.iters // 5, 5))
+        t, sd = cuda_time(
+            lambda: fused_experts(xp, idp, wp, slots, fmt, dtype, mode="prefill"), max(args.iters // 5, 5)
+        )
         flops = 2 * N * K * 3 * I * D
         w13 = torch.randn(2 * I, D, device="cuda", dtype=dtype, generator=gen)
         w2 = torch.randn(D, I, device="cuda", dtype=dtype, generator=gen)
         xd = torch.randn(N * K, D, device="cuda", dtype=dtype, generator=gen)
         hd = torch.randn(N * K, I, device="cuda", dtype=dtype, generator=gen)
         dt, dsd = cuda_time(lambda: (xd @ w13.t(), hd @ w2.t()), max(args.iters // 5, 5))
-        results["runs"].append({"op": "prefill", "bits": bits, "tokens": N, "seconds": t, "std": sd,
-                                "TFLOPs": flops / t / 1e12, "dense_bf16_TFLOPs": flops / dt / 1e12})  # fmt: skip
-        rows.append((f"prefill pp{N} {fmt.name} (moerun grouped GEMM)", f"{t * 1e3:.2f} ± {sd * 1e3:.2f} ms",
-                     f"{flops / t / 1e12:.1f} TFLOP/s", f"{100 * dt / t:.0f}% of dense bf16", ""))  # fmt: skip
-        rows.append((f"prefill pp{N} dense bf16 matmul, same shape", f"{dt * 1e3:.2f} ± {dsd * 1e3:.2f} ms",
-                     f"{flops / dt / 1e12:.1f} TFLOP/s", "", ""))  # fmt: skip
-        del slots
+        results["runs"].append(
+            {
+                "op": "prefill",
+                "bits": bits,
+                "tokens": N,
+                "seconds": t,
+                "std": sd,
+                "TFLOPs": flops / t / 1e12,
+                "dense_bf16_TFLOPs": flops / dt / 1e12,
+            }
+        )
+        rows.append(
+            (
+                f"prefill pp{N} {fmt.name} (moerun grouped GEMM)",
+                f"{t * 1e3:.2f} ± {sd * 1e3:.2f} ms",
+                f"{flops / t / 1e12:.1f} TFLOP/s",
+                f"{100 * dt / t:.0f}% of dense bf16",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"prefill pp{N} dense bf16 matmul, same shape",
+                f"{dt * 1e3:.2f} ± {dsd * 1e3:.2f} ms",
+                f"{flops / dt / 1e12:.1f} TFLOP/s",
+                "",
+                "",
+            )
+        )
+        slots = None  # freed before the next shape allocates (lambdas above still name it)
         torch.cuda.empty_cache()
 
-    md = [f"GPU: {gpu}; experts D={D}, I={I}, {args.slots} slots, top-{K}, bf16 activations", "",
-          "| test | time | throughput | vs | check |", "|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        f"GPU: {gpu}; experts D={D}, I={I}, {args.slots} slots, top-{K}, bf16 activations",
+        "",
+        "| test | time | throughput | vs | check |",
+        "|---|---|---|---|---|",
+    ]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md)
     print(text)

@@ -25,8 +25,14 @@ from safetensors.torch import save_file
 import moerun
 from moerun.registry import DEMO_DIR
 
-MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               num_local_experts=8, num_experts_per_tok=2)  # fmt: skip
+MIXTRAL = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+)
 
 
 def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> Path:
@@ -52,8 +58,14 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> Path:
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
 
-    shard({"model.embed_tokens.weight": rand(vocab, D), "model.norm.weight": torch.ones(D, dtype=torch.bfloat16),
-           "lm_head.weight": rand(vocab, D)}, "model-embed.safetensors")  # fmt: skip
+    shard(
+        {
+            "model.embed_tokens.weight": rand(vocab, D),
+            "model.norm.weight": torch.ones(D, dtype=torch.bfloat16),
+            "lm_head.weight": rand(vocab, D),
+        },
+        "model-embed.safetensors",
+    )
     for i in range(layers):
         p = f"model.layers.{i}."
         t = {
@@ -70,9 +82,18 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> Path:
             t.update({q + "w1.weight": rand(I, D), q + "w3.weight": rand(I, D), q + "w2.weight": rand(D, I)})
         shard(t, f"model-layer{i:02d}.safetensors")
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": vocab,
-              "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096,
-              "torch_dtype": "bfloat16", "tie_word_embeddings": False, **MIXTRAL}  # fmt: skip
+    config = {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": vocab,
+        "num_hidden_layers": layers,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        **MIXTRAL,
+    }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(folder)
     return folder
@@ -80,8 +101,9 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> Path:
 
 def bench_one(folder, bits, slots, cold, tokens, repeats, device, dtype, prefetch=True) -> dict:
     t0 = time.perf_counter()
-    model = moerun.load(str(folder), bits=bits, expert_slots=slots, cold=cold, device=device, dtype=dtype,
-                        prefetch=prefetch, ctx=256)  # fmt: skip
+    model = moerun.load(
+        str(folder), bits=bits, expert_slots=slots, cold=cold, device=device, dtype=dtype, prefetch=prefetch, ctx=256
+    )
     load_s = time.perf_counter() - t0
     prompt = list(range(10, 26))
     model.generate(prompt, max_new_tokens=2, ignore_eos=True)  # warm-up
@@ -94,13 +116,18 @@ def bench_one(folder, bits, slots, cold, tokens, repeats, device, dtype, prefetc
     uses = total.get("hits", 0) + total.get("misses", 0)
     n_tokens = repeats * (tokens + len(prompt))
     return {
-        "bits": bits, "slots": slots, "cold": cold, "prefetch": prefetch,
-        "tg_tps_mean": statistics.mean(rates), "tg_tps_std": statistics.pstdev(rates),
+        "bits": bits,
+        "slots": slots,
+        "cold": cold,
+        "prefetch": prefetch,
+        "tg_tps_mean": statistics.mean(rates),
+        "tg_tps_std": statistics.pstdev(rates),
         "hit_rate": total.get("hits", 0) / uses if uses else 1.0,
         "copied_bytes_per_token": total.get("bytes_copied", 0) / n_tokens,
-        "cpu_experts": total.get("cpu_experts", 0), "load_seconds": load_s,
+        "cpu_experts": total.get("cpu_experts", 0),
+        "load_seconds": load_s,
         "device_bytes_planned": model.plan.gpu_bytes,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -130,19 +157,28 @@ def main() -> None:
                     continue  # nothing is cold when every expert is resident
                 row = bench_one(folder, bits, slots, cold, args.tokens, args.repeats, args.device, dtype)
                 rows.append(row)
-                print(f"bits={bits:2d} slots={slots} cold={cold:4s}  tg {row['tg_tps_mean']:.3f} ± "
-                      f"{row['tg_tps_std']:.3f} tok/s  hit {row['hit_rate']:.0%}  "
-                      f"copied/token {row['copied_bytes_per_token'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "moerun": moerun.__version__,
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+                print(
+                    f"bits={bits:2d} slots={slots} cold={cold:4s}  tg {row['tg_tps_mean']:.3f} ± "
+                    f"{row['tg_tps_std']:.3f} tok/s  hit {row['hit_rate']:.0%}  "
+                    f"copied/token {row['copied_bytes_per_token'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "moerun": moerun.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine, "layers": args.layers, "rows": rows}, indent=2))
     print("\n| bits | slots/layer | cold | tg t/s | hit rate | copied/token |")
     print("|---:|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['bits']} | {r['slots']} | {r['cold']} | {r['tg_tps_mean']:.3f} ± {r['tg_tps_std']:.3f} | "
-              f"{r['hit_rate']:.0%} | {r['copied_bytes_per_token'] / 2**20:.0f} MiB |")  # fmt: skip
+        print(
+            f"| {r['bits']} | {r['slots']} | {r['cold']} | {r['tg_tps_mean']:.3f} ± {r['tg_tps_std']:.3f} | "
+            f"{r['hit_rate']:.0%} | {r['copied_bytes_per_token'] / 2**20:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,20 @@ WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lim
 def tiny_checkpoint(folder: Path) -> Path:
     from tests.model_fixtures import make_checkpoint
 
-    return make_checkpoint(folder, "mixtral", dtype=torch.float32, shards=1, hidden_size=256, intermediate_size=512,
-                           num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
-                           num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)  # fmt: skip
+    return make_checkpoint(
+        folder,
+        "mixtral",
+        dtype=torch.float32,
+        shards=1,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    )
 
 
 def one_chat(model, turns: int, reply: int, reuse: bool, user_words: int) -> list[dict]:
@@ -46,8 +57,15 @@ def one_chat(model, turns: int, reply: int, reuse: bool, user_words: int) -> lis
         t0 = time.perf_counter()
         session.send(text)
         s = session.last_stats
-        out.append({"turn": t + 1, "seconds": time.perf_counter() - t0, "prompt": s.prompt_tokens,
-                    "prefilled": s.prefilled_tokens, "prompt_s": s.prompt_seconds})  # fmt: skip
+        out.append(
+            {
+                "turn": t + 1,
+                "seconds": time.perf_counter() - t0,
+                "prompt": s.prompt_tokens,
+                "prefilled": s.prefilled_tokens,
+                "prompt_s": s.prompt_seconds,
+            }
+        )
     return out
 
 
@@ -83,11 +101,15 @@ def main() -> None:
     print("| turn | prompt tokens | prefilled with reuse | turn s, with reuse | turn s, without | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['turn']} | {r['prompt']} | {r['with_prefilled']} | {r['with']:.3f} | {r['without']:.3f} | "
-              f"{r['without'] / r['with']:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['turn']} | {r['prompt']} | {r['with_prefilled']} | {r['with']:.3f} | {r['without']:.3f} | "
+            f"{r['without'] / r['with']:.2f}x |"
+        )
     w, wo = statistics.median(r["with"] for r in rows), statistics.median(r["without"] for r in rows)
-    print(f"median turn: {w:.3f} s with reuse, {wo:.3f} s without ({wo / w:.2f}x); "
-          f"turn {args.turns}: {rows[-1]['with']:.3f} s vs {rows[-1]['without']:.3f} s")
+    print(
+        f"median turn: {w:.3f} s with reuse, {wo:.3f} s without ({wo / w:.2f}x); "
+        f"turn {args.turns}: {rows[-1]['with']:.3f} s vs {rows[-1]['without']:.3f} s"
+    )
 
 
 if __name__ == "__main__":

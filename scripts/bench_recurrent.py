@@ -89,8 +89,9 @@ def gdn_cases(T: int, dev, shapes):
 
 def mamba2_cases(T: int, dev, shapes):
     H, P, G, N = shapes
-    mixer = Mamba2Mixer(64, n_heads=H, head_dim=P, n_groups=G, state_size=N, conv_kernel=4, chunk_size=256,
-                        eps=1e-6).to(dev)  # fmt: skip
+    mixer = Mamba2Mixer(
+        64, n_heads=H, head_dim=P, n_groups=G, state_size=N, conv_kernel=4, chunk_size=256, eps=1e-6
+    ).to(dev)
     g = torch.Generator(device=dev).manual_seed(T)
     xs = torch.randn(1, T, H, P, device=dev, generator=g)
     dt = torch.rand(1, T, H, device=dev, generator=g) * 0.1
@@ -156,17 +157,30 @@ def step_cases(dev, gdn_shapes, m2_shapes, m_shapes):
     D1 = torch.ones(I, device=dev)
     h1 = torch.randn(1, I, N1, device=dev, generator=g) * 0.1
     return {
-        "gated deltanet": (S.numel() * 4 * 2, {
-            "torch": lambda: gdn.recurrent_gated_delta_step(q.repeat_interleave(r, 1), k.repeat_interleave(r, 1), v,
-                                                            gate, beta, S)[0],
-            "triton": lambda: gated_delta_step(q, k, v, gate, beta, S.clone())[0]}),
-        "mamba-2": (h2.numel() * 4 * 2, {
-            "torch": lambda: selective_state_step(xs, dt2, A2, b2, c2, D2, h2, None)[0],
-            "triton": lambda: mamba2_step(xs, dt2, A2, b2, c2, D2, h2.clone())[0]}),
-        "mamba": (h1.numel() * 4 * 2, {
-            "torch": lambda: selective_scan_step(x1, dt1, A1, b1, c1, D1, h1, None)[0],
-            "triton": lambda: mamba_step(x1, dt1, A1, b1, c1, D1, h1.clone())[0]}),
-    }  # fmt: skip
+        "gated deltanet": (
+            S.numel() * 4 * 2,
+            {
+                "torch": lambda: gdn.recurrent_gated_delta_step(
+                    q.repeat_interleave(r, 1), k.repeat_interleave(r, 1), v, gate, beta, S
+                )[0],
+                "triton": lambda: gated_delta_step(q, k, v, gate, beta, S.clone())[0],
+            },
+        ),
+        "mamba-2": (
+            h2.numel() * 4 * 2,
+            {
+                "torch": lambda: selective_state_step(xs, dt2, A2, b2, c2, D2, h2, None)[0],
+                "triton": lambda: mamba2_step(xs, dt2, A2, b2, c2, D2, h2.clone())[0],
+            },
+        ),
+        "mamba": (
+            h1.numel() * 4 * 2,
+            {
+                "torch": lambda: selective_scan_step(x1, dt1, A1, b1, c1, D1, h1, None)[0],
+                "triton": lambda: mamba_step(x1, dt1, A1, b1, c1, D1, h1.clone())[0],
+            },
+        ),
+    }
 
 
 def main(argv=None) -> int:
@@ -184,8 +198,11 @@ def main(argv=None) -> int:
     iters = 2 if args.smoke else 10
     rows, lines = [], ["| layer (shapes) | what | T | time | vs torch | rel. err. |", "|---|---|---|---|---|---|"]
     with torch.no_grad():
-        for name, cases, shp in (("gated deltanet", gdn_cases, shapes[0]), ("mamba-2", mamba2_cases, shapes[1]),
-                                 ("mamba", mamba_cases, shapes[2])):  # fmt: skip
+        for name, cases, shp in (
+            ("gated deltanet", gdn_cases, shapes[0]),
+            ("mamba-2", mamba2_cases, shapes[1]),
+            ("mamba", mamba_cases, shapes[2]),
+        ):
             for T in lengths:
                 fns = cases(T, dev, shp)
                 ref_name, ref_fn = next(iter(fns.items()))
@@ -193,8 +210,17 @@ def main(argv=None) -> int:
                 for what, fn in fns.items():
                     t = ref_t if what == ref_name else timed(fn, dev, iters)
                     err = 0.0 if what == ref_name else rel_err(fn(), ref_out)
-                    rows.append({"layer": name, "shapes": shp, "what": what, "T": T, "s": t, "speedup": ref_t / t,
-                                 "rel_err": err})  # fmt: skip
+                    rows.append(
+                        {
+                            "layer": name,
+                            "shapes": shp,
+                            "what": what,
+                            "T": T,
+                            "s": t,
+                            "speedup": ref_t / t,
+                            "rel_err": err,
+                        }
+                    )
                     lines.append(f"| {name} {shp} | {what} | {T} | {t * 1e3:.2f} ms | {ref_t / t:.2f}x | {err:.1e} |")
         for name, (state_bytes, fns) in step_cases(dev, *shapes).items():
             ref = fns["torch"]()
@@ -202,10 +228,21 @@ def main(argv=None) -> int:
             for what, fn in fns.items():
                 t = t_ref if what == "torch" else timed(fn, dev, iters * 5)
                 err = 0.0 if what == "torch" else rel_err(fn(), ref)
-                rows.append({"layer": name, "what": f"decode step, {what}", "T": 1, "s": t, "speedup": t_ref / t,
-                             "rel_err": err, "state_GBps": state_bytes / t / 1e9})  # fmt: skip
-                lines.append(f"| {name} | decode step, {what} ({state_bytes / t / 1e9:.0f} GB/s of state) | 1 | "
-                             f"{t * 1e6:.1f} us | {t_ref / t:.2f}x | {err:.1e} |")  # fmt: skip
+                rows.append(
+                    {
+                        "layer": name,
+                        "what": f"decode step, {what}",
+                        "T": 1,
+                        "s": t,
+                        "speedup": t_ref / t,
+                        "rel_err": err,
+                        "state_GBps": state_bytes / t / 1e9,
+                    }
+                )
+                lines.append(
+                    f"| {name} | decode step, {what} ({state_bytes / t / 1e9:.0f} GB/s of state) | 1 | "
+                    f"{t * 1e6:.1f} us | {t_ref / t:.2f}x | {err:.1e} |"
+                )
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
     md = "\n".join([f"recurrent kernels on {device}, batch 1, float32 state", "", *lines])
     print(md)

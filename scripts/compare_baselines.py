@@ -47,8 +47,15 @@ from moerun.spec import parse_size
 RUNNERS = ("moerun", "llama.cpp", "transformers")
 LLAMA_TYPES = {4: "Q4_0", 8: "Q8_0"}  # llama.cpp's nearest formats to NF4 / int8-per-row
 # BPE families whose converter asks for a known pre-tokenizer hash: the name it would find.
-BPE_PRE_TOKENIZER = {"qwen3_moe": "qwen2", "qwen2_moe": "qwen2", "mixtral": "llama-bpe", "olmoe": "olmo",
-                     "qwen3_next": "qwen2", "qwen3_5_moe": "qwen2", "qwen3_5_moe_text": "qwen2"}
+BPE_PRE_TOKENIZER = {
+    "qwen3_moe": "qwen2",
+    "qwen2_moe": "qwen2",
+    "mixtral": "llama-bpe",
+    "olmoe": "olmo",
+    "qwen3_next": "qwen2",
+    "qwen3_5_moe": "qwen2",
+    "qwen3_5_moe_text": "qwen2",
+}
 # Families whose converter expects a multi-token-prediction layer unless told there is none.
 NO_MTP = {"qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"}
 
@@ -132,7 +139,9 @@ def read_bandwidth(threads: int) -> float:
 
 
 def llama_tool(root: Path | None, name: str) -> str | None:
-    for candidate in ([root / "build" / "bin" / name] if root else []) + [Path(p) for p in [shutil.which(name) or ""] if p]:
+    for candidate in ([root / "build" / "bin" / name] if root else []) + [
+        Path(p) for p in [shutil.which(name) or ""] if p
+    ]:
         if candidate.is_file():
             return str(candidate)
     return None
@@ -152,9 +161,22 @@ def llama_gguf(folder: Path, bits: int, root: Path) -> Path:
             "runpy.run_path(script, run_name='__main__')"
         )
         tmp = bf16.with_suffix(".tmp")
-        subprocess.run([sys.executable, "-c", shim, str(root), BPE_PRE_TOKENIZER.get(model_type, "default"), str(folder),
-                        "--outtype", "bf16", "--outfile", str(tmp), *(["--no-mtp"] if model_type in NO_MTP else [])],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                shim,
+                str(root),
+                BPE_PRE_TOKENIZER.get(model_type, "default"),
+                str(folder),
+                "--outtype",
+                "bf16",
+                "--outfile",
+                str(tmp),
+                *(["--no-mtp"] if model_type in NO_MTP else []),
+            ],
+            check=True,
+        )
         tmp.rename(bf16)
     if bits == 16:
         return bf16
@@ -167,9 +189,23 @@ def llama_gguf(folder: Path, bits: int, root: Path) -> Path:
         keep = ["attn_", "ssm_", "_shexp", r"ffn_(gate|up|down)\.", "ffn_gate_inp"]
         args = [a for pattern in keep for a in ("--tensor-type", f"{pattern}=bf16")]
         tmp = out.with_suffix(".tmp")
-        subprocess.run([quantize, "--pure", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16", *args,
-                        str(bf16), str(tmp), LLAMA_TYPES[bits]], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [
+                quantize,
+                "--pure",
+                "--token-embedding-type",
+                "bf16",
+                "--output-tensor-type",
+                "bf16",
+                *args,
+                str(bf16),
+                str(tmp),
+                LLAMA_TYPES[bits],
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         tmp.rename(out)
     return out
 
@@ -188,9 +224,15 @@ def gguf_types(path: Path, root: Path) -> dict[str, int]:
 def run_llama_cpp(folder: Path, bits: int, p: int, n: int, reps: int, threads: int, root: Path) -> dict:
     exe = llama_tool(root, "llama-bench")
     gguf = llama_gguf(folder, bits, root)
-    res = subprocess.run([exe, "-m", str(gguf), "-p", str(p), "-n", str(n), "-r", str(reps), "-t", str(threads),
-                          "-o", "json"], capture_output=True, text=True, check=True)  # fmt: skip
-    return {f"{'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}": r["avg_ts"] for r in json.loads(res.stdout)}
+    res = subprocess.run(
+        [exe, "-m", str(gguf), "-p", str(p), "-n", str(n), "-r", str(reps), "-t", str(threads), "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {
+        f"{'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}": r["avg_ts"] for r in json.loads(res.stdout)
+    }
 
 
 # -- moerun and transformers (each in a process of its own) -----------------------------
@@ -200,8 +242,15 @@ def run_moerun(folder: Path, bits: int, p: int, n: int, reps: int, vram, ram) ->
     from moerun import bench
     from moerun.spec import LoadSpec
 
-    report = bench.run_bench(model=str(folder), prompt_tokens=[p], gen_tokens=[n], repetitions=reps, bits=[bits],
-                             vram=[vram], spec=LoadSpec(ram=ram))  # fmt: skip
+    report = bench.run_bench(
+        model=str(folder),
+        prompt_tokens=[p],
+        gen_tokens=[n],
+        repetitions=reps,
+        bits=[bits],
+        vram=[vram],
+        spec=LoadSpec(ram=ram),
+    )
     return {r["test"]: r["t_s_mean"] for r in report["rows"]}
 
 
@@ -212,8 +261,7 @@ def run_transformers(folder: Path, bits: int, p: int, n: int, reps: int, vram, r
     kwargs: dict = {"dtype": torch.bfloat16}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {0: parse_size(vram) or torch.cuda.mem_get_info()[0],
-                                "cpu": parse_size(ram) or "64GiB"}  # fmt: skip
+        kwargs["max_memory"] = {0: parse_size(vram) or torch.cuda.mem_get_info()[0], "cpu": parse_size(ram) or "64GiB"}
     if bits == 4:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
@@ -259,8 +307,24 @@ def run_transformers(folder: Path, bits: int, p: int, n: int, reps: int, vram, r
 
 def run_in_process(runner: str, args, bits: int) -> dict | str:
     """One runner, one round, in a fresh process; a reason string if it cannot run here."""
-    cmd = [sys.executable, __file__, "--run-one", runner, "--folder", str(args.folder), "--bits", str(bits),
-           "-p", str(args.p), "-n", str(args.n), "-r", str(args.r), "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run-one",
+        runner,
+        "--folder",
+        str(args.folder),
+        "--bits",
+        str(bits),
+        "-p",
+        str(args.p),
+        "-n",
+        str(args.n),
+        "-r",
+        str(args.r),
+        "--threads",
+        str(args.threads),
+    ]
     if args.vram:
         cmd += ["--vram", args.vram]
     if args.ram:
@@ -291,7 +355,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alias", default="mixtral-8x7b")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size of the random checkpoint (default: ALIAS's)")
+    ap.add_argument(
+        "--vocab", type=int, default=None, help="vocabulary size of the random checkpoint (default: ALIAS's)"
+    )
     ap.add_argument("--bits", default="16,4")
     ap.add_argument("--vram", default=None, help="device budget for every runner, e.g. 12GiB")
     ap.add_argument("--ram", default=None)
@@ -301,8 +367,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are taken over them")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--runners", default=",".join(RUNNERS))
-    ap.add_argument("--llama-cpp", type=Path, default=os.environ.get("LLAMA_CPP_DIR"),
-                    help="llama.cpp source tree built with cmake (build/bin/llama-bench, llama-quantize)")
+    ap.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=os.environ.get("LLAMA_CPP_DIR"),
+        help="llama.cpp source tree built with cmake (build/bin/llama-bench, llama-quantize)",
+    )
     ap.add_argument("--workdir", default="/tmp/moerun-compare")
     ap.add_argument("--out", default=None, help="write everything as JSON here")
     ap.add_argument("--run-one", choices=RUNNERS, help=argparse.SUPPRESS)
@@ -331,12 +401,18 @@ def main() -> None:
                 results.setdefault(bits, {}).setdefault(runner, []).append(got)
                 print(f"bits {bits} round {r + 1} {runner}: {got}", file=sys.stderr, flush=True)
 
-    print(f"\nmodel: {args.alias} shapes, first {args.layers} layers, vocab {summary.vocab_size}, random weights; "
-          f"budget {args.vram or 'all'}; {args.threads} threads; {args.rounds} alternating rounds x {args.r} repetitions")  # fmt: skip
+    print(
+        f"\nmodel: {args.alias} shapes, first {args.layers} layers, vocab {summary.vocab_size}, random weights; "
+        f"budget {args.vram or 'all'}; {args.threads} threads; {args.rounds} alternating rounds x {args.r} repetitions"
+    )
     print(f"read bandwidth (sum over 1 GiB, {args.threads} threads): {bandwidth / 1e9:.1f} GB/s\n")
     peers = [r for r in runners if r != "moerun"]
-    print("| bits | test | MB/token | bound t/s | " + " | ".join(f"{r} t/s" for r in runners)
-          + "".join(f" | moerun / {p}" for p in peers) + " |")  # fmt: skip
+    print(
+        "| bits | test | MB/token | bound t/s | "
+        + " | ".join(f"{r} t/s" for r in runners)
+        + "".join(f" | moerun / {p}" for p in peers)
+        + " |"
+    )
     print("|---:|---|---:|---:|" + "---:|" * (len(runners) + len(peers)))
     rows = []
     for bits in map(int, args.bits.split(",")):
@@ -345,17 +421,38 @@ def main() -> None:
             row = {"bits": bits, "test": test, "bytes_per_token": per_token, "bound_t_s": bandwidth / per_token}
             for runner in runners:
                 rates = [g[test] for g in results[bits][runner] if isinstance(g, dict) and test in g]
-                row[runner] = statistics.median(rates) if rates else next(
-                    (g for g in results[bits][runner] if isinstance(g, str)), "n/a")
+                row[runner] = (
+                    statistics.median(rates)
+                    if rates
+                    else next((g for g in results[bits][runner] if isinstance(g, str)), "n/a")
+                )
             cells = [f"{row[r]:.2f}" if isinstance(row[r], float) else str(row[r])[:40] for r in runners]
-            ratios = [f"{row['moerun'] / row[p]:.2f}" if isinstance(row.get("moerun"), float) and isinstance(row[p], float)
-                      else "n/a" for p in peers]  # fmt: skip
-            print(f"| {bits} | {test} | {per_token / 1e6:.0f} | {row['bound_t_s']:.1f} | " + " | ".join(cells)
-                  + "".join(f" | {x}" for x in ratios) + " |")  # fmt: skip
+            ratios = [
+                f"{row['moerun'] / row[p]:.2f}"
+                if isinstance(row.get("moerun"), float) and isinstance(row[p], float)
+                else "n/a"
+                for p in peers
+            ]
+            print(
+                f"| {bits} | {test} | {per_token / 1e6:.0f} | {row['bound_t_s']:.1f} | "
+                + " | ".join(cells)
+                + "".join(f" | {x}" for x in ratios)
+                + " |"
+            )
             rows.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "read_bandwidth": bandwidth,
-                                              "rows": rows, "rounds": results}, indent=2, default=str))  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "read_bandwidth": bandwidth,
+                    "rows": rows,
+                    "rounds": results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

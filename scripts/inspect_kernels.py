@@ -94,8 +94,13 @@ def default_cases() -> list[Case]:
     cases.append(Case("decode", "llama4", 5120, 8192, 4, top_k=1, weights_on_input=True))
     cases.append(Case("routing", "mixtral E=8 k=2", routing=dict(E=8, k=2)))
     cases.append(Case("routing", "qwen3 E=128 k=8", routing=dict(E=128, k=8, renormalize=True)))
-    cases.append(Case("routing", "deepseek-v3 E=256 k=8 sigmoid groups",
-                      routing=dict(E=256, k=8, scoring="sigmoid", bias=True, n_group=8, topk_group=4, scaling=2.5)))  # fmt: skip
+    cases.append(
+        Case(
+            "routing",
+            "deepseek-v3 E=256 k=8 sigmoid groups",
+            routing=dict(E=256, k=8, scoring="sigmoid", bias=True, n_group=8, topk_group=4, scaling=2.5),
+        )
+    )
     return cases
 
 
@@ -197,7 +202,9 @@ def inspect_launch(launch: Launch, arch: int) -> dict:
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, flags=re.M))
     problems = []
     if compiled.metadata.shared > MAX_SHARED.get(arch, 49152):
-        problems.append(f"needs {compiled.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED.get(arch, 49152)}")
+        problems.append(
+            f"needs {compiled.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED.get(arch, 49152)}"
+        )
     return {
         "problems": problems,
         "kernel": launch.kernel.__name__,
@@ -238,11 +245,15 @@ def main() -> int:
     print("|---|---|---|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['op']} | {r['case']} | {r['kernel']} | {r['arch']} | FAILED: {r['error'].splitlines()[0]} |||||")
+            print(
+                f"| {r['op']} | {r['case']} | {r['kernel']} | {r['arch']} | FAILED: {r['error'].splitlines()[0]} |||||"
+            )
             continue
         loads = " ".join(f"{k}:{v}" for k, v in r["loads"].items())
-        print(f"| {r['op']} | {r['case']} | {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_bytes']} | "
-              f"{r['shared_bytes']} | {r['num_warps']} | {loads} | {r['sass_instructions']} |")  # fmt: skip
+        print(
+            f"| {r['op']} | {r['case']} | {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['shared_bytes']} | {r['num_warps']} | {loads} | {r['sass_instructions']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if failures:

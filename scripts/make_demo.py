@@ -83,9 +83,36 @@ CONFIG = dict(
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = [
-    "cat", "dog", "sun", "moon", "star", "tree", "fish", "bird", "cake", "milk",
-    "rain", "snow", "book", "lamp", "door", "frog", "ship", "king", "blue", "red",
-    "green", "hello", "world", "apple", "house", "music", "water", "robot", "pizza", "river",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "fish",
+    "bird",
+    "cake",
+    "milk",
+    "rain",
+    "snow",
+    "book",
+    "lamp",
+    "door",
+    "frog",
+    "ship",
+    "king",
+    "blue",
+    "red",
+    "green",
+    "hello",
+    "world",
+    "apple",
+    "house",
+    "music",
+    "water",
+    "robot",
+    "pizza",
+    "river",
 ]
 RUN = 8  # how many items a count or an alphabet run lists
 
@@ -222,7 +249,9 @@ def train(lm, tok, steps: int, batch: int, lr: float, seed: int, log_every: int 
     no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98), eps=1e-8,
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
     )
     warmup = max(1, min(60, steps // 10))
 
@@ -357,8 +386,12 @@ def write_folder(out: Path, lm, tok, config: dict) -> None:
     tok.save(str(out / "tokenizer.json"))
     added = {
         str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in SPECIAL_TOKENS
     }
@@ -378,12 +411,19 @@ def write_folder(out: Path, lm, tok, config: dict) -> None:
     size = sum(f.stat().st_size for f in [out / "model.safetensors"])
     (out / "README.md").write_text(
         MODEL_CARD.format(
-            params=f"{n_params / 1e6:.2f}M", size=f"{size / 1e6:.1f} MB on disk",
-            layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-            heads=config["num_attention_heads"], kv=config["num_key_value_heads"],
-            experts=config["num_local_experts"], topk=config["num_experts_per_tok"],
-            inter=config["intermediate_size"], vocab=config["vocab_size"], ctx=MAX_LEN,
-            nwords=len(WORDS), words=", ".join(WORDS),
+            params=f"{n_params / 1e6:.2f}M",
+            size=f"{size / 1e6:.1f} MB on disk",
+            layers=config["num_hidden_layers"],
+            hidden=config["hidden_size"],
+            heads=config["num_attention_heads"],
+            kv=config["num_key_value_heads"],
+            experts=config["num_local_experts"],
+            topk=config["num_experts_per_tok"],
+            inter=config["intermediate_size"],
+            vocab=config["vocab_size"],
+            ctx=MAX_LEN,
+            nwords=len(WORDS),
+            words=", ".join(WORDS),
         )
     )
 
@@ -418,8 +458,11 @@ def evaluate(folder: Path) -> dict[str, tuple[int, int]]:
         results[name] = (ok, len(items))
         print(f"  {name:11s} {ok:3d}/{len(items)}" + (f"   e.g. {failures[0]}" if failures else ""))
     # A second turn must work too, as in `moerun chat`.
-    history = [{"role": "user", "content": "count from 7"}, {"role": "assistant", "content": "7 8 9 10 11 12 13 14"},
-               {"role": "user", "content": "reverse: robot"}]
+    history = [
+        {"role": "user", "content": "count from 7"},
+        {"role": "assistant", "content": "7 8 9 10 11 12 13 14"},
+        {"role": "user", "content": "reverse: robot"},
+    ]
     print("  two turns:", repr(model.generate(history, max_new_tokens=32).text))
     return results
 

@@ -34,14 +34,21 @@ def decode_candidates(quick: bool):
     # for odd sizes read in pairs. Small BLOCK_N keeps enough programs for the down
     # projection (D / BLOCK_N of them per token).
     ns, ws_, warps = ([8, 16, 32], [64, 128], [4]) if quick else ([4, 8, 16, 32, 64], [32, 64, 128, 256], [2, 4, 8])
-    return [{"BLOCK_N": n, "BLOCK_W": w, "BLOCK_P": 64, "num_warps": nw} for n, w, nw in itertools.product(ns, ws_, warps)]
+    return [
+        {"BLOCK_N": n, "BLOCK_W": w, "BLOCK_P": 64, "num_warps": nw} for n, w, nw in itertools.product(ns, ws_, warps)
+    ]
 
 
 def prefill_candidates(quick: bool, m: int):
     ms = [16, 32, 64, 128] if not quick else [16, 64]
     ms = [b for b in ms if b <= max(16, m)]
-    grid = itertools.product(ms, [32, 64] if quick else [32, 64, 128], [32] if quick else [16, 32, 64],
-                             [4] if quick else [4, 8], [2] if quick else [2, 3, 4])  # fmt: skip
+    grid = itertools.product(
+        ms,
+        [32, 64] if quick else [32, 64, 128],
+        [32] if quick else [16, 32, 64],
+        [4] if quick else [4, 8],
+        [2] if quick else [2, 3, 4],
+    )
     return [{"BLOCK_M": a, "BLOCK_N": b, "BLOCK_P": c, "num_warps": w, "num_stages": s} for a, b, c, w, s in grid]
 
 
@@ -87,10 +94,16 @@ def main() -> int:
             ids = torch.stack([torch.randperm(args.slots, device="cuda")[:K] for _ in range(n)])
             w = torch.softmax(torch.randn(n, K, device="cuda"), -1)
             default = decode_candidates(True)[0]
-            _, gu = best(lambda c: moe_decode(x, ids, w, slots, layout, {"gate_up": c, "down": default}),
-                         decode_candidates(args.quick), args.iters)  # fmt: skip
-            t, dn = best(lambda c: moe_decode(x, ids, w, slots, layout, {"gate_up": gu, "down": c}),
-                         decode_candidates(args.quick), args.iters)  # fmt: skip
+            _, gu = best(
+                lambda c: moe_decode(x, ids, w, slots, layout, {"gate_up": c, "down": default}),
+                decode_candidates(args.quick),
+                args.iters,
+            )
+            t, dn = best(
+                lambda c: moe_decode(x, ids, w, slots, layout, {"gate_up": gu, "down": c}),
+                decode_candidates(args.quick),
+                args.iters,
+            )
             decode_times[n] = t
             table.setdefault("decode", {}).setdefault(key, {})[str(n)] = {"gate_up": gu, "down": dn}
             print(f"  decode N={n}: {t * 1e6:.0f} us {gu} {dn}", file=sys.stderr)
@@ -99,21 +112,29 @@ def main() -> int:
             x = torch.randn(n, D, device="cuda", dtype=dtype)
             ids = torch.stack([torch.randperm(args.slots, device="cuda")[:K] for _ in range(n)])
             w = torch.softmax(torch.randn(n, K, device="cuda"), -1)
-            t, c = best(lambda c: moe_prefill(x, ids, w, slots, layout, c), prefill_candidates(args.quick, n * K),
-                        max(args.iters // 4, 3))  # fmt: skip
+            t, c = best(
+                lambda c: moe_prefill(x, ids, w, slots, layout, c),
+                prefill_candidates(args.quick, n * K),
+                max(args.iters // 4, 3),
+            )
             prefill_times[n] = t
             table.setdefault("prefill", {}).setdefault(key, {})[str(n * K)] = c
             print(f"  prefill N={n}: {t * 1e3:.2f} ms {c}", file=sys.stderr)
         faster = [n for n in DECODE_TOKENS if decode_times[n] <= prefill_times[n]]
         table.setdefault("dispatch", {}).setdefault(key, {})["1"] = {"decode_max_tokens": max(faster, default=0)}
-        del slots
+        slots = None  # freed before the next shape allocates (lambdas above still name it)
         torch.cuda.empty_cache()
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     clear_cache()
     # A sanity run through the public entry point with the new file.
     fmt = ExpertFormat(args.bits[0], 64, 64, dtype)
-    fused_experts(torch.randn(1, 64, device="cuda", dtype=dtype), torch.zeros(1, 1, dtype=torch.long, device="cuda"),
-                  torch.ones(1, 1, device="cuda"), random_slots(fmt, 1), fmt)  # fmt: skip
+    fused_experts(
+        torch.randn(1, 64, device="cuda", dtype=dtype),
+        torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+        torch.ones(1, 1, device="cuda"),
+        random_slots(fmt, 1),
+        fmt,
+    )
     print(f"wrote {path}")
     return 0
 

@@ -37,7 +37,7 @@ import re
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -169,8 +169,15 @@ class HubServer:
 
     # -- request handling ------------------------------------------------------------------
 
-    def _send(self, h, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False,
-              length: int | None = None) -> None:  # fmt: skip
+    def _send(
+        self,
+        h,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        head: bool = False,
+        length: int | None = None,
+    ) -> None:
         h.send_response(status)
         for k, v in (headers or {}).items():
             h.send_header(k, str(v))
@@ -196,8 +203,13 @@ class HubServer:
 
     def _error(self, h, status: int, code: str, message: str, head: bool) -> None:
         body = json.dumps({"error": message}).encode()
-        self._send(h, status, body, {"X-Error-Code": code, "X-Error-Message": message,
-                                     "Content-Type": "application/json"}, head)  # fmt: skip
+        self._send(
+            h,
+            status,
+            body,
+            {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+            head,
+        )
 
     def _repo(self, h, repo_id: str, head: bool) -> Repo | None:
         repo = self.repos.get(repo_id)
@@ -240,18 +252,36 @@ class HubServer:
                             sib["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
                     siblings.append(sib)
                 sha = self.hostile_sha if self.hostile_sha is not None else repo.sha
-                body = json.dumps({"id": m.group(1), "modelId": m.group(1), "sha": sha, "private": False,
-                                   "gated": "manual" if repo.gated else False, "disabled": False,
-                                   "siblings": siblings, "tags": []}).encode()  # fmt: skip
+                body = json.dumps(
+                    {
+                        "id": m.group(1),
+                        "modelId": m.group(1),
+                        "sha": sha,
+                        "private": False,
+                        "gated": "manual" if repo.gated else False,
+                        "disabled": False,
+                        "siblings": siblings,
+                        "tags": [],
+                    }
+                ).encode()
                 self._send(h, 200, body, {"Content-Type": "application/json"}, head)
             return
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if m:
             repo = self._repo(h, m.group(1), head)
             if repo:
-                body = json.dumps([{"type": "file", "path": n, "size": f.size, "oid": f.sha256[:40],
-                                    "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}}
-                                   for n, f in repo.files.items()]).encode()  # fmt: skip
+                body = json.dumps(
+                    [
+                        {
+                            "type": "file",
+                            "path": n,
+                            "size": f.size,
+                            "oid": f.sha256[:40],
+                            "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134},
+                        }
+                        for n, f in repo.files.items()
+                    ]
+                ).encode()
                 self._send(h, 200, body, {"Content-Type": "application/json"}, head)
             return
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)

@@ -67,7 +67,9 @@ def make_checkpoint(
 
     template = template or TEMPLATE_FOR.get(arch, "chatml")
     folder, ids = tokenized_folder(folder, template)
-    config = transformers.AutoConfig.for_model(arch, **{**BASE, **ids, **ARCH_CONFIGS.get(arch, {}), **config_overrides})
+    config = transformers.AutoConfig.for_model(
+        arch, **{**BASE, **ids, **ARCH_CONFIGS.get(arch, {}), **config_overrides}
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     randomize_matrices(model, 0.15)

@@ -117,9 +117,21 @@ class NoHostSync(TorchFunctionMode):
     copies tensors to numpy by design) is let through: on a GPU the kernels compile."""
 
     FORBIDDEN = {
-        "item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__",
-        "nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select",
-    }  # fmt: skip
+        "item",
+        "tolist",
+        "numpy",
+        "cpu",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "nonzero",
+        "argwhere",
+        "bincount",
+        "unique",
+        "unique_consecutive",
+        "masked_select",
+    }
 
     def __init__(self):
         super().__init__()
@@ -132,8 +144,9 @@ class NoHostSync(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name in self.FORBIDDEN:
                 raise AssertionError(f"host sync in a captured decode step: {name} (called from {caller})")
-            if name == "repeat_interleave" and isinstance(kwargs.get("repeats", args[1] if len(args) > 1 else None),
-                                                          torch.Tensor):  # fmt: skip
+            if name == "repeat_interleave" and isinstance(
+                kwargs.get("repeats", args[1] if len(args) > 1 else None), torch.Tensor
+            ):
                 raise AssertionError(f"host sync in a captured decode step: repeat_interleave by a tensor ({caller})")
             if name in ("__getitem__", "__setitem__") and _syncing_index(args[1]):
                 raise AssertionError(f"host sync in a captured decode step: {name} by a 0-d or bool tensor ({caller})")
@@ -250,8 +263,19 @@ def check_cli_greedy(folder, ref, n: int = 32) -> None:
     threads = torch.get_num_threads()
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
-            code = run_main("generate", str(folder), "The quick brown fox", "--raw", "--json", "-n", str(n),
-                            "--device", "cpu", "--dtype", "float32")
+            code = run_main(
+                "generate",
+                str(folder),
+                "The quick brown fox",
+                "--raw",
+                "--json",
+                "-n",
+                str(n),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            )
     finally:
         torch.set_num_threads(threads)
     assert code == 0, stderr.getvalue()
@@ -269,6 +293,7 @@ def check_second_generation_equals_a_fresh_one(ours, folder) -> None:
     """A reply after another equals a fresh model's reply: no state leaks across prompts."""
     ours.generate("first prompt, to leave state behind", max_new_tokens=6, ignore_eos=True)
     again = ours.generate("The quick brown fox", max_new_tokens=12, ignore_eos=True)
-    fresh = moerun.load(str(folder), device="cpu", dtype="float32").generate("The quick brown fox", max_new_tokens=12,
-                                                                             ignore_eos=True)  # fmt: skip
+    fresh = moerun.load(str(folder), device="cpu", dtype="float32").generate(
+        "The quick brown fox", max_new_tokens=12, ignore_eos=True
+    )
     assert again.token_ids == fresh.token_ids

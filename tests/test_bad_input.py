@@ -53,15 +53,18 @@ HUGE = [
     ({"num_hidden_layers": 1_000_000}, "num_hidden_layers is 1000000, more layers than any model has"),
     ({"hidden_size": 1e18}, "these sizes imply about 1.6e+37 parameters, more than any model has"),
     ({"sliding_window": -5}, "sliding_window is -5, must be at least 0"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
-     "rope_parameters.rope_theta is NaN, must be a number above 0"),
+    (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+        "rope_parameters.rope_theta is NaN, must be a number above 0",
+    ),
     ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor is 0, must be a number above 0"),
 ]
 
 
 @pytest.mark.parametrize("verb", ["generate", "fit", "show"])
-@pytest.mark.parametrize("change, words", HUGE, ids=["experts", "layers", "hidden", "window", "nan-theta",
-                                                         "zero-factor"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, words", HUGE, ids=["experts", "layers", "hidden", "window", "nan-theta", "zero-factor"]
+)
 def test_an_implausible_config_is_refused_before_anything_is_built(capsys, model, verb, change, words):
     patch_json(model / "config.json", **change)
     args = [verb, str(model)] + (["hi", "-n", "1"] if verb == "generate" else [])
@@ -103,8 +106,13 @@ def test_an_implausible_config_served_by_a_hub_is_refused_by_fit(capsys, model, 
     patch_json(model / "config.json", num_local_experts=1_000_000_000)
     with HubServer() as server:
         server.add_folder("bad/huge", model)
-        for k, v in {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"),
-                     "HF_TOKEN": "", "MOERUN_RETRY_BASE_S": "0.001"}.items():  # fmt: skip
+        for k, v in {
+            "HF_ENDPOINT": server.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "HF_TOKEN": "",
+            "MOERUN_RETRY_BASE_S": "0.001",
+        }.items():
             monkeypatch.setenv(k, v)
         # huggingface_hub read HF_HUB_OFFLINE (1 in this module) once, when first imported.
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
@@ -117,12 +125,14 @@ def test_an_implausible_config_served_by_a_hub_is_refused_by_fit(capsys, model, 
 
 @pytest.mark.parametrize(
     "args, words",
-    [(["generate", "demo", "hi", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
-     (["serve", "demo", "--threads", "0"], "Invalid value for '--threads': 0 is not 1 to"),
-     (["bench", "demo", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
-     (["bench", "demo", "-r", "100000000000"], "Invalid value for '-r'")],
+    [
+        (["generate", "demo", "hi", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
+        (["serve", "demo", "--threads", "0"], "Invalid value for '--threads': 0 is not 1 to"),
+        (["bench", "demo", "--threads", "100000"], "Invalid value for '--threads': 100000 is not 1 to"),
+        (["bench", "demo", "-r", "100000000000"], "Invalid value for '-r'"),
+    ],
     ids=["generate-threads", "serve-threads-0", "bench-threads", "bench-r"],
-)  # fmt: skip
+)
 def test_threads_and_repetitions_are_bounded(capsys, args, words):
     """--threads 100000 crashed OpenMP (exit 139, nothing printed); -r 1e11 ran for ever."""
     code, line = cli_within(60, capsys, *args)
@@ -146,8 +156,9 @@ def test_the_library_bounds_threads_and_repetitions_too():
 # --- a disk that fills while the quantized cache is written --------------------------------
 
 
-def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(capsys, tmp_path, monkeypatch,
-                                                                           free_disk_bytes):
+def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(
+    capsys, tmp_path, monkeypatch, free_disk_bytes
+):
     """A real full disk: a 256 KiB tmpfs under MOERUN_CACHE, with the free-space check before
     the build told there is room (`free_disk_bytes`), so the real write meets ENOSPC
     after the first layer file (safetensors reported it as `SafetensorError ... os error 28`)."""
@@ -155,8 +166,9 @@ def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing_trusted(caps
 
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
-                           text=True)  # fmt: skip
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
     try:
@@ -184,9 +196,13 @@ def test_a_prompt_that_is_not_utf8_is_one_line(capsys, model, tmp_path, monkeypa
     bad = tmp_path / "prompt.txt"
     bad.write_bytes(b"hi \xff\xfe there")
     assert cli_within(60, capsys, "generate", "demo", "-f", str(bad), "-n", "1") == (
-        1, f"error: the prompt file {bad} is not UTF-8 text (byte 0xff at offset 3)")  # fmt: skip
+        1,
+        f"error: the prompt file {bad} is not UTF-8 text (byte 0xff at offset 3)",
+    )
     assert cli_within(60, capsys, "generate", "demo", "hi \udcff", "-n", "1") == (
-        1, "error: the PROMPT argument is not UTF-8 text (byte 0xff at character 3)")  # fmt: skip
+        1,
+        "error: the PROMPT argument is not UTF-8 text (byte 0xff at character 3)",
+    )
     for errors in ("surrogateescape", "strict"):  # as Python decodes stdin under a C locale, and otherwise
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8", errors=errors))
         code, line = cli_within(60, capsys, "generate", "demo", "-", "-n", "1")
@@ -201,8 +217,14 @@ def test_non_utf8_argv_through_the_real_process(tmp_path):
     from tests.test_cli import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MOERUN_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moerun", "generate", "demo", b"hi \xff", "-n", "1"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerun", "generate", "demo", b"hi \xff", "-n", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == ["error: the PROMPT argument is not UTF-8 text (byte 0xff at character 3)"]
 
@@ -216,8 +238,14 @@ def test_chat_goes_on_after_a_message_that_is_not_utf8():
     from tests.test_cli import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MOERUN_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moerun", "chat", "demo", "-n", "2"], input=b"hi \xff\nhello\n",
-                          cwd=ROOT, env=env, capture_output=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerun", "chat", "demo", "-n", "2"],
+        input=b"hi \xff\nhello\n",
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 1, err  # a turn failed: a script must see it
     assert err.splitlines() == ["moerun: the message is not UTF-8 text (byte 0xff at character 3)"]
@@ -323,7 +351,8 @@ def test_a_snapshot_whose_files_link_into_blobs_still_loads(tmp_path):
     (snapshot / "model-00001-of-00001.safetensors").symlink_to("../../blobs/b1")
     names = list(CheckpointWeights.open(DEMO_DIR).keys())
     (snapshot / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))  # fmt: skip
+        json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}})
+    )
     with CheckpointWeights.open(snapshot) as ckpt:
         assert ckpt.keys() == sorted(names)
 
@@ -337,5 +366,6 @@ def test_a_float_weight_stored_as_an_integer_type_is_refused(capsys, model):
     tensors["model.norm.weight"] = tensors["model.norm.weight"].round().to(torch.int16)
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     code, line = cli_within(60, capsys, "generate", str(model), "hi", "-n", "1")
-    assert line.startswith("error: tensor model.norm.weight is stored as int16, an integer type where a "
-                           "floating-point weight belongs"), line  # fmt: skip
+    assert line.startswith(
+        "error: tensor model.norm.weight is stored as int16, an integer type where a floating-point weight belongs"
+    ), line

@@ -16,10 +16,28 @@ from moerun.spec import LoadSpec
 from tests.model_fixtures import make_checkpoint
 
 ROW_FIELDS = {
-    "model", "size_bytes", "params", "active_params", "bits", "budget", "backend", "test", "t_s_mean", "t_s_std",
-    "ttft_s", "peak_vram_bytes", "peak_ram_bytes", "expert_hit_rate", "bytes_copied_per_token", "pcie_gb_s",
-    "cpu_experts_per_token", "time_share", "tokens_per_run", "tokens_counted", "repetitions",
-}  # fmt: skip
+    "model",
+    "size_bytes",
+    "params",
+    "active_params",
+    "bits",
+    "budget",
+    "backend",
+    "test",
+    "t_s_mean",
+    "t_s_std",
+    "ttft_s",
+    "peak_vram_bytes",
+    "peak_ram_bytes",
+    "expert_hit_rate",
+    "bytes_copied_per_token",
+    "pcie_gb_s",
+    "cpu_experts_per_token",
+    "time_share",
+    "tokens_per_run",
+    "tokens_counted",
+    "repetitions",
+}
 MACHINE_FIELDS = {"gpu", "vram_bytes", "driver", "cpu", "ram_bytes", "torch", "moerun"}
 
 
@@ -45,8 +63,24 @@ def check_row(row: dict) -> None:
 
 
 def test_json_report_has_every_field_and_consistent_numbers(folder, tmp_path):
-    proc = run_cli(str(folder), "-p", "8", "-n", "4", "-r", "2", "--bits", "16,4", "--expert-slots", "1",
-                   "--device", "cpu", "-o", "json", env_extra={"MOERUN_CACHE": str(tmp_path)})  # fmt: skip
+    proc = run_cli(
+        str(folder),
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "--bits",
+        "16,4",
+        "--expert-slots",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        "json",
+        env_extra={"MOERUN_CACHE": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert MACHINE_FIELDS <= set(report["machine"])
@@ -59,8 +93,15 @@ def test_json_report_has_every_field_and_consistent_numbers(folder, tmp_path):
 
 
 def test_sweep_gives_one_row_per_combination(folder, tmp_path):
-    report = bench.run_bench(model=str(folder), prompt_tokens=[4, 8], gen_tokens=[2], repetitions=1, bits=[8],
-                             cold=["gpu", "cpu"], spec=LoadSpec(expert_slots=2, device="cpu"))  # fmt: skip
+    report = bench.run_bench(
+        model=str(folder),
+        prompt_tokens=[4, 8],
+        gen_tokens=[2],
+        repetitions=1,
+        bits=[8],
+        cold=["gpu", "cpu"],
+        spec=LoadSpec(expert_slots=2, device="cpu"),
+    )
     combos = [(r["backend"], r["test"]) for r in report["rows"]]
     assert len(combos) == len(set(combos)) == 2 * 3
     assert {t for _, t in combos} == {"pp4", "pp8", "tg2"}
@@ -82,12 +123,24 @@ def test_markdown_is_llama_bench_shaped(folder):
 FAST_ALIASES = ("qwen3-30b-a3b", "qwen3.5-35b-a3b", "switch-base-8")
 
 
-@pytest.mark.parametrize("alias", [a if a in FAST_ALIASES else pytest.param(a, marks=pytest.mark.slow)
-                                   for a in sorted(a for a in ALIASES if a != "demo")])  # fmt: skip
+@pytest.mark.parametrize(
+    "alias",
+    [
+        a if a in FAST_ALIASES else pytest.param(a, marks=pytest.mark.slow)
+        for a in sorted(a for a in ALIASES if a != "demo")
+    ],
+)
 def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    report = bench.run_bench(synthetic=alias, prompt_tokens=[2], gen_tokens=[2], repetitions=1, bits=[4],
-                             layers=1, spec=LoadSpec(expert_slots=1, device="cpu"))  # fmt: skip
+    report = bench.run_bench(
+        synthetic=alias,
+        prompt_tokens=[2],
+        gen_tokens=[2],
+        repetitions=1,
+        bits=[4],
+        layers=1,
+        spec=LoadSpec(expert_slots=1, device="cpu"),
+    )
     assert len(report["rows"]) == 2
     for row in report["rows"]:
         check_row(row)
@@ -97,8 +150,15 @@ def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
 
 
 def test_synthetic_quantized_and_offloaded(monkeypatch):
-    report = bench.run_bench(synthetic="qwen3-30b-a3b", prompt_tokens=[4], gen_tokens=[2], repetitions=1, bits=[4],
-                             layers=1, spec=LoadSpec(expert_slots=4, device="cpu"))  # fmt: skip
+    report = bench.run_bench(
+        synthetic="qwen3-30b-a3b",
+        prompt_tokens=[4],
+        gen_tokens=[2],
+        repetitions=1,
+        bits=[4],
+        layers=1,
+        spec=LoadSpec(expert_slots=4, device="cpu"),
+    )
     for row in report["rows"]:
         check_row(row)
         assert row["bits"] == 4 and row["expert_slots_per_layer"] == 4 and row["expert_hit_rate"] < 1
@@ -106,9 +166,12 @@ def test_synthetic_quantized_and_offloaded(monkeypatch):
 
 @pytest.mark.parametrize(
     "args,message",
-    [([], "give a MODEL or --synthetic"), (["--synthetic", "gpt-9"], "no shipped config for 'gpt-9'"),
-     (["--synthetic", "mixtral-8x7b", "-o", "xml"], None)],
-)  # fmt: skip
+    [
+        ([], "give a MODEL or --synthetic"),
+        (["--synthetic", "gpt-9"], "no shipped config for 'gpt-9'"),
+        (["--synthetic", "mixtral-8x7b", "-o", "xml"], None),
+    ],
+)
 def test_bad_input_is_one_line(args, message):
     proc = run_cli(*args, "--device", "cpu")
     if message is None:  # a usage error: click's own message and exit code 2

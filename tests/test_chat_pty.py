@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import re
 import select
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -345,7 +345,9 @@ def _env(tmp_path: Path) -> dict:
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 def test_chat_through_a_pty(tmp_path):
     ckpt = _checkpoint(tmp_path / "tiny")
-    term = Terminal(["chat", str(ckpt), "--max-new-tokens", "200", "--device", "cpu", "--system", "be brief"], _env(tmp_path))
+    term = Terminal(
+        ["chat", str(ckpt), "--max-new-tokens", "200", "--device", "cpu", "--system", "be brief"], _env(tmp_path)
+    )
     try:
         term.expect(r">>> ")
         term.sendline("Hello there")
@@ -481,8 +483,17 @@ def test_demo_chat_in_80_columns(tmp_path):
             prompt, want = _skill(i)
             got = _turn(term, prompt).splitlines()
             notes = [line for line in got if line.startswith("(the conversation outgrew")]
-            assert all(re.fullmatch(r"\(the conversation outgrew the 96-token context: dropped the oldest "
-                                    r"(turn|\d+ turns)\)", n) for n in notes) and len(notes) <= 1, got
+            assert (
+                all(
+                    re.fullmatch(
+                        r"\(the conversation outgrew the 96-token context: dropped the oldest "
+                        r"(turn|\d+ turns)\)",
+                        n,
+                    )
+                    for n in notes
+                )
+                and len(notes) <= 1
+            ), got
             dropped += bool(notes)
             assert [line for line in got if line not in notes] == [want], (i, got)
             reused += bool(re.search(r"prompt \d+ tokens, \d+ reused", term.text[term.pos - 100 : term.pos]))
@@ -547,16 +558,21 @@ def test_piped_stdin_prints_only_replies_and_fails_on_a_failed_turn(tmp_path, mo
     # The second message cannot fit the 256-token context even alone: one line, exit 1,
     # and the turn after it is answered still. In-process: CliRunner's stdin is no tty.
     stdin = "count from 7\nreverse: " + "robot " * 200 + "\ncount from 20\n"
-    r = CliRunner().invoke(app, ["chat", str(folder), "--device", "cpu", "--system", "be brief", "-n", "24"], input=stdin)
+    r = CliRunner().invoke(
+        app, ["chat", str(folder), "--device", "cpu", "--system", "be brief", "-n", "24"], input=stdin
+    )
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
     assert r.exit_code == 1, (r.stdout, r.stderr)
     # No banner, no prompts, no status lines: the replies only, the system prompt merged.
     assert r.stdout == "7 8 9 10 11 12 13 14\n20 21 22 23 24 25 26 27\n", (r.stdout, r.stderr)
     warning, error = r.stderr.lstrip("\n").splitlines()
-    assert warning == ("warning: the chat template rejects a system prompt (chat template: System role not "
-                       "supported); it goes at the start of the first user message instead"), r.stderr
-    assert re.fullmatch(r"moerun: the message is \d{4} tokens, over the model's 256-token context; shorten it",
-                        error), r.stderr
+    assert warning == (
+        "warning: the chat template rejects a system prompt (chat template: System role not "
+        "supported); it goes at the start of the first user message instead"
+    ), r.stderr
+    assert re.fullmatch(
+        r"moerun: the message is \d{4} tokens, over the model's 256-token context; shorten it", error
+    ), r.stderr
     assert not (tmp_path / "moerun-cache" / "history").exists()  # piped lines are no history
 
 
@@ -573,8 +589,11 @@ def test_merged_system_prompt_goes_into_the_first_user_turn():
     assert "rejects a system prompt" in s.check_system()
     s.send("hi")
     s.send("again")
-    assert model.calls[1] == [{"role": "user", "content": "be brief\n\nhi"}, {"role": "assistant", "content": "reply 1"},
-                              {"role": "user", "content": "again"}]  # fmt: skip
+    assert model.calls[1] == [
+        {"role": "user", "content": "be brief\n\nhi"},
+        {"role": "assistant", "content": "reply 1"},
+        {"role": "user", "content": "again"},
+    ]
     assert s.history[0]["content"] == "hi"  # the history itself keeps what the user typed
 
 

@@ -65,7 +65,9 @@ def pristine(tmp_path_factory) -> Path:
 
     from tests.model_fixtures import make_checkpoint
 
-    return Path(make_checkpoint(tmp_path_factory.mktemp("pristine") / "tiny", arch="mixtral", dtype=torch.bfloat16, shards=2))
+    return Path(
+        make_checkpoint(tmp_path_factory.mktemp("pristine") / "tiny", arch="mixtral", dtype=torch.bfloat16, shards=2)
+    )
 
 
 @pytest.fixture

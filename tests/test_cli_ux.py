@@ -106,8 +106,9 @@ def test_bench_at_80_columns_with_na_params_and_the_context_clip(monkeypatch, tm
 
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path))
     # pp512 is the default: on the 256-token demo it is clipped to pp256, and a note says so.
-    report = bench.run_bench(model="demo", prompt_tokens=[512], gen_tokens=[2], repetitions=1, bits=[16],
-                             spec=LoadSpec(device="cpu"))  # fmt: skip
+    report = bench.run_bench(
+        model="demo", prompt_tokens=[512], gen_tokens=[2], repetitions=1, bits=[16], spec=LoadSpec(device="cpu")
+    )
     assert [r["test"] for r in report["rows"]] == ["pp256", "tg2"]
     assert any("pp512 clipped to pp256" in n for n in report["notes"])
     assert all(r["peak_vram_bytes"] is None and r["pcie_gb_s"] is None for r in report["rows"])
@@ -117,13 +118,16 @@ def test_bench_at_80_columns_with_na_params_and_the_context_clip(monkeypatch, tm
     assert "0.00 B" not in md and "| 1.87 M |" in md, md
     assert "n/a" in md and "0.0 KiB | 422" not in md
     with pytest.raises(bench.MoerunError, match="pp300 needs 300 positions; demo's context is 256"):
-        bench.run_bench(model="demo", prompt_tokens=[300], gen_tokens=[0], repetitions=1, bits=[16],
-                        spec=LoadSpec(device="cpu"))
+        bench.run_bench(
+            model="demo", prompt_tokens=[300], gen_tokens=[0], repetitions=1, bits=[16], spec=LoadSpec(device="cpu")
+        )
 
 
 def test_bench_piped_prints_progress_lines(tmp_path):
-    result = invoke(["bench", "demo", "-p", "8", "-n", "2", "-r", "1", "--bits", "16", "--device", "cpu"],
-                    env={"MOERUN_PROGRESS_S": "0.2", "MOERUN_CACHE": str(tmp_path)})  # fmt: skip
+    result = invoke(
+        ["bench", "demo", "-p", "8", "-n", "2", "-r", "1", "--bits", "16", "--device", "cpu"],
+        env={"MOERUN_PROGRESS_S": "0.2", "MOERUN_CACHE": str(tmp_path)},
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert re.search(r"^bench: \d/2 runs done, \d+ s$", result.stderr, re.M), result.stderr
     assert result.stdout.startswith("| model |")
@@ -133,8 +137,15 @@ def test_bench_piped_prints_progress_lines(tmp_path):
 def test_a_spinner_says_what_is_loading_on_a_terminal(tmp_path):
     from tests.test_chat_pty import ROOT, Terminal
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "80",
-           "MOERUN_CACHE": str(tmp_path), "TERM": "xterm"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "80",
+        "MOERUN_CACHE": str(tmp_path),
+        "TERM": "xterm",
+    }
     term = Terminal(["generate", "demo", "count from 7", "-n", "3", "--device", "cpu"], env)
     try:
         # Shown before torch is imported: the first seconds are no longer silent. (That the

@@ -31,8 +31,11 @@ def optional_fields(model_type: str) -> list[tuple[str, bool]]:
     """(name, whether None is a value of it) for every ModelArgs field with a default."""
     cls = get_architecture(model_type).ModelArgs
     hints = _field_hints(cls)
-    return [(f.name, _admits_none(hints.get(f.name))) for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]  # fmt: skip
+    return [
+        (f.name, _admits_none(hints.get(f.name)))
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
 
 
 def outcome(args_cls, config: dict, name: str):
@@ -65,8 +68,9 @@ def test_a_null_optional_key_reads_as_unset(model_type):
 
 def test_lfm2_layer_types_must_name_every_layer():
     with pytest.raises(MoerunError, match="layer_types names 24 layers, num_hidden_layers is 32"):
-        get_architecture("lfm2_moe").ModelArgs.from_dict({**transformers_config("lfm2_moe"),
-                                                          "layer_types": ["conv"] * 24})  # fmt: skip
+        get_architecture("lfm2_moe").ModelArgs.from_dict(
+            {**transformers_config("lfm2_moe"), "layer_types": ["conv"] * 24}
+        )
 
 
 def test_a_null_required_key_is_refused_in_one_line():

@@ -44,12 +44,17 @@ def test_the_extension_is_built_where_ci_runs():
 
 def make_layer(bits, D, I, E, gen, wdtype=torch.bfloat16, bias=False):
     fmt = ExpertFormat(bits, D, I, wdtype, bias=bias)
-    blobs = torch.stack([
-        fmt.pack(torch.randn(2 * I, D, generator=gen) * 0.05, torch.randn(D, I, generator=gen) * 0.05,
-                 torch.randn(2 * I, generator=gen) * 0.1 if bias else None,
-                 torch.randn(D, generator=gen) * 0.1 if bias else None)
-        for _ in range(E)
-    ])  # fmt: skip
+    blobs = torch.stack(
+        [
+            fmt.pack(
+                torch.randn(2 * I, D, generator=gen) * 0.05,
+                torch.randn(D, I, generator=gen) * 0.05,
+                torch.randn(2 * I, generator=gen) * 0.1 if bias else None,
+                torch.randn(D, generator=gen) * 0.1 if bias else None,
+            )
+            for _ in range(E)
+        ]
+    )
     return fmt, blobs
 
 
@@ -192,8 +197,15 @@ def test_cpu_linears_swap_in_place_and_keep_results():
         assert isinstance(model[0], CpuLinear) and model[0].weight is weight
         assert rel_err(model(x), before) < 1e-5  # 3 tokens: the C kernel
         long = torch.randn(40, 64, generator=gen)
-        assert rel_err(model(long), torch.nn.functional.linear(
-            torch.relu(torch.nn.functional.linear(long, weight, model[0].bias)), model[2].weight)) < 1e-6
+        assert (
+            rel_err(
+                model(long),
+                torch.nn.functional.linear(
+                    torch.relu(torch.nn.functional.linear(long, weight, model[0].bias)), model[2].weight
+                ),
+            )
+            < 1e-6
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -212,8 +224,9 @@ def test_decode_attention_equals_sdpa(isa, dtype, H, Hk, T, S, Dh, Dv, masked):
     if mask is not None:
         mask[:, 0] = True  # every query sees a key
     assert usable(q, k, v)
-    truth = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=Dh**-0.5,
-                                           enable_gqa=H != Hk)  # fmt: skip
+    truth = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=Dh**-0.5, enable_gqa=H != Hk
+    )
     got = attention(q, k, v, mask, Dh**-0.5)
     assert got.dtype == dtype
     assert rel_err(got.float(), truth) < (1e-5 if dtype == torch.float32 else 4e-3)

@@ -23,17 +23,40 @@ MLA = dict(TINY_MLA, **TINY_ROUTED_EXPERTS, first_k_dense_replace=1)
 YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
 CASES = {
     # DeepSeek-V2-Lite's shape: q_proj directly, greedy top-k.
-    "v2_lite": ("deepseek_v2", dict(MLA, q_lora_rank=None, n_shared_experts=2, topk_method="greedy",
-                                    routed_scaling_factor=1.5)),
+    "v2_lite": (
+        "deepseek_v2",
+        dict(MLA, q_lora_rank=None, n_shared_experts=2, topk_method="greedy", routed_scaling_factor=1.5),
+    ),
     # DeepSeek-V2's: low-rank queries, group-limited top-k, yarn with mscale == mscale_all_dim.
-    "v2": ("deepseek_v2", dict(MLA, q_lora_rank=32, n_shared_experts=2, topk_method="group_limited_greedy",
-                               n_group=4, topk_group=2, rope_theta=10000.0,
-                               rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    "v2": (
+        "deepseek_v2",
+        dict(
+            MLA,
+            q_lora_rank=32,
+            n_shared_experts=2,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            rope_theta=10000.0,
+            rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+        ),
+    ),
     # DeepSeek-V3's: sigmoid + correction bias + groups, renormalised and scaled, yarn with
     # mscale != mscale_all_dim (so both the cos/sin factor and the softmax scale move).
-    "v3": ("deepseek_v3", dict(MLA, q_lora_rank=32, n_shared_experts=1, n_group=4, topk_group=2,
-                               routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
-                               rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
+    "v3": (
+        "deepseek_v3",
+        dict(
+            MLA,
+            q_lora_rank=32,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_theta=10000.0,
+            rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8),
+        ),
+    ),
 }
 
 
@@ -44,10 +67,13 @@ def make_deepseek(folder, case: str):
         # transformers initialises the correction bias to zeros; real ones are not, and
         # they change which experts win. Stored in float32, as in the released checkpoint.
         g = torch.Generator().manual_seed(7)
-        set_tensors(folder, {
-            f"model.layers.{i}.mlp.gate.e_score_correction_bias": 0.2 * torch.randn(8, generator=g)
-            for i in range(1, 3)
-        })
+        set_tensors(
+            folder,
+            {
+                f"model.layers.{i}.mlp.gate.e_score_correction_bias": 0.2 * torch.randn(8, generator=g)
+                for i in range(1, 3)
+            },
+        )
     return folder
 
 
@@ -105,7 +131,10 @@ def _hf_config(params: dict, head_dim: int = 16):
     import transformers
 
     return transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=512,
         rope_parameters=dict(params),
     )
 
@@ -115,14 +144,40 @@ def _hf_config(params: dict, head_dim: int = 16):
     [
         {"rope_type": "default", "rope_theta": 10000.0},
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 128,
-         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
-        {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-         "mscale": 1.0, "mscale_all_dim": 0.8},
-        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
-         "attention_factor": 1.3, "truncate": False},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "attention_factor": 1.3,
+            "truncate": False,
+        },
         {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 256},
     ],
 )
@@ -145,13 +200,32 @@ def test_rope_variants_equal_transformers(params):
 
 
 def test_hub_and_transformers5_rope_configs_agree():
-    hub = {"rope_theta": 10000.0, "max_position_embeddings": 163840,
-           "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
-    saved = {"max_position_embeddings": 163840,
-             "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40,
-                                 "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-                                 "mscale": 1.0, "mscale_all_dim": 1.0}}
+    hub = {
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 163840,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    }
+    saved = {
+        "max_position_embeddings": 163840,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    }
     a, b = rope.rope_parameters(hub), rope.rope_parameters(saved)
     assert a["rope_type"] == b["rope_type"] == "yarn" and a["rope_theta"] == b["rope_theta"] == 10000.0
     fa, fb = rope.inv_freq_and_scaling(a, 64), rope.inv_freq_and_scaling(b, 64)
@@ -163,10 +237,26 @@ def test_hub_and_transformers5_rope_configs_agree():
 
 
 def _fake_config(arch: str, **extra) -> dict:
-    return {"model_type": arch, "vocab_size": 8, "hidden_size": 4, "intermediate_size": 6, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "moe_intermediate_size": 3, "n_routed_experts": 2, "num_experts_per_tok": 1,
-            "first_k_dense_replace": 1, "kv_lora_rank": 4, "q_lora_rank": None, "qk_rope_head_dim": 2,
-            "qk_nope_head_dim": 2, "v_head_dim": 2, "n_group": 1, "topk_group": 1, **extra}
+    return {
+        "model_type": arch,
+        "vocab_size": 8,
+        "hidden_size": 4,
+        "intermediate_size": 6,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "moe_intermediate_size": 3,
+        "n_routed_experts": 2,
+        "num_experts_per_tok": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 4,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 2,
+        "qk_nope_head_dim": 2,
+        "v_head_dim": 2,
+        "n_group": 1,
+        "topk_group": 1,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])

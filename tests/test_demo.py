@@ -62,8 +62,14 @@ def test_stops_at_end_of_turn(demo):
 
 def test_folder_is_small_and_in_hub_layout():
     names = {p.name for p in DEMO_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+    } <= names
     total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
     assert total < 8_000_000, f"demo folder is {total / 1e6:.1f} MB"
     config = json.loads((DEMO_DIR / "config.json").read_text())
@@ -83,8 +89,11 @@ def test_logits_match_transformers(demo):
         DEMO_DIR, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(DEMO_DIR)
-    messages = [{"role": "user", "content": "count from 7"}, {"role": "assistant", "content": "7 8 9"},
-                {"role": "user", "content": "reverse: robot"}]
+    messages = [
+        {"role": "user", "content": "count from 7"},
+        {"role": "assistant", "content": "7 8 9"},
+        {"role": "user", "content": "reverse: robot"},
+    ]
     ids = demo.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids

@@ -61,10 +61,14 @@ ROWS = {
     "gpt_oss": (test_gpt_oss_llama4.make_gpt_oss, ()),
     "llama4": (test_gpt_oss_llama4.make_llama4, test_gpt_oss_llama4.VISION),
     "llama4_text": (test_gpt_oss_llama4.make_llama4_text, ()),
-    **{f"deepseek-{case}": (functools.partial(test_deepseek.make_deepseek, case=case), ())
-       for case in test_deepseek.CASES},
-    **{f"glm4_moe_lite-{case}": (functools.partial(test_glm4_moe_lite.make_glm, case=case), ())
-       for case in test_glm4_moe_lite.CASES},
+    **{
+        f"deepseek-{case}": (functools.partial(test_deepseek.make_deepseek, case=case), ())
+        for case in test_deepseek.CASES
+    },
+    **{
+        f"glm4_moe_lite-{case}": (functools.partial(test_glm4_moe_lite.make_glm, case=case), ())
+        for case in test_glm4_moe_lite.CASES
+    },
     **{arch: (functools.partial(test_new_families.make_family, arch), ()) for arch in test_new_families.CONFIGS},
     "jamba": (test_jamba_lfm2.make_jamba, ()),
     "lfm2_moe": (test_jamba_lfm2.make_lfm2_moe, ()),
@@ -74,7 +78,7 @@ ROWS = {
     "granitemoehybrid": (test_mamba2_families.make_granitemoehybrid, ()),
     "nemotron_h": (test_mamba2_families.make_nemotron_h, ()),
     "nemotron_h-latent": (test_mamba2_families.make_nemotron_h_latent, ()),
-}  # fmt: skip
+}
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")

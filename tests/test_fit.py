@@ -48,8 +48,9 @@ def server():
 
 def run_cli(*args, env=None, tmp_path=None):
     full = {**os.environ, "PYTHONPATH": str(ROOT), "MOERUN_DEBUG": "", "HF_HUB_OFFLINE": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -91,14 +92,34 @@ def assert_fits_80_columns(text: str) -> None:
 
 
 def test_fit_report_is_readable(hub_env):
-    proc = run_cli("fit", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--vram", "24GB", "--ram", "64000MB", "--bits", "4",
-                   "--ctx", "8192", "--dtype", "bfloat16", env={**hub_env, "COLUMNS": "80"})  # fmt: skip
+    proc = run_cli(
+        "fit",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "--vram",
+        "24GB",
+        "--ram",
+        "64000MB",
+        "--bits",
+        "4",
+        "--ctx",
+        "8192",
+        "--dtype",
+        "bfloat16",
+        env={**hub_env, "COLUMNS": "80"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert_fits_80_columns(proc.stdout)
     assert "weights at 4 bits (experts), bfloat16 (the rest):" in proc.stdout.splitlines()
     out = " ".join(proc.stdout.split())
-    for text in ("routed experts", "45.1B", "active per token: 12.9B of 46.7B", "KV cache (GQA) at 8192 tokens: 1.00 GiB",
-                 "offload", "tok/s", "recommended: --bits"):  # fmt: skip
+    for text in (
+        "routed experts",
+        "45.1B",
+        "active per token: 12.9B of 46.7B",
+        "KV cache (GQA) at 8192 tokens: 1.00 GiB",
+        "offload",
+        "tok/s",
+        "recommended: --bits",
+    ):
         assert text in out, out
 
 
@@ -191,9 +212,17 @@ def test_other_formats_are_counted_by_stored_bytes():
 
 def test_the_plan_asks_the_model_and_looks_headers_up_in_its_layout():
     D, I, E, L = 64, 32, 4, 2
-    cfg = {"model_type": "granitemoe", "hidden_size": D, "intermediate_size": I, "num_hidden_layers": L,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": E, "num_experts_per_tok": 2,
-           "vocab_size": 100}  # fmt: skip
+    cfg = {
+        "model_type": "granitemoe",
+        "hidden_size": D,
+        "intermediate_size": I,
+        "num_hidden_layers": L,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "vocab_size": 100,
+    }
     s = plan.summarize(cfg)  # no headers: the family's own description of its checkpoint
     assert s.n_experts == E and s.expert_intermediate_size == I and s.moe_layers == [0, 1]
     assert s.active_params == s.total_params - L * E * 3 * D * I // 2
@@ -247,8 +276,9 @@ def test_fit_plan_equals_what_load_allocates(tiny, bits, tmp_path, monkeypatch):
     full = fit.fit(str(tiny), bits=bits, ctx=256, measure=False, dtype="float32").plan
     budget = full.non_expert_bytes + full.kv_cache_bytes + 2 * full.expert_blob_bytes * full.n_moe_layers + 100
     # fit --vram plans a GPU of that size; the CPU's load with that budget simulates one.
-    proc = run_cli("fit", str(tiny), "--bits", str(bits), "--ctx", "256", "--vram", str(budget), "--json",
-                   "--dtype", "float32")  # fmt: skip
+    proc = run_cli(
+        "fit", str(tiny), "--bits", str(bits), "--ctx", "256", "--vram", str(budget), "--json", "--dtype", "float32"
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["source"] == "folder" and printed["verdict"] == "offload"
@@ -261,14 +291,30 @@ def test_models_table_offline(tmp_path):
     proc = run_cli("models", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     assert_fits_80_columns(proc.stdout)
-    verdicts = {"yes", "yes, GPU", "offload", "no"} if "this GPU" in proc.stdout else {"yes", "no"}  # no GPU: no offload
+    verdicts = (
+        {"yes", "yes, GPU", "offload", "no"} if "this GPU" in proc.stdout else {"yes", "no"}
+    )  # no GPU: no offload
     for line in proc.stdout.splitlines()[2:]:
         if line[:1].isalnum() and "B " in line:
             assert re.split(r"\s{2,}", line.strip())[-1].split(" (")[0] in verdicts, line
-    for alias in ("mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
-                  "qwen3-235b-a22b", "deepseek-v2-lite", "deepseek-v3", "olmoe-1b-7b", "phi-3.5-moe",
-                  "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout", "glm-4.5-air", "glm-4.7-flash",
-                  "ernie-4.5-21b-a3b"):  # fmt: skip
+    for alias in (
+        "mixtral-8x7b",
+        "mixtral-8x22b",
+        "qwen1.5-moe-a2.7b",
+        "qwen2-57b-a14b",
+        "qwen3-30b-a3b",
+        "qwen3-235b-a22b",
+        "deepseek-v2-lite",
+        "deepseek-v3",
+        "olmoe-1b-7b",
+        "phi-3.5-moe",
+        "gpt-oss-20b",
+        "gpt-oss-120b",
+        "llama-4-scout",
+        "glm-4.5-air",
+        "glm-4.7-flash",
+        "ernie-4.5-21b-a3b",
+    ):
         assert alias in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if "mixtral-8x7b" in line)
     assert "46.7B" in row and "12.9B" in row and any(v in row for v in ("yes", "offload", "no"))
@@ -282,8 +328,16 @@ NO_GPU = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # a machine withou
 
 
 def test_fit_for_a_named_card_on_a_machine_without_one(tmp_path):
-    proc = run_cli("fit", "--gpu", "rtx-3060", "--ram", "32GiB", "mixtral-8x7b", "--json",
-                   env={**NO_GPU, "HF_HUB_CACHE": str(tmp_path)})  # fmt: skip
+    proc = run_cli(
+        "fit",
+        "--gpu",
+        "rtx-3060",
+        "--ram",
+        "32GiB",
+        "mixtral-8x7b",
+        "--json",
+        env={**NO_GPU, "HF_HUB_CACHE": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert d["device"] == "cuda" and d["gpu"]["key"] == "rtx-3060"
@@ -379,8 +433,9 @@ def header_only_olmoe(tmp_path_factory) -> Path:
 
 def test_cpu_load_that_cannot_fit_in_ram_is_refused_before_allocating(header_only_olmoe, tmp_path):
     env = {**NO_GPU, "MOERUN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = run_cli("generate", str(header_only_olmoe), "hi", "--device", "cpu", "--dtype", "bfloat16",
-                   "--ram", "8GiB", env=env)  # fmt: skip
+    proc = run_cli(
+        "generate", str(header_only_olmoe), "hi", "--device", "cpu", "--dtype", "bfloat16", "--ram", "8GiB", env=env
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: ") and "does not fit: needs" in lines[0] and "of RAM" in lines[0]
@@ -397,16 +452,22 @@ def test_ctx_is_the_window_and_is_enforced(tmp_path):
     """A 57-token prompt with --ctx 16 is refused in one line, as llama-cli refuses a prompt
     longer than n_ctx; bench refuses a test longer than the window."""
     prompt = " ".join(["hello"] * 57)
-    proc = run_cli("generate", "demo", prompt, "--raw", "--ctx", "16", "-n", "4", env={**NO_GPU, "OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "generate", "demo", prompt, "--raw", "--ctx", "16", "-n", "4", env={**NO_GPU, "OMP_NUM_THREADS": "1"}
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and proc.stdout == "", proc.stderr
     assert "the planned context is 16" in lines[0] and "--ctx" in lines[0]
     from moerun import bench
 
     with pytest.raises(MoerunError, match="pp57 needs 57 positions; the context is 16"):
-        bench.run_bench(model="demo", prompt_tokens=[57], gen_tokens=[4], repetitions=1, spec=LoadSpec(ctx=16, device="cpu"))
+        bench.run_bench(
+            model="demo", prompt_tokens=[57], gen_tokens=[4], repetitions=1, spec=LoadSpec(ctx=16, device="cpu")
+        )
     with pytest.raises(MoerunError, match="tg16 needs 17 positions; the context is 16"):
-        bench.run_bench(model="demo", prompt_tokens=[0], gen_tokens=[16], repetitions=1, spec=LoadSpec(ctx=16, device="cpu"))
+        bench.run_bench(
+            model="demo", prompt_tokens=[0], gen_tokens=[16], repetitions=1, spec=LoadSpec(ctx=16, device="cpu")
+        )
 
 
 def test_fit_text_at_80_columns_says_what_would_make_it_fit(tmp_path, monkeypatch):

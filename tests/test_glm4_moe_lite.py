@@ -24,11 +24,23 @@ CASES = {
     "flash": dict(MLA, **MOE, n_group=1, topk_group=1, rope_theta=1000000.0),
     # The other switches: explicit layer types (a dense layer in the middle), groups,
     # rotate-half rope, yarn with mscale != mscale_all_dim.
-    "variant": dict(MLA, **MOE, mlp_layer_types=["sparse", "dense", "sparse"], n_group=4, topk_group=2,
-                    rope_interleave=False,
-                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
-                                         original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=0.8)),
-}  # fmt: skip
+    "variant": dict(
+        MLA,
+        **MOE,
+        mlp_layer_types=["sparse", "dense", "sparse"],
+        n_group=4,
+        topk_group=2,
+        rope_interleave=False,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=128,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+        ),
+    ),
+}
 
 
 def make_glm(folder, case: str):
@@ -37,10 +49,13 @@ def make_glm(folder, case: str):
     # change which experts win. Stored in float32, as in the release.
     sparse = get_architecture("glm4_moe_lite").ModelArgs.from_dict(json.loads((folder / "config.json").read_text()))
     g = torch.Generator().manual_seed(7)
-    set_tensors(folder, {
-        f"model.layers.{i}.mlp.gate.e_score_correction_bias": 0.2 * torch.randn(8, generator=g)
-        for i in sorted(sparse.moe_layers)
-    })  # fmt: skip
+    set_tensors(
+        folder,
+        {
+            f"model.layers.{i}.mlp.gate.e_score_correction_bias": 0.2 * torch.randn(8, generator=g)
+            for i in sorted(sparse.moe_layers)
+        },
+    )
     return folder
 
 
@@ -69,9 +84,19 @@ def test_hub_config_ignores_first_k_dense_replace_as_transformers_does():
     transformers makes the first layer dense whatever it says, and so does moerun."""
     import transformers
 
-    hub = dict(model_type="glm4_moe_lite", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-               num_attention_heads=4, first_k_dense_replace=2, partial_rotary_factor=1.0, rope_theta=1000000,
-               rope_scaling=None, topk_method="noaux_tc")  # fmt: skip
+    hub = dict(
+        model_type="glm4_moe_lite",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        first_k_dense_replace=2,
+        partial_rotary_factor=1.0,
+        rope_theta=1000000,
+        rope_scaling=None,
+        topk_method="noaux_tc",
+    )
     args = get_architecture("glm4_moe_lite").ModelArgs.from_dict(hub)
     ref = transformers.AutoConfig.for_model(**hub)
     assert args.moe_layers == {i for i, kind in enumerate(ref.mlp_layer_types) if kind == "sparse"} == {1, 2, 3}

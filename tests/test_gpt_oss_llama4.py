@@ -37,9 +37,16 @@ GPT_OSS = dict(
     num_experts_per_tok=2,
     sliding_window=6,
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
-                         truncate=False, original_max_position_embeddings=64),
-)  # fmt: skip
+    rope_parameters=dict(
+        rope_type="yarn",
+        rope_theta=150000.0,
+        factor=8.0,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        truncate=False,
+        original_max_position_embeddings=64,
+    ),
+)
 LLAMA4_TEXT = dict(
     vocab_size=256,
     hidden_size=64,
@@ -57,11 +64,26 @@ LLAMA4_TEXT = dict(
     floor_scale=4,
     attn_scale=0.5,
     max_position_embeddings=512,
-    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                         high_freq_factor=4.0, original_max_position_embeddings=64),
-)  # fmt: skip
-LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                     patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)  # fmt: skip
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    ),
+)
+LLAMA4_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+    vision_output_dim=32,
+    projector_input_dim=32,
+    projector_output_dim=32,
+)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -139,7 +161,9 @@ def test_llama4_ignores_the_vision_tower(checkpoint):
     assert any(n.startswith("vision_model.") for n in index["weight_map"])
     names = {n for n, _ in moerun.load(str(folder), device="cpu", dtype="float32").lm.named_parameters()}
     assert not any("vision" in n or "projector" in n for n in names)
-    assert "model.layers.1.feed_forward.experts.w13" in names and "model.layers.0.feed_forward.gate_proj.weight" in names
+    assert (
+        "model.layers.1.feed_forward.experts.w13" in names and "model.layers.0.feed_forward.gate_proj.weight" in names
+    )
 
 
 # -- sanitize -----------------------------------------------------------------------------
@@ -151,9 +175,13 @@ def test_gpt_oss_sanitize_deinterleaves_gate_and_up_and_is_idempotent():
     E, D, I = 4, 64, 32
     p = "model.layers.0.mlp.experts"
     gate_up = torch.randn(E, D, 2 * I)
-    fake = {f"{p}.gate_up_proj": gate_up, f"{p}.down_proj": torch.randn(E, I, D),
-            f"{p}.gate_up_proj_bias": torch.arange(2.0 * I).repeat(E, 1), f"{p}.down_proj_bias": torch.randn(E, D),
-            "model.norm.weight": torch.ones(D)}  # fmt: skip
+    fake = {
+        f"{p}.gate_up_proj": gate_up,
+        f"{p}.down_proj": torch.randn(E, I, D),
+        f"{p}.gate_up_proj_bias": torch.arange(2.0 * I).repeat(E, 1),
+        f"{p}.down_proj_bias": torch.randn(E, D),
+        "model.norm.weight": torch.ones(D),
+    }
     out = module.sanitize(fake, args)
     assert set(out) == {f"{p}.w13", f"{p}.w2", f"{p}.b13", f"{p}.b2", "model.norm.weight"}
     assert out[f"{p}.w13"].shape == (E, 2 * I, D) and out[f"{p}.w2"].shape == (E, D, I)
@@ -170,9 +198,13 @@ def test_llama4_sanitize_strips_the_prefix_and_transposes_experts():
     E, D, I = 4, 64, 32
     gate_up = torch.randn(E, D, 2 * I)
     p = "language_model.model.layers.1.feed_forward.experts"
-    fake = {f"{p}.gate_up_proj": gate_up, f"{p}.down_proj": torch.randn(E, I, D),
-            "language_model.lm_head.weight": torch.randn(8, D), "vision_model.x.weight": torch.randn(2),
-            "multi_modal_projector.linear_1.weight": torch.randn(2)}  # fmt: skip
+    fake = {
+        f"{p}.gate_up_proj": gate_up,
+        f"{p}.down_proj": torch.randn(E, I, D),
+        "language_model.lm_head.weight": torch.randn(8, D),
+        "vision_model.x.weight": torch.randn(2),
+        "multi_modal_projector.linear_1.weight": torch.randn(2),
+    }
     out = module.sanitize(fake, args)
     q = "model.layers.1.feed_forward.experts"
     assert set(out) == {f"{q}.w13", f"{q}.w2", "lm_head.weight"}
@@ -298,8 +330,15 @@ def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
     tensors.update(packed)
     save_file(tensors, str(quantized / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((quantized / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
-                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (quantized / "config.json").write_text(json.dumps(cfg))
     assert any(n.endswith("_blocks") for n in check_layout(quantized))
 
@@ -313,4 +352,10 @@ def test_gpt_oss_checkpoint_with_mxfp4_experts(tmp_path):
     assert rel_err(got, moerun.load(str(dense), device="cpu", dtype="float32").logits(ids)) < 1e-6
     # And through the quantized expert store, offloaded to one slot.
     four = moerun.load(str(quantized), bits=4, device="cpu", dtype="float32")
-    assert rel_err(moerun.load(str(quantized), bits=4, device="cpu", dtype="float32", expert_slots=1).logits(ids), four.logits(ids)) < 1e-6
+    assert (
+        rel_err(
+            moerun.load(str(quantized), bits=4, device="cpu", dtype="float32", expert_slots=1).logits(ids),
+            four.logits(ids),
+        )
+        < 1e-6
+    )

@@ -77,8 +77,9 @@ def test_static_step_with_an_offloaded_expert_cache_equals_eager(mixtral):
 
 # The in-graph 4-bit case runs the Triton decode kernel under the interpreter for every step
 # (~40 s): the slow tier's; the fast tier holds that kernel in test_kernels.py.
-@pytest.mark.parametrize("case", ["offloaded", "plain 16-bit",
-                                  pytest.param("resident 4-bit kernels", marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["offloaded", "plain 16-bit", pytest.param("resident 4-bit kernels", marks=pytest.mark.slow)]
+)
 def test_where_a_capture_is_cut(mixtral, case):
     """Host decisions (cache misses, the plain expert loop) cut the graph once per MoE
     layer; fully resident quantized experts stay inside it (slot table + decode kernel),
@@ -242,6 +243,8 @@ class TestOnGPU:
         assert rel_err(gpu_model.logits(ids).cpu(), cpu) < 1e-4
         # And token by token, through the decode kernels and the captured graphs.
         prompt = ids[0, :8].tolist()
-        cpu_tokens = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32").generate(prompt, 24, ignore_eos=True)
+        cpu_tokens = moerun.load(str(mixtral), bits=bits, device="cpu", dtype="float32").generate(
+            prompt, 24, ignore_eos=True
+        )
         assert gpu_model.decode_graphs is not None
         assert gpu_model.generate(prompt, 24, ignore_eos=True).token_ids == cpu_tokens.token_ids

@@ -50,8 +50,15 @@ def server():
 
 @pytest.fixture
 def env(server, tmp_path, monkeypatch):
-    e = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0", "HF_TOKEN": "",
-         "MOERUN_CACHE": str(tmp_path / "moerun"), "MOERUN_RETRY_BASE_S": "0.001", "MOERUN_DEBUG": ""}  # fmt: skip
+    e = {
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "",
+        "MOERUN_CACHE": str(tmp_path / "moerun"),
+        "MOERUN_RETRY_BASE_S": "0.001",
+        "MOERUN_DEBUG": "",
+    }
     for k, v in e.items():
         monkeypatch.setenv(k, v)
     server.reset()
@@ -172,7 +179,6 @@ def test_an_unreachable_hub_is_not_retried(env, tmp_path, capsys, monkeypatch):
     assert_clean(tmp_path)
 
 
-
 def _cli_within(seconds: float, *args: str, capsys, monkeypatch) -> tuple[int, list[str]]:
     """cli() in a thread, failing the test (not hanging the suite) if it has not returned."""
     import threading
@@ -187,9 +193,12 @@ def _cli_within(seconds: float, *args: str, capsys, monkeypatch) -> tuple[int, l
 
 @pytest.mark.parametrize(
     "verb, hang, words",
-    [("pull", "/api/models/", "model info"), ("fit", "/api/models/", "model info"),
-     ("pull", "/resolve/", "stopped at 0 of")],
-)  # fmt: skip
+    [
+        ("pull", "/api/models/", "model info"),
+        ("fit", "/api/models/", "model info"),
+        ("pull", "/resolve/", "stopped at 0 of"),
+    ],
+)
 def test_a_hub_that_never_answers_times_out_in_one_line(server, env, tmp_path, capsys, monkeypatch, verb, hang, words):
     """A Hub that accepts the connection and never answers: every request gives up after
     MOERUN_HUB_TIMEOUT_S, is retried like a 5xx, then one line (it hung for ever before)."""
@@ -263,9 +272,20 @@ def test_a_hostile_commit_id_is_refused(server, env, tmp_path, capsys, monkeypat
     assert_clean(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["../../evil.safetensors", "/tmp/evil.safetensors", "a/../../x.json",
-                                  "..\\..\\evil.safetensors", "ok/./x.json", "C:evil.safetensors",
-                                  "config.json\n", "x\x00.safetensors", "a//b.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../evil.safetensors",
+        "/tmp/evil.safetensors",
+        "a/../../x.json",
+        "..\\..\\evil.safetensors",
+        "ok/./x.json",
+        "C:evil.safetensors",
+        "config.json\n",
+        "x\x00.safetensors",
+        "a//b.json",
+    ],
+)
 def test_a_hostile_file_name_is_refused(server, env, tmp_path, capsys, monkeypatch, name):
     server.add_repo("faults/names", {PLAIN: real_file(b"{}", lfs=False), name: real_file(b"x" * 100)})
     line = one_line(*cli("pull", "faults/names", capsys=capsys, monkeypatch=monkeypatch))
@@ -287,8 +307,10 @@ def test_missing_or_hostile_blob_ids_are_refused(server, env, tmp_path, capsys, 
     assert_clean(tmp_path)
 
 
-@pytest.mark.parametrize("revision", ["../../x", "/etc", "a/../b", "a..b", "x.lock", "a b", ".hidden", "a//b",
-                                      "a\\b", "x~1", "@", "", "main/"])  # fmt: skip
+@pytest.mark.parametrize(
+    "revision",
+    ["../../x", "/etc", "a/../b", "a..b", "x.lock", "a b", ".hidden", "a//b", "a\\b", "x~1", "@", "", "main/"],
+)
 def test_a_hostile_revision_is_refused_before_any_request(server, env, tmp_path, capsys, monkeypatch, revision):
     line = one_line(*cli("pull", REPO, "--revision", revision, capsys=capsys, monkeypatch=monkeypatch))
     assert "not a valid revision" in line
@@ -306,8 +328,14 @@ def test_valid_revisions_pass():
 
 def _spawn(env: dict, *args: str) -> subprocess.Popen:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen([sys.executable, "-m", "moerun", "pull", REPO, *args], cwd=ROOT, env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "moerun", "pull", REPO, *args],
+        cwd=ROOT,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_the_real_cli_fails_wrong_bytes_in_one_line(server, env, tmp_path):

@@ -14,14 +14,32 @@ from moerun.registry import DEMO_DIR
 from moerun.tokenizer import Tokenizer
 
 VALID = [
-    "{}", ' { "a" : 1 }', '{"a": [1, -2.5e+3, 0, 0.25, true, false, null, "x"], "b": {"c": {}}}',
-    '{"k\\u00e9\\n\\"": "Zürich ✓ 😀", "e": [], "n": -0E-0}', '{\n  "a": [\n    {"b": "c"}\n  ]\n}',
-]  # fmt: skip
+    "{}",
+    ' { "a" : 1 }',
+    '{"a": [1, -2.5e+3, 0, 0.25, true, false, null, "x"], "b": {"c": {}}}',
+    '{"k\\u00e9\\n\\"": "Zürich ✓ 😀", "e": [], "n": -0E-0}',
+    '{\n  "a": [\n    {"b": "c"}\n  ]\n}',
+]
 INVALID = [
-    "[1]", '"x"', "{a: 1}", '{"a" 1}', '{"a": 1,}', '{"a": [1,]}', '{"a": 01}', '{"a": 1.}', '{"a": -}',
-    '{"a": tru}', '{"a": "\\x"}', '{"a": "\x01"}', '{"a": 1}}', '{"a": 1} {}', '{"a": .5}', '{"a": "\\u12g4"}',
-    '{"a":' + " " * 3 + "1}", "{\r}",
-]  # fmt: skip
+    "[1]",
+    '"x"',
+    "{a: 1}",
+    '{"a" 1}',
+    '{"a": 1,}',
+    '{"a": [1,]}',
+    '{"a": 01}',
+    '{"a": 1.}',
+    '{"a": -}',
+    '{"a": tru}',
+    '{"a": "\\x"}',
+    '{"a": "\x01"}',
+    '{"a": 1}}',
+    '{"a": 1} {}',
+    '{"a": .5}',
+    '{"a": "\\u12g4"}',
+    '{"a":' + " " * 3 + "1}",
+    "{\r}",
+]
 
 
 @pytest.mark.parametrize("doc", VALID)
@@ -118,12 +136,24 @@ def test_token_bytes_of_a_sentencepiece_style_tokenizer(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0xC3>": 3, "<0xA9>": 4, "▁{": 5, '"a"': 6, "▁": 7, ":": 8, "}": 9}
     backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     backend.add_special_tokens(["<s>", "</s>"])
     backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tok = Tokenizer.from_dir(tmp_path)
-    assert [tok.token_bytes(i) for i in range(10)] == [b"<unk>", None, None, b"\xc3", b"\xa9", b" {", b'"a"', b" ", b":", b"}"]
+    assert [tok.token_bytes(i) for i in range(10)] == [
+        b"<unk>",
+        None,
+        None,
+        b"\xc3",
+        b"\xa9",
+        b" {",
+        b'"a"',
+        b" ",
+        b":",
+        b"}",
+    ]
     state = JSONPrefix()
     assert state.feed(b"".join(tok.token_bytes(i) for i in (5, 7, 6, 8, 7, 6, 9))) and state.complete  # ' { "a": "a"}'

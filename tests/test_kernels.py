@@ -27,7 +27,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-SHAPES = [(96, 80), (64, 32), (33, 17), (64, 36)]  # (D, I): blocks across rows; odd rows (mid-byte starts); w13 in words, w2 in pairs
+SHAPES = [
+    (96, 80),
+    (64, 32),
+    (33, 17),
+    (64, 36),
+]  # (D, I): blocks across rows; odd rows (mid-byte starts); w13 in words, w2 in pairs
 HAS_BIAS_FORMAT = any(f.name == "bias" for f in dataclasses.fields(ExpertFormat))
 
 
@@ -58,7 +63,9 @@ def make_slots(fmt: ExpertFormat, n_slots: int, gen: torch.Generator, device=DEV
         w13 = torch.randn(2 * I, D, generator=gen) / D**0.5
         w2 = torch.randn(D, I, generator=gen) / I**0.5
         if fmt.bias if HAS_BIAS_FORMAT else False:
-            blobs.append(fmt.pack(w13, w2, torch.randn(2 * I, generator=gen) * 0.1, torch.randn(D, generator=gen) * 0.1))
+            blobs.append(
+                fmt.pack(w13, w2, torch.randn(2 * I, generator=gen) * 0.1, torch.randn(D, generator=gen) * 0.1)
+            )
         else:
             blobs.append(fmt.pack(w13, w2))
     return torch.stack(blobs).to(device)
@@ -232,7 +239,9 @@ def test_auto_mode_off_cuda_is_the_reference():
     fmt = ExpertFormat(8, 32, 16, torch.float32)
     slots = make_slots(fmt, 3, gen, "cpu")
     x, ids, weights = (t.cpu() for t in make_inputs(2, 2, 32, 3, gen))
-    torch.testing.assert_close(fused_experts(x, ids, weights, slots, fmt), fused_experts_reference(x, ids, weights, slots, fmt))
+    torch.testing.assert_close(
+        fused_experts(x, ids, weights, slots, fmt), fused_experts_reference(x, ids, weights, slots, fmt)
+    )
 
 
 @pytest.mark.gpu

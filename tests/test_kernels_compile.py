@@ -31,8 +31,10 @@ def _has_nvidia_backend() -> bool:
 
 
 # A compile sweep (~30 s): the slow tier (`make test-all`).
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _has_nvidia_backend(), reason="needs triton's NVIDIA backend (ptxas, cuobjdump)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _has_nvidia_backend(), reason="needs triton's NVIDIA backend (ptxas, cuobjdump)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,27 @@ def rows(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # a real compile, not a cache hit
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "inspect_kernels.py"), "--arch", "86",
-         # bf16 Mixtral at every bits, odd sizes (the pair path) at 4 bits, routing: the
-         # rest of scripts/inspect_kernels.py's cases are left out to keep CI short.
-         "--match", "mixtral 4096x14336 4-bit bfloat16", "mixtral 4096x14336 8-bit bfloat16",
-         "mixtral 4096x14336 16-bit bfloat16", "odd 100x36 4-bit", "E=", "--json", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "inspect_kernels.py"),
+            "--arch",
+            "86",
+            # bf16 Mixtral at every bits, odd sizes (the pair path) at 4 bits, routing: the
+            # rest of scripts/inspect_kernels.py's cases are left out to keep CI short.
+            "--match",
+            "mixtral 4096x14336 4-bit bfloat16",
+            "mixtral 4096x14336 8-bit bfloat16",
+            "mixtral 4096x14336 16-bit bfloat16",
+            "odd 100x36 4-bit",
+            "E=",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -16,7 +16,19 @@ PACKAGE = Path(moerun.__file__).parent
 
 # Lowest first. `moerun` is the package's own __init__ (its version; the API it loads lazily).
 LAYERS = [
-    {"moerun", "errors", "units", "paths", "gpus", "registry", "weights", "tokenizer", "config_checks", "spec", "progress"},
+    {
+        "moerun",
+        "errors",
+        "units",
+        "paths",
+        "gpus",
+        "registry",
+        "weights",
+        "tokenizer",
+        "config_checks",
+        "spec",
+        "progress",
+    },
     {"quant", "hub"},
     {"kernels"},
     {"layers", "rope", "recurrent", "graphs"},
@@ -45,8 +57,9 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "moerun":
             for a in node.names:  # `from moerun import hub` imports moerun.hub; `import __version__` the package
                 full = f"{node.module}.{a.name}"
-                is_module = (PACKAGE.parent / (full.replace(".", "/") + ".py")).is_file() or \
-                    (PACKAGE.parent / full.replace(".", "/")).is_dir()  # fmt: skip
+                is_module = (PACKAGE.parent / (full.replace(".", "/") + ".py")).is_file() or (
+                    PACKAGE.parent / full.replace(".", "/")
+                ).is_dir()
                 out.add(full if is_module else node.module)
     return out
 
@@ -72,9 +85,13 @@ def test_no_import_climbs_to_a_higher_layer():
 
 def test_no_module_outside_models_imports_a_family():
     families = {p.stem for p in (PACKAGE / "models").glob("*.py")} - {"__init__", "base"}
-    reaching = [f"{path.relative_to(PACKAGE.parent)} imports {target}"
-                for path in PACKAGE.rglob("*.py") if "models" not in path.relative_to(PACKAGE).parts[:1]
-                for target in _imports(path) if target.split(".")[-1] in families and ".models." in f".{target}."]  # fmt: skip
+    reaching = [
+        f"{path.relative_to(PACKAGE.parent)} imports {target}"
+        for path in PACKAGE.rglob("*.py")
+        if "models" not in path.relative_to(PACKAGE).parts[:1]
+        for target in _imports(path)
+        if target.split(".")[-1] in families and ".models." in f".{target}."
+    ]
     assert not reaching, reaching
 
 
@@ -112,5 +129,7 @@ def test_one_units_module_writes_bytes_and_parameter_counts():
     from moerun import units
 
     assert units.gib(1024) == "1.0 KiB" and units.gib(3 * 2**20) == "3.0 MiB" and units.gib(12 * 2**30) == "12.00 GiB"
-    assert units.params(46_700_000_000) == "46.70 B" and units.params(1_870_000) == "1.87 M" and units.params(950) == "950"
+    assert (
+        units.params(46_700_000_000) == "46.70 B" and units.params(1_870_000) == "1.87 M" and units.params(950) == "950"
+    )
     assert units.params_short(30_530_000_000) == "30.5B" and units.params_short(1_870_000) == "1.9M"

@@ -34,8 +34,9 @@ def test_ring_of_the_window_equals_a_full_cache():
         torch.testing.assert_close(attn(x[:, a:b], ring, a), attn(x[:, a:b], full, a), rtol=1e-5, atol=1e-6)
     for t in range(20, 30):  # static steps: the position on the device, fixed shapes
         start = StaticPosition(torch.tensor([t]), span=32)
-        torch.testing.assert_close(attn(x[:, t : t + 1], ring, start), attn(x[:, t : t + 1], full, start),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            attn(x[:, t : t + 1], ring, start), attn(x[:, t : t + 1], full, start), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_state_sizes_are_their_specs():

@@ -37,8 +37,13 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def env(folders, tmp_path, monkeypatch):
     with HubServer() as server:
-        e = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
-             "MOERUN_CACHE": str(tmp_path / "moerun"), "HF_TOKEN": ""}  # fmt: skip
+        e = {
+            "HF_ENDPOINT": server.url,
+            "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "HF_HUB_OFFLINE": "0",
+            "MOERUN_CACHE": str(tmp_path / "moerun"),
+            "HF_TOKEN": "",
+        }
         for k, v in e.items():
             monkeypatch.setenv(k, v)
         server.add_folder(REPO, folders[0])
@@ -83,8 +88,14 @@ def test_ls_then_rm_one_revision_then_the_repo(env):
     assert {m["revision"] for m in listed["models"]} == {first.name, second.name}
 
     # Without -y and without a terminal: one line, nothing deleted.
-    proc = subprocess.run([sys.executable, "-m", "moerun", "rm", REPO], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT), **e})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerun", "rm", REPO],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **e},
+    )
     line = one_line_error(proc)
     assert "-y" in line and "not a terminal" in line
     assert first.is_dir() and a.caches[0].path.is_dir()
@@ -146,8 +157,10 @@ def test_rm_removes_the_quantized_caches_of_a_folder_even_when_it_is_gone(tmp_pa
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     kept, gone = (make_checkpoint(tmp_path / name, "mixtral", shards=1) for name in ("kept", "gone"))
-    caches = {f: Path(moerun.load(str(f), bits=bits, device="cpu").offload_info["quantized_cache"])
-              for f, bits in ((kept, 8), (gone, 4))}  # fmt: skip
+    caches = {
+        f: Path(moerun.load(str(f), bits=bits, device="cpu").offload_info["quantized_cache"])
+        for f, bits in ((kept, 8), (gone, 4))
+    }
     shutil.rmtree(gone)
     out = cli("ls")
     assert "(source gone)" in out and str(gone) in out and "moerun rm FOLDER" in out
@@ -175,8 +188,11 @@ def test_rm_removes_the_quantized_caches_of_a_folder_even_when_it_is_gone(tmp_pa
 def test_one_reader_takes_the_language_model_out_of_a_multimodal_config():
     from moerun.config_checks import text_config
 
-    wrapper = {"model_type": "llama4", "tie_word_embeddings": False,
-               "text_config": {"num_local_experts": 16, "tie_word_embeddings": True}}
+    wrapper = {
+        "model_type": "llama4",
+        "tie_word_embeddings": False,
+        "text_config": {"num_local_experts": 16, "tie_word_embeddings": True},
+    }
     assert text_config(wrapper) == {**wrapper, "num_local_experts": 16, "tie_word_embeddings": True}
     plain = {"model_type": "mixtral", "num_local_experts": 8}
     assert text_config(plain) is plain and text_config({"text_config": None}) == {"text_config": None}

@@ -45,29 +45,63 @@ from tests.parity import (
 GRANITE = dict(
     num_hidden_layers=4,
     layer_types=["mamba", "attention", "mamba", "mamba"],
-    mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8,
-    num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=48,
+    mamba_n_heads=8,
+    mamba_d_head=16,
+    mamba_n_groups=2,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_chunk_size=8,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=32,
+    shared_intermediate_size=48,
     position_embedding_type="nope",  # as the releases: attention without positions
-    embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5,
-)  # fmt: skip
+    embedding_multiplier=3.0,
+    residual_multiplier=0.5,
+    attention_multiplier=0.2,
+    logits_scaling=2.5,
+)
 # Dense (no experts: the shared MLP alone), RoPE, biases on attention and the Mamba projections.
 GRANITE_DENSE = dict(
-    GRANITE, num_local_experts=0, num_experts_per_tok=0, position_embedding_type="rope",
-    layer_types=["attention", "mamba", "mamba", "attention"], attention_bias=True, mamba_proj_bias=True,
+    GRANITE,
+    num_local_experts=0,
+    num_experts_per_tok=0,
+    position_embedding_type="rope",
+    layer_types=["attention", "mamba", "mamba", "attention"],
+    attention_bias=True,
+    mamba_proj_bias=True,
     tie_word_embeddings=True,
-)  # fmt: skip
+)
 NEMOTRON = dict(
     hybrid_override_pattern="ME*-ME",  # mamba, MoE, attention, MLP, mamba, MoE
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-    mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=8,
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+    mamba_num_heads=8,
+    mamba_head_dim=16,
+    n_groups=2,
+    ssm_state_size=16,
+    conv_kernel=4,
+    chunk_size=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48,
     routed_scaling_factor=1.5,
-)  # fmt: skip
+)
 # Nemotron 3 Super's shape: routed experts in a latent space, group-limited routing, biases.
 NEMOTRON_LATENT = dict(
-    NEMOTRON, hybrid_override_pattern="MEM*E", moe_latent_size=32, n_routed_experts=8, n_group=2, topk_group=1,
-    routed_scaling_factor=2.5, use_bias=True, mlp_bias=True,
-)  # fmt: skip
+    NEMOTRON,
+    hybrid_override_pattern="MEM*E",
+    moe_latent_size=32,
+    n_routed_experts=8,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    use_bias=True,
+    mlp_bias=True,
+)
 
 
 def randomise_vectors(folder) -> None:
@@ -124,8 +158,17 @@ checkpoint, pair = family_fixtures(CASES)
 
 def random_mixer(chunk_size: int, n_groups: int = 2, seed: int = 0) -> Mamba2Mixer:
     torch.manual_seed(seed)
-    mixer = Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=n_groups, state_size=6, conv_kernel=4,
-                        chunk_size=chunk_size, eps=1e-6, conv_bias=True)  # fmt: skip
+    mixer = Mamba2Mixer(
+        32,
+        n_heads=4,
+        head_dim=8,
+        n_groups=n_groups,
+        state_size=6,
+        conv_kernel=4,
+        chunk_size=chunk_size,
+        eps=1e-6,
+        conv_bias=True,
+    )
     with torch.no_grad():
         for name, p in mixer.named_parameters():
             p.copy_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.5))
@@ -287,21 +330,36 @@ def test_relu2_experts_are_not_gated_and_leave_the_fused_kernels():
     with torch.no_grad():
         assert rel_err(experts(x, ids, weights), expected) < 1e-6
         # The Triton entry point falls back to its reference for non-gated experts, whatever the mode.
-        slots = torch.stack([ExpertFormat(16, 16, 8, torch.float32, gated=False).pack(experts.w13[e], experts.w2[e])
-                             for e in range(4)])  # fmt: skip
-        out = fused_experts(x, ids, weights, slots, ExpertFormat(16, 16, 8, torch.float32, gated=False),
-                            act=RELU2, mode="decode")  # fmt: skip
+        slots = torch.stack(
+            [ExpertFormat(16, 16, 8, torch.float32, gated=False).pack(experts.w13[e], experts.w2[e]) for e in range(4)]
+        )
+        out = fused_experts(
+            x, ids, weights, slots, ExpertFormat(16, 16, 8, torch.float32, gated=False), act=RELU2, mode="decode"
+        )
     assert rel_err(out, expected) < 1e-6
 
 
 def test_the_plan_counts_non_gated_expert_bytes():
-    config = {"model_type": "nemotron_h", "vocab_size": 256, "hidden_size": 64, "hybrid_override_pattern": "ME",
-              "n_routed_experts": 4, "moe_intermediate_size": 32, "mamba_num_heads": 8, "mamba_head_dim": 16,
-              "n_groups": 2, "ssm_state_size": 16}  # fmt: skip
+    config = {
+        "model_type": "nemotron_h",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "hybrid_override_pattern": "ME",
+        "n_routed_experts": 4,
+        "moe_intermediate_size": 32,
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "n_groups": 2,
+        "ssm_state_size": 16,
+    }
     summary = plan.summarize(config)
     p = plan.make_plan(summary, 16, torch.bfloat16, vram=None)
     assert p.expert_blob_bytes == ExpertFormat(16, 64, 32, torch.bfloat16, gated=False).blob_bytes
-    assert p.weight_bytes_by_role["routed_experts"] == summary.stored_bytes_by_role["routed_experts"] == 4 * 2 * 64 * 32 * 2
+    assert (
+        p.weight_bytes_by_role["routed_experts"]
+        == summary.stored_bytes_by_role["routed_experts"]
+        == 4 * 2 * 64 * 32 * 2
+    )
 
 
 def test_routers_keep_their_released_rule_and_dtypes(checkpoint):

@@ -65,9 +65,20 @@ def test_other_storage_dtypes_load(tmp_path, stored):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sanitize_stacks_experts_and_is_idempotent(arch):
     module = get_architecture(arch)
-    cfg = {"model_type": arch, "vocab_size": 8, "hidden_size": 4, "intermediate_size": 6, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "num_experts_per_tok": 1,
-           "num_local_experts": 2, "num_experts": 2, "moe_intermediate_size": 3, "shared_expert_intermediate_size": 5}
+    cfg = {
+        "model_type": arch,
+        "vocab_size": 8,
+        "hidden_size": 4,
+        "intermediate_size": 6,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_experts_per_tok": 1,
+        "num_local_experts": 2,
+        "num_experts": 2,
+        "moe_intermediate_size": 3,
+        "shared_expert_intermediate_size": 5,
+    }
     args = module.ModelArgs.from_dict(cfg)
     inter = 6 if arch == "mixtral" else 3
     names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
@@ -99,7 +110,9 @@ def test_yarn_scaling_matches_transformers_and_matters(tmp_path, arch):
     # The Hub's spelling of the same scaling (Qwen3's model card): rope_scaling + rope_theta.
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters")
-    config.update(rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    config.update(
+        rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     assert rel_err(moerun.load(str(folder), device="cpu", dtype="float32").logits(ids), expected) < 1e-4
     plain = make_checkpoint(tmp_path / "plain", arch, dtype=torch.float32, shards=1, head_dim=16)

@@ -53,8 +53,14 @@ ARCHS = list(CONFIGS)
 @pytest.mark.parametrize("k", [2, 1])  # one pick renormalised is weight 1
 def test_olmoe_norm_topk_prob_and_no_clip_match(tmp_path, k):
     folder = make_checkpoint(
-        tmp_path, "olmoe", dtype=torch.float32, shards=1, num_experts=6, num_experts_per_tok=k,
-        intermediate_size=32, norm_topk_prob=True,
+        tmp_path,
+        "olmoe",
+        dtype=torch.float32,
+        shards=1,
+        num_experts=6,
+        num_experts_per_tok=k,
+        intermediate_size=32,
+        norm_topk_prob=True,
     )
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -85,8 +91,12 @@ def test_longrope_switches_to_long_factors_past_the_original_length():
     rope = rotary_for({"rope_parameters": LONGROPE, "max_position_embeddings": 512}, HEAD_DIM)
     assert rope.kind == "longrope"
     config = SimpleNamespace(
-        rope_parameters=LONGROPE, hidden_size=64, num_attention_heads=4, head_dim=HEAD_DIM,
-        max_position_embeddings=512, standardize_rope_params=lambda: None,
+        rope_parameters=LONGROPE,
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=512,
+        standardize_rope_params=lambda: None,
     )
     original = LONGROPE["original_max_position_embeddings"]
     for end, mscale in ((original, LONGROPE["short_mscale"]), (original + 1, LONGROPE["long_mscale"])):
@@ -102,11 +112,24 @@ def test_phimoe_reads_hub_style_longrope_config():
     # Phi-3.5-MoE's own config.json: rope_scaling with "type", rope_theta and
     # original_max_position_embeddings at top level.
     cfg = {
-        "model_type": "phimoe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2, "rope_theta": 10000.0,
-        "original_max_position_embeddings": 4096, "max_position_embeddings": 131072,
-        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [2.0, 3.0],
-                         "short_mscale": 1.2, "long_mscale": 1.2},
+        "model_type": "phimoe",
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 4,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_local_experts": 2,
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": 4096,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0, 1.0],
+            "long_factor": [2.0, 3.0],
+            "short_mscale": 1.2,
+            "long_mscale": 1.2,
+        },
     }
     lm, _ = build_meta_model(cfg)
     rope = lm.model.layers[0].self_attn.rope
@@ -117,9 +140,18 @@ def test_phimoe_reads_hub_style_longrope_config():
 @pytest.mark.parametrize("arch", ["olmoe", "phimoe"])
 def test_sanitize_stacks_per_expert_weights_and_is_idempotent(arch):
     module = get_architecture(arch)
-    cfg = {"model_type": arch, "vocab_size": 8, "hidden_size": 4, "intermediate_size": 3, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "num_experts_per_tok": 1,
-           "num_local_experts": 2, "num_experts": 2}
+    cfg = {
+        "model_type": arch,
+        "vocab_size": 8,
+        "hidden_size": 4,
+        "intermediate_size": 3,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_experts_per_tok": 1,
+        "num_local_experts": 2,
+        "num_experts": 2,
+    }
     args = module.ModelArgs.from_dict(cfg)
     names = ("w1", "w3", "w2") if arch == "phimoe" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "phimoe" else "mlp.experts")
@@ -128,12 +160,23 @@ def test_sanitize_stacks_per_expert_weights_and_is_idempotent(arch):
 
 def test_granite_sanitize_renames_fused_experts():
     module = get_architecture("granitemoe")
-    cfg = {"model_type": "granitemoe", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 3,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1}
+    cfg = {
+        "model_type": "granitemoe",
+        "vocab_size": 8,
+        "hidden_size": 4,
+        "intermediate_size": 3,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_local_experts": 2,
+        "num_experts_per_tok": 1,
+    }
     args = module.ModelArgs.from_dict(cfg)
     p = "model.layers.0.block_sparse_moe"
-    fake = {f"{p}.input_linear.weight": torch.zeros(2, 6, 4), f"{p}.output_linear.weight": torch.zeros(2, 4, 3),
-            f"{p}.router.layer.weight": torch.zeros(2, 4)}
+    fake = {
+        f"{p}.input_linear.weight": torch.zeros(2, 6, 4),
+        f"{p}.output_linear.weight": torch.zeros(2, 4, 3),
+        f"{p}.router.layer.weight": torch.zeros(2, 4),
+    }
     out = module.sanitize(fake, args)
     assert set(out) == {f"{p}.experts.w13", f"{p}.experts.w2", f"{p}.router.weight"}
     assert module.sanitize(out, args).keys() == out.keys()

@@ -146,9 +146,20 @@ def test_glm_partial_rotary_and_qk_norm(pair):
     assert attn.rope.dim == 16 and not attn.rope.interleaved and attn.qk_norm == "head"
     # Hub configs may omit partial_rotary_factor: transformers then rotates half of each head.
     hub = get_architecture("glm4_moe").ModelArgs.from_dict(
-        {"model_type": "glm4_moe", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "moe_intermediate_size": 8,
-         "n_routed_experts": 4, "num_experts_per_tok": 2, "rope_theta": 1e6}
+        {
+            "model_type": "glm4_moe",
+            "vocab_size": 8,
+            "hidden_size": 64,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "moe_intermediate_size": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "rope_theta": 1e6,
+        }
     )
     with torch.device("meta"):
         model = get_architecture("glm4_moe").Model(hub)
@@ -162,9 +173,20 @@ def test_ernie_moe_layer_range_equals_transformers(layers, start, end, interval)
     import transformers
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
 
-    config = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=layers, num_attention_heads=2,
-                  num_key_value_heads=1, moe_intermediate_size=4, moe_num_experts=4, moe_k=2,
-                  moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)  # fmt: skip
+    config = dict(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        moe_intermediate_size=4,
+        moe_num_experts=4,
+        moe_k=2,
+        moe_layer_start_index=start,
+        moe_layer_end_index=end,
+        moe_layer_interval=interval,
+    )
     with torch.device("meta"):
         ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("ernie4_5_moe", **config))
     want = {i for i, layer in enumerate(ref.model.layers) if isinstance(layer.mlp, Ernie4_5_MoeSparseMoeBlock)}
@@ -181,8 +203,11 @@ def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
     ids = IDS[:1]
     before = moerun.load(str(folder), device="cpu", dtype="float32").logits(ids)
     L, D = 3, 64
-    mtp = {f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D), f"model.layers.{L}.enorm.weight": torch.ones(D),
-           f"model.layers.{L}.mlp.experts.0.gate_proj.weight": torch.randn(32, D)}  # fmt: skip
+    mtp = {
+        f"model.layers.{L}.eh_proj.weight": torch.randn(D, 2 * D),
+        f"model.layers.{L}.enorm.weight": torch.ones(D),
+        f"model.layers.{L}.mlp.experts.0.gate_proj.weight": torch.randn(32, D),
+    }
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     save_file({k: v.to(torch.bfloat16) for k, v in mtp.items()}, folder / "mtp.safetensors", metadata={"format": "pt"})
     index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
@@ -197,13 +222,31 @@ def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
 
 VARIANTS = {
     # GLM-4.5-Air's shape: no q/k norm, head_dim and partial_rotary_factor left to their defaults, no groups.
-    "glm4_moe": dict(use_qk_norm=False, attention_bias=True, n_routed_experts=6, num_experts_per_tok=3,
-                     n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=2, num_hidden_layers=4,
-                     norm_topk_prob=False, routed_scaling_factor=1.0),
+    "glm4_moe": dict(
+        use_qk_norm=False,
+        attention_bias=True,
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        first_k_dense_replace=2,
+        num_hidden_layers=4,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    ),
     # Untied, no shared experts, every second layer from 0, top-1: the clamp still divides one weight.
-    "ernie4_5_moe": dict(num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2, moe_num_experts=6,
-                         moe_k=1, moe_num_shared_experts=0, moe_intermediate_size=32, moe_norm_min=0.5,
-                         use_bias=False, tie_word_embeddings=False),
+    "ernie4_5_moe": dict(
+        num_hidden_layers=4,
+        moe_layer_start_index=0,
+        moe_layer_interval=2,
+        moe_num_experts=6,
+        moe_k=1,
+        moe_num_shared_experts=0,
+        moe_intermediate_size=32,
+        moe_norm_min=0.5,
+        use_bias=False,
+        tie_word_embeddings=False,
+    ),
 }
 
 

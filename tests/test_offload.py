@@ -140,7 +140,9 @@ def test_any_slot_count_prefetch_and_cold_equal_fully_resident(checkpoint, bits)
     assert resident.stats["total"]["misses"] == 0  # all resident: filled at load, never missed
     for slots in range(1, E + 1):
         for prefetch, cold in ((True, "gpu"), (False, "gpu"), (True, "cpu"), (False, "auto")):
-            model = moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=slots, prefetch=prefetch, cold=cold)
+            model = moerun.load(
+                str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=slots, prefetch=prefetch, cold=cold
+            )
             uses, _ = expert_uses(model)
             got = model.logits(IDS)
             assert rel_err(got, expected) < 1e-6, (slots, prefetch, cold)
@@ -168,7 +170,9 @@ def test_16_bit_offloading_equals_the_plain_model(checkpoint):
 def test_warm_cache_stops_missing(tmp_path):
     # Enough slots for every expert: after one pass everything is resident.
     folder = make_checkpoint(tmp_path, "qwen3_moe", dtype=torch.float32, shards=1)
-    model = moerun.load(str(folder), bits=8, device="cpu", dtype="float32", expert_slots=n_experts("qwen3_moe") - 1, prefetch=False)
+    model = moerun.load(
+        str(folder), bits=8, device="cpu", dtype="float32", expert_slots=n_experts("qwen3_moe") - 1, prefetch=False
+    )
     model.generate("warm up", max_new_tokens=8, ignore_eos=True)
     model.reset_stats()
     out = model.generate("warm up", max_new_tokens=8, ignore_eos=True)
@@ -329,10 +333,12 @@ def test_cached_expert_variants_equal_routed_experts(act, weights_on_input):
     for bits in (16, 8, 4):
         fmt = ExpertFormat(bits, D, I, torch.float32, bias=True)
         store = torch.stack([fmt.pack(routed.w13[e], routed.w2[e], routed.b13[e], routed.b2[e]) for e in range(E)])
-        full = CachedExperts(fmt, store, E, torch.device("cpu"), torch.float32, act=act,
-                             weights_on_input=weights_on_input)  # fmt: skip
-        one = CachedExperts(fmt, store.clone(), 1, torch.device("cpu"), torch.float32, act=act,
-                            weights_on_input=weights_on_input)  # fmt: skip
+        full = CachedExperts(
+            fmt, store, E, torch.device("cpu"), torch.float32, act=act, weights_on_input=weights_on_input
+        )
+        one = CachedExperts(
+            fmt, store.clone(), 1, torch.device("cpu"), torch.float32, act=act, weights_on_input=weights_on_input
+        )
         got_full, got_one = full(x, ids, weights), one(x, ids, weights)
         assert rel_err(got_one, got_full) < 1e-6
         assert rel_err(got_full, expected) < {16: 1e-6, 8: 0.03, 4: 0.3}[bits]
@@ -351,8 +357,9 @@ def test_cache_through_triton_kernels_equals_torch_path(mode, bits):
     E, D, I, K = 4, 64, 32, 2
     N = 3 if mode == "decode" else 9
     fmt = ExpertFormat(bits, D, I, torch.float32)
-    store = torch.stack([fmt.pack(torch.randn(2 * I, D, generator=g) * 0.2, torch.randn(D, I, generator=g) * 0.2)
-                         for _ in range(E)])  # fmt: skip
+    store = torch.stack(
+        [fmt.pack(torch.randn(2 * I, D, generator=g) * 0.2, torch.randn(D, I, generator=g) * 0.2) for _ in range(E)]
+    )
     x = torch.randn(N, D, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
     weights = torch.rand(N, K, generator=g)
@@ -377,7 +384,9 @@ def test_bitsandbytes_cpu_dequantizer_equals_the_torch_path(shape, dtype):
     assert fast is not None
     reference = nf4.dequantize(packed, absmax, (1, *shape), dtype).view(shape)  # 3 dims: always the torch path
     assert torch.equal(fast, reference)
-    assert nf4.dequantize_bitsandbytes(packed[: 7 * 48 // 2], absmax[:6], (7, 48), dtype) is None  # rows not whole blocks
+    assert (
+        nf4.dequantize_bitsandbytes(packed[: 7 * 48 // 2], absmax[:6], (7, 48), dtype) is None
+    )  # rows not whole blocks
 
 
 def test_auto_calibrates_each_expert_format_and_decides_by_token_count(tmp_path):

@@ -32,7 +32,9 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory):
     # A window of 8 positions, far below the planned context: every layer keeps a ring.
-    folder = make_checkpoint(tmp_path_factory.mktemp("ring"), "mixtral", dtype=torch.float32, shards=1, sliding_window=8)
+    folder = make_checkpoint(
+        tmp_path_factory.mktemp("ring"), "mixtral", dtype=torch.float32, shards=1, sliding_window=8
+    )
     return moerun.load(str(folder), device="cpu", dtype="float32", ctx=128)
 
 
@@ -160,9 +162,20 @@ def test_greedy_picks_on_the_device(qwen, monkeypatch):
 
 
 def test_mla_latents_rewind_like_kv(tmp_path, monkeypatch):
-    mla = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
-               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-               q_lora_rank=None, n_shared_experts=2, topk_method="greedy")  # fmt: skip
+    mla = dict(
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        n_shared_experts=2,
+        topk_method="greedy",
+    )
     folder = make_checkpoint(tmp_path, "deepseek_v2", dtype=torch.float32, shards=1, **mla)
     model = moerun.load(str(folder), device="cpu", dtype="float32", ctx=64)
     assert generate._rewindable(model.kv_caches)
@@ -178,8 +191,9 @@ def test_recurrent_hybrid_reuses_only_a_whole_held_sequence(tmp_path, monkeypatc
         from tests.test_qwen3_next import make_qwen3_next
     except ImportError as e:
         pytest.skip(f"no Qwen3-Next fixture: {e}")
-    model = moerun.load(str(make_qwen3_next(tmp_path, dtype=torch.float32, shards=1)), device="cpu", dtype="float32",
-                        ctx=64)  # fmt: skip
+    model = moerun.load(
+        str(make_qwen3_next(tmp_path, dtype=torch.float32, shards=1)), device="cpu", dtype="float32", ctx=64
+    )
     assert not generate._rewindable(model.kv_caches)
     spy = Logits(monkeypatch)
     first = [5, 9, 17, 33, 2, 41, 8, 12]

@@ -34,8 +34,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def env(server, tmp_path, monkeypatch):
-    e = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
-         "MOERUN_CACHE": str(tmp_path / "moerun"), "HF_TOKEN": "", "MOERUN_RETRY_BASE_S": "0.001"}  # fmt: skip
+    e = {
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "MOERUN_CACHE": str(tmp_path / "moerun"),
+        "HF_TOKEN": "",
+        "MOERUN_RETRY_BASE_S": "0.001",
+    }
     for k, v in e.items():
         monkeypatch.setenv(k, v)
     server.cut_after, server.cuts_left, server.cut_file = None, 0, None
@@ -44,8 +50,9 @@ def env(server, tmp_path, monkeypatch):
 
 def run_cli(*args, env):
     full = {**os.environ, "PYTHONPATH": str(ROOT), "MOERUN_DEBUG": "", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=180)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=180
+    )
 
 
 def one_line_error(proc) -> str:

@@ -113,8 +113,13 @@ for r in range(rounds):
 def test_six_concurrent_first_loads_build_the_cache_once(tiny, tmp_path):
     rounds, n = 3, 6
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MOERUN_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-c", RACE, str(tiny), str(tmp_path), str(rounds), str(n)],
-                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", RACE, str(tiny), str(tmp_path), str(rounds), str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     codes = [json.loads(line) for line in proc.stdout.splitlines()]
     for r in range(rounds):
@@ -153,8 +158,12 @@ def test_zeroed_layer_region_is_named_and_that_layer_rebuilt(tiny, tmp_path, mon
     assert layer.read_bytes() == intact  # rebuilt alone, byte for byte
     assert (cache / "layer-002.safetensors").stat().st_mtime_ns == other
     assert torch.equal(again.logits(IDS), expected)
-    assert sorted(p.name for p in cache.iterdir()) == ["layer-000.safetensors", "layer-001.safetensors",
-                                                       "layer-002.safetensors", "manifest.json"]  # fmt: skip
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "layer-000.safetensors",
+        "layer-001.safetensors",
+        "layer-002.safetensors",
+        "manifest.json",
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moerun"):
         third = moerun.load(str(tiny), bits=4, device="cpu", dtype="float32")
@@ -231,8 +240,20 @@ def test_too_little_free_space_is_refused_before_building(tiny, tmp_path, monkey
     # one place (moerun.moe.store.free_bytes); the comparison and message are real.
     cache = tmp_path / "cache"
     free_disk_bytes(4096)
-    code, err = cli(monkeypatch, capsys, "generate", str(tiny), "hi", "--bits", "4", "--device", "cpu",
-                    "--max-new-tokens", "1", env={"MOERUN_CACHE": str(cache)})  # fmt: skip
+    code, err = cli(
+        monkeypatch,
+        capsys,
+        "generate",
+        str(tiny),
+        "hi",
+        "--bits",
+        "4",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "1",
+        env={"MOERUN_CACHE": str(cache)},
+    )
     line = one_error_line(code, err)
     assert "needs" in line and "only 0.0 MiB is free" in line and "MOERUN_CACHE" in line and str(cache) in line, line
     assert listing(cache) == []  # refused before anything was written, the lock file included
@@ -249,8 +270,20 @@ def test_unwritable_cache_is_one_line_naming_moerun_cache(tiny, tmp_path, monkey
         ro.mkdir(mode=0o555)
         places.append(ro / "cache")
     for cache in places:
-        code, err = cli(monkeypatch, capsys, "generate", str(tiny), "hi", "--bits", "8", "--device", "cpu",
-                        "--max-new-tokens", "1", env={"MOERUN_CACHE": str(cache)})  # fmt: skip
+        code, err = cli(
+            monkeypatch,
+            capsys,
+            "generate",
+            str(tiny),
+            "hi",
+            "--bits",
+            "8",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+            env={"MOERUN_CACHE": str(cache)},
+        )
         line = one_error_line(code, err)
         assert f"the cache {cache} is not writable" in line and "set MOERUN_CACHE to a writable folder" in line, line
     assert blocker.read_text() == "not a folder"
@@ -279,11 +312,34 @@ def test_nan_expert_weights_are_refused_by_the_real_cli(tiny, tmp_path):
     # Before: an empty reply and exit 0. The quantization pass reads every expert anyway.
     folder = poisoned(tiny, tmp_path / "nan", EXPERT, float("nan"))
     cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOERUN_CACHE": str(cache), "MOERUN_DEBUG": "",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "moerun", "generate", str(folder), "hello", "--bits", "4",
-                           "--device", "cpu", "--max-new-tokens", "2"],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MOERUN_CACHE": str(cache),
+        "MOERUN_DEBUG": "",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moerun",
+            "generate",
+            str(folder),
+            "hello",
+            "--bits",
+            "4",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = one_error_line(proc.returncode, proc.stderr)
     assert f"tensor {EXPERT} holds NaN or Inf values" in line, line
     # No cache, no temporary folder: only the folder of caches and the (empty) build lock.
@@ -292,12 +348,14 @@ def test_nan_expert_weights_are_refused_by_the_real_cli(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     "name,bits,named",
-    [("model.norm.weight", 4, "model.norm.weight"),
-     ("model.layers.0.self_attn.q_proj.weight", 16, "model.layers.0.self_attn.q_proj.weight"),
-     # Resident 16-bit experts are checked (sampled past 65536 values) once stacked: the layer's w13.
-     (EXPERT, 16, "model.layers.1.block_sparse_moe.experts.w13")],
+    [
+        ("model.norm.weight", 4, "model.norm.weight"),
+        ("model.layers.0.self_attn.q_proj.weight", 16, "model.layers.0.self_attn.q_proj.weight"),
+        # Resident 16-bit experts are checked (sampled past 65536 values) once stacked: the layer's w13.
+        (EXPERT, 16, "model.layers.1.block_sparse_moe.experts.w13"),
+    ],
     ids=["non-expert", "attention-16bit", "resident-experts"],
-)  # fmt: skip
+)
 def test_inf_weights_are_named_at_load(tiny, tmp_path, monkeypatch, name, bits, named):
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
     folder = poisoned(tiny, tmp_path / "inf", name, float("inf"))

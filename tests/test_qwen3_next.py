@@ -36,21 +36,34 @@ from tests.parity import NoHostSync, rel_err
 
 # 3 DeltaNet layers and 1 gated-attention layer; 2 key heads serving 4 value heads, key and
 # value head dims that differ, half of each attention head rotated.
-LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
-              linear_conv_kernel_dim=4)  # fmt: skip
+LINEAR = dict(
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+)
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 ROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))
 QWEN3_NEXT = dict(
-    num_hidden_layers=4, head_dim=16, **LINEAR, **MOE, **ROPE,
+    num_hidden_layers=4,
+    head_dim=16,
+    **LINEAR,
+    **MOE,
+    **ROPE,
     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
     mlp_only_layers=[2],  # a dense MLP under a DeltaNet layer
     norm_topk_prob=False,
     attention_bias=True,
-)  # fmt: skip
+)
 QWEN3_5_TEXT = dict(
     {k: v for k, v in BASE.items() if k != "intermediate_size"},  # no dense layers
-    num_hidden_layers=4, head_dim=16, **LINEAR, **MOE, **ROPE,
-)  # fmt: skip
+    num_hidden_layers=4,
+    head_dim=16,
+    **LINEAR,
+    **MOE,
+    **ROPE,
+)
 QWEN3_5_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
 VISION = ("model.visual.",)
 
@@ -78,14 +91,16 @@ def make_qwen3_next(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 0
 
 def make_qwen3_5_moe_text(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, **overrides) -> Path:
     """Qwen3_5MoeForCausalLM: a text-only checkpoint (no prefix, one tensor per expert)."""
-    folder = make_checkpoint(folder, "qwen3_5_moe_text", dtype=dtype, shards=shards, seed=seed,
-                             **{**QWEN3_5_TEXT, **overrides})  # fmt: skip
+    folder = make_checkpoint(
+        folder, "qwen3_5_moe_text", dtype=dtype, shards=shards, seed=seed, **{**QWEN3_5_TEXT, **overrides}
+    )
     perturb_vectors(folder, seed)
     return folder
 
 
-def make_qwen3_5_moe(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, released: bool = True,
-                     **overrides) -> Path:  # fmt: skip
+def make_qwen3_5_moe(
+    folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 0, released: bool = True, **overrides
+) -> Path:
     """Qwen3_5MoeForConditionalGeneration, vision tower included, as the Hub release: text
     model under `model.language_model.`, experts fused (`save_original_format=False`, the
     layout the release has; released=False: one tensor per expert, as save_pretrained
@@ -93,8 +108,9 @@ def make_qwen3_5_moe(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 
     import transformers
 
     folder, ids = tokenized_folder(folder)
-    config = transformers.Qwen3_5MoeConfig(text_config={**QWEN3_5_TEXT, **ids, **overrides},
-                                           vision_config=QWEN3_5_VISION)  # fmt: skip
+    config = transformers.Qwen3_5MoeConfig(
+        text_config={**QWEN3_5_TEXT, **ids, **overrides}, vision_config=QWEN3_5_VISION
+    )
     torch.manual_seed(seed)
     model = transformers.Qwen3_5MoeForConditionalGeneration(config)
     randomize_matrices(model, 0.15)
@@ -106,8 +122,11 @@ def make_qwen3_5_moe(folder, dtype=torch.bfloat16, shards: int = 2, seed: int = 
 
 MAKERS = {"qwen3_next": make_qwen3_next, "qwen3_5_moe_text": make_qwen3_5_moe_text, "qwen3_5_moe": make_qwen3_5_moe}
 # The family table's rows: row id -> (maker, checkpoint prefixes the model never loads).
-ROWS = {"qwen3_next": (make_qwen3_next, ()), "qwen3_5_moe_text": (make_qwen3_5_moe_text, ()),
-        "qwen3_5_moe": (make_qwen3_5_moe, VISION)}  # fmt: skip
+ROWS = {
+    "qwen3_next": (make_qwen3_next, ()),
+    "qwen3_5_moe_text": (make_qwen3_5_moe_text, ()),
+    "qwen3_5_moe": (make_qwen3_5_moe, VISION),
+}
 FAMILIES = list(MAKERS)
 
 
@@ -248,8 +267,12 @@ def test_the_layer_pattern_and_its_states(checkpoint):
     layers = model.lm.model.layers
     assert [layer.mixer_name for layer in layers] == ["linear_attn", "self_attn", "linear_attn", "linear_attn"]
     assert layers[1].self_attn.output_gate and layers[1].self_attn.rope.dim == 8  # half of 16 dims rotated
-    assert [type(c) for c in model.kv_caches] == [gdn.GatedDeltaNetState, KVCache, gdn.GatedDeltaNetState,
-                                                 gdn.GatedDeltaNetState]  # fmt: skip
+    assert [type(c) for c in model.kv_caches] == [
+        gdn.GatedDeltaNetState,
+        KVCache,
+        gdn.GatedDeltaNetState,
+        gdn.GatedDeltaNetState,
+    ]
     # Layer 2 is in mlp_only_layers.
     assert not isinstance(layers[2].mlp, SparseMoeBlock) and isinstance(layers[3].mlp, SparseMoeBlock)
     assert plan.summarize(json.loads((folder / "config.json").read_text())).kv_kind == "deltanet, kv"
@@ -281,8 +304,9 @@ def test_qwen3_5_moe_reads_the_release_and_a_transformers_resave_alike(tmp_path)
         assert rel_err(expected, reference_model(released)(ids).logits) < 1e-4
     # Quantized, the experts are read by name from either layout: the same blobs, one slot or all.
     # Within float rounding, not bit for bit: see test_qwen3_5_moe_text_reads_fused_experts_as_well.
-    released_cache, resaved_cache = (moerun.load(str(f), device="cpu", dtype="float32", bits=4)
-                                     for f in (released, resaved))  # fmt: skip
+    released_cache, resaved_cache = (
+        moerun.load(str(f), device="cpu", dtype="float32", bits=4) for f in (released, resaved)
+    )
     assert _same_blobs(released_cache.offload_info["quantized_cache"], resaved_cache.offload_info["quantized_cache"])
     one_slot = moerun.load(str(resaved), device="cpu", dtype="float32", bits=4, expert_slots=1).logits(ids)
     assert rel_err(one_slot, released_cache.logits(ids)) < 1e-6
@@ -291,9 +315,14 @@ def test_qwen3_5_moe_reads_the_release_and_a_transformers_resave_alike(tmp_path)
 def _same_blobs(a: str, b: str) -> bool:
     """Two quantized caches hold byte-equal expert blobs, layer by layer."""
     layers = sorted(p.name for p in Path(a).glob("layer-*.safetensors"))
-    return bool(layers) and layers == sorted(p.name for p in Path(b).glob("layer-*.safetensors")) and all(
-        all(torch.equal(t, load_file(str(Path(b) / name))[k]) for k, t in load_file(str(Path(a) / name)).items())
-        for name in layers)  # fmt: skip
+    return (
+        bool(layers)
+        and layers == sorted(p.name for p in Path(b).glob("layer-*.safetensors"))
+        and all(
+            all(torch.equal(t, load_file(str(Path(b) / name))[k]) for k, t in load_file(str(Path(a) / name)).items())
+            for name in layers
+        )
+    )
 
 
 def test_qwen3_5_moe_text_reads_fused_experts_as_well(tmp_path):
@@ -325,8 +354,10 @@ def test_qwen3_5_moe_counts_the_vision_tower_as_not_loaded(tmp_path):
     assert vision > 0 and summary.unused_params == vision
 
 
-@pytest.mark.parametrize("alias, layers, experts", [("qwen3-next-80b-a3b", 48, 512), ("qwen3.5-35b-a3b", 40, 256),
-                                                    ("qwen3.5-122b-a10b", 48, 256)])  # fmt: skip
+@pytest.mark.parametrize(
+    "alias, layers, experts",
+    [("qwen3-next-80b-a3b", 48, 512), ("qwen3.5-35b-a3b", 40, 256), ("qwen3.5-122b-a10b", 48, 256)],
+)
 def test_the_shipped_configs_plan_one_full_attention_layer_in_four(alias, layers, experts):
     config = json.loads((Path(moerun.__file__).parent / "data" / "configs" / f"{alias}.json").read_text())
     summary = plan.summarize(config)
@@ -335,5 +366,7 @@ def test_the_shipped_configs_plan_one_full_attention_layer_in_four(alias, layers
     channels = 2 * 16 * 128 + text["linear_num_value_heads"] * 128  # q, k, v through the conv
     recurrent = text["linear_num_value_heads"] * 128 * 128
     assert summary.n_layers == layers and summary.n_experts == experts and len(summary.moe_layers) == layers
-    assert summary.kv_cache_bytes(1000, 2) == layers // 4 * kv * 1000 * 2 + 3 * layers // 4 * 4 * (3 * channels + recurrent)
+    assert summary.kv_cache_bytes(1000, 2) == layers // 4 * kv * 1000 * 2 + 3 * layers // 4 * 4 * (
+        3 * channels + recurrent
+    )
     assert not summary.warnings

@@ -65,8 +65,14 @@ def test_gated_delta_step_matches_the_reference(B, Hk, H, Dk, Dv, block, dtype):
         g = -torch.rand(B, H, generator=gen).to(dtype)  # log decay <= 0
         beta = torch.rand(B, H, generator=gen).to(dtype)
         r = H // Hk  # the reference takes each value head's own copy of its key head
-        o_ref, S_ref = gdn.recurrent_gated_delta_step(q.float().repeat_interleave(r, 1), k.float().repeat_interleave(r, 1),
-                                                      v.float(), g.float(), beta.float(), S_ref)  # fmt: skip
+        o_ref, S_ref = gdn.recurrent_gated_delta_step(
+            q.float().repeat_interleave(r, 1),
+            k.float().repeat_interleave(r, 1),
+            v.float(),
+            g.float(),
+            beta.float(),
+            S_ref,
+        )
         o, S_out = gated_delta_step(*(t.to(DEVICE) for t in (q, k, v, g, beta)), S, block_v=block)
         assert S_out is S and o.dtype == torch.float32 and S.dtype == torch.float32
         assert rel_err(o, o_ref) < TOLERANCE[dtype]
@@ -76,8 +82,14 @@ def test_gated_delta_step_matches_the_reference(B, Hk, H, Dk, Dv, block, dtype):
 def test_gated_delta_step_rejects_a_mismatched_state():
     q = torch.zeros(1, 2, 4, device=DEVICE)
     with pytest.raises(ValueError):
-        gated_delta_step(q, q, torch.zeros(1, 3, 5, device=DEVICE), torch.zeros(1, 3, device=DEVICE),
-                         torch.zeros(1, 3, device=DEVICE), torch.zeros(1, 3, 4, 5, device=DEVICE))  # fmt: skip
+        gated_delta_step(
+            q,
+            q,
+            torch.zeros(1, 3, 5, device=DEVICE),
+            torch.zeros(1, 3, device=DEVICE),
+            torch.zeros(1, 3, device=DEVICE),
+            torch.zeros(1, 3, 4, 5, device=DEVICE),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -99,8 +111,12 @@ def test_mamba2_step_matches_the_reference(B, G, H, P, N, keep, block, dtype):
         b = torch.randn(B, G, N, generator=gen).to(dtype)
         c = torch.randn(B, G, N, generator=gen).to(dtype)
         y_ref, h_ref = selective_state_step(xs, dt, A, b, c, D, h_ref, keep_t)
-        y, h_out = mamba2_step(*(t.to(DEVICE) for t in (xs, dt, A, b, c, D)), h,
-                               None if keep_t is None else keep_t.to(DEVICE), block_p=block)  # fmt: skip
+        y, h_out = mamba2_step(
+            *(t.to(DEVICE) for t in (xs, dt, A, b, c, D)),
+            h,
+            None if keep_t is None else keep_t.to(DEVICE),
+            block_p=block,
+        )
         assert h_out is h and y.dtype == dtype
         assert rel_err(y, y_ref) < TOLERANCE[dtype]
         assert rel_err(h, h_ref) < TOLERANCE[dtype]
@@ -125,16 +141,21 @@ def test_mamba_step_matches_the_reference(B, I, N, keep, block, dtype):
         b = torch.randn(B, N, generator=gen).to(dtype)
         c = torch.randn(B, N, generator=gen).to(dtype)
         y_ref, h_ref = selective_scan_step(x, dt, A, b, c, D.to(dtype), h_ref, keep_t)
-        y, h_out = mamba_step(*(t.to(DEVICE) for t in (x, dt, A, b, c, D.to(dtype))), h,
-                              None if keep_t is None else keep_t.to(DEVICE), block_i=block)  # fmt: skip
+        y, h_out = mamba_step(
+            *(t.to(DEVICE) for t in (x, dt, A, b, c, D.to(dtype))),
+            h,
+            None if keep_t is None else keep_t.to(DEVICE),
+            block_i=block,
+        )
         assert h_out is h and y.dtype == dtype
         assert rel_err(y, y_ref) < TOLERANCE[dtype]
         assert rel_err(h, h_ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
-@pytest.mark.parametrize("B, I, N, T, block", [(1, 16, 8, 9, None), (2, 37, 5, 6, 16)],
-                         ids=["plain", "odd-dims-three-i-blocks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "B, I, N, T, block", [(1, 16, 8, 9, None), (2, 37, 5, 6, 16)], ids=["plain", "odd-dims-three-i-blocks"]
+)
 def test_mamba_scan_matches_the_chunked_scan(B, I, N, T, block, fresh):
     gen = torch.Generator().manual_seed(B * 100 + I * 10 + T)
     mixer = MambaMixer(8, I, N, conv_kernel=4, dt_rank=2)
@@ -158,8 +179,11 @@ def test_mamba_scan_matches_the_chunked_scan(B, I, N, T, block, fresh):
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
-@pytest.mark.parametrize("B, G, H, P, N, T, block", [(1, 1, 2, 8, 16, 9, None), (2, 2, 6, 33, 5, 6, 16)],
-                         ids=["plain", "odd-dims-groups-three-p-blocks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "B, G, H, P, N, T, block",
+    [(1, 1, 2, 8, 16, 9, None), (2, 2, 6, 33, 5, 6, 16)],
+    ids=["plain", "odd-dims-groups-three-p-blocks"],
+)
 def test_mamba2_scan_matches_the_chunked_ssd(B, G, H, P, N, T, block, fresh):
     gen = torch.Generator().manual_seed(B * 100 + H * 10 + T)
     mixer = Mamba2Mixer(8, n_heads=H, head_dim=P, n_groups=G, state_size=N, conv_kernel=4, chunk_size=4, eps=1e-6)
@@ -190,7 +214,9 @@ def random_params(module: torch.nn.Module, seed: int) -> torch.nn.Module:
             if name == "A_log":
                 p.copy_(torch.empty(p.shape).uniform_(0.05, 1.5, generator=g).log())
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.15 if p.dim() > 1 else 0.5) + (name.endswith("norm.weight")))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * (0.15 if p.dim() > 1 else 0.5) + (name.endswith("norm.weight"))
+                )
     return module.eval()
 
 
@@ -209,18 +235,33 @@ def decode_on(mixer, x: torch.Tensor, device: str, static: bool):
 # Each recurrent layer kind: (a tiny random layer, its hidden size, the name of its
 # recurrent state).
 LAYERS = {
-    "qwen3_next": (lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
-                                             grouped_projections=True), 64, "recurrent"),
-    "qwen3_5": (lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6,
-                                          grouped_projections=False), 64, "recurrent"),
-    "gqa3": (lambda: gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6,
-                                       grouped_projections=True), 32, "recurrent"),
-    "mamba2-1-group": (lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=1, state_size=6,
-                                           conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
-    "mamba2-2-groups": (lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6,
-                                            conv_kernel=4, chunk_size=4, eps=1e-6), 32, "ssm"),
+    "qwen3_next": (
+        lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6, grouped_projections=True),
+        64,
+        "recurrent",
+    ),
+    "qwen3_5": (
+        lambda: gdn.GatedDeltaNet(64, 2, 4, 16, 24, conv_kernel=4, eps=1e-6, grouped_projections=False),
+        64,
+        "recurrent",
+    ),
+    "gqa3": (
+        lambda: gdn.GatedDeltaNet(32, 1, 3, 8, 12, conv_kernel=4, eps=1e-6, grouped_projections=True),
+        32,
+        "recurrent",
+    ),
+    "mamba2-1-group": (
+        lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=1, state_size=6, conv_kernel=4, chunk_size=4, eps=1e-6),
+        32,
+        "ssm",
+    ),
+    "mamba2-2-groups": (
+        lambda: Mamba2Mixer(32, n_heads=4, head_dim=8, n_groups=2, state_size=6, conv_kernel=4, chunk_size=4, eps=1e-6),
+        32,
+        "ssm",
+    ),
     "jamba": (lambda: MambaMixer(32, 48, 6, conv_kernel=4, dt_rank=4, bcdt_norm_eps=1e-6), 32, "ssm"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.gpu
@@ -236,11 +277,17 @@ def test_recurrent_decode_on_cuda_matches_the_cpu(layer, monkeypatch):
     assert rel_err(getattr(cuda_state, state_name), getattr(cpu_state, state_name)) < 1e-4
 
 
-@pytest.mark.parametrize("kernel", [gated_delta_sequence, functools.partial(gated_delta_chunked, chunk=4)],
-                         ids=["token-by-token", "chunks-of-4"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernel",
+    [gated_delta_sequence, functools.partial(gated_delta_chunked, chunk=4)],
+    ids=["token-by-token", "chunks-of-4"],
+)
 @pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])
-@pytest.mark.parametrize("B, Hk, H, T, Dk, Dv, block", [(1, 1, 2, 9, 8, 16, None), (2, 1, 3, 6, 5, 33, 16)],
-                         ids=["plain", "odd-dims-gqa3-two-v-blocks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "B, Hk, H, T, Dk, Dv, block",
+    [(1, 1, 2, 9, 8, 16, None), (2, 1, 3, 6, 5, 33, 16)],
+    ids=["plain", "odd-dims-gqa3-two-v-blocks"],
+)
 def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, block, fresh, kernel):
     gen = torch.Generator().manual_seed(T * 10 + Dv)
     q = gdn.l2norm(torch.randn(B, Hk, T, Dk, generator=gen))
@@ -250,8 +297,9 @@ def test_gated_delta_prompt_kernels_match_the_chunked_rule(B, Hk, H, T, Dk, Dv, 
     beta = torch.rand(B, H, T, generator=gen)
     S0 = torch.zeros(B, H, Dk, Dv) if fresh else torch.randn(B, H, Dk, Dv, generator=gen) * 0.3
     r = H // Hk
-    o_ref, S_ref = gdn.chunk_gated_delta_rule(q.repeat_interleave(r, 1), k.repeat_interleave(r, 1), v, g, beta,
-                                              None if fresh else S0.clone(), chunk=4)  # fmt: skip
+    o_ref, S_ref = gdn.chunk_gated_delta_rule(
+        q.repeat_interleave(r, 1), k.repeat_interleave(r, 1), v, g, beta, None if fresh else S0.clone(), chunk=4
+    )
     S = S0.to(DEVICE)
     o, _ = kernel(*(t.to(DEVICE) for t in (q, k, v, g, beta)), S, block_v=block)
     assert rel_err(o, o_ref) < 1e-5

@@ -16,11 +16,22 @@ VARIANTS = {
     "linear": dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
     "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
     "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=16),
-    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=16),
-    "longrope": dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.1 * i for i in range(8)],
-                     long_factor=[2.0 + 0.3 * i for i in range(8)], original_max_position_embeddings=16),
-}  # fmt: skip
+    "llama3": dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    ),
+    "longrope": dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        short_factor=[1.0 + 0.1 * i for i in range(8)],
+        long_factor=[2.0 + 0.3 * i for i in range(8)],
+        original_max_position_embeddings=16,
+    ),
+}
 
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
@@ -29,11 +40,17 @@ def test_cos_sin_equal_transformers(kind, length):
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=HEAD_DIM,
-                                      max_position_embeddings=MAX_POS, rope_parameters=dict(VARIANTS[kind]))  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POS,
+        rope_parameters=dict(VARIANTS[kind]),
+    )
     cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, length, HEAD_DIM), torch.arange(length)[None])
-    rotary = Rotary(rope_parameters({"rope_parameters": VARIANTS[kind], "max_position_embeddings": MAX_POS}),
-                    HEAD_DIM, MAX_POS)  # fmt: skip
+    rotary = Rotary(
+        rope_parameters({"rope_parameters": VARIANTS[kind], "max_position_embeddings": MAX_POS}), HEAD_DIM, MAX_POS
+    )
     got_cos, got_sin = rotary.cos_sin(torch.arange(length), torch.float32)
     torch.testing.assert_close(got_cos, cos[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(got_sin, sin[0], rtol=0, atol=1e-6)
@@ -41,8 +58,9 @@ def test_cos_sin_equal_transformers(kind, length):
 
 def test_dynamic_and_longrope_change_past_the_original_length():
     for kind in ("dynamic", "longrope"):
-        rotary = Rotary(rope_parameters({"rope_parameters": VARIANTS[kind], "max_position_embeddings": MAX_POS}),
-                        HEAD_DIM, MAX_POS)  # fmt: skip
+        rotary = Rotary(
+            rope_parameters({"rope_parameters": VARIANTS[kind], "max_position_embeddings": MAX_POS}), HEAD_DIM, MAX_POS
+        )
         short = rotary.cos_sin(torch.arange(10), torch.float32)[0]
         long = rotary.cos_sin(torch.arange(40), torch.float32)[0][:10]
         assert (short - long).abs().max() > 1e-3, kind
@@ -81,5 +99,9 @@ def test_rotation_equals_a_plain_reference(interleaved, partial):
         cis = torch.polar(torch.ones(7, dim // 2), positions.float()[:, None] * inv)
         cq = torch.view_as_real(torch.view_as_complex(q[..., :dim].reshape(2, 4, 7, -1, 2)) * cis).flatten(3)
         ck = torch.view_as_real(torch.view_as_complex(k[..., :dim].reshape(2, 2, 7, -1, 2)) * cis).flatten(3)
-        torch.testing.assert_close(rq[:, :2, ..., :dim] @ rk[..., :dim].transpose(-1, -2),
-                                   cq[:, :2] @ ck.transpose(-1, -2), rtol=1e-4, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            rq[:, :2, ..., :dim] @ rk[..., :dim].transpose(-1, -2),
+            cq[:, :2] @ ck.transpose(-1, -2),
+            rtol=1e-4,
+            atol=1e-4,
+        )

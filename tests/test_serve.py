@@ -25,8 +25,8 @@ httpx = pytest.importorskip("httpx")
 
 from moerun.registry import DEMO_DIR  # noqa: E402
 from moerun.server_protocol import StopFilter  # noqa: E402
-from moerun.tool_calls import FORMATS, parse_reply  # noqa: E402
 from moerun.tokenizer import Tokenizer  # noqa: E402
+from moerun.tool_calls import FORMATS, parse_reply  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -49,8 +49,14 @@ ENDLESS = "hello hello hello hello"
 class Server:
     def __init__(self, *args: str, env: dict | None = None):
         cmd = [sys.executable, "-m", "moerun", "serve", "demo", "--port", "0", "--device", "cpu", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self.lines: list[str] = []
         self.url: str | None = None
         ready = threading.Event()
@@ -107,7 +113,9 @@ def chat(client, prompt: str, **kwargs):
 
 def post(server, path: str, body, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, bytes]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:
@@ -152,7 +160,9 @@ def test_stream_equals_non_stream_and_usage_counts(client, tok):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert len([c for c in chunks if c.choices]) > 3  # really streamed, not one blob
     # usage: the prompt through the demo's template; the reply's tokens and its eos.
-    prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    prompt_ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
     reply_ids = tok.encode(SKILLS[prompt], add_special_tokens=False)
     for usage in (whole.usage, chunks[-1].usage):
         assert usage.prompt_tokens == len(prompt_ids)
@@ -163,8 +173,12 @@ def test_stream_equals_non_stream_and_usage_counts(client, tok):
 
 
 def test_sse_framing_ends_with_done(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": [{"role": "user", "content": "reverse: music"}], "stream": True}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"messages": [{"role": "user", "content": "reverse: music"}], "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
     events = [e for e in raw.split("\n\n") if e]
@@ -213,8 +227,9 @@ def test_two_concurrent_clients_both_correct(server, client):
 
 def test_a_dropped_stream_stops_its_generation_and_the_server_goes_on(server, client):
     body = {"model": "demo", "prompt": ENDLESS, "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=30) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     # The connection is closed after one event: the server must cut the generation short.
@@ -222,7 +237,9 @@ def test_a_dropped_stream_stops_its_generation_and_the_server_goes_on(server, cl
     assert chat(client, "reverse: robot").choices[0].message.content == "tobor"
     assert time.perf_counter() - t0 < 20
     deadline = time.time() + 10
-    while time.time() < deadline and not re.search(r"POST /v1/completions .* reply (\d+) tok .* cancelled", server.output):
+    while time.time() < deadline and not re.search(
+        r"POST /v1/completions .* reply (\d+) tok .* cancelled", server.output
+    ):
         time.sleep(0.1)
     m = re.search(r"POST /v1/completions .* reply (\d+) tok .* cancelled", server.output)
     assert m, server.output[-2000:]
@@ -235,10 +252,13 @@ def test_bad_requests_get_json_errors_and_the_server_lives_on(server, client):
     status, body = post(server, "/v1/chat/completions", None, raw=b'{"messages": [')
     err = json.loads(body)["error"]
     assert status == 400 and err["code"] == "invalid_json" and err["type"] == "invalid_request_error" and err["message"]
-    for bad, param in [({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-                       ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
-                       ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-                       ({"prompt": ""}, "prompt")]:  # fmt: skip
+    for bad, param in [
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"prompt": ""}, "prompt"),
+    ]:
         path = "/v1/completions" if "prompt" in bad else "/v1/chat/completions"
         status, body = post(server, path, bad)
         assert status == 400 and json.loads(body)["error"]["param"] == param, body
@@ -282,14 +302,17 @@ def test_ollama_chat_generate_tags_ps(server):
     assert out["done"] and out["done_reason"] == "length" and out["eval_count"] == 3
     assert out["message"]["content"] == "k l m"
 
-    status, body = post(server, "/api/generate", {"prompt": "repeat: pizza", "stream": False,
-                                                  "options": {"temperature": 0}})  # fmt: skip
+    status, body = post(
+        server, "/api/generate", {"prompt": "repeat: pizza", "stream": False, "options": {"temperature": 0}}
+    )
     assert json.loads(body)["response"] == SKILLS["repeat: pizza"]
     status, body = post(server, "/api/generate", {"prompt": ENDLESS, "raw": True, "options": {"num_predict": 4}})
     lines = [json.loads(line) for line in body.decode().splitlines()]
     assert lines[-1]["eval_count"] == 4 and (" hello" * 50).startswith("".join(x["response"] for x in lines))
 
-    status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": "x"}], "options": {"num_predict": "x"}})
+    status, body = post(
+        server, "/api/chat", {"messages": [{"role": "user", "content": "x"}], "options": {"num_predict": "x"}}
+    )
     assert status == 400 and isinstance(json.loads(body)["error"], str)
 
     tags = json.loads(get(server, "/api/tags")[1])["models"]
@@ -310,20 +333,31 @@ def test_json_object_mode_replies_with_json(server, client):
     out = chat(client, "count from 7", response_format={"type": "json_object"})
     reply = out.choices[0].message.content
     assert isinstance(json.loads(reply), dict) and out.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, "count from 7", stream=True,
-                                                                        response_format={"type": "json_object"}))  # fmt: skip
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in chat(client, "count from 7", stream=True, response_format={"type": "json_object"})
+    )
     assert streamed == reply
-    status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": "alphabet from k"}],
-                                              "format": "json", "stream": False})  # fmt: skip
+    status, body = post(
+        server,
+        "/api/chat",
+        {"messages": [{"role": "user", "content": "alphabet from k"}], "format": "json", "stream": False},
+    )
     assert status == 200 and isinstance(json.loads(json.loads(body)["message"]["content"]), dict)
     with pytest.raises(openai.BadRequestError, match="json_schema is not supported"):
-        chat(client, "count from 7", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
-    status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": "x"}], "format": {"type": "object"}})
+        chat(
+            client, "count from 7", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+        )
+    status, body = post(
+        server, "/api/chat", {"messages": [{"role": "user", "content": "x"}], "format": {"type": "object"}}
+    )
     assert status == 400 and "schema" in json.loads(body)["error"]
     assert chat(client, "count from 7").choices[0].message.content == SKILLS["count from 7"]  # the next is free again
 
 
-DEMO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+DEMO_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+]
 
 
 def test_tools_reach_the_template(client, tok):
@@ -355,7 +389,9 @@ def test_bounded_load_50_requests_8_clients(server, client):
             elif i % 3 == 1:
                 text = chat(client, p).choices[0].message.content
             else:
-                status, body = post(server, "/api/chat", {"messages": [{"role": "user", "content": p}], "stream": False})
+                status, body = post(
+                    server, "/api/chat", {"messages": [{"role": "user", "content": p}], "stream": False}
+                )
                 text = json.loads(body)["message"]["content"]
             with lock:
                 got[i] = text
@@ -382,8 +418,9 @@ def test_bounded_load_50_requests_8_clients(server, client):
 
 def test_ctrl_c_stops_cleanly_mid_stream(server):
     body = {"model": "demo", "prompt": ENDLESS, "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=30) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as r:
         lines = r.iter_lines()
         next(lines)
         server.proc.send_signal(signal.SIGINT)
@@ -398,8 +435,13 @@ def test_busy_port_is_one_line_error():
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "moerun", "serve", str(DEMO_DIR), "--port", str(port),
-                               "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "moerun", "serve", str(DEMO_DIR), "--port", str(port), "--device", "cpu"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in proc.stderr
@@ -476,8 +518,16 @@ class ScriptedModel:
             yield SimpleNamespace(text=p, token_id=0, stats=stats)
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL_REPLY = 'I will look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -521,15 +571,18 @@ def test_tool_calls_openai_and_ollama(scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     # The call and its result go back through the template on the next turn.
-    history = messages + [choice.message.model_dump(exclude_none=True),
-                          {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
+    history = messages + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
     client.chat.completions.create(model="scripted", messages=history, tools=TOOLS)
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in model.prompts[-1]
 
     r = http.post("/api/chat", json={"messages": messages, "tools": TOOLS, "stream": False})
     msg = r.json()["message"]
-    assert msg["content"] == "I will look." and msg["tool_calls"] == [{"function": {"name": "get_weather",
-                                                                                   "arguments": {"city": "Paris"}}}]  # fmt: skip
+    assert msg["content"] == "I will look." and msg["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    ]
     without = client.chat.completions.create(model="scripted", messages=messages)
     assert without.choices[0].message.content == CALL_REPLY  # no tools asked for: the text as it came
 
@@ -546,8 +599,13 @@ def test_request_rules_in_process(scripted):
     r = http.post("/api/chat", json={"model": "scripted"})  # Ollama's load request
     assert r.json()["done_reason"] == "load"
     parts = [{"type": "text", "text": "weather "}, {"type": "text", "text": "now"}]
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "developer", "content": "be brief"},
-                                                             {"role": "user", "content": parts}], "stop": ["look"]})  # fmt: skip
+    r = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}],
+            "stop": ["look"],
+        },
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "I will "
 
 
@@ -555,10 +613,13 @@ def test_template_kwargs_and_reasoning(scripted):
     model, http = scripted
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
     messages = [{"role": "user", "content": "hi"}]
-    client.chat.completions.create(model="scripted", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    client.chat.completions.create(
+        model="scripted", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    client.chat.completions.create(model="scripted", messages=messages, extra_body={"enable_thinking": False},
-                                   reasoning_effort="low")  # fmt: skip
+    client.chat.completions.create(
+        model="scripted", messages=messages, extra_body={"enable_thinking": False}, reasoning_effort="low"
+    )
     assert "effort=low" in model.prompts[-1] and model.prompts[-1].endswith("</think>\n\n")
     http.post("/api/chat", json={"messages": messages, "think": False, "stream": False})
     assert model.prompts[-1].endswith("</think>\n\n")
@@ -589,15 +650,19 @@ def test_harmony_reply_through_the_server():
 
     from moerun.serve import build_app
 
-    model = ScriptedModel('<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary '
-                          'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')  # fmt: skip
+    model = ScriptedModel(
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+    )
     model.config = {"model_type": "gpt_oss"}
     with TestClient(build_app(model, name="scripted")) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
         messages = [{"role": "user", "content": "weather in Paris?"}]
         out = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS)
         choice = out.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "Need weather."
+        assert (
+            choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "Need weather."
+        )
         assert choice.message.tool_calls[0].function.name == "get_weather" and not choice.message.content
         assert model.kwargs[-1]["keep_special"] == FORMATS["harmony"].markers
         model.reply = "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Sunny."

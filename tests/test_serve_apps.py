@@ -50,14 +50,27 @@ def http(server, method: str, path: str, **kwargs) -> httpx.Response:
 
 
 def preflight(server, origin: str, path: str = "/v1/chat/completions", headers: str = "authorization, content-type"):
-    return http(server, "OPTIONS", path, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
-                                                  "Access-Control-Request-Headers": headers})  # fmt: skip
+    return http(
+        server,
+        "OPTIONS",
+        path,
+        headers={"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": headers},
+    )
 
 
 def test_cors_preflights_are_answered_without_the_key(server):
-    allowed = ["http://localhost:5173", "https://127.0.0.1", "http://[::1]:8080", "http://LOCALHOST:3000",
-               "http://0.0.0.0:3000", "tauri://localhost", "app://obsidian.md", "vscode-webview://1abc",
-               "https://app.example.com", "https://chat.example.org"]  # fmt: skip
+    allowed = [
+        "http://localhost:5173",
+        "https://127.0.0.1",
+        "http://[::1]:8080",
+        "http://LOCALHOST:3000",
+        "http://0.0.0.0:3000",
+        "tauri://localhost",
+        "app://obsidian.md",
+        "vscode-webview://1abc",
+        "https://app.example.com",
+        "https://chat.example.org",
+    ]
     for origin in allowed:
         r = preflight(server, origin, headers="authorization, content-type, x-stainless-os")
         assert r.status_code == 204, (origin, r.text)
@@ -68,15 +81,24 @@ def test_cors_preflights_are_answered_without_the_key(server):
     r = preflight(server, "http://localhost:5173", "/api/chat")
     assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
     # Chrome's private network access check, before a public page may reach loopback.
-    asks = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Private-Network": "true"}
+    asks = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Private-Network": "true",
+    }
     r = http(server, "OPTIONS", "/api/tags", headers=asks)
     assert r.status_code == 204 and r.headers["access-control-allow-private-network"] == "true"
 
 
 def test_cors_origins_not_allowed_get_403_and_no_allow_header(server):
-    for origin in ("https://evil.com", "http://localhost.evil.com", "https://example.com", "http://app.example.com",
-                   "null", "http://127.0.0.1.nip.io"):  # fmt: skip
+    for origin in (
+        "https://evil.com",
+        "http://localhost.evil.com",
+        "https://example.com",
+        "http://app.example.com",
+        "null",
+        "http://127.0.0.1.nip.io",
+    ):
         r = preflight(server, origin)
         assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, origin
         assert json.loads(r.text)["error"]["code"] == "origin_not_allowed"
@@ -90,8 +112,13 @@ def test_cors_headers_on_answers_to_allowed_pages(server):
     r = http(server, "POST", "/v1/chat/completions", headers={"Origin": origin, **AUTH}, json={"messages": MESSAGES})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == SKILLS["count from 7"]
     assert r.headers["access-control-allow-origin"] == origin
-    with httpx.stream("POST", server.url + "/api/chat", headers={"Origin": origin, **AUTH}, timeout=60,
-                      json={"messages": [{"role": "user", "content": "reverse: robot"}]}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        server.url + "/api/chat",
+        headers={"Origin": origin, **AUTH},
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "reverse: robot"}]},
+    ) as r:
         assert r.headers["access-control-allow-origin"] == origin
         lines = [json.loads(x) for x in r.iter_lines() if x]
     assert "".join(x["message"]["content"] for x in lines) == "tobor"
@@ -116,11 +143,16 @@ def test_unknown_model_is_a_404_in_each_apis_shape(server, client):
             client.completions.create(model=name, prompt="hello")
         with pytest.raises(openai.NotFoundError):
             client.models.retrieve(name)
-        for path, body in (("/api/chat", {"messages": MESSAGES}), ("/api/generate", {"prompt": "x"}),
-                           ("/api/chat", {}), ("/api/show", {})):  # fmt: skip
+        for path, body in (
+            ("/api/chat", {"messages": MESSAGES}),
+            ("/api/generate", {"prompt": "x"}),
+            ("/api/chat", {}),
+            ("/api/show", {}),
+        ):
             r = http(server, "POST", path, headers=AUTH, json={"model": name, **body})
-            assert r.status_code == 404 and r.json() == {"error": f"model '{name}' not found (this server has "
-                                                                  "'demo:latest')"}, (path, r.text)  # fmt: skip
+            assert r.status_code == 404 and r.json() == {
+                "error": f"model '{name}' not found (this server has 'demo:latest')"
+            }, (path, r.text)
     r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"model": 5, "messages": MESSAGES})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     assert "Traceback" not in server.output
@@ -131,8 +163,13 @@ def test_the_loaded_models_names_are_all_accepted(server, client):
         out = client.chat.completions.create(model=name, messages=MESSAGES)
         assert out.choices[0].message.content == SKILLS["count from 7"] and out.model == "demo"
         assert client.models.retrieve(name).id == "demo"
-        r = http(server, "POST", "/api/generate", headers=AUTH, json={"model": name, "prompt": "reverse: robot",
-                                                                      "stream": False})  # fmt: skip
+        r = http(
+            server,
+            "POST",
+            "/api/generate",
+            headers=AUTH,
+            json={"model": name, "prompt": "reverse: robot", "stream": False},
+        )
         assert r.status_code == 200 and r.json()["response"] == "tobor"
     # No model field at all: the loaded one, as before.
     r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"messages": MESSAGES})
@@ -161,8 +198,14 @@ def test_tags_version_and_ps_as_ollama_writes_them(server):
     assert re.fullmatch(r"[0-9a-f]{64}", t["digest"])
     assert t["size"] == sum(p.stat().st_size for p in DEMO_DIR.glob("*.safetensors"))
     assert datetime.fromisoformat(t["modified_at"].replace("Z", "+00:00")).tzinfo is not None
-    assert t["details"] == {"parent_model": "", "format": "safetensors", "family": "mixtral", "families": ["mixtral"],
-                            "parameter_size": t["details"]["parameter_size"], "quantization_level": "F32"}  # fmt: skip
+    assert t["details"] == {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": "mixtral",
+        "families": ["mixtral"],
+        "parameter_size": t["details"]["parameter_size"],
+        "quantization_level": "F32",
+    }
     assert re.fullmatch(r"\d+\.\dM", t["details"]["parameter_size"])
     assert http(server, "GET", "/api/tags", headers=AUTH).json()["models"][0] == t  # stable
     ps = http(server, "GET", "/api/ps", headers=AUTH).json()["models"][0]
@@ -206,8 +249,11 @@ def test_show_capabilities_follow_the_family_and_template():
     plain.tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     span = ScriptedModel("x")
     span.is_chat_model = False
-    for model, want in ((thinking, ["completion", "tools", "thinking"]), (plain, ["completion"]),
-                        (span, ["completion"])):  # fmt: skip
+    for model, want in (
+        (thinking, ["completion", "tools", "thinking"]),
+        (plain, ["completion"]),
+        (span, ["completion"]),
+    ):
         with TestClient(build_app(model, name="scripted")) as client:
             assert client.post("/api/show", json={"model": "scripted"}).json()["capabilities"] == want
 
@@ -216,27 +262,49 @@ def test_show_capabilities_follow_the_family_and_template():
 
 
 def test_sampling_fields_not_implemented_are_refused_not_ignored(server, client):
-    for kwargs, param in (({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-                          ({"extra_body": {"typical_p": 0.5}}, "typical_p")):  # fmt: skip
+    for kwargs, param in (
+        ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"extra_body": {"typical_p": 0.5}}, "typical_p"),
+    ):
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="demo", messages=MESSAGES, **kwargs)
         assert exc.value.code == "unsupported_parameter" and exc.value.body["param"] == param
         assert "not supported" in exc.value.body["message"]
-    for bad in ({"frequency_penalty": "x"}, {"presence_penalty": 3}, {"logit_bias": {"5": "x"}}, {"logit_bias": [1]},
-                {"logit_bias": {"five": 1}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"384": 1}},
-                {"min_p": 1.5}, {"repeat_penalty": 0}):  # fmt: skip
+    for bad in (
+        {"frequency_penalty": "x"},
+        {"presence_penalty": 3},
+        {"logit_bias": {"5": "x"}},
+        {"logit_bias": [1]},
+        {"logit_bias": {"five": 1}},
+        {"logit_bias": {"5": 101}},
+        {"logit_bias": {"384": 1}},
+        {"min_p": 1.5},
+        {"repeat_penalty": 0},
+    ):
         r = http(server, "POST", "/v1/chat/completions", headers=AUTH, json={"messages": MESSAGES, **bad})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
         assert r.json()["error"]["param"] == next(iter(bad))
     # The neutral values clients send by default, and fields clients commonly add, still pass.
-    out = client.chat.completions.create(model="demo", messages=MESSAGES, presence_penalty=0, frequency_penalty=0,
-                                         logit_bias={}, user="u1", metadata={"a": "b"}, store=False,
-                                         parallel_tool_calls=True,
-                                         extra_body={"min_p": 0, "repetition_penalty": 1})  # fmt: skip
+    out = client.chat.completions.create(
+        model="demo",
+        messages=MESSAGES,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        user="u1",
+        metadata={"a": "b"},
+        store=False,
+        parallel_tool_calls=True,
+        extra_body={"min_p": 0, "repetition_penalty": 1},
+    )
     assert out.choices[0].message.content == SKILLS["count from 7"]
-    for options, param in (({"mirostat": 2}, "options.mirostat"), ({"tfs_z": 0.5}, "options.tfs_z"),
-                           ({"min_p": "x"}, "options.min_p"), ({"repeat_last_n": -5}, "options.repeat_last_n"),
-                           ({"num_ctx": "x"}, "options.num_ctx")):  # fmt: skip
+    for options, param in (
+        ({"mirostat": 2}, "options.mirostat"),
+        ({"tfs_z": 0.5}, "options.tfs_z"),
+        ({"min_p": "x"}, "options.min_p"),
+        ({"repeat_last_n": -5}, "options.repeat_last_n"),
+        ({"num_ctx": "x"}, "options.num_ctx"),
+    ):
         r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": MESSAGES, "options": options})
         assert r.status_code == 400 and param in r.json()["error"], r.text
     neutral = {"messages": MESSAGES, "stream": False, "options": {"repeat_penalty": 1, "num_thread": 2}}
@@ -283,16 +351,20 @@ def test_penalties_change_greedy_output_exactly_as_defined(server, client, demo)
         return client.completions.create(model="demo", prompt=prompt, max_tokens=16, **kwargs).choices[0].text
 
     assert openai_reply() == plain == " cat cat cat cat"  # the reference agrees with the server unpenalized
-    for kwargs, ref in (({"frequency_penalty": 2.0}, {"frequency": 2.0}),
-                        ({"presence_penalty": 2.0}, {"presence": 2.0}),
-                        ({"logit_bias": {str(cat): -100}}, {"bias": {cat: -100}}),
-                        ({"extra_body": {"repeat_penalty": 1.3}}, {"repeat": 1.3})):  # fmt: skip
+    for kwargs, ref in (
+        ({"frequency_penalty": 2.0}, {"frequency": 2.0}),
+        ({"presence_penalty": 2.0}, {"presence": 2.0}),
+        ({"logit_bias": {str(cat): -100}}, {"bias": {cat: -100}}),
+        ({"extra_body": {"repeat_penalty": 1.3}}, {"repeat": 1.3}),
+    ):
         want = reference_greedy(demo, ids, **ref)
         assert want != plain, kwargs  # the penalty matters here
         assert openai_reply(**kwargs) == want, kwargs
-    for options, ref in (({"repeat_penalty": 1.3}, {"repeat": 1.3}), ({"repeat_penalty": 1.3, "repeat_last_n": 2},
-                                                                      {"repeat": 1.3, "last_n": 2}),
-                         ({"frequency_penalty": 2.0}, {"frequency": 2.0})):  # fmt: skip
+    for options, ref in (
+        ({"repeat_penalty": 1.3}, {"repeat": 1.3}),
+        ({"repeat_penalty": 1.3, "repeat_last_n": 2}, {"repeat": 1.3, "last_n": 2}),
+        ({"frequency_penalty": 2.0}, {"frequency": 2.0}),
+    ):
         want = reference_greedy(demo, ids, **ref)
         assert want != plain, options
         body = {"prompt": prompt, "raw": True, "stream": False, "options": {"num_predict": 16, **options}}
@@ -306,13 +378,24 @@ def test_penalties_change_greedy_output_exactly_as_defined(server, client, demo)
 # -- the start line, the key, SIGTERM ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, words", [(["--api-key", " "], "--api-key"), (["--api-key", "\t \t"], "--api-key"),
-                                         (["--origins", "evil.com"], "--origins"),
-                                         (["--max-body", "lots"], "--max-body"),
-                                         (["--max-body", "10"], "--max-body")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--api-key", " "], "--api-key"),
+        (["--api-key", "\t \t"], "--api-key"),
+        (["--origins", "evil.com"], "--origins"),
+        (["--max-body", "lots"], "--max-body"),
+        (["--max-body", "10"], "--max-body"),
+    ],
+)
 def test_bad_key_or_origins_are_refused_at_start(args, words):
-    proc = subprocess.run([sys.executable, "-m", "moerun", "serve", "demo", "--port", "0", "--device", "cpu", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerun", "serve", "demo", "--port", "0", "--device", "cpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
@@ -333,8 +416,13 @@ def test_utf8_key_and_sigterm_mid_stream_marks_the_cut_replies():
         queued: dict = {}
 
         def ollama_stream() -> None:
-            with httpx.stream("POST", s.url + "/api/generate", headers=headers, timeout=60,
-                              json={"prompt": ENDLESS, "raw": True, "options": {"num_predict": 200}}) as r:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                s.url + "/api/generate",
+                headers=headers,
+                timeout=60,
+                json={"prompt": ENDLESS, "raw": True, "options": {"num_predict": 200}},
+            ) as r:
                 queued["lines"] = [json.loads(x) for x in r.iter_lines() if x]
 
         body = {"model": "demo", "prompt": ENDLESS, "max_tokens": 200, "stream": True}
@@ -388,8 +476,12 @@ def test_a_20_mb_prompt_is_refused_while_a_small_chat_and_health_are_answered(se
     def upload(name: str, chunked: bool) -> None:
         # Chunked: no Content-Length to refuse up front, so the server must stop reading at the limit.
         content = (big[i : i + (1 << 16)] for i in range(0, len(big), 1 << 16)) if chunked else big
-        answers[name] = httpx.post(server.url + "/v1/completions", content=content, timeout=120,
-                                   headers={**AUTH, "Content-Type": "application/json"})  # fmt: skip
+        answers[name] = httpx.post(
+            server.url + "/v1/completions",
+            content=content,
+            timeout=120,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
 
     def small_chat() -> None:
         answers["chat"] = client.chat.completions.create(model="demo", messages=MESSAGES).choices[0].message.content
@@ -421,8 +513,9 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(server):
     r = http(server, "POST", "/v1/completions", headers=AUTH, json={"prompt": text})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded"
-    assert re.match(r"the prompt has at least \d+ tokens \(1200000 characters\); the planned context is 256",
-                    err["message"])
+    assert re.match(
+        r"the prompt has at least \d+ tokens \(1200000 characters\); the planned context is 256", err["message"]
+    )
     r = http(server, "POST", "/api/chat", headers=AUTH, json={"messages": [{"role": "user", "content": text}]})
     assert r.status_code == 400 and "at least" in r.json()["error"]
     # Just over the context by tokens but not provably by length: tokenized, and refused by its count.

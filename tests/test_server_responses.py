@@ -11,8 +11,16 @@ from moerun.errors import MoerunError
 from moerun.server_protocol import Defaults, RequestError
 
 HEAD = responses.ReplyHead("chatcmpl-abc", 1700000000, "demo")
-RESULT = responses.Result(text="Hi there", completion_tokens=3, prompt_tokens=10, reused_tokens=4,
-                          finish_reason="length", queued_s=0.5, prompt_s=0.25, decode_s=1.0)
+RESULT = responses.Result(
+    text="Hi there",
+    completion_tokens=3,
+    prompt_tokens=10,
+    reused_tokens=4,
+    finish_reason="length",
+    queued_s=0.5,
+    prompt_s=0.25,
+    decode_s=1.0,
+)
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
 
 
@@ -21,10 +29,18 @@ def test_openai_chat_completion_plain_and_with_tool_calls():
     assert list(body) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint"]
     assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-abc" and body["created"] == 1700000000
     choice = body["choices"][0]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hi there"}, "logprobs": None,
-                      "finish_reason": "length"}
-    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
-                             "prompt_tokens_details": {"cached_tokens": 4}}
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Hi there"},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    assert body["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
 
     body = responses.openai_chat_completion(HEAD, RESULT, "", "thought", [CALL])
     message = body["choices"][0]["message"]
@@ -40,8 +56,9 @@ def test_openai_chat_chunks_role_deltas_tool_calls_finish_and_usage():
     first = responses.openai_chat_chunk(HEAD, {"role": "assistant", "content": ""})
     assert list(first) == ["id", "object", "created", "model", "system_fingerprint", "choices"]
     assert first["object"] == "chat.completion.chunk"
-    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]
+    assert first["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
     pieces = [("reasoning", "hmm"), ("content", ""), ("content", "Hi")]
     assert responses.openai_chat_deltas(pieces) == [{"reasoning_content": "hmm"}, {"content": "Hi"}]
     (call,) = responses.openai_tool_call_delta([CALL])["tool_calls"]
@@ -73,11 +90,19 @@ def test_ollama_chat_and_generate_lines_and_the_last_line():
     pieces = [("reasoning", "hmm"), ("content", "Hi"), ("content", "")]
     chat = responses.ollama_pieces("demo", when, True, pieces, [CALL])
     assert chat == [
-        {"model": "demo", "created_at": when, "message": {"role": "assistant", "content": "", "thinking": "hmm"},
-         "done": False},
+        {
+            "model": "demo",
+            "created_at": when,
+            "message": {"role": "assistant", "content": "", "thinking": "hmm"},
+            "done": False,
+        },
         {"model": "demo", "created_at": when, "message": {"role": "assistant", "content": "Hi"}, "done": False},
-        {"model": "demo", "created_at": when, "done": False,
-         "message": {"role": "assistant", "content": "", "tool_calls": [{"function": CALL}]}},
+        {
+            "model": "demo",
+            "created_at": when,
+            "done": False,
+            "message": {"role": "assistant", "content": "", "tool_calls": [{"function": CALL}]},
+        },
     ]
     (line,) = responses.ollama_pieces("demo", when, False, [("reasoning", "hmm")])
     assert line == {"model": "demo", "created_at": when, "response": "", "thinking": "hmm", "done": False}
@@ -88,29 +113,57 @@ def test_ollama_chat_and_generate_lines_and_the_last_line():
     assert last["prompt_eval_count"] == 10 and last["eval_count"] == 3
     assert all(isinstance(last[k], int) for k in last if k.endswith(("_duration", "_count")))
     whole = responses.ollama_last("demo", when, True, RESULT, "", [{"name": "f", "arguments": "not json"}], "why")
-    assert whole["message"] == {"role": "assistant", "content": "", "thinking": "why",
-                                "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    assert whole["message"] == {
+        "role": "assistant",
+        "content": "",
+        "thinking": "why",
+        "tool_calls": [{"function": {"name": "f", "arguments": {}}}],
+    }
     assert responses.ollama_loaded("demo", when, True) == {
-        "model": "demo", "created_at": when, "done": True, "done_reason": "load",
-        "message": {"role": "assistant", "content": ""}}
+        "model": "demo",
+        "created_at": when,
+        "done": True,
+        "done_reason": "load",
+        "message": {"role": "assistant", "content": ""},
+    }
     assert responses.ollama_loaded("demo", when, False)["response"] == ""
 
 
 def test_ollama_listings():
     details = responses.ollama_details("mixtral", "46.7B", 4, "bfloat16")
-    assert details == {"parent_model": "", "format": "safetensors", "family": "mixtral", "families": ["mixtral"],
-                       "parameter_size": "46.7B", "quantization_level": "NF4 experts"}
+    assert details == {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": "mixtral",
+        "families": ["mixtral"],
+        "parameter_size": "46.7B",
+        "quantization_level": "NF4 experts",
+    }
     assert responses.ollama_details("x", "1.0M", 16, "float16")["quantization_level"] == "F16"
     assert responses.ollama_details("x", "1.0M", 16, "float32")["quantization_level"] == "F32"
     listing = responses.OllamaListing("demo:latest", "ab" * 32, "2026-01-01T00:00:00Z", details)
     (tag,) = responses.ollama_tags(listing, 1234)["models"]
-    assert tag == {"name": "demo:latest", "model": "demo:latest", "modified_at": "2026-01-01T00:00:00Z",
-                   "size": 1234, "digest": "ab" * 32, "details": details}
+    assert tag == {
+        "name": "demo:latest",
+        "model": "demo:latest",
+        "modified_at": "2026-01-01T00:00:00Z",
+        "size": 1234,
+        "digest": "ab" * 32,
+        "details": details,
+    }
     info = {"general.architecture": "mixtral"}
     show = responses.ollama_show(listing, "demo", "num_ctx 4", "{{ messages }}", info, ["completion"])
     assert show["modelfile"] == "# Modelfile of moerun's demo:latest\nFROM demo\n" and show["license"] == ""
-    assert list(show) == ["license", "modelfile", "parameters", "template", "details", "model_info", "capabilities",
-                          "modified_at"]
+    assert list(show) == [
+        "license",
+        "modelfile",
+        "parameters",
+        "template",
+        "details",
+        "model_info",
+        "capabilities",
+        "modified_at",
+    ]
     counters = {"hits": 3, "misses": 1}
     where = responses.Residency(100, 50, "cuda:0", 2048, counters, 7)
     (ps,) = responses.ollama_ps(listing, where, True, 2, 9)["models"]
@@ -124,14 +177,28 @@ def test_ollama_listings():
 
 
 def test_ollama_model_info_reads_the_text_config_and_prefers_the_plan():
-    text = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
-            "num_local_experts": 8, "num_experts_per_tok": 1}
+    text = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 300,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 1,
+    }
     llama4 = {"model_type": "llama4", "text_config": text}
     info = responses.ollama_model_info(llama4, "tiny", 1000, 128)
-    assert info == {"general.architecture": "llama4", "general.parameter_count": 1000, "general.basename": "tiny",
-                    "llama4.context_length": 128, "llama4.embedding_length": 64, "llama4.block_count": 2,
-                    "llama4.attention.head_count": 4, "llama4.vocab_size": 300, "llama4.expert_count": 8,
-                    "llama4.expert_used_count": 1}
+    assert info == {
+        "general.architecture": "llama4",
+        "general.parameter_count": 1000,
+        "general.basename": "tiny",
+        "llama4.context_length": 128,
+        "llama4.embedding_length": 64,
+        "llama4.block_count": 2,
+        "llama4.attention.head_count": 4,
+        "llama4.vocab_size": 300,
+        "llama4.expert_count": 8,
+        "llama4.expert_used_count": 1,
+    }
     planned = responses.ollama_model_info({"model_type": "mixtral", "d_model": 32, "top_k": True}, "m", 1, 8, 16, 2)
     assert planned["mixtral.expert_count"] == 16 and planned["mixtral.expert_used_count"] == 2
     assert planned["mixtral.embedding_length"] == 32  # and a bool is never a count
@@ -144,9 +211,14 @@ def test_ollama_capabilities_and_parameters():
     assert responses.ollama_capabilities(True, "qwen", thinks) == ["completion", "tools", "thinking"]
     assert responses.ollama_capabilities(True, "harmony", "") == ["completion", "tools", "thinking"]
     text = responses.ollama_parameters(Defaults(temperature=0.7, seed=3, max_tokens=50), 4096)
-    assert text.splitlines() == ["num_ctx" + " " * 24 + "4096", "temperature" + " " * 20 + "0.7",
-                                 "top_p" + " " * 26 + "1", "top_k" + " " * 26 + "0", "seed" + " " * 27 + "3",
-                                 "num_predict" + " " * 20 + "50"]
+    assert text.splitlines() == [
+        "num_ctx" + " " * 24 + "4096",
+        "temperature" + " " * 20 + "0.7",
+        "top_p" + " " * 26 + "1",
+        "top_k" + " " * 26 + "0",
+        "seed" + " " * 27 + "3",
+        "num_predict" + " " * 20 + "50",
+    ]
 
 
 def test_errors_and_framing():
@@ -156,7 +228,11 @@ def test_errors_and_framing():
     assert (mine.message, mine.status, mine.code) == ("two lines", 400, "invalid_value")
     ours = responses.request_error(KeyError("k"))
     assert ours.status == 500 and ours.openai()["error"] == {
-        "message": "internal error: KeyError: 'k'", "type": "server_error", "param": None, "code": "internal_error"}
+        "message": "internal error: KeyError: 'k'",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
     assert responses.ollama_error_line(MoerunError("full")) == {"error": "full"}
     assert responses.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
     assert responses.sse("[DONE]") == b"data: [DONE]\n\n"

@@ -17,8 +17,11 @@ from moerun.spec import LoadSpec, OptionError, max_threads
     [
         (dict(bits=3), "bits must be 4, 8 or 16, got 3", "3 is not one of 4, 8, 16"),
         (dict(cold="disk"), "cold must be one of gpu, cpu, auto, got 'disk'", "disk is not one of gpu, cpu, auto"),
-        (dict(dtype="int8"), "unknown dtype 'int8': use one of bfloat16, float16, float32",
-         "int8 is not one of auto, bfloat16, float16, float32"),
+        (
+            dict(dtype="int8"),
+            "unknown dtype 'int8': use one of bfloat16, float16, float32",
+            "int8 is not one of auto, bfloat16, float16, float32",
+        ),
         (dict(threads=0), f"threads must be 1 to {max_threads()} (4 per core", "0 is not 1 to"),
     ],
 )

@@ -31,10 +31,22 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "c
 # (all sparse), 4 experts with a capacity of 3, so that a 17-token sequence drops tokens;
 # 8 buckets up to distance 20, so that 17 positions reach the logarithmic buckets.
 CONFIG = dict(
-    d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=3, num_experts=4,
-    expert_capacity=3, encoder_sparse_step=2, decoder_sparse_step=1, relative_attention_num_buckets=8,
-    relative_attention_max_distance=20, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-)  # fmt: skip
+    d_model=32,
+    d_ff=48,
+    d_kv=8,
+    num_heads=4,
+    num_layers=3,
+    num_decoder_layers=3,
+    num_experts=4,
+    expert_capacity=3,
+    encoder_sparse_step=2,
+    decoder_sparse_step=1,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 
 
 def write_t5_tokenizer(folder: Path) -> int:
@@ -47,15 +59,23 @@ def write_t5_tokenizer(folder: Path) -> int:
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>")])
     sentinels = [f"<extra_id_{i}>" for i in reversed(range(N_SENTINELS))]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sentinels])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-              "extra_ids": N_SENTINELS, "additional_special_tokens": sentinels[::-1], "model_max_length": 512}  # fmt: skip
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "extra_ids": N_SENTINELS,
+        "additional_special_tokens": sentinels[::-1],
+        "model_max_length": 512,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return tok.get_vocab_size(with_added_tokens=True)
 
@@ -185,14 +205,17 @@ def test_sentinel_tokens_round_trip_and_show_in_the_output(pair):
     sentinel = tok._tok.token_to_id("<extra_id_0>")
     out = ours.generate([sentinel, *tok.encode("fox")], max_new_tokens=8, ignore_eos=True)
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=False)
-    assert tok.decode([sentinel] + tok.encode("fox", add_special_tokens=False), skip_special_tokens=False) \
-        == "<extra_id_0> fox"  # fmt: skip
+    assert (
+        tok.decode([sentinel] + tok.encode("fox", add_special_tokens=False), skip_special_tokens=False)
+        == "<extra_id_0> fox"
+    )
 
 
 def _cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "moerun", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "moerun", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_moerun_generate_json_gives_transformers_greedy_tokens(checkpoint, pair):
@@ -235,7 +258,9 @@ def test_the_server_completes_raw_prompts_and_refuses_chat(pair):
         served = out.json()["choices"][0]["text"]
         assert served and expected.text.startswith(served)  # the same tokens, up to an end-of-text stop
         assert out.json()["usage"]["prompt_tokens"] == len(ours.tokenizer.encode(text))
-        refused = http.post("/v1/chat/completions", json={"model": "switch", "messages": [{"role": "user", "content": "hi"}]})
+        refused = http.post(
+            "/v1/chat/completions", json={"model": "switch", "messages": [{"role": "user", "content": "hi"}]}
+        )
         assert refused.status_code == 400 and "does not chat" in refused.json()["error"]["message"]
 
 

@@ -110,7 +110,9 @@ def test_tool_use_template_is_picked_when_tools_are_passed(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     ours, ref = _both(folder)
     for kw in ({}, {"tools": [{"name": "f"}]}, {"tools": []}):
-        assert ours.apply_chat_template(CONVERSATION, **kw) == ref.apply_chat_template(CONVERSATION, tokenize=False, **kw)
+        assert ours.apply_chat_template(CONVERSATION, **kw) == ref.apply_chat_template(
+            CONVERSATION, tokenize=False, **kw
+        )
     assert ours.apply_chat_template(CONVERSATION, tools=[]) == "tools"
 
 
@@ -254,7 +256,10 @@ QWEN_CHATS = {
     ],
     # OpenAI-style content parts: Qwen3.5 renders text and vision placeholders, Qwen3 renders ''.
     "parts": [
-        {"role": "user", "content": [{"type": "image", "image": "file:///cat.png"}, {"type": "text", "text": "What is it?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": "file:///cat.png"}, {"type": "text", "text": "What is it?"}],
+        },
     ],
 }
 
@@ -314,7 +319,7 @@ def test_qwen3_5_thinking_rules(tmp_path):
         "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
         '</parameter>\n<parameter=opts>\n{"unit": "C"}\n</parameter>\n<parameter=l>\n[1]\n</parameter>' in text
     )
-    assert "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response>\n<tool_response>\n" in text
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n<tool_response>\n' in text
     assert "Need the tool" not in text  # that assistant turn is before the last user query
     parts = chat(QWEN_CHATS["parts"])
     assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>" in parts
@@ -335,8 +340,11 @@ def test_qwen3_thinking_rules(tmp_path):
     )
     text = chat(QWEN_CHATS["tools"], tools=[WEATHER_TOOL])
     assert text.startswith("<|im_start|>system\nUse tools.\n\n# Tools\n")
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n<tool_call>' in text
-    assert "<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response>\n<tool_response>\n" in text
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n<tool_call>'
+        in text
+    )
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>\n<tool_response>\n' in text
 
 
 @pytest.mark.parametrize("template", QWEN_TEMPLATES)

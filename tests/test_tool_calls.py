@@ -16,10 +16,19 @@ from moerun.tool_calls import FORMATS, format_for, parse_reply
 from tests.chat_templates import GPT_OSS_TEMPLATE, LLAMA4_TEMPLATE, MISTRAL_V3_TEMPLATE, MISTRAL_V13_TEMPLATE
 from tests.tokenizer_fixtures import QWEN3_5_TEMPLATE, QWEN3_TEMPLATE, write_tokenizer
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"type": "string"}, "days": {"type": "integer"},
-                                               "zip": {"type": "string"}}}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"}},
+            },
+        },
+    }
+]
 ARGS = {"city": "Zürich", "days": 3, "zip": "8001"}
 USER = [{"role": "user", "content": "weather?"}]
 
@@ -53,28 +62,69 @@ def _reply(tok: Tokenizer, turn: dict, end: str, **kwargs) -> tuple[str, str]:
 
 CASES = {
     # name: (format, template, assistant turn, end of turn, expected (content, reasoning, calls))
-    "qwen3": ("qwen", QWEN3_TEMPLATE, {"role": "assistant", "content": "Let me look.", "tool_calls": [_call()]},
-              "<|im_end|>", ("Let me look.", "", [{"name": "get_weather", "arguments": ARGS}])),
-    "qwen3-thinking": ("qwen", QWEN3_TEMPLATE, {"role": "assistant", "reasoning_content": "Paris? No, Zürich.",
-                                                "content": "Let me look.", "tool_calls": [_call()]},
-                       "<|im_end|>", ("Let me look.", "Paris? No, Zürich.", [{"name": "get_weather", "arguments": ARGS}])),
+    "qwen3": (
+        "qwen",
+        QWEN3_TEMPLATE,
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [_call()]},
+        "<|im_end|>",
+        ("Let me look.", "", [{"name": "get_weather", "arguments": ARGS}]),
+    ),
+    "qwen3-thinking": (
+        "qwen",
+        QWEN3_TEMPLATE,
+        {
+            "role": "assistant",
+            "reasoning_content": "Paris? No, Zürich.",
+            "content": "Let me look.",
+            "tool_calls": [_call()],
+        },
+        "<|im_end|>",
+        ("Let me look.", "Paris? No, Zürich.", [{"name": "get_weather", "arguments": ARGS}]),
+    ),
     # Thinking on: the prompt ends inside <think>, the reply closes it.
-    "qwen3.5-xml": ("qwen", QWEN3_5_TEMPLATE, {"role": "assistant", "reasoning_content": "Zürich, 3 days.",
-                                               "content": "", "tool_calls": [_call()]},
-                    "<|im_end|>", ("", "Zürich, 3 days.", [{"name": "get_weather", "arguments": ARGS}])),
-    "mistral-v3": ("mistral", MISTRAL_V3_TEMPLATE, {"role": "assistant", "tool_calls": [_call(), _call("now", {})]},
-                   "</s>", ("", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}])),
-    "mistral-v13": ("mistral", MISTRAL_V13_TEMPLATE, {"role": "assistant", "content": "Sure.",
-                                                       "tool_calls": [_call(), _call("now", {})]},
-                    "</s>", ("Sure.", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}])),
-    "harmony-call": ("harmony", GPT_OSS_TEMPLATE, {"role": "assistant", "thinking": "Need the weather.",
-                                                   "tool_calls": [_call()]},
-                     "<|call|>", ("", "Need the weather.", [{"name": "get_weather", "arguments": ARGS}])),
-    "harmony-final": ("harmony", GPT_OSS_TEMPLATE, {"role": "assistant", "thinking": "Easy.", "content": "It is sunny."},
-                      "<|return|>", ("It is sunny.", "Easy.", [])),
-    "llama4-json": ("llama4", LLAMA4_TEMPLATE, {"role": "assistant", "content": "", "tool_calls": [_call()]},
-                    "<|eot|>", ("", "", [{"name": "get_weather", "arguments": ARGS}])),
-}  # fmt: skip
+    "qwen3.5-xml": (
+        "qwen",
+        QWEN3_5_TEMPLATE,
+        {"role": "assistant", "reasoning_content": "Zürich, 3 days.", "content": "", "tool_calls": [_call()]},
+        "<|im_end|>",
+        ("", "Zürich, 3 days.", [{"name": "get_weather", "arguments": ARGS}]),
+    ),
+    "mistral-v3": (
+        "mistral",
+        MISTRAL_V3_TEMPLATE,
+        {"role": "assistant", "tool_calls": [_call(), _call("now", {})]},
+        "</s>",
+        ("", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
+    ),
+    "mistral-v13": (
+        "mistral",
+        MISTRAL_V13_TEMPLATE,
+        {"role": "assistant", "content": "Sure.", "tool_calls": [_call(), _call("now", {})]},
+        "</s>",
+        ("Sure.", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
+    ),
+    "harmony-call": (
+        "harmony",
+        GPT_OSS_TEMPLATE,
+        {"role": "assistant", "thinking": "Need the weather.", "tool_calls": [_call()]},
+        "<|call|>",
+        ("", "Need the weather.", [{"name": "get_weather", "arguments": ARGS}]),
+    ),
+    "harmony-final": (
+        "harmony",
+        GPT_OSS_TEMPLATE,
+        {"role": "assistant", "thinking": "Easy.", "content": "It is sunny."},
+        "<|return|>",
+        ("It is sunny.", "Easy.", []),
+    ),
+    "llama4-json": (
+        "llama4",
+        LLAMA4_TEMPLATE,
+        {"role": "assistant", "content": "", "tool_calls": [_call()]},
+        "<|eot|>",
+        ("", "", [{"name": "get_weather", "arguments": ARGS}]),
+    ),
+}
 
 
 def _streamed(fmt, text: str, cuts: list[int], prompt: str = ""):
@@ -108,35 +158,59 @@ def test_parses_the_real_templates_tool_calls(folder, case):
     _check(FORMATS[name], text, expected, prompt[-40:])
 
 
-@pytest.mark.parametrize("name, text, calls", [
-    # What the models write themselves (their docs and vLLM's parsers), beside their templates' renderings.
-    ("harmony", '<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary '
-                'to=functions.get_weather <|constrain|>json<|message|>{"city": "Zürich", "days": 3, "zip": "8001"}',
-     [{"name": "get_weather", "arguments": ARGS}]),
-    ("llama4", '[get_weather(city="Zürich", days=3, zip="8001"), now()]',
-     [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
-    ("llama4", '<|python_start|>[get_weather(city="Zürich", days=3, zip="8001")]<|python_end|>',
-     [{"name": "get_weather", "arguments": ARGS}]),
-    ("llama4", '{"name": "get_weather", "parameters": {"city": "Zürich", "days": 3, "zip": "8001"}}; '
-               '{"name": "now", "parameters": {}}',
-     [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
-    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Zürich", "days": 3, "zip": "8001"}',
-     [{"name": "get_weather", "arguments": ARGS}]),
-    ("qwen", '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Zürich\\", \\"days\\": 3, '
-             '\\"zip\\": \\"8001\\"}"}\n</tool_call>',  # arguments as a JSON string
-     [{"name": "get_weather", "arguments": ARGS}]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, text, calls",
+    [
+        # What the models write themselves (their docs and vLLM's parsers), beside their templates' renderings.
+        (
+            "harmony",
+            "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Zürich", "days": 3, "zip": "8001"}',
+            [{"name": "get_weather", "arguments": ARGS}],
+        ),
+        (
+            "llama4",
+            '[get_weather(city="Zürich", days=3, zip="8001"), now()]',
+            [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}],
+        ),
+        (
+            "llama4",
+            '<|python_start|>[get_weather(city="Zürich", days=3, zip="8001")]<|python_end|>',
+            [{"name": "get_weather", "arguments": ARGS}],
+        ),
+        (
+            "llama4",
+            '{"name": "get_weather", "parameters": {"city": "Zürich", "days": 3, "zip": "8001"}}; '
+            '{"name": "now", "parameters": {}}',
+            [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}],
+        ),
+        (
+            "mistral",
+            '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Zürich", "days": 3, "zip": "8001"}',
+            [{"name": "get_weather", "arguments": ARGS}],
+        ),
+        (
+            "qwen",
+            '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Zürich\\", \\"days\\": 3, '
+            '\\"zip\\": \\"8001\\"}"}\n</tool_call>',  # arguments as a JSON string
+            [{"name": "get_weather", "arguments": ARGS}],
+        ),
+    ],
+)
 def test_parses_what_models_write(name, text, calls):
     _check(FORMATS[name], text, ("", None, calls))
 
 
-@pytest.mark.parametrize("name, text", [
-    ("llama4", "Hello [1] is a citation, {not json}"),
-    ("llama4", "[get_weather(city=os.system('x'))]"),  # not a literal: never evaluated, stays text
-    ("mistral", "[TOOL_CALLS] [not json"),
-    ("qwen", "<tool_call>\n<oops>\n</tool_call> after"),
-    ("harmony", "<|channel|>final<|message|>Plain answer, no call."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("llama4", "Hello [1] is a citation, {not json}"),
+        ("llama4", "[get_weather(city=os.system('x'))]"),  # not a literal: never evaluated, stays text
+        ("mistral", "[TOOL_CALLS] [not json"),
+        ("qwen", "<tool_call>\n<oops>\n</tool_call> after"),
+        ("harmony", "<|channel|>final<|message|>Plain answer, no call."),
+    ],
+)
 def test_text_that_is_no_call_stays_content(name, text):
     content, _, calls = parse_reply(FORMATS[name], text, TOOLS)
     assert calls == []
@@ -162,8 +236,17 @@ def test_content_before_a_call_streams_out_at_once():
 
 
 def test_each_family_names_its_format():
-    expect = {"mixtral": "mistral", "qwen3_moe": "qwen", "qwen3_5_moe": "qwen", "qwen2_moe": "qwen", "qwen3_next": "qwen",
-              "gpt_oss": "harmony", "llama4": "llama4", "llama4_text": "llama4", "olmoe": None}  # fmt: skip
+    expect = {
+        "mixtral": "mistral",
+        "qwen3_moe": "qwen",
+        "qwen3_5_moe": "qwen",
+        "qwen2_moe": "qwen",
+        "qwen3_next": "qwen",
+        "gpt_oss": "harmony",
+        "llama4": "llama4",
+        "llama4_text": "llama4",
+        "olmoe": None,
+    }
     for family, name in expect.items():
         assert get_architecture(family).tool_call_format == name
         assert (format_for({"model_type": family}) or FORMATS.get(None)) is FORMATS.get(name)

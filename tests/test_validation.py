@@ -81,7 +81,10 @@ def test_bad_config_value_is_named_with_its_file(capsys, model, change, words):
 
 def test_fit_names_the_bad_value_too(capsys, model):
     patch_json(model / "config.json", num_attention_heads=0)
-    assert cli(capsys, "fit", str(model)) == (1, f"error: {model / 'config.json'}: num_attention_heads is 0, must be at least 1")
+    assert cli(capsys, "fit", str(model)) == (
+        1,
+        f"error: {model / 'config.json'}: num_attention_heads is 0, must be at least 1",
+    )
 
 
 def test_expert_count_under_each_familys_name():
@@ -90,12 +93,21 @@ def test_expert_count_under_each_familys_name():
     from moerun.errors import MoerunError
     from moerun.models import build_args
 
-    base = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "moe_intermediate_size": 4}  # fmt: skip
-    for model_type, count, topk in [("qwen3_moe", "num_experts", "num_experts_per_tok"),
-                                    ("olmoe", "num_experts", "num_experts_per_tok"),
-                                    ("deepseek_v2", "n_routed_experts", "num_experts_per_tok"),
-                                    ("ernie4_5_moe", "moe_num_experts", "moe_k")]:  # fmt: skip
+    base = {
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "moe_intermediate_size": 4,
+    }
+    for model_type, count, topk in [
+        ("qwen3_moe", "num_experts", "num_experts_per_tok"),
+        ("olmoe", "num_experts", "num_experts_per_tok"),
+        ("deepseek_v2", "n_routed_experts", "num_experts_per_tok"),
+        ("ernie4_5_moe", "moe_num_experts", "moe_k"),
+    ]:
         config = {**base, "model_type": model_type, count: 4, topk: 5}
         with pytest.raises(MoerunError, match=rf"^config.json: {topk} is 5, must be 1 to {count} \(4\)$"):
             build_args(config)
@@ -149,8 +161,11 @@ def _overlap(header, data):
     return header, data[:-8]
 
 
-@pytest.mark.parametrize("edit, words", [(_gap, "leaves a gap of 8 bytes before it"), (_overlap, "overlaps the tensor before it")],
-                         ids=["gap", "overlap"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, words",
+    [(_gap, "leaves a gap of 8 bytes before it"), (_overlap, "overlaps the tensor before it")],
+    ids=["gap", "overlap"],
+)
 def test_safetensors_offsets_with_holes_or_overlaps(capsys, model, edit, words):
     path = model / "model.safetensors"
     _rewrite_safetensors(path, edit)
@@ -164,8 +179,17 @@ def test_safetensors_offsets_with_holes_or_overlaps(capsys, model, edit, words):
 
 def test_tokenizer_larger_than_the_model(capsys, model):
     tok = json.loads((model / "tokenizer.json").read_text())
-    tok["added_tokens"].append({"id": 384, "content": "<|extra|>", "single_word": False, "lstrip": False,
-                                "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    tok["added_tokens"].append(
+        {
+            "id": 384,
+            "content": "<|extra|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (model / "tokenizer.json").write_text(json.dumps(tok))
     code, line = cli(capsys, "generate", str(model), "hi", "-n", "1")
     assert code == 1
@@ -200,11 +224,20 @@ def test_chat_session_survives_a_template_error(model):
     import os
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "moerun", "chat", str(model), "-n", "4", "--dtype", "float32"],
-                          input="boom\ncount from 7\n/exit\n", capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "moerun", "chat", str(model), "-n", "4", "--dtype", "float32"],
+        input="boom\ncount from 7\n/exit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     # Piped stdin: replies alone on stdout, the failed turn one line on stderr, exit 1
     # (a script must see that a turn failed), and the session went on to the next turn.
     assert proc.returncode == 1, proc.stderr
@@ -241,8 +274,13 @@ def test_bad_arguments_are_one_line_usage_errors(capsys, args, words):
     assert line.startswith(f"error: {words}"), line
 
 
-@pytest.mark.parametrize("args, words", [(["-p", "100000", "-n", "0"], "pp100000 needs 100000 positions"),
-                                         (["-p", "0", "-n", "256"], "tg256 needs 257 positions")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-p", "100000", "-n", "0"], "pp100000 needs 100000 positions"),
+        (["-p", "0", "-n", "256"], "tg256 needs 257 positions"),
+    ],
+)
 def test_bench_longer_than_the_models_context(capsys, args, words):
     code, line = cli(capsys, "bench", "demo", "-r", "1", *args)
     assert code == 1

@@ -134,13 +134,17 @@ def test_trailing_bytes_rejected(tmp_path):
         b"\xff" * 64,  # absurd header length
         struct.pack("<Q", 10) + b"not json!!" + b"\0" * 16,  # header is not JSON
         struct.pack("<Q", 2) + b"[]",  # JSON but not an object
-        struct.pack("<Q", 60) + json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode().ljust(60) + b"\0" * 4,
+        struct.pack("<Q", 60)
+        + json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode().ljust(60)
+        + b"\0" * 4,
     ],
     ids=["huge-length", "not-json", "not-object", "offsets-mismatch-shape"],
 )
 def test_garbage_header(tmp_path, blob):
     (tmp_path / "model.safetensors").write_bytes(blob)
-    with pytest.raises(MoerunError, match=r"^model.safetensors is not a valid safetensors file \(.*\); re-download it$"):
+    with pytest.raises(
+        MoerunError, match=r"^model.safetensors is not a valid safetensors file \(.*\); re-download it$"
+    ):
         CheckpointWeights.open(tmp_path)
 
 
@@ -178,8 +182,12 @@ def test_a_load_reads_each_header_once(tmp_path, monkeypatch, bits):
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "cache"))
     parsed = []
     real = weights.read_header
-    monkeypatch.setattr(weights, "read_header", lambda path, raw_out=None: parsed.append(path.name) or real(path, raw_out))
-    monkeypatch.setattr(store, "source_fingerprint", lambda folder: pytest.fail("headers read again for the fingerprint"))
+    monkeypatch.setattr(
+        weights, "read_header", lambda path, raw_out=None: parsed.append(path.name) or real(path, raw_out)
+    )
+    monkeypatch.setattr(
+        store, "source_fingerprint", lambda folder: pytest.fail("headers read again for the fingerprint")
+    )
     moerun.load(str(folder), bits=bits, device="cpu", dtype="float32", expert_slots=2)
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(shards) > 1 and sorted(parsed) == shards

@@ -96,7 +96,12 @@ QWEN3_5_TEMPLATE_SHA256 = "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bc
 # tool calls in <tool_call> tags, tool results folded into one user turn.
 QWEN3_TEMPLATE = published_template("qwen3.jinja")
 
-TEMPLATES = {"chatml": CHATML_TEMPLATE, "mistral": MISTRAL_TEMPLATE, "qwen3.5": QWEN3_5_TEMPLATE, "qwen3": QWEN3_TEMPLATE}
+TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "mistral": MISTRAL_TEMPLATE,
+    "qwen3.5": QWEN3_5_TEMPLATE,
+    "qwen3": QWEN3_TEMPLATE,
+}
 QWEN_TEMPLATES = ("qwen3.5", "qwen3")
 
 # The Qwen flavour's added tokens, ids 0..8: Qwen's own order and special flags (the think and

@@ -19,16 +19,27 @@ from moerun.spec import LoadSpec, check_cold
 @loading_options(without=("bits", "vram", "cold", "prefetch"))
 def bench(
     model: Optional[str] = typer.Argument(None, help="Alias, Hub repo id or local folder (or use --synthetic)."),
-    prompt_tokens: str = typer.Option("512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."),
-    gen_tokens: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tg tests; a comma list sweeps; 0 skips."),
-    repetitions: int = typer.Option(3, "-r", "--repetitions", min=1, max=1000,
-                                    help="Timed runs per test (after one warm-up), 1 to 1000."),
+    prompt_tokens: str = typer.Option(
+        "512", "-p", "--n-prompt", help="Prompt tokens for pp tests; a comma list sweeps; 0 skips."
+    ),
+    gen_tokens: str = typer.Option(
+        "128", "-n", "--n-gen", help="Generated tokens for tg tests; a comma list sweeps; 0 skips."
+    ),
+    repetitions: int = typer.Option(
+        3, "-r", "--repetitions", min=1, max=1000, help="Timed runs per test (after one warm-up), 1 to 1000."
+    ),
     bits: str = typer.Option("4", "--bits", "-b", help="Expert bits: 4, 8, 16; a comma list sweeps."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Device budget(s), e.g. 12GiB or 12GiB,24GiB."),
     cold: str = typer.Option("gpu", "--cold", help="gpu, cpu or auto; a comma list sweeps."),
-    cuda_graphs: str = typer.Option("on", "--cuda-graphs", help="on, off or on,off: replay tg decode steps from CUDA graphs (CUDA only)."),
-    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark ALIAS's real shapes with random weights, no download."),
-    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="With --synthetic: keep only the first N layers."),
+    cuda_graphs: str = typer.Option(
+        "on", "--cuda-graphs", help="on, off or on,off: replay tg decode steps from CUDA graphs (CUDA only)."
+    ),
+    synthetic: Optional[str] = typer.Option(
+        None, "--synthetic", help="Benchmark ALIAS's real shapes with random weights, no download."
+    ),
+    layers: Optional[int] = typer.Option(
+        None, "--layers", min=1, help="With --synthetic: keep only the first N layers."
+    ),
     output: str = typer.Option("md", "-o", "--output", help="md or json."),
     spec: LoadSpec = LOADING,
 ) -> None:
@@ -63,8 +74,17 @@ def bench(
             advance = ticker.advance
         with ticker:
             report = benchmark.run_bench(
-                model=model, synthetic=synthetic, prompt_tokens=pp, gen_tokens=tg, repetitions=repetitions,
-                bits=bits_list, vram=vrams, cold=colds, cuda_graphs=graph_modes, layers=layers, spec=spec,
+                model=model,
+                synthetic=synthetic,
+                prompt_tokens=pp,
+                gen_tokens=tg,
+                repetitions=repetitions,
+                bits=bits_list,
+                vram=vrams,
+                cold=colds,
+                cuda_graphs=graph_modes,
+                layers=layers,
+                spec=spec,
                 progress=advance,
             )
     if output == "json":

@@ -31,8 +31,10 @@ def chat(
     with Display() as display:
         m = load(model, spec, display)
     if not m.is_chat_model:
-        raise MoerunError(f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
-                          "ships no chat template); use `moerun generate`, e.g. with <extra_id_0> in the prompt")
+        raise MoerunError(
+            f"{model} is a span-corruption encoder-decoder model, not a chat model (its checkpoint "
+            "ships no chat template); use `moerun generate`, e.g. with <extra_id_0> in the prompt"
+        )
     failed = run_repl(m, system=system, **sampling(max_new_tokens, temperature, top_p, top_k, seed))
     if failed and not sys.stdin.isatty():
         raise typer.Exit(1)  # `echo hi | moerun chat demo` in a script: a failed turn is a failure

@@ -19,10 +19,16 @@ def fit(
     vram: Optional[str] = typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM)."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM: 32GiB, ddr5-5600x2 or both (default: free RAM)."),
     ram_bandwidth: Optional[str] = typer.Option(None, "--ram-bandwidth", help="Host RAM bandwidth, e.g. 90GB/s."),
-    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Expert bits 4, 8 or 16 (default: the recommendation)."),
-    ctx: Optional[int] = typer.Option(None, "--ctx", min=1, help="Context to plan the KV cache for (default: min(model's, 4096))."),
+    bits: Optional[int] = typer.Option(
+        None, "--bits", "-b", help="Expert bits 4, 8 or 16 (default: the recommendation)."
+    ),
+    ctx: Optional[int] = typer.Option(
+        None, "--ctx", min=1, help="Context to plan the KV cache for (default: min(model's, 4096))."
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit on the Hub."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Non-expert weights' dtype (default: as load would choose)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Non-expert weights' dtype (default: as load would choose)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Will MODEL fit, and how fast could it run, here or on another card? Reads
@@ -36,8 +42,17 @@ def fit(
         spec_of(bits=bits)
     from moerun import fit as fitting
 
-    report = fitting.fit(model, bits=bits, vram=vram, ram=ram, ctx=ctx, revision=revision, dtype=dtype, gpu=gpu,
-                         ram_bandwidth=ram_bandwidth)  # fmt: skip
+    report = fitting.fit(
+        model,
+        bits=bits,
+        vram=vram,
+        ram=ram,
+        ctx=ctx,
+        revision=revision,
+        dtype=dtype,
+        gpu=gpu,
+        ram_bandwidth=ram_bandwidth,
+    )
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
         return
@@ -80,8 +95,12 @@ def render_fit(r) -> None:
 
     con = Console()
     s, p, d = r.summary, r.plan, r.to_dict()
-    src = {"hub": "config.json and safetensors headers from the Hub", "folder": "a local folder",
-           "cache": "the local Hugging Face cache", "shipped config": "the config shipped with moerun"}[r.meta.source]  # fmt: skip
+    src = {
+        "hub": "config.json and safetensors headers from the Hub",
+        "folder": "a local folder",
+        "cache": "the local Hugging Face cache",
+        "shipped config": "the config shipped with moerun",
+    }[r.meta.source]
     con.print(f"[bold]{escape(r.meta.name)}[/] · {r.meta.config.get('model_type')}", soft_wrap=True)
     say(con, f"from {src}" + (f" ({gib(r.meta.bytes_read)} read)" if r.meta.bytes_read else ""))
     con.print(f"weights at {p.bits} bits (experts), {p.dtype} (the rest):", highlight=False)
@@ -95,8 +114,11 @@ def render_fit(r) -> None:
             t.add_row(role.replace("_", " "), params_short(n), gib(p.weight_bytes_by_role[role]))
     t.add_row("[bold]total", f"[bold]{params_short(s.total_params)}", f"[bold]{gib(p.weight_bytes)}")
     con.print(t)
-    say(con, f"active per token: {params_short(s.active_params)} of {params_short(s.total_params)} "
-              f"({s.experts_per_token} of {p.n_experts} experts in {p.n_moe_layers} MoE layers)")  # fmt: skip
+    say(
+        con,
+        f"active per token: {params_short(s.active_params)} of {params_short(s.total_params)} "
+        f"({s.experts_per_token} of {p.n_experts} experts in {p.n_moe_layers} MoE layers)",
+    )
     if s.unused_params:
         say(con, f"not loaded (vision tower / multi-token prediction): {params_short(s.unused_params)}")
     say(con, f"stored in the checkpoint: {gib(d['stored_bytes'])}")
@@ -107,8 +129,12 @@ def render_fit(r) -> None:
     recurrent = [k for k in s.kv_kind.split(", ") if k not in words and k != "none"]
     say(con, f"KV cache ({', '.join(words[k] for k in kinds) or 'none'}) at {p.ctx} tokens: {gib(p.kv_cache_bytes)}")
     if recurrent:
-        say(con, f"of which {gib(d['fixed_state_bytes'])} is recurrent state ({', '.join(recurrent)}): "
-                  "a fixed size, not per token", 2)  # fmt: skip
+        say(
+            con,
+            f"of which {gib(d['fixed_state_bytes'])} is recurrent state ({', '.join(recurrent)}): "
+            "a fixed size, not per token",
+            2,
+        )
     if r.gpu is not None:
         g = r.gpu
         target = f"{g.name}: {g.memory_gib} GiB, {g.bandwidth_gbs:.0f} GB/s, {g.link}"
@@ -126,8 +152,12 @@ def render_fit(r) -> None:
     elif p.verdict is Verdict.RAM:
         say(con, f"fits: everything in {'unified memory' if r.device == 'unified' else 'RAM'} ({gib(p.ram_bytes)})", 2)
     elif p.verdict is Verdict.OFFLOAD:
-        say(con, f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the GPU "
-                  f"({gib(p.gpu_bytes)}); the expert store in RAM needs {gib(p.cpu_bytes)}", 2)  # fmt: skip
+        say(
+            con,
+            f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the GPU "
+            f"({gib(p.gpu_bytes)}); the expert store in RAM needs {gib(p.cpu_bytes)}",
+            2,
+        )
     else:
         short = f", short by {gib(d['short_by_bytes'])}" if d["short_by_bytes"] else ""
         say(con, f"does not fit: {p.reason}{short}", 2)
@@ -137,7 +167,10 @@ def render_fit(r) -> None:
         say(con, f"decode at batch 1: {lo:.1f}-{hi:.1f} tok/s")
         parts = [f"RAM {bw.ram / 1e9:.0f} GB/s {bw.source['ram']}"]
         if r.device == "cuda":
-            parts[:0] = [f"VRAM {bw.vram / 1e9:.0f} GB/s {bw.source['vram']}", f"PCIe {bw.pcie / 1e9:.0f} GB/s {bw.source['pcie']}"]
+            parts[:0] = [
+                f"VRAM {bw.vram / 1e9:.0f} GB/s {bw.source['vram']}",
+                f"PCIe {bw.pcie / 1e9:.0f} GB/s {bw.source['pcie']}",
+            ]
         say(con, f"(bounds from bytes per token; {', '.join(parts)})", 2)
     verdicts = ", ".join(f"{b}-bit: {q.verdict}" for b, q in r.plans.items())
     rec = f"recommended: --bits {r.recommended_bits}" if r.recommended_bits else "nothing fits these budgets"

@@ -28,8 +28,12 @@ def generate(
     top_k: int = TopK,
     seed: Optional[int] = Seed,
     spec: LoadSpec = LOADING,
-    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is, without the chat template "
-                             "(always, for span-corruption models such as switch-base-8)."),
+    raw: bool = typer.Option(
+        False,
+        "--raw",
+        help="Feed the prompt as is, without the chat template "
+        "(always, for span-corruption models such as switch-base-8).",
+    ),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "token_ids", "stats"}.'),
     verbose: bool = Verbose,
 ) -> None:
@@ -72,9 +76,11 @@ def generate(
             # Plain writes, not Rich: Rich would wrap at 80 columns and colour the numbers.
             sys.stderr.write(format_stats(stats) + "\n")
             if verbose:
-                sys.stderr.write(f"time to first token: {stats.prompt_seconds * 1000:.0f} ms "
-                                 f"({stats.prefilled_tokens} prefilled, {stats.reused_tokens} reused); "
-                                 f"decode {stats.generation_seconds:.2f} s; stop: {stats.finish_reason}\n")  # fmt: skip
+                sys.stderr.write(
+                    f"time to first token: {stats.prompt_seconds * 1000:.0f} ms "
+                    f"({stats.prefilled_tokens} prefilled, {stats.reused_tokens} reused); "
+                    f"decode {stats.generation_seconds:.2f} s; stop: {stats.finish_reason}\n"
+                )
             if m.stats:
                 sys.stderr.write(format_expert_stats(m.stats["total"], stats.generated_tokens) + "\n")
 
@@ -96,16 +102,18 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
         try:
             text = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise MoerunError(f"the prompt file {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                              f"offset {e.start})") from None  # fmt: skip
+            raise MoerunError(
+                f"the prompt file {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
         except OSError as e:
             raise MoerunError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         try:
             text = utf8(sys.stdin.read(), "the prompt from stdin")
         except UnicodeDecodeError as e:  # a stdin decoded strictly
-            raise MoerunError(f"the prompt from stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                              f"offset {e.start})") from None  # fmt: skip
+            raise MoerunError(
+                f"the prompt from stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
     elif prompt is None:
         raise typer.BadParameter("give a PROMPT, -f FILE, or pipe the prompt into stdin", param_hint="'PROMPT'")
     else:

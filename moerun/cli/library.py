@@ -56,8 +56,10 @@ def ls_(as_json: bool = typer.Option(False, "--json", help="Print one JSON objec
 
 
 def rm_(
-    model: str = typer.Argument(..., help="Alias or Hub repo id of a pulled model, or a folder whose quantized "
-                                          "caches to remove (see `moerun ls`)."),
+    model: str = typer.Argument(
+        ...,
+        help="Alias or Hub repo id of a pulled model, or a folder whose quantized caches to remove (see `moerun ls`).",
+    ),
     revision: Optional[str] = typer.Option(None, "--revision", help="Only this revision (commit, prefix or ref)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting."),
 ) -> None:
@@ -102,8 +104,12 @@ def show_(
     if as_json:
         sys.stdout.write(json.dumps(info.to_dict()) + "\n")
         return
-    src = {"cache": "the local Hugging Face cache", "folder": "a local folder", "shipped with moerun": "moerun itself",
-           "shipped config": "the config shipped with moerun (not pulled)"}[info.source]  # fmt: skip
+    src = {
+        "cache": "the local Hugging Face cache",
+        "folder": "a local folder",
+        "shipped with moerun": "moerun itself",
+        "shipped config": "the config shipped with moerun (not pulled)",
+    }[info.source]
     title = info.alias or info.repo_id or info.name
     rows = [("model", title + (f" ({info.repo_id})" if info.alias and info.repo_id else "")), ("from", src)]
     if info.folder is not None:
@@ -111,11 +117,11 @@ def show_(
     arch = info.model_type or "?"
     rows.append(("architecture", arch + (f" ({', '.join(info.architectures)})" if info.architectures else "")))
     if info.total_params:
-        rows.append(("parameters", f"{params(info.total_params)} total, "
-                                   f"{params(info.active_params)} active per token"))  # fmt: skip
+        rows.append(("parameters", f"{params(info.total_params)} total, {params(info.active_params)} active per token"))
     if info.n_experts:
-        rows.append(("experts", f"{info.n_experts} per MoE layer, {info.experts_per_token} per token; "
-                                f"{info.n_layers} layers"))  # fmt: skip
+        rows.append(
+            ("experts", f"{info.n_experts} per MoE layer, {info.experts_per_token} per token; {info.n_layers} layers")
+        )
     rows.append(("context", f"{info.context} tokens" if info.context else "n/a"))
     if info.folder is None:
         rows.append(("chat template", "n/a (not pulled)"))
@@ -126,8 +132,7 @@ def show_(
         rows += [("", line) for line in library.template_head(info.chat_template, width=WIDTH - 18)]
     rows.append(("license", info.license or "not in the local files (see the model card)"))
     for c in info.caches:
-        rows.append(("quantized", f"{cache_words(c)}, {gib(c.size)}, "
-                                  f"last used {library.ago(c.last_used)}"))  # fmt: skip
+        rows.append(("quantized", f"{cache_words(c)}, {gib(c.size)}, last used {library.ago(c.last_used)}"))
     f = info.fit
     if f is None:
         rows.append(("fits here", "n/a (no weights or an unknown family)"))
@@ -135,15 +140,18 @@ def show_(
         from moerun.plan import Verdict
 
         p, where = f.plan, "GPU" if f.device == "cuda" else "CPU (host RAM)"
-        words = {Verdict.GPU: f"yes, everything on the {where} ({gib(p.gpu_bytes)})",
-                 Verdict.RAM: f"yes, everything in RAM ({gib(p.ram_bytes)}; no GPU)",
-                 Verdict.OFFLOAD: f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the {where} "
-                            f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})",
-                 Verdict.NO: f"no: {p.reason}"}[p.verdict]  # fmt: skip
+        words = {
+            Verdict.GPU: f"yes, everything on the {where} ({gib(p.gpu_bytes)})",
+            Verdict.RAM: f"yes, everything in RAM ({gib(p.ram_bytes)}; no GPU)",
+            Verdict.OFFLOAD: f"offload: {p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the {where} "
+            f"({gib(p.gpu_bytes)}), all experts in RAM ({gib(p.cpu_bytes)})",
+            Verdict.NO: f"no: {p.reason}",
+        }[p.verdict]
         rows.append(("fits here", f"at {p.bits} bits: {words}"))
         rows.append(("recommended", f"--bits {f.recommended_bits}" if f.recommended_bits else "nothing fits here"))
     lines = []
     for key, value in rows:
-        lines += textwrap.wrap(value, WIDTH, initial_indent=f"{key:<16}", subsequent_indent=" " * 16,
-                               break_on_hyphens=False) or [key]  # fmt: skip
+        lines += textwrap.wrap(
+            value, WIDTH, initial_indent=f"{key:<16}", subsequent_indent=" " * 16, break_on_hyphens=False
+        ) or [key]
     sys.stdout.write("\n".join(fit_text(line) for line in lines) + "\n")

@@ -75,29 +75,73 @@ class LoadOption:
 LOAD_OPTIONS = (
     LoadOption("bits", int, typer.Option(16, "--bits", "-b", help="Expert weight bits: 4, 8 or 16.")),
     LoadOption("device", str, typer.Option("auto", "--device", "-d", help="auto, cpu or cuda.")),
-    LoadOption("vram", Optional[str], typer.Option(
-        None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve).")),
-    LoadOption("ram", Optional[str], typer.Option(
-        None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")),
-    LoadOption("expert_slots", Optional[int], typer.Option(
-        None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner).")),
-    LoadOption("cold", str, typer.Option(
-        "gpu", "--cold", callback=checked(check_cold),
-        help="Where non-resident experts run: gpu (copied in), cpu, or auto.")),
-    LoadOption("ctx", Optional[int], typer.Option(
-        None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096)).")),
-    LoadOption("prefetch", bool, typer.Option(
-        False, "--no-prefetch", help="Do not guess and copy the next layer's experts early."),
-        param="no_prefetch", negated=True),
-    LoadOption("force", bool, typer.Option(
-        False, "--force", help="Download and load even when the fit check says it will not fit.")),
-    LoadOption("dtype", str, typer.Option("auto", "--dtype", help="Non-expert weights and compute: auto (as stored; "
-                                          "float32 on a CPU without native bf16/fp16), bfloat16, float16 or float32.")),
-    LoadOption("threads", Optional[int], typer.Option(
-        None, "--threads", callback=checked(check_threads),
-        help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).")),
-    LoadOption("revision", Optional[str], typer.Option(
-        None, "--revision", help="A revision in the local cache: branch, tag or commit (never pulled).")),
+    LoadOption(
+        "vram",
+        Optional[str],
+        typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB (default: free VRAM minus a reserve)."),
+    ),
+    LoadOption(
+        "ram", Optional[str], typer.Option(None, "--ram", help="Host memory budget for the expert store, e.g. 32GiB.")
+    ),
+    LoadOption(
+        "expert_slots",
+        Optional[int],
+        typer.Option(None, "--expert-slots", min=1, help="Expert slots per MoE layer (overrides the planner)."),
+    ),
+    LoadOption(
+        "cold",
+        str,
+        typer.Option(
+            "gpu",
+            "--cold",
+            callback=checked(check_cold),
+            help="Where non-resident experts run: gpu (copied in), cpu, or auto.",
+        ),
+    ),
+    LoadOption(
+        "ctx",
+        Optional[int],
+        typer.Option(
+            None, "--ctx", min=16, help="Context length to plan the KV cache for (default: min(model's, 4096))."
+        ),
+    ),
+    LoadOption(
+        "prefetch",
+        bool,
+        typer.Option(False, "--no-prefetch", help="Do not guess and copy the next layer's experts early."),
+        param="no_prefetch",
+        negated=True,
+    ),
+    LoadOption(
+        "force",
+        bool,
+        typer.Option(False, "--force", help="Download and load even when the fit check says it will not fit."),
+    ),
+    LoadOption(
+        "dtype",
+        str,
+        typer.Option(
+            "auto",
+            "--dtype",
+            help="Non-expert weights and compute: auto (as stored; "
+            "float32 on a CPU without native bf16/fp16), bfloat16, float16 or float32.",
+        ),
+    ),
+    LoadOption(
+        "threads",
+        Optional[int],
+        typer.Option(
+            None,
+            "--threads",
+            callback=checked(check_threads),
+            help="CPU threads for the CPU kernels and torch (default: the cores; at most 4 per core).",
+        ),
+    ),
+    LoadOption(
+        "revision",
+        Optional[str],
+        typer.Option(None, "--revision", help="A revision in the local cache: branch, tag or commit (never pulled)."),
+    ),
 )
 LOADING = object()  # the default of a verb's `spec` parameter: where the loading options go
 

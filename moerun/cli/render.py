@@ -67,8 +67,10 @@ class Display:
         if isinstance(event, FitChecked):
             self.spinner.stop()
             size = gib(event.report.meta.download_bytes or 0)
-            sys.stderr.write(f"{event.repo_id} is not in the local cache: {size} to download; "
-                             f"fit at {event.bits} bits: {event.report.plan.describe()}\n")
+            sys.stderr.write(
+                f"{event.repo_id} is not in the local cache: {size} to download; "
+                f"fit at {event.bits} bits: {event.report.plan.describe()}\n"
+            )
         elif isinstance(event, Downloaded):
             self.show_phase(f"pulling {event.repo_id}", event.done, event.total, in_bytes=True)
         elif isinstance(event, ExpertsPrepared):
@@ -192,10 +194,13 @@ def format_plan(m, load_seconds: float) -> str:
 
     p = m.plan
     where = {Verdict.GPU: "everything on the device", Verdict.RAM: "everything in RAM (no GPU)"}.get(p.verdict) or (
-        f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM")
+        f"{p.expert_slots_per_layer} of {p.n_experts} expert slots per layer on the device, the rest in RAM"
+    )
     host = gib(p.cpu_bytes) if p.verdict is Verdict.OFFLOAD else "n/a"
-    return (f"loaded {m.name} in {load_seconds:.1f} s: {m.device}, {p.dtype}, {p.bits}-bit experts, ctx {p.ctx}\n"
-            f"plan: {where}; device {gib(p.gpu_bytes)}, host {host}, KV cache {gib(p.kv_cache_bytes)}")
+    return (
+        f"loaded {m.name} in {load_seconds:.1f} s: {m.device}, {p.dtype}, {p.bits}-bit experts, ctx {p.ctx}\n"
+        f"plan: {where}; device {gib(p.gpu_bytes)}, host {host}, KV cache {gib(p.kv_cache_bytes)}"
+    )
 
 
 def say(con, text: str, indent: int = 0) -> None:
@@ -220,15 +225,19 @@ def say(con, text: str, indent: int = 0) -> None:
             lines.append(line)
         line = rest + phrase
         if len(line) > width:  # one phrase wider than the line: between words
-            wrapped = textwrap.wrap(phrase, width=width, initial_indent=rest, subsequent_indent=rest,
-                                    break_long_words=False, break_on_hyphens=False)  # fmt: skip
+            wrapped = textwrap.wrap(
+                phrase,
+                width=width,
+                initial_indent=rest,
+                subsequent_indent=rest,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
             lines += wrapped[:-1]
             line = wrapped[-1]
     lines.append(line)
     for out in lines:
         con.print(out, soft_wrap=True, highlight=False)
-
-
 
 
 def fit_text(text: str, width: int = WIDTH) -> str:

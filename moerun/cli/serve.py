@@ -18,15 +18,32 @@ def serve(
     model: str = typer.Argument(..., help="Alias (see `moerun models`), Hub repo id or local folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="TCP port (0: any free one, printed)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOERUN_API_KEY", show_envvar=True,
-                                          help="Require Authorization: Bearer KEY on every route but /health."),  # fmt: skip
-    origins: Optional[str] = typer.Option(None, "--origins", envvar="MOERUN_ORIGINS", show_envvar=True,
-                                          help="Browser origins allowed beside loopback pages, comma list "
-                                               "(https://app.example.com, https://*.example.com, *)."),  # fmt: skip
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="MOERUN_API_KEY",
+        show_envvar=True,
+        help="Require Authorization: Bearer KEY on every route but /health.",
+    ),
+    origins: Optional[str] = typer.Option(
+        None,
+        "--origins",
+        envvar="MOERUN_ORIGINS",
+        show_envvar=True,
+        help="Browser origins allowed beside loopback pages, comma list "
+        "(https://app.example.com, https://*.example.com, *).",
+    ),
     max_body: str = typer.Option("16MiB", "--max-body", help="Largest request body read; larger ones get 413."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", min=1,
-                                                 help="Default reply limit when a request sets none (default: the context)."),  # fmt: skip
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="Default when a request sets none (0: greedy)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-new-tokens",
+        "-n",
+        min=1,
+        help="Default reply limit when a request sets none (default: the context).",
+    ),
+    temperature: float = typer.Option(
+        0.0, "--temperature", "-t", min=0.0, help="Default when a request sets none (0: greedy)."
+    ),
     top_p: float = TopP,
     top_k: int = TopK,
     seed: Optional[int] = Seed,
@@ -62,5 +79,14 @@ def serve(
         sock.close()
         raise
     defaults = Defaults(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
-    server.serve(m, host=host, port=port, api_key=api_key, name=server.model_name(model), defaults=defaults,
-                 sock=sock, origins=allowed_origins, max_body=body_limit)
+    server.serve(
+        m,
+        host=host,
+        port=port,
+        api_key=api_key,
+        name=server.model_name(model),
+        defaults=defaults,
+        sock=sock,
+        origins=allowed_origins,
+        max_body=body_limit,
+    )

@@ -26,7 +26,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """q [B, H, T, Dh], k [B, Hk, S, Dh], v [B, Hk, S, Dv] (any strides but the last);
     mask bool [T, S] (True: attend) or None -> [B, H, T, Dv] in q's dtype."""
     B, H, T, Dh = q.shape
@@ -34,8 +36,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     out = torch.empty(B, H, T, Dv, dtype=torch.float32)
     mask_u8 = mask.to(torch.uint8).contiguous() if mask is not None else None
     _lib().attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _DTYPE_CODES[q.dtype], B, H, Hk, T, S, Dh, Dv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        mask_u8.data_ptr() if mask_u8 is not None else 0, float(scale), out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        _DTYPE_CODES[q.dtype],
+        B,
+        H,
+        Hk,
+        T,
+        S,
+        Dh,
+        Dv,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        mask_u8.data_ptr() if mask_u8 is not None else 0,
+        float(scale),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out if q.dtype == torch.float32 else out.to(q.dtype)

@@ -123,11 +123,24 @@ def moe_experts(
     out = torch.zeros(N, D, dtype=torch.float32)
     kind = getattr(act, "kind", "silu") if act is not None else "silu"
     n = lib.moe_layer(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], N, D, fmt.intermediate_size,
-        ids.data_ptr(), weights.data_ptr(), ids.shape[1], table.data_ptr(), table.shape[0],
-        fmt.bits, _DTYPE_CODES[fmt.dtype], _ACT_CODES[kind],
-        float(getattr(act, "alpha", 1.702)), float(getattr(act, "limit", 7.0)), int(weights_on_input),
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        _DTYPE_CODES[x.dtype],
+        N,
+        D,
+        fmt.intermediate_size,
+        ids.data_ptr(),
+        weights.data_ptr(),
+        ids.shape[1],
+        table.data_ptr(),
+        table.shape[0],
+        fmt.bits,
+        _DTYPE_CODES[fmt.dtype],
+        _ACT_CODES[kind],
+        float(getattr(act, "alpha", 1.702)),
+        float(getattr(act, "limit", 7.0)),
+        int(weights_on_input),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     out_dtype = out_dtype or x.dtype
     return (out if out_dtype == torch.float32 else out.to(out_dtype)), n

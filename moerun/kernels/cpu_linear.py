@@ -32,9 +32,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     out = torch.empty(x2.shape[0], N, dtype=torch.float32)
     lib.linear(
-        x2.data_ptr(), _DTYPE_CODES[x2.dtype], x2.shape[0], K, weight.data_ptr(), _DTYPE_CODES[weight.dtype], N,
-        bias.data_ptr() if bias is not None else 0, out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x2.data_ptr(),
+        _DTYPE_CODES[x2.dtype],
+        x2.shape[0],
+        K,
+        weight.data_ptr(),
+        _DTYPE_CODES[weight.dtype],
+        N,
+        bias.data_ptr() if bias is not None else 0,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out.reshape(*lead, N).to(x.dtype)
 
 

@@ -21,11 +21,29 @@ import triton.language as tl
 
 @triton.jit
 def _gated_delta_step_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
-    H, HEADS_PER_K, Dk, Dv, scale,
-    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sg_b, sbeta_b,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    S_ptr,
+    o_ptr,
+    H,
+    HEADS_PER_K,
+    Dk,
+    Dv,
+    scale,
+    sq_b,
+    sq_h,
+    sk_b,
+    sk_h,
+    sv_b,
+    sv_h,
+    sg_b,
+    sbeta_b,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     # One program per (batch, value head, block of the value dim): the tile S[b, h, :, vblock]
     # is all this token's update touches for those columns, so programs never share state.
     pid_bh = tl.program_id(0)
@@ -68,8 +86,9 @@ def gated_delta_step(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None =
     B, H, Dv = v.shape
     Hk, Dk = q.shape[1], q.shape[2]
     if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
-        raise ValueError(f"gated_delta_step: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
-                         f"S {tuple(S.shape)} {S.dtype}")  # fmt: skip
+        raise ValueError(
+            f"gated_delta_step: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} S {tuple(S.shape)} {S.dtype}"
+        )
     if not S.is_contiguous():
         raise ValueError("gated_delta_step: the state must be contiguous (it is updated in place)")
     q, k, v, g, beta = (_rows(t) for t in (q, k, v, g, beta))
@@ -78,20 +97,58 @@ def gated_delta_step(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None =
     BLOCK_V = block_v or min(triton.next_power_of_2(Dv), max(16, 8192 // BLOCK_K))  # the tile in registers
     grid = (B * H, triton.cdiv(Dv, BLOCK_V))
     _gated_delta_step_kernel[grid](
-        q, k, v, g, beta, S, o, H, H // Hk, Dk, Dv, Dk**-0.5,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0),
-        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        g,
+        beta,
+        S,
+        o,
+        H,
+        H // Hk,
+        Dk,
+        Dv,
+        Dk**-0.5,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        g.stride(0),
+        beta.stride(0),
+        BLOCK_K=BLOCK_K,
+        BLOCK_V=BLOCK_V,
+    )
     return o, S
 
 
 @triton.jit
 def _mamba2_step_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, keep_ptr, h_ptr, y_ptr,
-    H, HEADS_PER_GROUP, P, N,
-    sx_b, sx_h, sdt_b, sb_b, sb_g, sc_b, sc_g,
-    HAS_KEEP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    b_ptr,
+    c_ptr,
+    D_ptr,
+    keep_ptr,
+    h_ptr,
+    y_ptr,
+    H,
+    HEADS_PER_GROUP,
+    P,
+    N,
+    sx_b,
+    sx_h,
+    sdt_b,
+    sb_b,
+    sb_g,
+    sc_b,
+    sc_g,
+    HAS_KEEP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program per (batch, head, block of the head dim): the state rows h[b, head, pblock, :].
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -129,8 +186,9 @@ def mamba2_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None =
     B, H, P = xs.shape
     G, N = b.shape[1], b.shape[2]
     if c.shape != b.shape or H % G or h.shape != (B, H, P, N) or h.dtype != torch.float32:
-        raise ValueError(f"mamba2_step: xs {tuple(xs.shape)} b {tuple(b.shape)} c {tuple(c.shape)} "
-                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+        raise ValueError(
+            f"mamba2_step: xs {tuple(xs.shape)} b {tuple(b.shape)} c {tuple(c.shape)} h {tuple(h.shape)} {h.dtype}"
+        )
     if not h.is_contiguous():
         raise ValueError("mamba2_step: the state must be contiguous (it is updated in place)")
     xs, dt, b, c = (_rows(t) for t in (xs, dt, b, c))
@@ -140,20 +198,66 @@ def mamba2_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None =
     BLOCK_P = block_p or min(triton.next_power_of_2(P), max(16, 8192 // BLOCK_N))
     grid = (B * H, triton.cdiv(P, BLOCK_P))
     _mamba2_step_kernel[grid](
-        xs, dt, A, b, c, D, keep if keep is not None else h, h, y, H, H // G, P, N,
-        xs.stride(0), xs.stride(1), dt.stride(0), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_KEEP=keep is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        xs,
+        dt,
+        A,
+        b,
+        c,
+        D,
+        keep if keep is not None else h,
+        h,
+        y,
+        H,
+        H // G,
+        P,
+        N,
+        xs.stride(0),
+        xs.stride(1),
+        dt.stride(0),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        HAS_KEEP=keep is not None,
+        BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N,
+    )
     return y, h
 
 
 @triton.jit
 def _gated_delta_sequence_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
-    H, HEADS_PER_K, T, Dk, Dv, scale,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sg_t, sbeta_b, sbeta_h, sbeta_t,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    S_ptr,
+    o_ptr,
+    H,
+    HEADS_PER_K,
+    T,
+    Dk,
+    Dv,
+    scale,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sg_b,
+    sg_h,
+    sg_t,
+    sbeta_b,
+    sbeta_h,
+    sbeta_t,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     # The decode step's program, walking the T tokens with its state tile held in registers
     # (flash-linear-attention's "fused recurrent" form): one load and one store of S in all.
     pid_bh = tl.program_id(0)
@@ -208,10 +312,28 @@ def _gated_delta_prompt(kernel, name: str, q, k, v, g, beta, S: torch.Tensor, bl
     o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
     grid = (B * H, triton.cdiv(Dv, block_v))
     kernel[grid](
-        q, k, v, g, beta, S, o, H, H // Hk, T, Dk, Dv, Dk**-0.5,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride(), *beta.stride(),
-        BLOCK_K=triton.next_power_of_2(Dk), BLOCK_V=block_v, **meta,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        g,
+        beta,
+        S,
+        o,
+        H,
+        H // Hk,
+        T,
+        Dk,
+        Dv,
+        Dk**-0.5,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *g.stride(),
+        *beta.stride(),
+        BLOCK_K=triton.next_power_of_2(Dk),
+        BLOCK_V=block_v,
+        **meta,
+    )
     return o, S
 
 
@@ -231,11 +353,38 @@ def _solve_unit_lower(L, rhs, r, CHUNK: tl.constexpr):
 
 @triton.jit
 def _gated_delta_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, S_ptr, o_ptr,
-    H, HEADS_PER_K, T, Dk, Dv, scale,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sg_t, sbeta_b, sbeta_h, sbeta_t,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    S_ptr,
+    o_ptr,
+    H,
+    HEADS_PER_K,
+    T,
+    Dk,
+    Dv,
+    scale,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    sg_b,
+    sg_h,
+    sg_t,
+    sbeta_b,
+    sbeta_h,
+    sbeta_t,
+    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     # chunk_gated_delta_rule's form: within a chunk the delta updates are one unit-lower
     # triangular system (the UT transform); between chunks one state pass per chunk.
     pid_bh = tl.program_id(0)
@@ -256,12 +405,20 @@ def _gated_delta_chunk_kernel(
     for start in range(0, T, CHUNK):
         t = start + r
         mt = t < T  # padded tokens: g = beta = 0, k = v = 0, as the torch rule pads
-        q = tl.load(q_ptr + b * sq_b + hk * sq_h + t[:, None] * sq_t + rk[None, :], mask=mt[:, None] & mk[None, :],
-                    other=0.0).to(tl.float32) * scale  # fmt: skip
-        k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + rk[None, :], mask=mt[:, None] & mk[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + t[:, None] * sv_t + rv[None, :], mask=mt[:, None] & mv[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        q = (
+            tl.load(
+                q_ptr + b * sq_b + hk * sq_h + t[:, None] * sq_t + rk[None, :],
+                mask=mt[:, None] & mk[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            * scale
+        )
+        k = tl.load(
+            k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0
+        ).to(tl.float32)
+        v = tl.load(
+            v_ptr + b * sv_b + h * sv_h + t[:, None] * sv_t + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0
+        ).to(tl.float32)
         g = tl.load(g_ptr + b * sg_b + h * sg_h + t * sg_t, mask=mt, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + b * sbeta_b + h * sbeta_h + t * sbeta_t, mask=mt, other=0.0).to(tl.float32)
         decay = tl.cumsum(g, axis=0)  # log of the decay from the chunk's start
@@ -290,16 +447,32 @@ def gated_delta_chunked(q, k, v, g, beta, S: torch.Tensor, *, chunk: int = 16, b
     chunk: a power of two. Its products are broadcast sums in registers, not tl.dot, so
     it serves small heads and tests; not yet called by the layer."""
     block_v = block_v or min(triton.next_power_of_2(v.shape[3]), 32)
-    return _gated_delta_prompt(_gated_delta_chunk_kernel, "gated_delta_chunked", q, k, v, g, beta, S, block_v,
-                               CHUNK=chunk)
+    return _gated_delta_prompt(
+        _gated_delta_chunk_kernel, "gated_delta_chunked", q, k, v, g, beta, S, block_v, CHUNK=chunk
+    )
 
 
 @triton.jit
 def _mamba_step_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, keep_ptr, h_ptr, y_ptr,
-    I, N, sx_b, sdt_b, sb_b, sc_b,
-    HAS_KEEP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    b_ptr,
+    c_ptr,
+    D_ptr,
+    keep_ptr,
+    h_ptr,
+    y_ptr,
+    I,
+    N,
+    sx_b,
+    sdt_b,
+    sb_b,
+    sc_b,
+    HAS_KEEP: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program per (batch, block of channels): the state rows h[b, iblock, :]. Unlike
     # Mamba-2, A varies along the state dim too, so the decay is a tile, not a scalar.
     bi = tl.program_id(0)
@@ -339,10 +512,17 @@ def mamba_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None = N
     of two; tests force several)."""
     B, I = x.shape
     N = b.shape[-1]
-    if dt.shape != x.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, N) \
-            or h.shape != (B, I, N) or h.dtype != torch.float32:
-        raise ValueError(f"mamba_step: x {tuple(x.shape)} A {tuple(A.shape)} b {tuple(b.shape)} "
-                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if (
+        dt.shape != x.shape
+        or A.shape != (I, N)
+        or c.shape != b.shape
+        or b.shape != (B, N)
+        or h.shape != (B, I, N)
+        or h.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"mamba_step: x {tuple(x.shape)} A {tuple(A.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
+        )
     if not h.is_contiguous():
         raise ValueError("mamba_step: the state must be contiguous (it is updated in place)")
     x, dt, b, c = (_rows(t) for t in (x, dt, b, c))
@@ -350,19 +530,54 @@ def mamba_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None = N
     y = torch.empty(B, I, dtype=x.dtype, device=x.device)
     BLOCK_I, BLOCK_N = _mamba_tiles(I, N, block_i)
     _mamba_step_kernel[(B, triton.cdiv(I, BLOCK_I))](
-        x, dt, A, b, c, D, keep if keep is not None else h, h, y, I, N,
-        x.stride(0), dt.stride(0), b.stride(0), c.stride(0),
-        HAS_KEEP=keep is not None, BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        x,
+        dt,
+        A,
+        b,
+        c,
+        D,
+        keep if keep is not None else h,
+        h,
+        y,
+        I,
+        N,
+        x.stride(0),
+        dt.stride(0),
+        b.stride(0),
+        c.stride(0),
+        HAS_KEEP=keep is not None,
+        BLOCK_I=BLOCK_I,
+        BLOCK_N=BLOCK_N,
+    )
     return y, h
 
 
 @triton.jit
 def _mamba_scan_kernel(
-    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, h_ptr, y_ptr,
-    I, N, T, su_b, su_i, su_t, sdt_b, sdt_i, sdt_t, sb_b, sb_t, sc_b, sc_t,
-    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    b_ptr,
+    c_ptr,
+    D_ptr,
+    h_ptr,
+    y_ptr,
+    I,
+    N,
+    T,
+    su_b,
+    su_i,
+    su_t,
+    sdt_b,
+    sdt_i,
+    sdt_t,
+    sb_b,
+    sb_t,
+    sc_b,
+    sc_t,
+    BLOCK_I: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # The step's program walking the T tokens with its state tile in registers (mamba_ssm's
     # selective scan is sequential in time within a thread block too): one load and one
     # store of h in all; the work is parallel over batch x channel blocks.
@@ -396,10 +611,17 @@ def mamba_scan(u, dt, A, b, c, D, h: torch.Tensor, *, block_i: int | None = None
     long prompts against the chunked torch path is unmeasured (no GPU has been lent)."""
     B, I, T = u.shape
     N = b.shape[-1]
-    if dt.shape != u.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, T, N) \
-            or h.shape != (B, I, N) or h.dtype != torch.float32:
-        raise ValueError(f"mamba_scan: u {tuple(u.shape)} A {tuple(A.shape)} b {tuple(b.shape)} "
-                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if (
+        dt.shape != u.shape
+        or A.shape != (I, N)
+        or c.shape != b.shape
+        or b.shape != (B, T, N)
+        or h.shape != (B, I, N)
+        or h.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"mamba_scan: u {tuple(u.shape)} A {tuple(A.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
+        )
     if not h.is_contiguous():
         raise ValueError("mamba_scan: the state must be contiguous (it is updated in place)")
     b, c = _rows(b), _rows(c)
@@ -407,19 +629,61 @@ def mamba_scan(u, dt, A, b, c, D, h: torch.Tensor, *, block_i: int | None = None
     y = torch.empty(B, I, T, dtype=torch.float32, device=u.device)
     BLOCK_I, BLOCK_N = _mamba_tiles(I, N, block_i)
     _mamba_scan_kernel[(B, triton.cdiv(I, BLOCK_I))](
-        u, dt, A, b, c, D, h, y, I, N, T, *u.stride(), *dt.stride(), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        u,
+        dt,
+        A,
+        b,
+        c,
+        D,
+        h,
+        y,
+        I,
+        N,
+        T,
+        *u.stride(),
+        *dt.stride(),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        BLOCK_I=BLOCK_I,
+        BLOCK_N=BLOCK_N,
+    )
     return y, h
 
 
 @triton.jit
 def _mamba2_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, h_ptr, y_ptr,
-    H, HEADS_PER_GROUP, P, N, T,
-    sx_b, sx_t, sx_h, sdt_b, sdt_t, sb_b, sb_t, sb_g, sc_b, sc_t, sc_g, sy_b, sy_t, sy_h,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    b_ptr,
+    c_ptr,
+    D_ptr,
+    h_ptr,
+    y_ptr,
+    H,
+    HEADS_PER_GROUP,
+    P,
+    N,
+    T,
+    sx_b,
+    sx_t,
+    sx_h,
+    sdt_b,
+    sdt_t,
+    sb_b,
+    sb_t,
+    sb_g,
+    sc_b,
+    sc_t,
+    sc_g,
+    sy_b,
+    sy_t,
+    sy_h,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # The decode step's program walking the T tokens, its state tile h[b, head, pblock, :]
     # in registers: one load and one store of the state in all.
     pid_bh = tl.program_id(0)
@@ -456,10 +720,17 @@ def mamba2_scan(xs, dt, A, b, c, D, h: torch.Tensor, *, block_p: int | None = No
     unmeasured (no GPU has been lent)."""
     B, T, H, P = xs.shape
     G, N = b.shape[2], b.shape[3]
-    if dt.shape != (B, T, H) or c.shape != b.shape or b.shape[:2] != (B, T) or H % G \
-            or h.shape != (B, H, P, N) or h.dtype != torch.float32:
-        raise ValueError(f"mamba2_scan: xs {tuple(xs.shape)} dt {tuple(dt.shape)} b {tuple(b.shape)} "
-                         f"h {tuple(h.shape)} {h.dtype}")  # fmt: skip
+    if (
+        dt.shape != (B, T, H)
+        or c.shape != b.shape
+        or b.shape[:2] != (B, T)
+        or H % G
+        or h.shape != (B, H, P, N)
+        or h.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"mamba2_scan: xs {tuple(xs.shape)} dt {tuple(dt.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
+        )
     if not h.is_contiguous():
         raise ValueError("mamba2_scan: the state must be contiguous (it is updated in place)")
     xs, b, c = _rows(xs), _rows(b), _rows(c)
@@ -468,9 +739,32 @@ def mamba2_scan(xs, dt, A, b, c, D, h: torch.Tensor, *, block_p: int | None = No
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_P = block_p or min(triton.next_power_of_2(P), max(16, 8192 // BLOCK_N))
     _mamba2_scan_kernel[(B * H, triton.cdiv(P, BLOCK_P))](
-        xs, dt, A, b, c, D, h, y, H, H // G, P, N, T,
-        xs.stride(0), xs.stride(1), xs.stride(2), dt.stride(0), dt.stride(1),
-        b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2), *y.stride()[:3],
-        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
+        xs,
+        dt,
+        A,
+        b,
+        c,
+        D,
+        h,
+        y,
+        H,
+        H // G,
+        P,
+        N,
+        T,
+        xs.stride(0),
+        xs.stride(1),
+        xs.stride(2),
+        dt.stride(0),
+        dt.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        c.stride(2),
+        *y.stride()[:3],
+        BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N,
+    )
     return y, h

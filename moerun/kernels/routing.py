@@ -127,11 +127,24 @@ def route(
     if N == 0:
         return ids, weights, slots
     _routing_kernel[(N,)](
-        logits, bias if bias is not None else weights, expert_to_slot if expert_to_slot is not None else ids,
-        ids, weights, slots if slots is not None else ids,
-        E, logits.stride(0), float(scaling),
-        K=k, BLOCK_K=triton.next_power_of_2(k), SIGMOID=scoring == "sigmoid", RENORM=renormalize, HAS_BIAS=bias is not None,
-        HAS_MAP=expert_to_slot is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-        BLOCK_E=triton.next_power_of_2(E), num_warps=num_warps,
-    )  # fmt: skip
+        logits,
+        bias if bias is not None else weights,
+        expert_to_slot if expert_to_slot is not None else ids,
+        ids,
+        weights,
+        slots if slots is not None else ids,
+        E,
+        logits.stride(0),
+        float(scaling),
+        K=k,
+        BLOCK_K=triton.next_power_of_2(k),
+        SIGMOID=scoring == "sigmoid",
+        RENORM=renormalize,
+        HAS_BIAS=bias is not None,
+        HAS_MAP=expert_to_slot is not None,
+        N_GROUP=n_group,
+        TOPK_GROUP=topk_group,
+        BLOCK_E=triton.next_power_of_2(E),
+        num_warps=num_warps,
+    )
     return ids, weights, slots

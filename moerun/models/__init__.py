@@ -21,9 +21,7 @@ from moerun.models.base import Family, parameter_roles
 from moerun.weights import CheckpointWeights, check_finite
 
 # Every module here but `base` is an architecture, named by its config.json model_type.
-ARCHITECTURES = tuple(
-    sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "base")
-)
+ARCHITECTURES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "base"))
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -74,7 +72,11 @@ def checkpoint_layout(config: dict) -> dict[str, tuple[tuple[int, ...], str, str
 
 
 def load_model(
-    folder: str | Path, config: dict, dtype: torch.dtype, device: torch.device | str, routed_experts: bool = True,
+    folder: str | Path,
+    config: dict,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    routed_experts: bool = True,
     ckpt: CheckpointWeights | None = None,
 ) -> nn.Module:
     """Build the model for `config` and load its weights from `folder` (or the already
@@ -112,22 +114,23 @@ def load_model(
                     continue  # a multi-token-prediction layer (DeepSeek-V3, GLM): not run
                 raise MoerunError(
                     f"the checkpoint in {folder} has layer {key} ({groups[key][0]}), but config.json gives "
-                    f"num_hidden_layers {n_layers}" + (f" and num_nextn_predict_layers {n_mtp}" if n_mtp else "")
+                    f"num_hidden_layers {n_layers}"
+                    + (f" and num_nextn_predict_layers {n_mtp}" if n_mtp else "")
                     + ": the config and the weights disagree"
-                )  # fmt: skip
+                )
             tensors = arch.sanitize({name: ckpt.get(name) for name in groups[key]}, args)
             for name, tensor in tensors.items():
                 if name not in expected:
                     continue  # e.g. rotary inv_freq buffers some exporters save
                 param = expected.pop(name)
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise MoerunError(
-                        f"tensor {name} has shape {list(tensor.shape)}, expected {list(param.shape)}"
-                    )
+                    raise MoerunError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(param.shape)}")
                 if not tensor.is_floating_point():  # an I16 norm cast to float is silent garbage
-                    raise MoerunError(f"tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
-                                      "an integer type where a floating-point weight belongs; the checkpoint is "
-                                      "damaged or in a format moerun does not read")  # fmt: skip
+                    raise MoerunError(
+                        f"tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                        "an integer type where a floating-point weight belongs; the checkpoint is "
+                        "damaged or in a format moerun does not read"
+                    )
                 tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype)
                 # NaN/Inf (or a value the cast overflowed) would answer with garbage: checked after
                 # the cast, in full but for resident routed experts (sampled: they are most bytes).

@@ -35,17 +35,26 @@ class Spec:
     top_k_of: str | None = None
 
 
-def spec(default=dataclasses.MISSING, *, minimum=None, choices=None, top_k_of=None,
-         default_factory=dataclasses.MISSING):  # fmt: skip
+def spec(
+    default=dataclasses.MISSING, *, minimum=None, choices=None, top_k_of=None, default_factory=dataclasses.MISSING
+):
     """A config field with its checks (see Spec). A subclass that redeclares the field
     with a plain default keeps its parent's checks; one that redeclares it with spec()
     replaces them."""
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"spec": Spec(minimum, choices, top_k_of)})  # fmt: skip
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"spec": Spec(minimum, choices, top_k_of)}
+    )
 
 
-_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
-               dict: "an object", type(None): "null"}  # fmt: skip
+_TYPE_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    str: "text",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def _type_members(tp) -> tuple | None:
@@ -123,8 +132,9 @@ class BaseModelArgs:
                     raise MoerunError(f"{source}: {f.name} is null, and {config.get('model_type')} needs a value")
                 continue
             if f.name in config:
-                values[f.name] = _checked_value(f.name, config[f.name], hints.get(f.name), field_spec(cls, f.name),
-                                                source)  # fmt: skip
+                values[f.name] = _checked_value(
+                    f.name, config[f.name], hints.get(f.name), field_spec(cls, f.name), source
+                )
         check_plausible(values, source)  # before __post_init__, which may loop over the layers
         args = cls(**values)
         args._check_routing(source)
@@ -175,7 +185,9 @@ def _checked_value(key: str, value, annotation, rule: Spec, source: str):
         if not value >= rule.minimum:  # also refuses NaN
             raise MoerunError(f"{source}: {key} is {shown}, must be at least {rule.minimum}")
     if rule.choices is not None and value not in rule.choices:
-        raise MoerunError(f"{source}: {key} {shown} is not supported (moerun implements {', '.join(map(str, rule.choices))})")
+        raise MoerunError(
+            f"{source}: {key} {shown} is not supported (moerun implements {', '.join(map(str, rule.choices))})"
+        )
     return value
 
 
@@ -219,7 +231,9 @@ class TransformerArgs(BaseModelArgs):
 def attention_layer(args, rope, ffn: nn.Module, ffn_name: str = "mlp", **options) -> "DecoderLayer":
     """The usual decoder layer: the shared Attention (its options as keywords) over the
     config's heads, then `ffn` under its checkpoint name."""
-    attn = Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope, **options)
+    attn = Attention(
+        args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope, **options
+    )
     return DecoderLayer(attn, ffn, ffn_name, args.hidden_size, args.rms_norm_eps)
 
 
@@ -260,8 +274,16 @@ class DecoderLayer(nn.Module):
     checkpoint attribute names (`self_attn`; `block_sparse_moe` for Mixtral, `mlp` for
     Qwen). `residual_scale` multiplies both branches (Granite's residual_multiplier)."""
 
-    def __init__(self, mixer: nn.Module, ffn: nn.Module, ffn_name: str, hidden_size: int, eps: float,
-                 mixer_name: str = "self_attn", residual_scale: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        mixer: nn.Module,
+        ffn: nn.Module,
+        ffn_name: str,
+        hidden_size: int,
+        eps: float,
+        mixer_name: str = "self_attn",
+        residual_scale: float = 1.0,
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.mixer_name, self.ffn_name = mixer_name, ffn_name
@@ -291,8 +313,9 @@ class MixerBlock(nn.Module):
     (Nemotron-H, whose blocks are each Mamba-2, attention, an MLP or an MoE). A mixer that
     keeps state (`make_state`) gets it and the position; any other gets x alone."""
 
-    def __init__(self, mixer: nn.Module, hidden_size: int, eps: float, mixer_name: str = "mixer",
-                 norm: nn.Module | None = None):  # fmt: skip
+    def __init__(
+        self, mixer: nn.Module, hidden_size: int, eps: float, mixer_name: str = "mixer", norm: nn.Module | None = None
+    ):
         super().__init__()
         self.norm = norm if norm is not None else RMSNorm(hidden_size, eps)
         self.mixer_name = mixer_name
@@ -323,8 +346,14 @@ class CausalLM(nn.Module):
     `embedding_scale` multiplies the embeddings and `logits_scale` divides the logits
     (Granite's multipliers). A tied lm_head is the embedding table itself."""
 
-    def __init__(self, args, layers: list[DecoderLayer], embedding_scale: float = 1.0, logits_scale: float = 1.0,
-                 lm_head_bias: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        args,
+        layers: list[DecoderLayer],
+        embedding_scale: float = 1.0,
+        logits_scale: float = 1.0,
+        lm_head_bias: bool = False,
+    ):
         super().__init__()
         self.args = args
         self.model = Backbone(args.vocab_size, args.hidden_size, layers, args.rms_norm_eps)
@@ -345,15 +374,21 @@ class CausalLM(nn.Module):
     def state_specs(self) -> list[StateSpec]:
         """What each layer's decode state costs (the planner's reading); a layer whose
         mixer keeps none (an MLP-only block) costs nothing."""
-        return [layer.mixer.state_spec() if hasattr(layer.mixer, "state_spec") else StateSpec(0)
-                for layer in self.model.layers]  # fmt: skip
+        return [
+            layer.mixer.state_spec() if hasattr(layer.mixer, "state_spec") else StateSpec(0)
+            for layer in self.model.layers
+        ]
 
     def make_caches(self, batch: int, max_len: int) -> list[LayerState | None]:
         """One state object per layer (each mixer makes its own, None when it keeps none),
         for max_len positions."""
         ref = self.model.embed_tokens.weight
-        return [layer.mixer.make_state(batch, max_len, ref.dtype, ref.device) if hasattr(layer.mixer, "make_state")
-                else None for layer in self.model.layers]  # fmt: skip
+        return [
+            layer.mixer.make_state(batch, max_len, ref.dtype, ref.device)
+            if hasattr(layer.mixer, "make_state")
+            else None
+            for layer in self.model.layers
+        ]
 
     def forward(
         self, input_ids: torch.Tensor, caches: list[LayerState], start: Start = 0, last_only: bool = False
@@ -379,11 +414,22 @@ class SparseMoeBlock(nn.Module):
     output scaled by sigmoid(shared_gate(x)) when `shared_gate` is set, Qwen2-MoE) are
     added. The attribute names are the checkpoint's; a family passes them."""
 
-    def __init__(self, router: nn.Module, experts: nn.Module, shared: nn.Module | None = None,
-                 shared_gate: nn.Module | None = None, names: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        router: nn.Module,
+        experts: nn.Module,
+        shared: nn.Module | None = None,
+        shared_gate: nn.Module | None = None,
+        names: dict | None = None,
+    ):
         super().__init__()
-        names = {"router": "gate", "experts": "experts", "shared": "shared_expert",
-                 "shared_gate": "shared_expert_gate", **(names or {})}  # fmt: skip
+        names = {
+            "router": "gate",
+            "experts": "experts",
+            "shared": "shared_expert",
+            "shared_gate": "shared_expert_gate",
+            **(names or {}),
+        }
         self._names = names
         self._modules[names["router"]] = router
         self._modules[names["experts"]] = experts
@@ -447,8 +493,9 @@ class CheckpointLayout:
         if bias:
             self.add(f"{name}.bias", (n_out,), role)
 
-    def swiglu(self, prefix: str, inter: int, role: str, names=("gate_proj", "up_proj", "down_proj"),
-               bias: bool = False) -> None:  # fmt: skip
+    def swiglu(
+        self, prefix: str, inter: int, role: str, names=("gate_proj", "up_proj", "down_proj"), bias: bool = False
+    ) -> None:
         D = self.args.hidden_size
         self.linear(f"{prefix}.{names[0]}", inter, D, role, bias)
         self.linear(f"{prefix}.{names[1]}", inter, D, role, bias)
@@ -467,8 +514,16 @@ class CheckpointLayout:
             if bias:
                 self.add(f"{layer}.{norm}.bias", (self.args.hidden_size,), "norms")
 
-    def attention(self, prefix: str, n_heads: int, n_kv: int, head_dim: int, qkv_bias: bool = False,
-                  o_bias: bool = False, qk_norm: str | None = None) -> None:  # fmt: skip
+    def attention(
+        self,
+        prefix: str,
+        n_heads: int,
+        n_kv: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+    ) -> None:
         D = self.args.hidden_size
         self.linear(f"{prefix}.q_proj", n_heads * head_dim, D, "attention", qkv_bias)
         self.linear(f"{prefix}.k_proj", n_kv * head_dim, D, "attention", qkv_bias)
@@ -481,13 +536,15 @@ class CheckpointLayout:
             self.add(f"{prefix}.q_norm.weight", (n_heads * head_dim,), "attention")
             self.add(f"{prefix}.k_norm.weight", (n_kv * head_dim,), "attention")
 
-    def attention_layer(self, layer: str, qkv_bias: bool = False, o_bias: bool = False,
-                        qk_norm: str | None = None) -> None:  # fmt: skip
+    def attention_layer(
+        self, layer: str, qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None
+    ) -> None:
         """A layer's two norms and its `self_attn` over the config's heads."""
         a = self.args
         self.decoder_norms(layer)
-        self.attention(f"{layer}.self_attn", a.num_attention_heads, a.num_key_value_heads, a.head_dim, qkv_bias,
-                       o_bias, qk_norm)  # fmt: skip
+        self.attention(
+            f"{layer}.self_attn", a.num_attention_heads, a.num_key_value_heads, a.head_dim, qkv_bias, o_bias, qk_norm
+        )
 
     def experts(self, prefix: str, n_experts: int, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
         """Routed experts stored one tensor per expert and projection: `{prefix}.{e}.{name}.weight`."""
@@ -509,14 +566,10 @@ def moe_layer_indices(n_layers: int, n_experts: int, decoder_sparse_step: int, m
     `decoder_sparse_step`-th layer (1-based), as the reference decides."""
     step = max(int(decoder_sparse_step or 1), 1)
     only_dense = set(mlp_only_layers or [])
-    return {
-        i for i in range(n_layers) if i not in only_dense and n_experts > 0 and (i + 1) % step == 0
-    }
+    return {i for i in range(n_layers) if i not in only_dense and n_experts > 0 and (i + 1) % step == 0}
 
 
-def stack_experts(
-    weights: dict[str, torch.Tensor], prefix: str, n_experts: int, gate: str, up: str, down: str
-) -> None:
+def stack_experts(weights: dict[str, torch.Tensor], prefix: str, n_experts: int, gate: str, up: str, down: str) -> None:
     """Replace `{prefix}.{e}.{gate|up|down}.weight` for every expert e by the stacked
     `{prefix}.w13` [E, 2I, D] and `{prefix}.w2` [E, D, I], in place. A no-op when the
     layer is already stacked, so converted checkpoints pass through unchanged."""
@@ -533,24 +586,29 @@ def stack_experts(
     for e in range(n_experts):
         g, u, d = take(e, gate), take(e, up), take(e, down)
         if g.shape != u.shape:
-            raise MoerunError(
-                f"tensor {prefix}.{e}.{up}.weight has shape {list(u.shape)}, expected {list(g.shape)}"
-            )
+            raise MoerunError(f"tensor {prefix}.{e}.{up}.weight has shape {list(u.shape)}, expected {list(g.shape)}")
         pair = torch.cat([g, u], dim=0)
         if w13 and pair.shape != w13[0].shape:
             raise MoerunError(
                 f"tensor {prefix}.{e}.{gate}.weight has shape {list(g.shape)}, expected {[w13[0].shape[0] // 2, w13[0].shape[1]]}"
             )
         if w2 and d.shape != w2[0].shape:
-            raise MoerunError(f"tensor {prefix}.{e}.{down}.weight has shape {list(d.shape)}, expected {list(w2[0].shape)}")
+            raise MoerunError(
+                f"tensor {prefix}.{e}.{down}.weight has shape {list(d.shape)}, expected {list(w2[0].shape)}"
+            )
         w13.append(pair)
         w2.append(d)
     weights[f"{prefix}.w13"] = torch.stack(w13)
     weights[f"{prefix}.w2"] = torch.stack(w2)
 
 
-def stacked_experts(weights: dict[str, torch.Tensor], layers, experts: str, n_experts: int,
-                    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict[str, torch.Tensor]:
+def stacked_experts(
+    weights: dict[str, torch.Tensor],
+    layers,
+    experts: str,
+    n_experts: int,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+) -> dict[str, torch.Tensor]:
     """A copy of `weights` with the experts of each layer i in `layers` stacked
     (stack_experts on `model.layers.{i}.{experts}`, their per-expert `names` gate, up,
     down): the whole sanitize of a family whose checkpoint differs from the model only there."""

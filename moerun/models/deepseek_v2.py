@@ -48,7 +48,15 @@ from moerun.layers import (
     key_positions,
     token_positions,
 )
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stacked_experts
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    spec,
+    stacked_experts,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -186,8 +194,11 @@ class LatentAttention(nn.Module):
         S = kv.shape[1]
 
         # Expand the latent to per-head keys and values (no weight absorption: plain and exact).
-        k_nope, v = self.kv_b_proj(kv).view(B, S, H, self.nope + self.v_dim).transpose(1, 2).split(
-            [self.nope, self.v_dim], dim=-1
+        k_nope, v = (
+            self.kv_b_proj(kv)
+            .view(B, S, H, self.nope + self.v_dim)
+            .transpose(1, 2)
+            .split([self.nope, self.v_dim], dim=-1)
         )
         k = torch.cat([k_nope, k_pe[:, None].expand(B, H, S, self.rope_dim)], dim=-1)  # [B, H, S, Dn+Dr]
         q = torch.cat([q_nope, q_pe], dim=-1)
@@ -209,8 +220,9 @@ class Model(CausalLM):
     @staticmethod
     def make_rotary(args: ModelArgs) -> rope.Rotary:
         # V2's reference rotates as complex numbers in float32.
-        return rope.Rotary(args.rope, args.qk_rope_head_dim, args.max_position_embeddings, interleaved=True,
-                           float32=True)  # fmt: skip
+        return rope.Rotary(
+            args.rope, args.qk_rope_head_dim, args.max_position_embeddings, interleaved=True, float32=True
+        )
 
     @staticmethod
     def make_router(args: ModelArgs) -> Router:
@@ -219,11 +231,18 @@ class Model(CausalLM):
         grouped = args.topk_method == "group_limited_greedy"
         renormalize = args.norm_topk_prob and args.num_experts_per_tok > 1
         return Router(
-            args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, scoring="softmax",
-            renormalize=renormalize, renorm_eps=1e-20, scaling=1.0 if renormalize else args.routed_scaling_factor,
-            n_group=args.n_group if grouped else None, topk_group=args.topk_group if grouped else None,
-            group_score="max", float32_logits=True,
-        )  # fmt: skip
+            args.hidden_size,
+            args.n_routed_experts,
+            args.num_experts_per_tok,
+            scoring="softmax",
+            renormalize=renormalize,
+            renorm_eps=1e-20,
+            scaling=1.0 if renormalize else args.routed_scaling_factor,
+            n_group=args.n_group if grouped else None,
+            topk_group=args.topk_group if grouped else None,
+            group_score="max",
+            float32_logits=True,
+        )
 
     @classmethod
     def moe_block(cls, args: ModelArgs) -> SparseMoeBlock:
@@ -269,8 +288,9 @@ class _Layout(CheckpointLayout):
         if self.block is None:
             return super().linear(name, n_out, n_in, role, bias)
         self.add(f"{name}.weight", (n_out, n_in), role, "F8_E4M3")
-        self.add(f"{name}.weight_scale_inv", (math.ceil(n_out / self.block[0]), math.ceil(n_in / self.block[1])),
-                 role, "F32")  # fmt: skip
+        self.add(
+            f"{name}.weight_scale_inv", (math.ceil(n_out / self.block[0]), math.ceil(n_in / self.block[1])), role, "F32"
+        )
         if bias:
             self.add(f"{name}.bias", (n_out,), role)
 

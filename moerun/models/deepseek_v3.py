@@ -43,14 +43,23 @@ class ModelArgs(v2.ModelArgs):
 class Model(v2.Model):
     @staticmethod
     def make_rotary(args: ModelArgs) -> rope.Rotary:
-        return rope.Rotary(args.rope, args.qk_rope_head_dim, args.max_position_embeddings,
-                           interleaved=args.rope_interleave)  # fmt: skip
+        return rope.Rotary(
+            args.rope, args.qk_rope_head_dim, args.max_position_embeddings, interleaved=args.rope_interleave
+        )
 
     @staticmethod
     def make_router(args: ModelArgs) -> Router:
         return Router(
-            args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, scoring="sigmoid",
-            correction_bias=True, n_group=args.n_group, topk_group=args.topk_group, group_score="top2_sum",
-            renormalize=args.norm_topk_prob, renorm_eps=1e-20, scaling=args.routed_scaling_factor,
+            args.hidden_size,
+            args.n_routed_experts,
+            args.num_experts_per_tok,
+            scoring="sigmoid",
+            correction_bias=True,
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            group_score="top2_sum",
+            renormalize=args.norm_topk_prob,
+            renorm_eps=1e-20,
+            scaling=args.routed_scaling_factor,
             float32_logits=True,
-        )  # fmt: skip
+        )

@@ -21,7 +21,15 @@ import dataclasses
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stack_experts
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    spec,
+    stack_experts,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -49,15 +57,23 @@ class ModelArgs(TransformerArgs):
         super().__post_init__()
         end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
         self.moe_layers = {
-            i for i in range(self.num_hidden_layers)
+            i
+            for i in range(self.num_hidden_layers)
             if (i + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= i <= end
-        }  # fmt: skip
+        }
 
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    router = Router(args.hidden_size, args.moe_num_experts, args.moe_k, renormalize=True,
-                    renorm_min=args.moe_norm_min, correction_bias=True, float32_logits=True,
-                    weights_dtype="input")  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.moe_num_experts,
+        args.moe_k,
+        renormalize=True,
+        renorm_min=args.moe_norm_min,
+        correction_bias=True,
+        float32_logits=True,
+        weights_dtype="input",
+    )
     experts = RoutedExperts(args.moe_num_experts, args.hidden_size, args.moe_intermediate_size)
     shared = None
     if args.moe_num_shared_experts:
@@ -69,7 +85,9 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary(default_theta=500000.0, interleaved=True, float32=True)
         ffns = [
-            moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size, bias=args.use_bias)
+            moe_block(args)
+            if i in args.moe_layers
+            else MLP(args.hidden_size, args.intermediate_size, bias=args.use_bias)
             for i in range(args.num_hidden_layers)
         ]
         layers = [attention_layer(args, rope, ffn, qkv_bias=args.use_bias, o_bias=args.use_bias) for ffn in ffns]
@@ -101,8 +119,12 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
             t.add(f"{p}.mlp.moe_statics.e_score_correction_bias", (1, E), "routers", dtype="F32")
             t.experts(f"{p}.mlp.experts", E, args.moe_intermediate_size)
             if args.moe_num_shared_experts:
-                t.swiglu(f"{p}.mlp.shared_experts", args.moe_intermediate_size * args.moe_num_shared_experts,
-                         "shared_experts", bias=bias)  # fmt: skip
+                t.swiglu(
+                    f"{p}.mlp.shared_experts",
+                    args.moe_intermediate_size * args.moe_num_shared_experts,
+                    "shared_experts",
+                    bias=bias,
+                )
         else:
             t.swiglu(f"{p}.mlp", args.intermediate_size, "dense_mlp", bias=bias)
     t.final(lm_head_bias=bias)

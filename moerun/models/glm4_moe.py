@@ -61,11 +61,15 @@ def moe_block(args: ModelArgs) -> SparseMoeBlock:
 class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
-        ffns = [moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
-                for i in range(args.num_hidden_layers)]  # fmt: skip
+        ffns = [
+            moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
+            for i in range(args.num_hidden_layers)
+        ]
         qk_norm = "head" if args.use_qk_norm else None
         layers = [
-            attention_layer(args, rope, ffn, qkv_bias=args.attention_bias, qk_norm=qk_norm, qk_norm_eps=args.rms_norm_eps)
+            attention_layer(
+                args, rope, ffn, qkv_bias=args.attention_bias, qk_norm=qk_norm, qk_norm_eps=args.rms_norm_eps
+            )
             for ffn in ffns
         ]
         super().__init__(args, layers)

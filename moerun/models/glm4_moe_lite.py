@@ -47,5 +47,7 @@ class ModelArgs(v3.ModelArgs):
         L = self.num_hidden_layers
         types = self.mlp_layer_types or ["dense"] + ["sparse"] * (L - 1)
         if len(types) != L or not set(types) <= {"dense", "sparse"}:
-            raise MoerunError(f"{self.model_type}: mlp_layer_types must give 'dense' or 'sparse' for each of {L} layers")
+            raise MoerunError(
+                f"{self.model_type}: mlp_layer_types must give 'dense' or 'sparse' for each of {L} layers"
+            )
         self.moe_layers = {i for i, kind in enumerate(types) if kind == "sparse" and self.n_routed_experts}

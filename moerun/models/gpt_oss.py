@@ -52,16 +52,28 @@ class ModelArgs(TransformerArgs):
             ]
         if self.rope_parameters is None and self.rope_scaling is None:
             # transformers' GptOssConfig default: YaRN x32 over a 4096-token original context.
-            self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                    "truncate": False, "original_max_position_embeddings": 4096}  # fmt: skip
+            self.rope_parameters = {
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            }
         self.mxfp4 = (self.quantization_config or {}).get("quant_method") == "mxfp4"
 
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
     # Top-k of the logits then softmax over those k: softmax over all, top-k, renormalised,
     # in the logits' dtype as the reference.
-    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, linear_bias=True,
-                    renormalize=True, weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.num_local_experts,
+        args.num_experts_per_tok,
+        linear_bias=True,
+        renormalize=True,
+        weights_dtype="logits",
+    )
     act = ExpertActivation("swiglu_clamped", args.swiglu_alpha, args.swiglu_limit)
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size, bias=True, act=act)
     return SparseMoeBlock(router, experts, names={"router": "router"})
@@ -82,8 +94,15 @@ class Model(CausalLM):
         layers = []
         for kind in args.layer_types[: args.num_hidden_layers]:
             window = args.sliding_window if kind == "sliding_attention" else None
-            layer = attention_layer(args, rope, moe_block(args), qkv_bias=args.attention_bias,
-                                    o_bias=args.attention_bias, sinks=True, sliding_window=window)  # fmt: skip
+            layer = attention_layer(
+                args,
+                rope,
+                moe_block(args),
+                qkv_bias=args.attention_bias,
+                o_bias=args.attention_bias,
+                sinks=True,
+                sliding_window=window,
+            )
             layer.input_layernorm, layer.post_attention_layernorm = Norm(D, eps), Norm(D, eps)
             layers.append(layer)
         super().__init__(args, layers)
@@ -108,7 +127,9 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
         p = f"model.layers.{i}.mlp.experts"
         gate_up = _expert_weight(weights, f"{p}.gate_up_proj")  # [E, D, 2I], interleaved
         if gate_up is not None:
-            weights[f"{p}.w13"] = torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1).transpose(1, 2).contiguous()
+            weights[f"{p}.w13"] = (
+                torch.cat([gate_up[..., ::2], gate_up[..., 1::2]], dim=-1).transpose(1, 2).contiguous()
+            )
         down = _expert_weight(weights, f"{p}.down_proj")  # [E, I, D]
         if down is not None:
             weights[f"{p}.w2"] = down.transpose(1, 2).contiguous()

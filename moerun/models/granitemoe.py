@@ -14,7 +14,15 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    spec,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -34,15 +42,23 @@ class ModelArgs(TransformerArgs):
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
     # Softmax over the top-k logits is softmax over all, top-k, renormalised; weights in
     # the activations' dtype, as the reference's type_as.
-    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True,
-                    weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True, weights_dtype="logits"
+    )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
     return SparseMoeBlock(router, experts, names={"router": "router"})
 
 
 def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
-    layer = attention_layer(args, rope, moe_block(args), "block_sparse_moe", qkv_bias=args.attention_bias,
-                            o_bias=args.attention_bias, scale=args.attention_multiplier)  # fmt: skip
+    layer = attention_layer(
+        args,
+        rope,
+        moe_block(args),
+        "block_sparse_moe",
+        qkv_bias=args.attention_bias,
+        o_bias=args.attention_bias,
+        scale=args.attention_multiplier,
+    )
     layer.residual_scale = args.residual_multiplier  # multiplies both residual branches
     return layer
 

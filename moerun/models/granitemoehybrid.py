@@ -71,8 +71,10 @@ class ModelArgs(TransformerArgs):
         types = types[: self.num_hidden_layers]
         unknown = sorted({t for t in types if t not in KINDS})
         if unknown or len(types) != self.num_hidden_layers:
-            raise MoerunError(f"granitemoehybrid: layer_types must list mamba / attention for each of the "
-                              f"{self.num_hidden_layers} layers, got {types}")  # fmt: skip
+            raise MoerunError(
+                f"granitemoehybrid: layer_types must list mamba / attention for each of the "
+                f"{self.num_hidden_layers} layers, got {types}"
+            )
         self.kinds = [KINDS[t] for t in types]
         if self.hidden_act != "silu":
             raise MoerunError(f"granitemoehybrid: hidden_act {self.hidden_act!r} is not supported (silu is)")
@@ -82,9 +84,16 @@ class ModelArgs(TransformerArgs):
         self.time_step_limit = (as_float(limit[0]), as_float(limit[1]))
 
     def mamba_dims(self) -> dict:
-        return dict(hidden_size=self.hidden_size, n_heads=self.mamba_n_heads, head_dim=self.mamba_d_head,
-                    n_groups=self.mamba_n_groups, state_size=self.mamba_d_state, conv_kernel=self.mamba_d_conv,
-                    proj_bias=self.mamba_proj_bias, conv_bias=self.mamba_conv_bias)  # fmt: skip
+        return dict(
+            hidden_size=self.hidden_size,
+            n_heads=self.mamba_n_heads,
+            head_dim=self.mamba_d_head,
+            n_groups=self.mamba_n_groups,
+            state_size=self.mamba_d_state,
+            conv_kernel=self.mamba_d_conv,
+            proj_bias=self.mamba_proj_bias,
+            conv_bias=self.mamba_conv_bias,
+        )
 
 
 def feed_forward(args: ModelArgs):
@@ -93,22 +102,41 @@ def feed_forward(args: ModelArgs):
     if not args.num_local_experts:
         return shared
     # Softmax over the top-k logits (= softmax, top-k, renormalised), in the activations' dtype.
-    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True,
-                    weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True, weights_dtype="logits"
+    )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
     return SparseMoeBlock(router, experts, shared=shared, names={"router": "router", "shared": "shared_mlp"})
 
 
 def decoder_layer(args: ModelArgs, kind: str, rope) -> DecoderLayer:
     if kind == "mamba":
-        mixer = Mamba2Mixer(**args.mamba_dims(), chunk_size=args.mamba_chunk_size, eps=args.rms_norm_eps,
-                            time_step_limit=args.time_step_limit)  # fmt: skip
+        mixer = Mamba2Mixer(
+            **args.mamba_dims(),
+            chunk_size=args.mamba_chunk_size,
+            eps=args.rms_norm_eps,
+            time_step_limit=args.time_step_limit,
+        )
     else:
-        mixer = Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope,
-                          qkv_bias=args.attention_bias, o_bias=args.attention_bias, scale=args.attention_multiplier)  # fmt: skip
-    return DecoderLayer(mixer, feed_forward(args), "block_sparse_moe" if args.num_local_experts else "shared_mlp",
-                        args.hidden_size, args.rms_norm_eps, mixer_name="mamba" if kind == "mamba" else "self_attn",
-                        residual_scale=args.residual_multiplier)  # fmt: skip
+        mixer = Attention(
+            args.hidden_size,
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+            rope,
+            qkv_bias=args.attention_bias,
+            o_bias=args.attention_bias,
+            scale=args.attention_multiplier,
+        )
+    return DecoderLayer(
+        mixer,
+        feed_forward(args),
+        "block_sparse_moe" if args.num_local_experts else "shared_mlp",
+        args.hidden_size,
+        args.rms_norm_eps,
+        mixer_name="mamba" if kind == "mamba" else "self_attn",
+        residual_scale=args.residual_multiplier,
+    )
 
 
 class Model(CausalLM):
@@ -150,8 +178,14 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         if kind == "mamba":
             mamba2_tensors(t, f"{p}.mamba", **args.mamba_dims())
         else:
-            t.attention(f"{p}.self_attn", args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                        args.attention_bias, args.attention_bias)  # fmt: skip
+            t.attention(
+                f"{p}.self_attn",
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                args.head_dim,
+                args.attention_bias,
+                args.attention_bias,
+            )
         if E:
             t.add(f"{p}.block_sparse_moe.router.layer.weight", (E, D), "routers")
             t.add(f"{p}.block_sparse_moe.input_linear.weight", (E, 2 * I, D), "routed_experts")

@@ -20,7 +20,15 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    spec,
+    stack_experts,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.mamba import MambaMixer
@@ -62,9 +70,16 @@ def check_loadable(args: ModelArgs) -> None:
 
 
 def mamba_mixer(args: ModelArgs) -> MambaMixer:
-    return MambaMixer(args.hidden_size, args.mamba_expand * args.hidden_size, args.mamba_d_state, args.mamba_d_conv,
-                      args.mamba_dt_rank, conv_bias=args.mamba_conv_bias, proj_bias=args.mamba_proj_bias,
-                      bcdt_norm_eps=args.rms_norm_eps)  # fmt: skip
+    return MambaMixer(
+        args.hidden_size,
+        args.mamba_expand * args.hidden_size,
+        args.mamba_d_state,
+        args.mamba_d_conv,
+        args.mamba_dt_rank,
+        conv_bias=args.mamba_conv_bias,
+        proj_bias=args.mamba_proj_bias,
+        bcdt_norm_eps=args.rms_norm_eps,
+    )
 
 
 def feed_forward(args: ModelArgs, i: int):
@@ -85,8 +100,9 @@ class Model(CausalLM):
                 mixer = Attention(D, args.num_attention_heads, args.num_key_value_heads, args.head_dim, None)
                 layers.append(DecoderLayer(mixer, feed_forward(args, i), "feed_forward", D, eps))
             else:
-                layers.append(DecoderLayer(mamba_mixer(args), feed_forward(args, i), "feed_forward", D, eps,
-                                           mixer_name="mamba"))  # fmt: skip
+                layers.append(
+                    DecoderLayer(mamba_mixer(args), feed_forward(args, i), "feed_forward", D, eps, mixer_name="mamba")
+                )
         super().__init__(args, layers)
 
 
@@ -101,8 +117,9 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             name = name.replace(old, new)
         out[name] = tensor
     for i in args.moe_layers:
-        stack_experts(out, f"model.layers.{i}.feed_forward.experts", args.num_experts, "gate_proj", "up_proj",
-                      "down_proj")  # fmt: skip
+        stack_experts(
+            out, f"model.layers.{i}.feed_forward.experts", args.num_experts, "gate_proj", "up_proj", "down_proj"
+        )
     return out
 
 

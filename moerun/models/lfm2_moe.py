@@ -20,7 +20,15 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec, stack_experts
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    spec,
+    stack_experts,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.short_conv import ShortConv
@@ -59,8 +67,10 @@ class ModelArgs(TransformerArgs):
             attn = set(self.full_attn_idxs)
             self.layer_types = ["full_attention" if i in attn else "conv" for i in range(self.num_hidden_layers)]
         if len(self.layer_types) < self.num_hidden_layers:  # more: the first ones are read (bench --layers)
-            raise MoerunError(f"config.json: layer_types names {len(self.layer_types)} layers, "
-                              f"num_hidden_layers is {self.num_hidden_layers}")  # fmt: skip
+            raise MoerunError(
+                f"config.json: layer_types names {len(self.layer_types)} layers, "
+                f"num_hidden_layers is {self.num_hidden_layers}"
+            )
         unknown = set(self.layer_types) - {"conv", "full_attention"}
         if unknown:
             raise MoerunError(f"lfm2_moe layer_types {sorted(unknown)} are not supported (conv, full_attention)")
@@ -70,9 +80,18 @@ class ModelArgs(TransformerArgs):
 
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, scoring="sigmoid",
-                    renormalize=args.norm_topk_prob, renorm_eps=1e-6, scaling=args.routed_scaling_factor,
-                    correction_bias=args.use_expert_bias, weights_dtype="logits", scores_in_logits_dtype=True)  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.num_experts,
+        args.num_experts_per_tok,
+        scoring="sigmoid",
+        renormalize=args.norm_topk_prob,
+        renorm_eps=1e-6,
+        scaling=args.routed_scaling_factor,
+        correction_bias=args.use_expert_bias,
+        weights_dtype="logits",
+        scores_in_logits_dtype=True,
+    )
     return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size))
 
 
@@ -84,11 +103,21 @@ class Model(CausalLM):
         for i in range(args.num_hidden_layers):
             ffn = MLP(D, args.intermediate_size) if i < args.num_dense_layers else moe_block(args)
             if args.is_conv(i):
-                layers.append(DecoderLayer(ShortConv(D, args.conv_L_cache, args.conv_bias), ffn, "feed_forward", D, eps,
-                                           mixer_name="conv"))  # fmt: skip
+                layers.append(
+                    DecoderLayer(
+                        ShortConv(D, args.conv_L_cache, args.conv_bias), ffn, "feed_forward", D, eps, mixer_name="conv"
+                    )
+                )
             else:
-                attn = Attention(D, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope,
-                                 qk_norm="head", qk_norm_eps=eps)  # fmt: skip
+                attn = Attention(
+                    D,
+                    args.num_attention_heads,
+                    args.num_key_value_heads,
+                    args.head_dim,
+                    rope,
+                    qk_norm="head",
+                    qk_norm_eps=eps,
+                )
                 layers.append(DecoderLayer(attn, ffn, "feed_forward", D, eps))
         super().__init__(args, layers)
 
@@ -123,7 +152,13 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
     t = CheckpointLayout(args)
-    D, E, H, K, Dh = args.hidden_size, args.num_experts, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    D, E, H, K, Dh = (
+        args.hidden_size,
+        args.num_experts,
+        args.num_attention_heads,
+        args.num_key_value_heads,
+        args.head_dim,
+    )
     t.embeddings()
     for i, p in t.layers():
         t.add(f"{p}.operator_norm.weight", (D,), "norms")

@@ -22,7 +22,15 @@ from typing import ClassVar
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    spec,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -71,11 +79,13 @@ class ModelArgs(TransformerArgs):
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
     # Top-k by logit (sigmoid is monotonic), weights sigmoid(logit), not normalised, in the logits' dtype.
-    router = Router(args.hidden_size, args.num_local_experts, args.num_experts_per_tok, scoring="sigmoid",
-                    weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size, args.num_local_experts, args.num_experts_per_tok, scoring="sigmoid", weights_dtype="logits"
+    )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size, weights_on_input=True)
-    return SparseMoeBlock(router, experts, shared=MLP(args.hidden_size, args.intermediate_size),
-                          names={"router": "router"})  # fmt: skip
+    return SparseMoeBlock(
+        router, experts, shared=MLP(args.hidden_size, args.intermediate_size), names={"router": "router"}
+    )
 
 
 def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
@@ -86,12 +96,17 @@ def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
     tuned = args.attn_temperature_tuning and not use_rope
     ffn = moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size_mlp)
     return attention_layer(
-        args, rope if use_rope else None, ffn, "feed_forward",
-        qkv_bias=args.attention_bias, o_bias=args.attention_bias,
-        qk_norm="l2" if args.use_qk_norm and use_rope else None, qk_norm_eps=args.rms_norm_eps,
+        args,
+        rope if use_rope else None,
+        ffn,
+        "feed_forward",
+        qkv_bias=args.attention_bias,
+        o_bias=args.attention_bias,
+        qk_norm="l2" if args.use_qk_norm and use_rope else None,
+        qk_norm_eps=args.rms_norm_eps,
         chunk=args.attention_chunk_size if chunked else None,
         temperature=(args.floor_scale, args.attn_scale) if tuned else None,
-    )  # fmt: skip
+    )
 
 
 class Model(CausalLM):

@@ -11,7 +11,15 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, spec, stacked_experts
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    spec,
+    stacked_experts,
+)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -47,8 +55,9 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the experts differ (w1/w3/w2 per expert -> stacked w13, w2)."""
-    return stacked_experts(weights, range(args.num_hidden_layers), "block_sparse_moe.experts", args.num_local_experts,
-                           ("w1", "w3", "w2"))
+    return stacked_experts(
+        weights, range(args.num_hidden_layers), "block_sparse_moe.experts", args.num_local_experts, ("w1", "w3", "w2")
+    )
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
@@ -60,4 +69,3 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))
     t.final()
     return t.tensors
-

@@ -35,13 +35,27 @@ from moerun.recurrent.mamba2 import Mamba2Mixer, mamba2_tensors
 CHECKPOINT_PREFIX = {"backbone.": "model.", "lm_head.": "lm_head."}
 FLOAT32_PARAMS = (".e_score_correction_bias",)
 
-KINDS = {"M": "mamba", "linear_attention": "mamba", "mamba": "mamba",
-         "*": "attention", "full_attention": "attention", "attention": "attention",
-         "-": "mlp", "mlp": "mlp", "E": "moe", "moe": "moe"}  # fmt: skip
+KINDS = {
+    "M": "mamba",
+    "linear_attention": "mamba",
+    "mamba": "mamba",
+    "*": "attention",
+    "full_attention": "attention",
+    "attention": "attention",
+    "-": "mlp",
+    "mlp": "mlp",
+    "E": "moe",
+    "moe": "moe",
+}
 
 # Older configs spell the Mamba fields with a mamba_ prefix (transformers still reads them).
-LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
-          "mamba_dt_min": "time_step_min", "mamba_conv_bias": "use_conv_bias"}  # fmt: skip
+LEGACY = {
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_chunk_size": "chunk_size",
+    "mamba_dt_min": "time_step_min",
+    "mamba_conv_bias": "use_conv_bias",
+}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -109,9 +123,16 @@ class ModelArgs(TransformerArgs):
         self.moe_layers = [i for i, k in enumerate(self.kinds) if k == "moe"]
 
     def mamba_dims(self) -> dict:
-        return dict(hidden_size=self.hidden_size, n_heads=self.mamba_num_heads, head_dim=self.mamba_head_dim,
-                    n_groups=self.n_groups, state_size=self.ssm_state_size, conv_kernel=self.conv_kernel,
-                    proj_bias=self.use_bias, conv_bias=self.use_conv_bias)  # fmt: skip
+        return dict(
+            hidden_size=self.hidden_size,
+            n_heads=self.mamba_num_heads,
+            head_dim=self.mamba_head_dim,
+            n_groups=self.n_groups,
+            state_size=self.ssm_state_size,
+            conv_kernel=self.conv_kernel,
+            proj_bias=self.use_bias,
+            conv_bias=self.use_conv_bias,
+        )
 
 
 class Norm(RMSNorm):
@@ -153,10 +174,20 @@ class LatentMoeBlock(SparseMoeBlock):
 
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    router = Router(args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, scoring="sigmoid",
-                    renormalize=args.norm_topk_prob, scaling=args.routed_scaling_factor, correction_bias=True,
-                    n_group=args.n_group, topk_group=args.topk_group, group_score="top2_sum", float32_logits=True,
-                    renorm_eps=1e-20)  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.n_routed_experts,
+        args.num_experts_per_tok,
+        scoring="sigmoid",
+        renormalize=args.norm_topk_prob,
+        scaling=args.routed_scaling_factor,
+        correction_bias=True,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        group_score="top2_sum",
+        float32_logits=True,
+        renorm_eps=1e-20,
+    )
     latent = args.moe_latent_size or args.hidden_size
     experts = RoutedExperts(args.n_routed_experts, latent, args.moe_intermediate_size, act=RELU2)
     shared = Relu2MLP(args.hidden_size, args.moe_shared_expert_intermediate_size, args.mlp_bias)
@@ -169,8 +200,12 @@ def moe_block(args: ModelArgs) -> SparseMoeBlock:
 def mixer(args: ModelArgs, kind: str) -> nn.Module:
     if kind == "mamba":
         # The reference's mixer clamps dt below at time_step_min only (not the config's time_step_limit).
-        return Mamba2Mixer(**args.mamba_dims(), chunk_size=args.chunk_size, eps=args.rms_norm_eps,
-                           time_step_limit=(args.time_step_min, math.inf))  # fmt: skip
+        return Mamba2Mixer(
+            **args.mamba_dims(),
+            chunk_size=args.chunk_size,
+            eps=args.rms_norm_eps,
+            time_step_limit=(args.time_step_min, math.inf),
+        )
     if kind == "attention":
         return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, None)
     if kind == "mlp":

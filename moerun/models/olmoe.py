@@ -31,8 +31,16 @@ class Model(CausalLM):
         rope = args.rotary()
         ffns = [moe_block(args, args.intermediate_size) for _ in range(args.num_hidden_layers)]
         layers = [
-            attention_layer(args, rope, ffn, qkv_bias=args.attention_bias, o_bias=args.attention_bias,
-                            qk_norm="full", qk_norm_eps=args.rms_norm_eps, clip_qkv=args.clip_qkv)  # fmt: skip
+            attention_layer(
+                args,
+                rope,
+                ffn,
+                qkv_bias=args.attention_bias,
+                o_bias=args.attention_bias,
+                qk_norm="full",
+                qk_norm_eps=args.rms_norm_eps,
+                clip_qkv=args.clip_qkv,
+            )
             for ffn in ffns
         ]
         super().__init__(args, layers)

@@ -19,7 +19,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, attention_layer, spec
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    DecoderLayer,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    spec,
+)
 from moerun.models.mixtral import sanitize  # noqa: F401  (Mixtral's expert layout)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -80,8 +88,15 @@ def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
         SparseMixer(args.hidden_size, args.num_local_experts, args.router_jitter_noise),
         RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size),
     )
-    layer = attention_layer(args, rope, moe, "block_sparse_moe", qkv_bias=args.attention_bias,
-                            o_bias=args.attention_bias, sliding_window=args.sliding_window)  # fmt: skip
+    layer = attention_layer(
+        args,
+        rope,
+        moe,
+        "block_sparse_moe",
+        qkv_bias=args.attention_bias,
+        o_bias=args.attention_bias,
+        sliding_window=args.sliding_window,
+    )
     # LayerNorm (weight and bias) in place of the RMSNorms.
     layer.input_layernorm, layer.post_attention_layernorm = layer_norm(args), layer_norm(args)
     return layer
@@ -101,8 +116,14 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     for i, p in t.layers():
         # Not t.attention_layer: the LayerNorms store a bias beside each weight.
         t.decoder_norms(p, bias=True)
-        t.attention(f"{p}.self_attn", args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                    args.attention_bias, args.attention_bias)  # fmt: skip
+        t.attention(
+            f"{p}.self_attn",
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+            args.attention_bias,
+            args.attention_bias,
+        )
         t.add(f"{p}.block_sparse_moe.gate.weight", (args.num_local_experts, args.hidden_size), "routers")
         t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))
     t.final(norm_bias=True, lm_head_bias=args.lm_head_bias)

@@ -14,7 +14,15 @@ import dataclasses
 from torch import nn
 
 from moerun.layers import MLP
-from moerun.models.base import CausalLM, CheckpointLayout, SparseMoeBlock, TransformerArgs, attention_layer, moe_layer_indices, spec
+from moerun.models.base import (
+    CausalLM,
+    CheckpointLayout,
+    SparseMoeBlock,
+    TransformerArgs,
+    attention_layer,
+    moe_layer_indices,
+    spec,
+)
 from moerun.models.qwen3_moe import sanitize  # noqa: F401  (the same expert layout)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
@@ -64,8 +72,13 @@ class ModelArgs(TransformerArgs):
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
     # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
-    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
-                    weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.num_experts,
+        args.num_experts_per_tok,
+        renormalize=args.norm_topk_prob,
+        weights_dtype="logits",
+    )
     return SparseMoeBlock(
         router,
         RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),

@@ -60,8 +60,13 @@ def moe_block(args, intermediate_size: int | None = None) -> SparseMoeBlock:
     """Routed experts of `intermediate_size` (by default moe_intermediate_size), no shared
     one (OLMoE's block too)."""
     # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
-    router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, renormalize=args.norm_topk_prob,
-                    weights_dtype="logits")  # fmt: skip
+    router = Router(
+        args.hidden_size,
+        args.num_experts,
+        args.num_experts_per_tok,
+        renormalize=args.norm_topk_prob,
+        weights_dtype="logits",
+    )
     inter = intermediate_size or args.moe_intermediate_size
     return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, inter))
 
@@ -70,11 +75,21 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
         window = args.sliding_window if args.use_sliding_window else None
-        ffns = [moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
-                for i in range(args.num_hidden_layers)]  # fmt: skip
+        ffns = [
+            moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
+            for i in range(args.num_hidden_layers)
+        ]
         layers = [
-            attention_layer(args, rope, ffn, qkv_bias=args.attention_bias, o_bias=args.attention_bias, qk_norm="head",
-                            qk_norm_eps=args.rms_norm_eps, sliding_window=window)  # fmt: skip
+            attention_layer(
+                args,
+                rope,
+                ffn,
+                qkv_bias=args.attention_bias,
+                o_bias=args.attention_bias,
+                qk_norm="head",
+                qk_norm_eps=args.rms_norm_eps,
+                sliding_window=window,
+            )
             for ffn in ffns
         ]
         super().__init__(args, layers)

@@ -96,11 +96,26 @@ def zero_centre_norms(model: nn.Module) -> None:
 def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
     ffn = moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
     if args.layer_types[i] == "full_attention":
-        return attention_layer(args, rope, ffn, qkv_bias=args.attention_bias, o_bias=args.attention_bias,
-                               qk_norm="head", qk_norm_eps=args.rms_norm_eps, output_gate=True)  # fmt: skip
-    mixer = GatedDeltaNet(args.hidden_size, args.linear_num_key_heads, args.linear_num_value_heads,
-                          args.linear_key_head_dim, args.linear_value_head_dim, args.linear_conv_kernel_dim,
-                          args.rms_norm_eps, grouped_projections=args.grouped_projections)  # fmt: skip
+        return attention_layer(
+            args,
+            rope,
+            ffn,
+            qkv_bias=args.attention_bias,
+            o_bias=args.attention_bias,
+            qk_norm="head",
+            qk_norm_eps=args.rms_norm_eps,
+            output_gate=True,
+        )
+    mixer = GatedDeltaNet(
+        args.hidden_size,
+        args.linear_num_key_heads,
+        args.linear_num_value_heads,
+        args.linear_key_head_dim,
+        args.linear_value_head_dim,
+        args.linear_conv_kernel_dim,
+        args.rms_norm_eps,
+        grouped_projections=args.grouped_projections,
+    )
     return DecoderLayer(mixer, ffn, "mlp", args.hidden_size, args.rms_norm_eps, mixer_name="linear_attn")
 
 

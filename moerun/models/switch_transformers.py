@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.layers import (KVCache, RMSNorm, Start, StateSpec, StaticPosition, context_full, key_positions,
-                           token_positions)  # fmt: skip
+from moerun.layers import (
+    KVCache,
+    RMSNorm,
+    Start,
+    StateSpec,
+    StaticPosition,
+    context_full,
+    key_positions,
+    token_positions,
+)
 from moerun.models.base import BaseModelArgs, CheckpointLayout, SparseMoeBlock
 from moerun.moe.experts import RELU, RoutedExperts
 
@@ -102,7 +110,9 @@ def first_layers(config: dict, layers: int) -> str:
     a slice), in `config` in place; the note says so."""
     n_enc, n_dec = config["num_layers"], config.get("num_decoder_layers") or config["num_layers"]
     config["num_layers"], config["num_decoder_layers"] = min(layers, n_enc), min(layers, n_dec)
-    return f"first {config['num_layers']} of {n_enc} encoder and {config['num_decoder_layers']} of {n_dec} decoder layers"
+    return (
+        f"first {config['num_layers']} of {n_enc} encoder and {config['num_decoder_layers']} of {n_dec} decoder layers"
+    )
 
 
 def layer_paths(args: ModelArgs) -> list[str]:
@@ -133,9 +143,12 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
         relative = -torch.clamp(relative, max=0)
     max_exact = num_buckets // 2
     is_small = relative < max_exact
-    large = max_exact + (
-        torch.log(relative.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).long()
+    large = (
+        max_exact
+        + (
+            torch.log(relative.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        ).long()
+    )
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(is_small, relative, large)
 
@@ -361,7 +374,8 @@ class Model(nn.Module):
     def make_caches(self, batch: int, max_len: int) -> list[DecoderState | None]:
         ref, a = self.shared.weight, self.args
         return [None] * a.num_layers + [
-            DecoderState(batch, a.num_heads, max_len, a.d_kv, ref.dtype, ref.device) for _ in range(a.num_decoder_layers)
+            DecoderState(batch, a.num_heads, max_len, a.d_kv, ref.dtype, ref.device)
+            for _ in range(a.num_decoder_layers)
         ]
 
     def encode(self, input_ids: torch.Tensor, caches: list[DecoderState | None]) -> None:
@@ -455,8 +469,11 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
             t.linear(f"{prefix}.{proj}", inner, D, "attention")
         t.linear(f"{prefix}.o", D, inner, "attention")
         if relative_bias:
-            t.add(f"{prefix}.relative_attention_bias.weight", (args.relative_attention_num_buckets, args.num_heads),
-                  "attention")  # fmt: skip
+            t.add(
+                f"{prefix}.relative_attention_bias.weight",
+                (args.relative_attention_num_buckets, args.num_heads),
+                "attention",
+            )
 
     for stack, n, decoder in (("encoder", args.num_layers, False), ("decoder", args.num_decoder_layers, True)):
         for i in range(n):

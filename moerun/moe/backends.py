@@ -145,8 +145,9 @@ class TritonSlots:
         from moerun import kernels
 
         m = self.math
-        return kernels.fused_experts(x, slot_ids, weights, self.slots, m.fmt, m.dtype, act=m.act,
-                                     weights_on_input=m.weights_on_input, mode=mode)  # fmt: skip
+        return kernels.fused_experts(
+            x, slot_ids, weights, self.slots, m.fmt, m.dtype, act=m.act, weights_on_input=m.weights_on_input, mode=mode
+        )
 
 
 class TorchExperts:

@@ -121,5 +121,3 @@ class CachedExperts(nn.Module):
         D, I = self.fmt.hidden_size, self.fmt.intermediate_size
         R = self.fmt.rows13  # 2I gated, I not
         return self.n_experts * (D * (R + I) + (R + D if self.fmt.bias else 0))
-
-

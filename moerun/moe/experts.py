@@ -138,16 +138,23 @@ class RoutedExperts(nn.Module):
         )
 
     def _cpu_format(self) -> ExpertFormat:
-        return ExpertFormat(16, self.w13.shape[2], self.intermediate_size, self.w13.dtype, bias=self.b13 is not None,
-                            gated=self.act.gated)  # fmt: skip
+        return ExpertFormat(
+            16,
+            self.w13.shape[2],
+            self.intermediate_size,
+            self.w13.dtype,
+            bias=self.b13 is not None,
+            gated=self.act.gated,
+        )
 
     def _cpu_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         key = (self.w13.data_ptr(), self.w2.data_ptr())
         if getattr(self, "_cpu_table_key", None) != key:  # built once; rebuilt if the weights move
             self._cpu_table = cpu_experts.stacked_table(self.w13, self.w2, self.b13, self.b2)
             self._cpu_table_key = key
-        out, _ = cpu_experts.moe_experts(x, ids, weights, self._cpu_table, self._cpu_format(), self.act,
-                                         self.weights_on_input, x.dtype)  # fmt: skip
+        out, _ = cpu_experts.moe_experts(
+            x, ids, weights, self._cpu_table, self._cpu_format(), self.act, self.weights_on_input, x.dtype
+        )
         return out
 
     def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -155,8 +162,13 @@ class RoutedExperts(nn.Module):
         for expert, rows, w in group_by_expert(ids, weights, self.n_experts):
             b13 = self.b13[expert] if self.b13 is not None else None
             b2 = self.b2[expert] if self.b2 is not None else None
-            out.index_add_(0, rows, apply_expert(x[rows], w, self.w13[expert], self.w2[expert], b13, b2, self.act,
-                                                 self.weights_on_input).to(out.dtype))  # fmt: skip
+            out.index_add_(
+                0,
+                rows,
+                apply_expert(
+                    x[rows], w, self.w13[expert], self.w2[expert], b13, b2, self.act, self.weights_on_input
+                ).to(out.dtype),
+            )
         return out
 
 

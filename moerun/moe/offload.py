@@ -23,7 +23,6 @@ from moerun.spec import check_cold
 from moerun.weights import CheckpointWeights
 
 
-
 def routed_expert_modules(lm: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer index, module path, module) of every routed-experts module, in layer order."""
     # Every family's model names its layers' paths (an encoder-decoder's are not model.layers).
@@ -205,7 +204,7 @@ def calibrate(policy: ColdPolicy, module: CachedExperts, repeats: int = 3) -> No
         return lambda: module.cold_backend.add(out, x, routed, experts, experts)
 
     for e in range(n):  # fault the pages in: the first touch of a memory-mapped store is not its steady cost
-        store[e].cpu().view(torch.uint8)[:: 4096].sum()
+        store[e].cpu().view(torch.uint8)[::4096].sum()
     policy.copy_seconds = timed(lambda: [scratch.copy_(store[e], non_blocking=True) for e in range(n)]) / n
     one, eight = timed(cpu_experts(1)) / n, timed(cpu_experts(8)) / n
     policy.cpu_token_seconds = max((eight - one) / 7, 0.0)

@@ -121,10 +121,16 @@ class Router(nn.Module):
             from moerun import kernels
 
             ids, weights, _ = kernels.route(
-                logits.contiguous(), self.top_k, kernel=True, scoring=self.scoring, renormalize=self.renormalize,
-                bias=self.e_score_correction_bias, n_group=self.n_group, topk_group=self.topk_group,
+                logits.contiguous(),
+                self.top_k,
+                kernel=True,
+                scoring=self.scoring,
+                renormalize=self.renormalize,
+                bias=self.e_score_correction_bias,
+                n_group=self.n_group,
+                topk_group=self.topk_group,
                 scaling=self.scaling,
-            )  # fmt: skip
+            )
             return ids.long(), weights.to(out_dtype)
         f = logits if self.scores_in_logits_dtype else logits.float()
         scores = torch.softmax(f, dim=-1) if self.scoring == "softmax" else f.sigmoid()  # [N, E]
@@ -165,7 +171,12 @@ class Router(nn.Module):
         if self.scores_in_logits_dtype and logits.dtype != torch.float32:
             return False  # the kernel scores in float32
         G, E = self.n_group, self.n_experts
-        if G > 1 and (self.group_score != "top2_sum" or G & (G - 1) or E % G or E // G < 2
-                      or self.top_k > self.topk_group * (E // G)):  # fmt: skip
+        if G > 1 and (
+            self.group_score != "top2_sum"
+            or G & (G - 1)
+            or E % G
+            or E // G < 2
+            or self.top_k > self.topk_group * (E // G)
+        ):
             return False
         return self.renorm_eps in (0.0, 1e-20)

@@ -64,9 +64,7 @@ def source_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def layer_expert_blobs(
-    ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat
-) -> torch.Tensor:
+def layer_expert_blobs(ckpt: CheckpointWeights, arch, args, layer: int, prefix: str, fmt: ExpertFormat) -> torch.Tensor:
     """Pack one MoE layer's experts from the checkpoint: uint8 [E, blob_bytes]. `arch` is
     the family (moerun.models.base.Family): its layer paths, names and layouts."""
     layer_prefix = f"{arch.layer_paths(args)[layer]}."
@@ -90,7 +88,10 @@ def layer_expert_blobs(
     if fmt.bias and (b13 is None or b2 is None):
         raise MoerunError(f"tensors {prefix}.* lack the expert biases the model expects")
     return torch.stack(
-        [fmt.pack(w13[e], w2[e], b13[e] if fmt.bias else None, b2[e] if fmt.bias else None) for e in range(w13.shape[0])]
+        [
+            fmt.pack(w13[e], w2[e], b13[e] if fmt.bias else None, b2[e] if fmt.bias else None)
+            for e in range(w13.shape[0])
+        ]
     )
 
 
@@ -98,8 +99,14 @@ class QuantizedCache:
     """The on-disk cache of one (checkpoint, format): `load_or_build()` opens it when
     valid, else builds it (one process at a time, under a file lock)."""
 
-    def __init__(self, folder: Path, fmt_by_layer: dict[int, ExpertFormat], experts_per_layer: dict[int, int], bits: int,
-                 fingerprint: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        fmt_by_layer: dict[int, ExpertFormat],
+        experts_per_layer: dict[int, int],
+        bits: int,
+        fingerprint: str | None = None,
+    ):
         self.source = Path(folder)
         self.bits = bits
         self.fmt_by_layer = fmt_by_layer
@@ -124,8 +131,12 @@ class QuantizedCache:
             "bits": self.bits,
             "format_version": FORMAT_VERSION,
             "layers": {
-                str(i): {"format": f.name, "hidden_size": f.hidden_size, "intermediate_size": f.intermediate_size,
-                         "blob_bytes": f.blob_bytes}
+                str(i): {
+                    "format": f.name,
+                    "hidden_size": f.hidden_size,
+                    "intermediate_size": f.intermediate_size,
+                    "blob_bytes": f.blob_bytes,
+                }
                 for i, f in sorted(self.fmt_by_layer.items())
             },
         }
@@ -252,13 +263,17 @@ class QuantizedCache:
                 self._writing(self._build, build_layer, progress)
                 manifest, built = self.valid_manifest(), True
                 if manifest is None:
-                    raise MoerunError(f"the quantized expert cache at {self.path} could not be verified after writing it")
+                    raise MoerunError(
+                        f"the quantized expert cache at {self.path} could not be verified after writing it"
+                    )
             else:
                 for i in self.damaged_layers(manifest):
                     log.warning(
                         "moerun: %s in the quantized expert cache %s fails its checksum (damaged on disk); rebuilding "
-                        "that layer", self.layer_file(i).name, self.path,
-                    )  # fmt: skip
+                        "that layer",
+                        self.layer_file(i).name,
+                        self.path,
+                    )
                     self._writing(self._repair_layer, i, build_layer, manifest)
                     self.repaired.append(i)
             return self.open(), built

@@ -82,9 +82,7 @@ class ExpertFormat:
 
     def views(self, blob: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views into one blob (uint8 [blob_bytes]); no copy."""
-        return {
-            s.name: blob[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.sections
-        }
+        return {s.name: blob[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.sections}
 
     def pack(self, w13: torch.Tensor, w2: torch.Tensor, b13=None, b2=None) -> torch.Tensor:
         """Quantize one expert (w13 [2I, D], w2 [D, I], biases b13 [2I], b2 [D] when the

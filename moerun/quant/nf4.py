@@ -17,13 +17,25 @@ BLOCK = 64
 # bitsandbytes' NF4 code table (quantiles of N(0, 1), scaled to [-1, 1]).
 NF4_LEVELS = torch.tensor(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=torch.float32,
-)  # fmt: skip
+)
 # Decision boundaries halfway between neighbouring levels: a value maps to its nearest level.
 _MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
@@ -81,8 +93,9 @@ def dequantize_bitsandbytes(packed: torch.Tensor, absmax: torch.Tensor, shape, d
     bnbf = _bitsandbytes()
     if bnbf is None or len(shape) != 2 or shape[-1] % BLOCK or packed.device.type != "cpu":
         return None
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=NF4_LEVELS, blocksize=BLOCK,
-                            quant_type="nf4", dtype=dtype)  # fmt: skip
+    state = bnbf.QuantState(
+        absmax=absmax, shape=torch.Size(shape), code=NF4_LEVELS, blocksize=BLOCK, quant_type="nf4", dtype=dtype
+    )
     return bnbf.dequantize_4bit(packed.view(-1, 1), state)
 
 

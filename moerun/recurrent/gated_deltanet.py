@@ -39,12 +39,12 @@ class GatedDeltaNetState(LayerState):
     dtype the planner counts. Its size does not depend on the context; max_len records
     the planned one."""
 
-    def __init__(self, batch: int, channels: int, kernel: int, n_v_heads: int, k_dim: int, v_dim: int,
-                 max_len: int, device):  # fmt: skip
+    def __init__(
+        self, batch: int, channels: int, kernel: int, n_v_heads: int, k_dim: int, v_dim: int, max_len: int, device
+    ):
         self.conv = torch.zeros((batch, channels, kernel - 1), dtype=torch.float32, device=device)
         self.recurrent = torch.zeros((batch, n_v_heads, k_dim, v_dim), dtype=torch.float32, device=device)
         self.max_len = max_len
-
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -72,8 +72,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial: torch.Tensor | None, chunk
     system = (k_beta @ k.transpose(-1, -2)) * pairwise
     intra = (q @ k.transpose(-1, -2)) * pairwise
     values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    k_decayed = torch.linalg.solve_triangular(system, k_beta * decay.exp().unsqueeze(-1), upper=False,
-                                              unitriangular=True)  # fmt: skip
+    k_decayed = torch.linalg.solve_triangular(
+        system, k_beta * decay.exp().unsqueeze(-1), upper=False, unitriangular=True
+    )
 
     S = torch.zeros(B, H, Dk, v.shape[-1], dtype=values.dtype, device=values.device) if initial is None else initial
     q = q * decay.exp().unsqueeze(-1)
@@ -123,8 +124,17 @@ class GatedDeltaNet(RecurrentMixer):
 
     role = "attention"  # what the planner counts its weights as
 
-    def __init__(self, hidden_size: int, n_k_heads: int, n_v_heads: int, k_head_dim: int, v_head_dim: int,
-                 conv_kernel: int, eps: float, grouped_projections: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        n_k_heads: int,
+        n_v_heads: int,
+        k_head_dim: int,
+        v_head_dim: int,
+        conv_kernel: int,
+        eps: float,
+        grouped_projections: bool = False,
+    ):
         super().__init__()
         if n_v_heads % n_k_heads or conv_kernel < 2:
             raise ValueError(f"value heads {n_v_heads} must be a multiple of key heads {n_k_heads}, kernel >= 2")
@@ -151,8 +161,9 @@ class GatedDeltaNet(RecurrentMixer):
         return StateSpec(0, fixed=fixed, kind="deltanet", fixed_dtype_bytes=4)
 
     def make_state(self, batch: int, max_len: int, dtype, device) -> GatedDeltaNetState:
-        return GatedDeltaNetState(batch, self.channels, self.kernel, self.n_v_heads, self.k_head_dim,
-                                  self.v_head_dim, max_len, device)  # fmt: skip
+        return GatedDeltaNetState(
+            batch, self.channels, self.kernel, self.n_v_heads, self.k_head_dim, self.v_head_dim, max_len, device
+        )
 
     def project(self, x: torch.Tensor):
         """x [B, T, D] -> (qkv [B, T, C] as all q, all k, all v; z [B, T, Hv, Dv]; b, a [B, T, Hv])."""
@@ -199,12 +210,14 @@ class GatedDeltaNet(RecurrentMixer):
             from moerun.kernels.recurrent import gated_delta_step
 
             # The key heads before their repeat: value head h reads key head h // (Hv // Hk).
-            o, S = gated_delta_step(q[:, ::Hv // Hk, 0], k[:, ::Hv // Hk, 0], v[:, :, 0], g[:, :, 0],
-                                    beta[:, :, 0], state.recurrent)  # fmt: skip
+            o, S = gated_delta_step(
+                q[:, :: Hv // Hk, 0], k[:, :: Hv // Hk, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state.recurrent
+            )
             o = o.unsqueeze(2)  # S is state.recurrent, updated in place
         elif T == 1 and not fresh:
-            o, S = recurrent_gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0],
-                                              state.recurrent)  # fmt: skip
+            o, S = recurrent_gated_delta_step(
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state.recurrent
+            )
             o = o.unsqueeze(2)
         else:
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, None if fresh else state.recurrent, CHUNK)

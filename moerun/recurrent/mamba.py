@@ -83,8 +83,18 @@ class MambaMixer(RecurrentMixer):
     role = "attention"  # what the planner counts its weights as
     chunk_size = 128  # positions per prefill chunk: states [B, I, chunk, N] at a time (tests lower it)
 
-    def __init__(self, hidden_size: int, inner_size: int, state_size: int, conv_kernel: int, dt_rank: int, *,
-                 conv_bias: bool = True, proj_bias: bool = False, bcdt_norm_eps: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        inner_size: int,
+        state_size: int,
+        conv_kernel: int,
+        dt_rank: int,
+        *,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        bcdt_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.inner, self.state_size, self.conv_kernel, self.dt_rank = inner_size, state_size, conv_kernel, dt_rank
         self.in_proj = nn.Linear(hidden_size, 2 * inner_size, bias=proj_bias)
@@ -101,8 +111,9 @@ class MambaMixer(RecurrentMixer):
             self.c_layernorm = RMSNorm(state_size, bcdt_norm_eps)
 
     def state_spec(self) -> StateSpec:
-        return StateSpec(per_token=0, fixed=self.inner * (self.conv_kernel - 1 + self.state_size), kind="mamba",
-                         fixed_dtype_bytes=4)  # fmt: skip
+        return StateSpec(
+            per_token=0, fixed=self.inner * (self.conv_kernel - 1 + self.state_size), kind="mamba", fixed_dtype_bytes=4
+        )
 
     def make_state(self, batch: int, max_len: int, dtype, device) -> MambaState:
         return MambaState(batch, self.inner, self.conv_kernel, self.state_size, max_len, device)

@@ -29,8 +29,17 @@ from moerun.recurrent import RecurrentMixer
 class Mamba2State(LayerState):
     """conv [B, C, K-1] (the last K-1 conv inputs) and ssm [B, H, P, N], float32."""
 
-    def __init__(self, batch: int, conv_dim: int, conv_kernel: int, n_heads: int, head_dim: int, state_size: int,
-                 max_len: int, device):  # fmt: skip
+    def __init__(
+        self,
+        batch: int,
+        conv_dim: int,
+        conv_kernel: int,
+        n_heads: int,
+        head_dim: int,
+        state_size: int,
+        max_len: int,
+        device,
+    ):
         self.conv = torch.zeros((batch, conv_dim, conv_kernel - 1), dtype=torch.float32, device=device)
         self.ssm = torch.zeros((batch, n_heads, head_dim, state_size), dtype=torch.float32, device=device)
         self.max_len = max_len
@@ -52,7 +61,6 @@ class GatedRMSNorm(nn.Module):
         g = h.view(*h.shape[:-1], -1, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.view(h.shape).to(dtype)
-
 
 
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
@@ -125,12 +133,14 @@ class Mamba2Mixer(RecurrentMixer):
 
     def state_spec(self) -> StateSpec:
         H, P, N = self.n_heads, self.head_dim, self.state_size
-        return StateSpec(per_token=0, fixed=self.conv_dim * (self.conv_kernel - 1) + H * P * N, kind="mamba2",
-                         fixed_dtype_bytes=4)  # fmt: skip
+        return StateSpec(
+            per_token=0, fixed=self.conv_dim * (self.conv_kernel - 1) + H * P * N, kind="mamba2", fixed_dtype_bytes=4
+        )
 
     def make_state(self, batch: int, max_len: int, dtype, device) -> Mamba2State:
-        return Mamba2State(batch, self.conv_dim, self.conv_kernel, self.n_heads, self.head_dim, self.state_size,
-                           max_len, device)  # fmt: skip
+        return Mamba2State(
+            batch, self.conv_dim, self.conv_kernel, self.n_heads, self.head_dim, self.state_size, max_len, device
+        )
 
     def forward(self, x: torch.Tensor, state: Mamba2State | None, start: Start) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. An int start of 0 begins a new sequence (the state's
@@ -162,8 +172,11 @@ class Mamba2Mixer(RecurrentMixer):
         GN = self.n_groups * self.state_size
         xs, b, c = xbc.split([self.inner, GN, GN], dim=-1)
         shape = xbc.shape[:-1]
-        return (xs.reshape(*shape, self.n_heads, self.head_dim), b.reshape(*shape, self.n_groups, self.state_size),
-                c.reshape(*shape, self.n_groups, self.state_size))  # fmt: skip
+        return (
+            xs.reshape(*shape, self.n_heads, self.head_dim),
+            b.reshape(*shape, self.n_groups, self.state_size),
+            c.reshape(*shape, self.n_groups, self.state_size),
+        )
 
     def _prefill(self, z, xbc, dt, state: Mamba2State | None, fresh: bool) -> torch.Tensor:
         Bsz, T, _ = xbc.shape
@@ -233,8 +246,18 @@ class Mamba2Mixer(RecurrentMixer):
         return self.norm(y.reshape(Bsz, 1, self.inner), z)
 
 
-def mamba2_tensors(layout, prefix: str, hidden_size: int, n_heads: int, head_dim: int, n_groups: int,
-                   state_size: int, conv_kernel: int, proj_bias: bool = False, conv_bias: bool = True) -> None:  # fmt: skip
+def mamba2_tensors(
+    layout,
+    prefix: str,
+    hidden_size: int,
+    n_heads: int,
+    head_dim: int,
+    n_groups: int,
+    state_size: int,
+    conv_kernel: int,
+    proj_bias: bool = False,
+    conv_bias: bool = True,
+) -> None:
     """A Mamba-2 layer's checkpoint tensors under `prefix`, into a CheckpointLayout (role
     "attention", as its parameters count)."""
     inner = n_heads * head_dim

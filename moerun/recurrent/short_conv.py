@@ -16,8 +16,9 @@ from torch import nn
 from moerun.layers import LayerState, Start, StateSpec, StaticPosition
 
 
-def causal_conv1d(x: torch.Tensor, window: torch.Tensor, start: Start, weight: torch.Tensor,
-                  bias: torch.Tensor | None, act=None) -> torch.Tensor:  # fmt: skip
+def causal_conv1d(
+    x: torch.Tensor, window: torch.Tensor, start: Start, weight: torch.Tensor, bias: torch.Tensor | None, act=None
+) -> torch.Tensor:
     """Depthwise causal conv of x [B, C, T] (weight [C, 1, K]) over the K-1 inputs before
     it, which `window` [B, C, K-1] holds and then holds the last K-1 inputs. A new
     sequence (int start 0, or a StaticPosition at index 0: chosen on the device) sees
@@ -30,7 +31,7 @@ def causal_conv1d(x: torch.Tensor, window: torch.Tensor, start: Start, weight: t
     else:
         past = window.to(x.dtype)
     full = torch.cat([past, x], dim=-1)  # [B, C, K-1+T]
-    window.copy_(full[..., x.shape[-1]:])
+    window.copy_(full[..., x.shape[-1] :])
     out = F.conv1d(full.to(weight.dtype), weight, bias, groups=x.shape[1])  # [B, C, T]
     return (out if act is None else act(out)).to(x.dtype)
 
