@@ -216,12 +216,7 @@ class Tokenizer:
     tokenizer_config.json and chat_template.jinja, as in a Hugging Face Hub repo.
     """
 
-    def __init__(
-        self,
-        backend: tokenizers.Tokenizer,
-        config: dict,
-        chat_template: str | dict[str, str] | None,
-    ):
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict, chat_template: str | dict[str, str] | None):
         """chat_template: one template, or named templates ({"default": ..., "tool_use": ...})."""
         self._tok = backend
         self._config = config
@@ -342,11 +337,7 @@ class Tokenizer:
         return text
 
     def apply_chat_template(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = True,
-        tokenize: bool = False,
-        **kwargs: Any,
+        self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False, **kwargs: Any
     ) -> str | list[int]:
         """Render `messages` ([{"role", "content"}, ...]) with the model's chat template.
 

@@ -31,12 +31,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         **(env or {}),
     }
     return subprocess.run(
-        [sys.executable, "-m", "moerun", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 

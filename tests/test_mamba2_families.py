@@ -32,13 +32,7 @@ from moerun.quant.format import ExpertFormat
 from moerun.recurrent.mamba2 import Mamba2Mixer
 from moerun.weights import CheckpointWeights
 from tests.model_fixtures import checkpoint_headers, family_fixtures, load_pair, make_checkpoint, set_tensors
-from tests.parity import (
-    check_greedy_32,
-    check_kv_cache_decode,
-    check_logits,
-    check_static_decode,
-    rel_err,
-)
+from tests.parity import check_greedy_32, check_kv_cache_decode, check_logits, check_static_decode, rel_err
 
 # Small Mamba-2: 8 heads of 16 in 2 groups, a 16-wide state, SSD chunks of 8 (the
 # 17-token logits check spans three of them).

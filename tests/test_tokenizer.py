@@ -259,7 +259,7 @@ QWEN_CHATS = {
         {
             "role": "user",
             "content": [{"type": "image", "image": "file:///cat.png"}, {"type": "text", "text": "What is it?"}],
-        },
+        }
     ],
 }
 

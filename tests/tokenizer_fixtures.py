@@ -149,10 +149,7 @@ def _tokenizer_json(post_bos: bool, qwen: bool = False) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=specials,
-        initial_alphabet=_utf8_alphabet(),
-        show_progress=False,
+        vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=specials, initial_alphabet=_utf8_alphabet(), show_progress=False
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     assert tok.get_vocab_size() == TOKENIZER_VOCAB_SIZE, tok.get_vocab_size()

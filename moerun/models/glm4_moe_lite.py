@@ -18,13 +18,7 @@ import dataclasses
 
 from moerun.errors import MoerunError
 from moerun.models import deepseek_v3 as v3
-from moerun.models.deepseek_v3 import (  # noqa: F401  (V3's modules, rules and layout)
-    FLOAT32_PARAMS,
-    Model,
-    check_loadable,
-    checkpoint_tensors,
-    sanitize,
-)
+from moerun.models.deepseek_v3 import FLOAT32_PARAMS, Model, check_loadable, checkpoint_tensors, sanitize  # noqa: F401  (V3's modules, rules and layout)
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -118,12 +118,7 @@ class ExpertResidency:
     the copies and their CUDA events, prefetch and the counters."""
 
     def __init__(
-        self,
-        store: torch.Tensor,
-        n_slots: int,
-        device: torch.device,
-        cold: ColdPolicy | None = None,
-        copy_stream=None,
+        self, store: torch.Tensor, n_slots: int, device: torch.device, cold: ColdPolicy | None = None, copy_stream=None
     ):
         assert store.dtype == torch.uint8 and store.dim() == 2
         self.store, self.n_experts, self.n_slots = store, store.shape[0], n_slots
