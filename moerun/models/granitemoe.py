@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from moerun.models.base import (
     CausalLM,
@@ -39,14 +40,15 @@ class ModelArgs(TransformerArgs):
     max_position_embeddings: int = 2048
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args: ModelArgs, shared: nn.Module | None = None) -> SparseMoeBlock:
+    """The routed experts, with `shared` beside them as `shared_mlp` (Granite 4.0-H's)."""
     # Softmax over the top-k logits is softmax over all, top-k, renormalised; weights in
     # the activations' dtype, as the reference's type_as.
     router = Router(
         args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True, weights_dtype="logits"
     )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
-    return SparseMoeBlock(router, experts, names={"router": "router"})
+    return SparseMoeBlock(router, experts, shared=shared, names={"router": "router", "shared": "shared_mlp"})
 
 
 def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:

@@ -133,7 +133,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         t.add(f"{p}.input_layernorm.weight", (D,), "norms")
         t.add(f"{p}.pre_ff_layernorm.weight", (D,), "norms")
         if i in args.attention_layers:
-            t.attention(f"{p}.self_attn", args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+            t.attention(f"{p}.self_attn")
         else:
             m = f"{p}.mamba"
             t.linear(f"{m}.in_proj", 2 * inner, D, "attention", args.mamba_proj_bias)

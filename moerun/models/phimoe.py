@@ -116,14 +116,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
     for i, p in t.layers():
         # Not t.attention_layer: the LayerNorms store a bias beside each weight.
         t.decoder_norms(p, bias=True)
-        t.attention(
-            f"{p}.self_attn",
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-            args.attention_bias,
-            args.attention_bias,
-        )
+        t.attention(f"{p}.self_attn", args.attention_bias, args.attention_bias)
         t.add(f"{p}.block_sparse_moe.gate.weight", (args.num_local_experts, args.hidden_size), "routers")
         t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))
     t.final(norm_bias=True, lm_head_bias=args.lm_head_bias)
