@@ -14,16 +14,7 @@ from torch import nn
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    QwenMoeArgs,
-    SparseMoeBlock,
-    attention_layer,
-    spec,
-    stacked_experts,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -33,13 +24,13 @@ TOOL_CALL_FORMAT = "qwen"
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(QwenMoeArgs):
+class ModelArgs(base.QwenMoeArgs):
     # Hub configs say num_experts; transformers 5 saves num_local_experts.
-    num_experts: int | None = spec(None, minimum=1)
-    num_local_experts: int | None = spec(None, minimum=1)
+    num_experts: int | None = base.spec(None, minimum=1)
+    num_local_experts: int | None = base.spec(None, minimum=1)
     attention_bias: bool = False
     use_sliding_window: bool = False
-    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
+    sliding_window: int | None = base.spec(None, minimum=0)  # 0 or null: no window
 
     def __post_init__(self):
         self.num_experts = self.num_experts or self.num_local_experts
@@ -48,7 +39,7 @@ class ModelArgs(QwenMoeArgs):
         super().__post_init__()
 
 
-def moe_block(args, intermediate_size: int | None = None, **shared) -> SparseMoeBlock:
+def moe_block(args, intermediate_size: int | None = None, **shared) -> base.SparseMoeBlock:
     """Routed experts of `intermediate_size` (by default moe_intermediate_size), no shared
     one (OLMoE's block too); Qwen2-MoE passes its gated shared expert (`shared`,
     `shared_gate`)."""
@@ -61,13 +52,13 @@ def moe_block(args, intermediate_size: int | None = None, **shared) -> SparseMoe
         weights_dtype="logits",
     )
     inter = intermediate_size or args.moe_intermediate_size
-    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, inter), **shared)
+    return base.SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, inter), **shared)
 
 
-def decoder_layer(args, rope, ffn: nn.Module, qk_norm: str = "head", **options) -> DecoderLayer:
+def decoder_layer(args, rope, ffn: nn.Module, qk_norm: str = "head", **options) -> base.DecoderLayer:
     """Attention with q/k RMSNorm (per head; OLMoE's over the whole projection) and
     attention_bias on every projection (Qwen3-Next's gated too, through `options`), then `ffn`."""
-    return attention_layer(
+    return base.attention_layer(
         args,
         rope,
         ffn,
@@ -79,7 +70,7 @@ def decoder_layer(args, rope, ffn: nn.Module, qk_norm: str = "head", **options) 
     )
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
         window = args.sliding_window if args.use_sliding_window else None
@@ -92,12 +83,12 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    return stacked_experts(weights, args.moe_layers, "mlp.experts", args.num_experts)
+    return base.stacked_experts(weights, args.moe_layers, "mlp.experts", args.num_experts)
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout.decoder(args)
+    t = base.CheckpointLayout.decoder(args)
     for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias, qk_norm="head")
         if i in args.moe_layers:
