@@ -228,6 +228,27 @@ class TransformerArgs(BaseModelArgs):
         return rotary_for(dataclasses.asdict(self), self.head_dim, default_theta, **options)
 
 
+@dataclasses.dataclass(kw_only=True)
+class QwenMoeArgs(TransformerArgs):
+    """The MoE fields the Qwen families (Qwen2-MoE, Qwen3-MoE, Qwen3-Next) share, and their
+    sparse layers (`moe_layers`, see moe_layer_indices). A family redeclares a field to
+    change its default."""
+
+    num_experts: int = spec(minimum=0)  # 0: every layer dense
+    num_experts_per_tok: int = spec(top_k_of="num_experts")
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.moe_layers = moe_layer_indices(
+            self.num_hidden_layers, self.num_experts, self.decoder_sparse_step, self.mlp_only_layers
+        )
+
+
 def attention_layer(args, rope, ffn: nn.Module, ffn_name: str = "mlp", **options) -> "DecoderLayer":
     """The usual decoder layer: the shared Attention (its options as keywords) over the
     config's heads, then `ffn` under its checkpoint name."""
@@ -514,17 +535,10 @@ class CheckpointLayout:
             if bias:
                 self.add(f"{layer}.{norm}.bias", (self.args.hidden_size,), "norms")
 
-    def attention(
-        self,
-        prefix: str,
-        n_heads: int,
-        n_kv: int,
-        head_dim: int,
-        qkv_bias: bool = False,
-        o_bias: bool = False,
-        qk_norm: str | None = None,
-    ) -> None:
-        D = self.args.hidden_size
+    def attention(self, prefix: str, qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None) -> None:
+        """Attention under `prefix` over the config's heads (q/k/v/o, and the q/k norms)."""
+        a = self.args
+        D, n_heads, n_kv, head_dim = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
         self.linear(f"{prefix}.q_proj", n_heads * head_dim, D, "attention", qkv_bias)
         self.linear(f"{prefix}.k_proj", n_kv * head_dim, D, "attention", qkv_bias)
         self.linear(f"{prefix}.v_proj", n_kv * head_dim, D, "attention", qkv_bias)
@@ -540,11 +554,8 @@ class CheckpointLayout:
         self, layer: str, qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None
     ) -> None:
         """A layer's two norms and its `self_attn` over the config's heads."""
-        a = self.args
         self.decoder_norms(layer)
-        self.attention(
-            f"{layer}.self_attn", a.num_attention_heads, a.num_key_value_heads, a.head_dim, qkv_bias, o_bias, qk_norm
-        )
+        self.attention(f"{layer}.self_attn", qkv_bias, o_bias, qk_norm)
 
     def experts(self, prefix: str, n_experts: int, inter: int, names=("gate_proj", "up_proj", "down_proj")) -> None:
         """Routed experts stored one tensor per expert and projection: `{prefix}.{e}.{name}.weight`."""

@@ -48,24 +48,16 @@ from moerun.layers import (
     key_positions,
     token_positions,
 )
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    spec,
-    stacked_experts,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
+class ModelArgs(base.TransformerArgs):
     moe_intermediate_size: int
-    n_routed_experts: int | None = spec(None, minimum=0)
-    num_experts_per_tok: int | None = spec(None, top_k_of="n_routed_experts")
+    n_routed_experts: int | None = base.spec(None, minimum=0)
+    num_experts_per_tok: int | None = base.spec(None, top_k_of="n_routed_experts")
     n_shared_experts: int | None = None
     routed_scaling_factor: float = 1.0
     topk_method: str = "greedy"
@@ -213,7 +205,7 @@ class LatentAttention(nn.Module):
 # -- the model -------------------------------------------------------------------------------
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     """MLA + DeepSeekMoE. Subclasses (V3) change the rule by overriding make_router /
     make_rotary; everything else is shared."""
 
@@ -245,17 +237,17 @@ class Model(CausalLM):
         )
 
     @classmethod
-    def moe_block(cls, args: ModelArgs) -> SparseMoeBlock:
+    def moe_block(cls, args: ModelArgs) -> base.SparseMoeBlock:
         shared = None
         if args.n_shared_experts:  # one SwiGLU MLP n_shared_experts times as wide
             shared = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
         experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
-        return SparseMoeBlock(cls.make_router(args), experts, shared=shared, names={"shared": "shared_experts"})
+        return base.SparseMoeBlock(cls.make_router(args), experts, shared=shared, names={"shared": "shared_experts"})
 
     def __init__(self, args: ModelArgs):
         rotary = self.make_rotary(args)
         layers = [
-            DecoderLayer(
+            base.DecoderLayer(
                 LatentAttention(args, rotary),
                 self.moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size),
                 "mlp",
@@ -269,13 +261,13 @@ class Model(CausalLM):
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Checkpoint names -> ours: only the routed experts differ (stacked w13, w2)."""
-    return stacked_experts(weights, args.moe_layers, "mlp.experts", args.n_routed_experts)
+    return base.stacked_experts(weights, args.moe_layers, "mlp.experts", args.n_routed_experts)
 
 
 # -- the released checkpoint -------------------------------------------------------------------
 
 
-class _Layout(CheckpointLayout):
+class _Layout(base.CheckpointLayout):
     """With quant_method "fp8" (DeepSeek-V3's release) every linear of the layers is e4m3
     with a float32 `weight_scale_inv` per block (128 x 128), counted in the weight's role."""
 
@@ -295,7 +287,7 @@ class _Layout(CheckpointLayout):
             self.add(f"{name}.bias", (n_out,), role)
 
 
-def moe_tensors(t: CheckpointLayout, prefix: str, args, correction_bias: bool) -> None:
+def moe_tensors(t: base.CheckpointLayout, prefix: str, args, correction_bias: bool) -> None:
     """A sparse layer's MoE block under `prefix` (GLM-4.5 keeps this layout): the router
     (`gate`, with its float32 correction bias), the routed experts one tensor per expert,
     the shared experts as one MLP."""

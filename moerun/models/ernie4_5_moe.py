@@ -21,15 +21,7 @@ import dataclasses
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    SparseMoeBlock,
-    TransformerArgs,
-    attention_layer,
-    spec,
-    stack_experts,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -38,11 +30,11 @@ FLOAT32_PARAMS = (".mlp.gate.weight", ".e_score_correction_bias")
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
-    num_key_value_heads: int = spec(minimum=1)  # required here: no default to inherit
+class ModelArgs(base.TransformerArgs):
+    num_key_value_heads: int = base.spec(minimum=1)  # required here: no default to inherit
     moe_intermediate_size: int
-    moe_num_experts: int = spec(64, minimum=0)
-    moe_k: int = spec(6, top_k_of="moe_num_experts")
+    moe_num_experts: int = base.spec(64, minimum=0)
+    moe_k: int = base.spec(6, top_k_of="moe_num_experts")
     moe_num_shared_experts: int = 2
     moe_layer_start_index: int = 1
     moe_layer_end_index: int = -1
@@ -63,7 +55,7 @@ class ModelArgs(TransformerArgs):
         }
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args: ModelArgs) -> base.SparseMoeBlock:
     router = Router(
         args.hidden_size,
         args.moe_num_experts,
@@ -78,10 +70,10 @@ def moe_block(args: ModelArgs) -> SparseMoeBlock:
     shared = None
     if args.moe_num_shared_experts:
         shared = MLP(args.hidden_size, args.moe_intermediate_size * args.moe_num_shared_experts, bias=args.use_bias)
-    return SparseMoeBlock(router, experts, shared=shared, names={"shared": "shared_experts"})
+    return base.SparseMoeBlock(router, experts, shared=shared, names={"shared": "shared_experts"})
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary(default_theta=500000.0, interleaved=True, float32=True)
         ffns = [
@@ -90,7 +82,7 @@ class Model(CausalLM):
             else MLP(args.hidden_size, args.intermediate_size, bias=args.use_bias)
             for i in range(args.num_hidden_layers)
         ]
-        layers = [attention_layer(args, rope, ffn, qkv_bias=args.use_bias, o_bias=args.use_bias) for ffn in ffns]
+        layers = [base.attention_layer(args, rope, ffn, qkv_bias=args.use_bias, o_bias=args.use_bias) for ffn in ffns]
         super().__init__(args, layers, lm_head_bias=args.use_bias)
 
 
@@ -101,7 +93,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     weights = dict(weights)
     for i in args.moe_layers:
         p = f"model.layers.{i}.mlp"
-        stack_experts(weights, f"{p}.experts", args.moe_num_experts, "gate_proj", "up_proj", "down_proj")
+        base.stack_experts(weights, f"{p}.experts", args.moe_num_experts, "gate_proj", "up_proj", "down_proj")
         for old in (f"{p}.moe_statics.e_score_correction_bias", f"{p}.gate.moe_statics.e_score_correction_bias"):
             if old in weights:
                 weights[f"{p}.gate.e_score_correction_bias"] = weights.pop(old).reshape(-1)
@@ -111,7 +103,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors but the MTP ones: name -> (shape, stored dtype, role)."""
     D, E, bias = args.hidden_size, args.moe_num_experts, args.use_bias
-    t = CheckpointLayout.decoder(args)
+    t = base.CheckpointLayout.decoder(args)
     for i, p in t.layers():
         t.attention_layer(p, bias, bias)
         if i in args.moe_layers:

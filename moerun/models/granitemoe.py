@@ -13,24 +13,17 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    attention_layer,
-    spec,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
-    num_local_experts: int = spec(minimum=1)
-    num_experts_per_tok: int = spec(top_k_of="num_local_experts")
+class ModelArgs(base.TransformerArgs):
+    num_local_experts: int = base.spec(minimum=1)
+    num_experts_per_tok: int = base.spec(top_k_of="num_local_experts")
     attention_bias: bool = False
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
@@ -39,18 +32,19 @@ class ModelArgs(TransformerArgs):
     max_position_embeddings: int = 2048
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args: ModelArgs, shared: nn.Module | None = None) -> base.SparseMoeBlock:
+    """The routed experts, with `shared` beside them as `shared_mlp` (Granite 4.0-H's)."""
     # Softmax over the top-k logits is softmax over all, top-k, renormalised; weights in
     # the activations' dtype, as the reference's type_as.
     router = Router(
         args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True, weights_dtype="logits"
     )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
-    return SparseMoeBlock(router, experts, names={"router": "router"})
+    return base.SparseMoeBlock(router, experts, shared=shared, names={"router": "router", "shared": "shared_mlp"})
 
 
-def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
-    layer = attention_layer(
+def decoder_layer(args: ModelArgs, rope) -> base.DecoderLayer:
+    layer = base.attention_layer(
         args,
         rope,
         moe_block(args),
@@ -63,7 +57,7 @@ def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
     return layer
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
         layers = [decoder_layer(args, rope) for _ in range(args.num_hidden_layers)]
@@ -91,7 +85,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
     D, E, I = args.hidden_size, args.num_local_experts, args.intermediate_size
-    t = CheckpointLayout.decoder(args)
+    t = base.CheckpointLayout.decoder(args)
     for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias)
         t.add(f"{p}.block_sparse_moe.router.layer.weight", (E, D), "routers")

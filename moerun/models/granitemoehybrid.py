@@ -19,10 +19,8 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, SparseMoeBlock, TransformerArgs, spec
-from moerun.models.granitemoe import RENAMES
-from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import Router
+from moerun.models import granitemoe
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, spec
 from moerun.recurrent.mamba2 import Mamba2Mixer, mamba2_tensors
 
 # The tool-call format its chat template writes (moerun/tool_calls.py): Granite 4.0's template writes
@@ -39,15 +37,12 @@ def as_float(value) -> float:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
+class ModelArgs(granitemoe.ModelArgs):
+    """Granite-MoE's fields (attention_bias, the four multipliers), and the Mamba-2 layers'."""
+
     num_local_experts: int = spec(0, minimum=0)  # 0: dense feed-forwards only
     num_experts_per_tok: int = spec(0, top_k_of="num_local_experts")
     shared_intermediate_size: int = 1024
-    attention_bias: bool = False
-    embedding_multiplier: float = 1.0
-    residual_multiplier: float = 1.0
-    attention_multiplier: float = 1.0
-    logits_scaling: float = 1.0
     position_embedding_type: str | None = None
     layer_types: list[str] | None = None
     layers_block_type: list[str] | None = None
@@ -62,7 +57,6 @@ class ModelArgs(TransformerArgs):
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     time_step_limit: list | None = None
-    max_position_embeddings: int = 2048
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,14 +93,7 @@ class ModelArgs(TransformerArgs):
 def feed_forward(args: ModelArgs):
     """The MoE block with the shared MLP inside it, or the shared MLP alone (no experts)."""
     shared = MLP(args.hidden_size, args.shared_intermediate_size)
-    if not args.num_local_experts:
-        return shared
-    # Softmax over the top-k logits (= softmax, top-k, renormalised), in the activations' dtype.
-    router = Router(
-        args.hidden_size, args.num_local_experts, args.num_experts_per_tok, renormalize=True, weights_dtype="logits"
-    )
-    experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size)
-    return SparseMoeBlock(router, experts, shared=shared, names={"router": "router", "shared": "shared_mlp"})
+    return granitemoe.moe_block(args, shared) if args.num_local_experts else shared
 
 
 def decoder_layer(args: ModelArgs, kind: str, rope) -> DecoderLayer:
@@ -147,14 +134,14 @@ class Model(CausalLM):
 
 
 def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> ours: the MoE block's as Granite-MoE's (RENAMES); the layer's
+    """Checkpoint names -> ours: the MoE block's as Granite-MoE's (granitemoe.RENAMES); the layer's
     shared_mlp moves into the MoE block (when there is one) with input_linear split into
     gate_proj and up_proj, output_linear as down_proj."""
     out = {}
     for name, tensor in weights.items():
         head, sep, tail = name.partition(".block_sparse_moe.")
-        if sep and tail in RENAMES:
-            out[f"{head}.block_sparse_moe.{RENAMES[tail]}"] = tensor
+        if sep and tail in granitemoe.RENAMES:
+            out[f"{head}.block_sparse_moe.{granitemoe.RENAMES[tail]}"] = tensor
             continue
         head, sep, tail = name.partition(".shared_mlp.")
         if sep and tail in ("input_linear.weight", "output_linear.weight"):
@@ -178,14 +165,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         if kind == "mamba":
             mamba2_tensors(t, f"{p}.mamba", **args.mamba_dims())
         else:
-            t.attention(
-                f"{p}.self_attn",
-                args.num_attention_heads,
-                args.num_key_value_heads,
-                args.head_dim,
-                args.attention_bias,
-                args.attention_bias,
-            )
+            t.attention(f"{p}.self_attn", args.attention_bias, args.attention_bias)
         if E:
             t.add(f"{p}.block_sparse_moe.router.layer.weight", (E, D), "routers")
             t.add(f"{p}.block_sparse_moe.input_linear.weight", (E, 2 * I, D), "routed_experts")

@@ -20,24 +20,16 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    spec,
-    stack_experts,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.mamba import MambaMixer
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
-    num_experts: int = spec(16, minimum=0)  # 1 (or 0): no MoE layer
-    num_experts_per_tok: int = spec(2, top_k_of="num_experts")
+class ModelArgs(base.TransformerArgs):
+    num_experts: int = base.spec(16, minimum=0)  # 1 (or 0): no MoE layer
+    num_experts_per_tok: int = base.spec(2, top_k_of="num_experts")
     expert_layer_period: int = 2
     expert_layer_offset: int = 1
     attn_layer_period: int = 8
@@ -88,20 +80,22 @@ def feed_forward(args: ModelArgs, i: int):
     # Softmax over all experts, top-k, not renormalised; weights in the activations' dtype.
     router = Router(args.hidden_size, args.num_experts, args.num_experts_per_tok, weights_dtype="input")
     experts = RoutedExperts(args.num_experts, args.hidden_size, args.intermediate_size)
-    return SparseMoeBlock(router, experts, names={"router": "router"})
+    return base.SparseMoeBlock(router, experts, names={"router": "router"})
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         D, eps = args.hidden_size, args.rms_norm_eps
         layers = []
         for i in range(args.num_hidden_layers):
             if i in args.attention_layers:
                 mixer = Attention(D, args.num_attention_heads, args.num_key_value_heads, args.head_dim, None)
-                layers.append(DecoderLayer(mixer, feed_forward(args, i), "feed_forward", D, eps))
+                layers.append(base.DecoderLayer(mixer, feed_forward(args, i), "feed_forward", D, eps))
             else:
                 layers.append(
-                    DecoderLayer(mamba_mixer(args), feed_forward(args, i), "feed_forward", D, eps, mixer_name="mamba")
+                    base.DecoderLayer(
+                        mamba_mixer(args), feed_forward(args, i), "feed_forward", D, eps, mixer_name="mamba"
+                    )
                 )
         super().__init__(args, layers)
 
@@ -117,7 +111,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             name = name.replace(old, new)
         out[name] = tensor
     for i in args.moe_layers:
-        stack_experts(
+        base.stack_experts(
             out, f"model.layers.{i}.feed_forward.experts", args.num_experts, "gate_proj", "up_proj", "down_proj"
         )
     return out
@@ -125,7 +119,7 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
+    t = base.CheckpointLayout(args)
     D, E, I = args.hidden_size, args.num_experts, args.intermediate_size
     inner, N, R = args.mamba_expand * D, args.mamba_d_state, args.mamba_dt_rank
     t.embeddings()
@@ -133,7 +127,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         t.add(f"{p}.input_layernorm.weight", (D,), "norms")
         t.add(f"{p}.pre_ff_layernorm.weight", (D,), "norms")
         if i in args.attention_layers:
-            t.attention(f"{p}.self_attn", args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+            t.attention(f"{p}.self_attn")
         else:
             m = f"{p}.mamba"
             t.linear(f"{m}.in_proj", 2 * inner, D, "attention", args.mamba_proj_bias)

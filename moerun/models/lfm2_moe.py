@@ -20,15 +20,7 @@ import torch
 
 from moerun.errors import MoerunError
 from moerun.layers import MLP, Attention
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    spec,
-    stack_experts,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 from moerun.recurrent.short_conv import ShortConv
@@ -38,9 +30,9 @@ FLOAT32_PARAMS = (".e_score_correction_bias",)
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
-    num_experts: int = spec(minimum=1)
-    num_experts_per_tok: int = spec(top_k_of="num_experts")
+class ModelArgs(base.TransformerArgs):
+    num_experts: int = base.spec(minimum=1)
+    num_experts_per_tok: int = base.spec(top_k_of="num_experts")
     moe_intermediate_size: int
     num_dense_layers: int = 2
     layer_types: list[str] | None = None
@@ -79,7 +71,7 @@ class ModelArgs(TransformerArgs):
         return self.layer_types[i] == "conv"
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args: ModelArgs) -> base.SparseMoeBlock:
     router = Router(
         args.hidden_size,
         args.num_experts,
@@ -92,10 +84,10 @@ def moe_block(args: ModelArgs) -> SparseMoeBlock:
         weights_dtype="logits",
         scores_in_logits_dtype=True,
     )
-    return SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size))
+    return base.SparseMoeBlock(router, RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size))
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary(default_theta=1e6)
         D, eps = args.hidden_size, args.norm_eps
@@ -104,7 +96,7 @@ class Model(CausalLM):
             ffn = MLP(D, args.intermediate_size) if i < args.num_dense_layers else moe_block(args)
             if args.is_conv(i):
                 layers.append(
-                    DecoderLayer(
+                    base.DecoderLayer(
                         ShortConv(D, args.conv_L_cache, args.conv_bias), ffn, "feed_forward", D, eps, mixer_name="conv"
                     )
                 )
@@ -118,7 +110,7 @@ class Model(CausalLM):
                     qk_norm="head",
                     qk_norm_eps=eps,
                 )
-                layers.append(DecoderLayer(attn, ffn, "feed_forward", D, eps))
+                layers.append(base.DecoderLayer(attn, ffn, "feed_forward", D, eps))
         super().__init__(args, layers)
 
 
@@ -145,13 +137,13 @@ def sanitize(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             name = name.replace(".feed_forward.expert_bias", ".feed_forward.gate.e_score_correction_bias")
         out[name] = tensor
     for i in range(args.num_dense_layers, args.num_hidden_layers):
-        stack_experts(out, f"model.layers.{i}.feed_forward.experts", args.num_experts, "w1", "w3", "w2")
+        base.stack_experts(out, f"model.layers.{i}.feed_forward.experts", args.num_experts, "w1", "w3", "w2")
     return out
 
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout(args)
+    t = base.CheckpointLayout(args)
     D, E, H, K, Dh = (
         args.hidden_size,
         args.num_experts,

@@ -22,15 +22,7 @@ from typing import ClassVar
 import torch
 
 from moerun.layers import MLP
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    attention_layer,
-    spec,
-)
+from moerun.models import base
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
@@ -44,10 +36,10 @@ CHECKPOINT_PREFIX = "language_model."
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
+class ModelArgs(base.TransformerArgs):
     intermediate_size_mlp: int = 16384
-    num_local_experts: int = spec(16, minimum=1)
-    num_experts_per_tok: int = spec(1, top_k_of="num_local_experts")
+    num_local_experts: int = base.spec(16, minimum=1)
+    num_experts_per_tok: int = base.spec(1, top_k_of="num_local_experts")
     moe_layers: list[int] | None = None
     interleave_moe_layer_step: int = 1
     rms_norm_eps: float = 1e-5
@@ -77,25 +69,25 @@ class ModelArgs(TransformerArgs):
             self.layer_types = ["chunked_attention" if r else "full_attention" for r in self.no_rope_layers]
 
 
-def moe_block(args: ModelArgs) -> SparseMoeBlock:
+def moe_block(args: ModelArgs) -> base.SparseMoeBlock:
     # Top-k by logit (sigmoid is monotonic), weights sigmoid(logit), not normalised, in the logits' dtype.
     router = Router(
         args.hidden_size, args.num_local_experts, args.num_experts_per_tok, scoring="sigmoid", weights_dtype="logits"
     )
     experts = RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size, weights_on_input=True)
-    return SparseMoeBlock(
+    return base.SparseMoeBlock(
         router, experts, shared=MLP(args.hidden_size, args.intermediate_size), names={"router": "router"}
     )
 
 
-def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
+def decoder_layer(args: ModelArgs, i: int, rope) -> base.DecoderLayer:
     """Layer i: RoPE (and the L2 q/k norm, and chunks where layer_types says so) or NoPE
     with temperature tuning; the MoE block or a dense MLP as `feed_forward`."""
     use_rope = bool(args.no_rope_layers[i])
     chunked = args.layer_types[i] == "chunked_attention"
     tuned = args.attn_temperature_tuning and not use_rope
     ffn = moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size_mlp)
-    return attention_layer(
+    return base.attention_layer(
         args,
         rope if use_rope else None,
         ffn,
@@ -109,7 +101,7 @@ def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
     )
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         # Pairs (x[2i], x[2i+1]) rotated as complex numbers in float32, as the reference.
         rope = args.rotary(default_theta=500000.0, interleaved=True, float32=True)
@@ -140,7 +132,7 @@ def checkpoint_tensors(args: ModelArgs, prefix: str = CHECKPOINT_PREFIX) -> dict
     """The released checkpoint's text model: name -> (shape, stored dtype, role). The
     vision tower and projector are left out (never loaded)."""
     D, E, I = args.hidden_size, args.num_local_experts, args.intermediate_size
-    t = CheckpointLayout.decoder(args, prefix=prefix)
+    t = base.CheckpointLayout.decoder(args, prefix=prefix)
     for i, p in t.layers():
         t.attention_layer(p, args.attention_bias, args.attention_bias)
         f = f"{p}.feed_forward"

@@ -263,7 +263,7 @@ def checkpoint_tensors(args: ModelArgs) -> dict:
         if kind == "mamba":
             mamba2_tensors(t, m, **args.mamba_dims())
         elif kind == "attention":
-            t.attention(m, args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+            t.attention(m)
         elif kind == "mlp":
             t.linear(f"{m}.up_proj", args.intermediate_size, D, "dense_mlp", args.mlp_bias)
             t.linear(f"{m}.down_proj", D, args.intermediate_size, "dense_mlp", args.mlp_bias)

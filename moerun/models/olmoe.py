@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 
-from moerun.models.base import CausalLM, CheckpointLayout, TransformerArgs, attention_layer, spec, stacked_experts
-from moerun.models.qwen3_moe import moe_block  # Qwen3-MoE's block: the same router, no shared expert
+from moerun.models.base import CausalLM, CheckpointLayout, TransformerArgs, spec, stacked_experts
+from moerun.models.qwen3_moe import decoder_layer, moe_block  # Qwen3-MoE's router and q/k-normed attention
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -30,19 +30,7 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary()
         ffns = [moe_block(args, args.intermediate_size) for _ in range(args.num_hidden_layers)]
-        layers = [
-            attention_layer(
-                args,
-                rope,
-                ffn,
-                qkv_bias=args.attention_bias,
-                o_bias=args.attention_bias,
-                qk_norm="full",
-                qk_norm_eps=args.rms_norm_eps,
-                clip_qkv=args.clip_qkv,
-            )
-            for ffn in ffns
-        ]
+        layers = [decoder_layer(args, rope, ffn, qk_norm="full", clip_qkv=args.clip_qkv) for ffn in ffns]
         super().__init__(args, layers)
 
 

@@ -19,29 +19,21 @@ import dataclasses
 import torch
 from torch import nn
 
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    SparseMoeBlock,
-    TransformerArgs,
-    attention_layer,
-    spec,
-)
+from moerun.models import base
 from moerun.models.mixtral import sanitize  # noqa: F401  (Mixtral's expert layout)
 from moerun.moe.experts import RoutedExperts
 from moerun.moe.routing import Router
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
-    num_local_experts: int = spec(minimum=1)
-    num_experts_per_tok: int = spec(2, top_k_of="num_local_experts")
+class ModelArgs(base.TransformerArgs):
+    num_local_experts: int = base.spec(minimum=1)
+    num_experts_per_tok: int = base.spec(2, top_k_of="num_local_experts")
     rms_norm_eps: float = 1e-5  # the LayerNorms' eps, under this name in config.json
     router_jitter_noise: float = 0.01
     attention_bias: bool = False
     lm_head_bias: bool = False
-    sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
+    sliding_window: int | None = base.spec(None, minimum=0)  # 0 or null: no window
     max_position_embeddings: int = 131072
     # Hub configs keep it at the top level, beside rope_scaling {"type": "longrope", ...}.
     original_max_position_embeddings: int | None = None
@@ -83,12 +75,12 @@ def layer_norm(args: ModelArgs) -> nn.LayerNorm:
     return norm
 
 
-def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
-    moe = SparseMoeBlock(
+def decoder_layer(args: ModelArgs, rope) -> base.DecoderLayer:
+    moe = base.SparseMoeBlock(
         SparseMixer(args.hidden_size, args.num_local_experts, args.router_jitter_noise),
         RoutedExperts(args.num_local_experts, args.hidden_size, args.intermediate_size),
     )
-    layer = attention_layer(
+    layer = base.attention_layer(
         args,
         rope,
         moe,
@@ -102,7 +94,7 @@ def decoder_layer(args: ModelArgs, rope) -> DecoderLayer:
     return layer
 
 
-class Model(CausalLM):
+class Model(base.CausalLM):
     def __init__(self, args: ModelArgs):
         rope = args.rotary(default_theta=1e6)
         layers = [decoder_layer(args, rope) for _ in range(args.num_hidden_layers)]
@@ -112,18 +104,11 @@ class Model(CausalLM):
 
 def checkpoint_tensors(args: ModelArgs) -> dict:
     """The released checkpoint's tensors: name -> (shape, stored dtype, role)."""
-    t = CheckpointLayout.decoder(args)
+    t = base.CheckpointLayout.decoder(args)
     for i, p in t.layers():
         # Not t.attention_layer: the LayerNorms store a bias beside each weight.
         t.decoder_norms(p, bias=True)
-        t.attention(
-            f"{p}.self_attn",
-            args.num_attention_heads,
-            args.num_key_value_heads,
-            args.head_dim,
-            args.attention_bias,
-            args.attention_bias,
-        )
+        t.attention(f"{p}.self_attn", args.attention_bias, args.attention_bias)
         t.add(f"{p}.block_sparse_moe.gate.weight", (args.num_local_experts, args.hidden_size), "routers")
         t.experts(f"{p}.block_sparse_moe.experts", args.num_local_experts, args.intermediate_size, ("w1", "w3", "w2"))
     t.final(norm_bias=True, lm_head_bias=args.lm_head_bias)

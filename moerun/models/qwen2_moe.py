@@ -14,18 +14,9 @@ import dataclasses
 from torch import nn
 
 from moerun.layers import MLP
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    SparseMoeBlock,
-    TransformerArgs,
-    attention_layer,
-    moe_layer_indices,
-    spec,
-)
+from moerun.models import qwen3_moe
+from moerun.models.base import CausalLM, CheckpointLayout, QwenMoeArgs, SparseMoeBlock, attention_layer, spec
 from moerun.models.qwen3_moe import sanitize  # noqa: F401  (the same expert layout)
-from moerun.moe.experts import RoutedExperts
-from moerun.moe.routing import Router
 
 # The tool-call format its chat template writes (moerun/tool_calls.py): Qwen's templates write tool
 # calls as `<tool_call>{json}</tool_call>`.
@@ -33,22 +24,15 @@ TOOL_CALL_FORMAT = "qwen"
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
+class ModelArgs(QwenMoeArgs):
     # Required here (no fallback to num_attention_heads); a bare annotation would inherit the None default.
     num_key_value_heads: int = spec(minimum=1)
-    num_experts: int = spec(minimum=0)  # 0: every layer dense
-    num_experts_per_tok: int = spec(top_k_of="num_experts")
-    moe_intermediate_size: int
     shared_expert_intermediate_size: int
-    norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
     qkv_bias: bool = True
     use_sliding_window: bool = False
     sliding_window: int | None = spec(None, minimum=0)  # 0 or null: no window
     max_window_layers: int = 28
     layer_types: list[str] | None = None
-    max_position_embeddings: int = 32768
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,26 +49,12 @@ class ModelArgs(TransformerArgs):
             self.sliding_window if self.use_sliding_window and kind == "sliding_attention" else None
             for kind in self.layer_types
         ]
-        self.moe_layers = moe_layer_indices(
-            self.num_hidden_layers, self.num_experts, self.decoder_sparse_step, self.mlp_only_layers
-        )
 
 
 def moe_block(args: ModelArgs) -> SparseMoeBlock:
-    # Softmax over all experts, top-k, renormalised when norm_topk_prob; weights in the logits' dtype.
-    router = Router(
-        args.hidden_size,
-        args.num_experts,
-        args.num_experts_per_tok,
-        renormalize=args.norm_topk_prob,
-        weights_dtype="logits",
-    )
-    return SparseMoeBlock(
-        router,
-        RoutedExperts(args.num_experts, args.hidden_size, args.moe_intermediate_size),
-        shared=MLP(args.hidden_size, args.shared_expert_intermediate_size),
-        shared_gate=nn.Linear(args.hidden_size, 1, bias=False),
-    )
+    """Qwen3-MoE's routed experts, plus the shared expert under its sigmoid gate."""
+    shared = MLP(args.hidden_size, args.shared_expert_intermediate_size)
+    return qwen3_moe.moe_block(args, shared=shared, shared_gate=nn.Linear(args.hidden_size, 1, bias=False))
 
 
 def ffn(args: ModelArgs, i: int) -> nn.Module:

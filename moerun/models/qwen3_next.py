@@ -21,16 +21,8 @@ import torch
 from torch import nn
 
 from moerun.layers import MLP, RMSNorm
-from moerun.models.base import (
-    CausalLM,
-    CheckpointLayout,
-    DecoderLayer,
-    TransformerArgs,
-    attention_layer,
-    moe_layer_indices,
-    spec,
-    stack_experts,
-)
+from moerun.models import qwen3_moe  # its attention layer, gated here
+from moerun.models.base import CausalLM, CheckpointLayout, DecoderLayer, QwenMoeArgs, spec, stack_experts
 from moerun.models.qwen2_moe import moe_block  # Qwen2-MoE's block: the same router, experts, gated shared expert
 from moerun.recurrent.gated_deltanet import GatedDeltaNet
 
@@ -40,7 +32,7 @@ TOOL_CALL_FORMAT = "qwen"
 
 
 @dataclasses.dataclass(kw_only=True)
-class ModelArgs(TransformerArgs):
+class ModelArgs(QwenMoeArgs):
     # Defaults are the reference config's.
     head_dim: int = 256
     partial_rotary_factor: float = 0.25
@@ -55,11 +47,8 @@ class ModelArgs(TransformerArgs):
     moe_intermediate_size: int = 512
     shared_expert_intermediate_size: int = 512
     norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = dataclasses.field(default_factory=list)
     layer_types: list[str] | None = None
     full_attention_interval: int = 4
-    max_position_embeddings: int = 32768
 
     # Qwen3-Next's DeltaNet projections are grouped by key head (Qwen3.5's are not).
     grouped_projections: ClassVar[bool] = True
@@ -71,9 +60,6 @@ class ModelArgs(TransformerArgs):
                 "linear_attention" if (i + 1) % self.full_attention_interval else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
-        self.moe_layers = moe_layer_indices(
-            self.num_hidden_layers, self.num_experts, self.decoder_sparse_step, self.mlp_only_layers
-        )
 
 
 class ZeroCentredRMSNorm(RMSNorm):
@@ -96,16 +82,7 @@ def zero_centre_norms(model: nn.Module) -> None:
 def decoder_layer(args: ModelArgs, i: int, rope) -> DecoderLayer:
     ffn = moe_block(args) if i in args.moe_layers else MLP(args.hidden_size, args.intermediate_size)
     if args.layer_types[i] == "full_attention":
-        return attention_layer(
-            args,
-            rope,
-            ffn,
-            qkv_bias=args.attention_bias,
-            o_bias=args.attention_bias,
-            qk_norm="head",
-            qk_norm_eps=args.rms_norm_eps,
-            output_gate=True,
-        )
+        return qwen3_moe.decoder_layer(args, rope, ffn, output_gate=True)
     mixer = GatedDeltaNet(
         args.hidden_size,
         args.linear_num_key_heads,

@@ -246,27 +246,11 @@ class Mamba2Mixer(RecurrentMixer):
         return self.norm(y.reshape(Bsz, 1, self.inner), z)
 
 
-def mamba2_tensors(
-    layout,
-    prefix: str,
-    hidden_size: int,
-    n_heads: int,
-    head_dim: int,
-    n_groups: int,
-    state_size: int,
-    conv_kernel: int,
-    proj_bias: bool = False,
-    conv_bias: bool = True,
-) -> None:
+def mamba2_tensors(layout, prefix: str, **dims) -> None:
     """A Mamba-2 layer's checkpoint tensors under `prefix`, into a CheckpointLayout (role
-    "attention", as its parameters count)."""
-    inner = n_heads * head_dim
-    conv_dim = inner + 2 * n_groups * state_size
-    layout.linear(f"{prefix}.in_proj", inner + conv_dim + n_heads, hidden_size, "attention", proj_bias)
-    layout.add(f"{prefix}.conv1d.weight", (conv_dim, 1, conv_kernel), "attention")
-    if conv_bias:
-        layout.add(f"{prefix}.conv1d.bias", (conv_dim,), "attention")
-    for name in ("dt_bias", "A_log", "D"):
-        layout.add(f"{prefix}.{name}", (n_heads,), "attention")
-    layout.add(f"{prefix}.norm.weight", (inner,), "attention")
-    layout.linear(f"{prefix}.out_proj", hidden_size, inner, "attention", proj_bias)
+    "attention", as its parameters count): the parameters of a Mamba2Mixer of these `dims`
+    (its keyword arguments but chunk_size and eps), which keeps the checkpoint's names."""
+    with torch.device("meta"):
+        mixer = Mamba2Mixer(**dims, chunk_size=1, eps=0.0)
+    for name, param in mixer.named_parameters():
+        layout.add(f"{prefix}.{name}", param.shape, "attention")
