@@ -320,29 +320,27 @@ class _HubErrors:
         from huggingface_hub import errors
 
         repo, page = self.repo_id, f"{endpoint()}/{self.repo_id}"
-        if isinstance(exc, errors.GatedRepoError):
-            raise MoerunError(
-                f"{repo} is gated: accept its terms on {page} and log in (`hf auth login` or HF_TOKEN)"
-            ) from None
-        if isinstance(exc, errors.RevisionNotFoundError):
-            raise MoerunError(f"{repo} has no revision '{self.revision}'") from None
-        if isinstance(exc, errors.RepositoryNotFoundError):
-            raise MoerunError(
-                f"{repo} was not found on the Hub ({endpoint()}): check the name; "
-                "a private repo also needs `hf auth login` or HF_TOKEN"
-            ) from None
-        if isinstance(exc, errors.OfflineModeIsEnabled):
-            raise MoerunError(f"offline mode (HF_HUB_OFFLINE=1): cannot reach the Hub for {repo}") from None
-        if isinstance(exc, errors.HfHubHTTPError):
-            raise MoerunError(
-                f"the Hub answered {exc.response.status_code} for {repo}: {str(exc).splitlines()[0]}"
-            ) from None
         if isinstance(exc, httpx2.TransportError):
             raise HubUnreachable(
                 f"cannot reach {endpoint()} ({type(exc).__name__}: {exc}); "
                 "check the connection, or set HF_HUB_OFFLINE=1 to use cached models only"
             ) from None
-        return False
+        if isinstance(exc, errors.GatedRepoError):
+            message = f"{repo} is gated: accept its terms on {page} and log in (`hf auth login` or HF_TOKEN)"
+        elif isinstance(exc, errors.RevisionNotFoundError):
+            message = f"{repo} has no revision '{self.revision}'"
+        elif isinstance(exc, errors.RepositoryNotFoundError):
+            message = (
+                f"{repo} was not found on the Hub ({endpoint()}): check the name; "
+                "a private repo also needs `hf auth login` or HF_TOKEN"
+            )
+        elif isinstance(exc, errors.OfflineModeIsEnabled):
+            message = f"offline mode (HF_HUB_OFFLINE=1): cannot reach the Hub for {repo}"
+        elif isinstance(exc, errors.HfHubHTTPError):
+            message = f"the Hub answered {exc.response.status_code} for {repo}: {str(exc).splitlines()[0]}"
+        else:
+            return False
+        raise MoerunError(message) from None
 
 
 @dataclasses.dataclass

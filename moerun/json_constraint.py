@@ -25,6 +25,18 @@ VALUE, KEY_OR_END, KEY, COLON, AFTER, VALUE_OR_END, STRING, NUMBER, LITERAL, DON
 # digits, after 'e', after the exponent's sign, in exponent digits.
 N_SIGN, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)
 _NUMBER_DONE = (N_ZERO, N_INT, N_FRAC, N_EXP)
+# The number's moves: sub-state -> {byte class -> next sub-state}, the classes "0", "1-9",
+# "e" (e or E) and the byte itself ("." "+" "-"); a byte with no move ends the number.
+_NUMBER_MOVES = {
+    N_SIGN: {"0": N_ZERO, "1-9": N_INT},
+    N_ZERO: {".": N_DOT, "e": N_E},
+    N_INT: {"0": N_INT, "1-9": N_INT, ".": N_DOT, "e": N_E},
+    N_DOT: {"0": N_FRAC, "1-9": N_FRAC},
+    N_FRAC: {"0": N_FRAC, "1-9": N_FRAC, "e": N_E},
+    N_E: {"+": N_ESIGN, "-": N_ESIGN, "0": N_EXP, "1-9": N_EXP},
+    N_ESIGN: {"0": N_EXP, "1-9": N_EXP},
+    N_EXP: {"0": N_EXP, "1-9": N_EXP},
+}
 _WS = b" \t\n\r"
 MAX_INDENT = 20
 
@@ -202,42 +214,12 @@ class JSONPrefix:
         return True
 
     def _number_byte(self, b: int) -> bool:
-        c, s = chr(b), self.sub
-        digit = "0" <= c <= "9"
-        if s == N_SIGN:
-            if c == "0":
-                self.sub = N_ZERO
-            elif digit:
-                self.sub = N_INT
-            else:
-                return False
-        elif s in (N_ZERO, N_INT):
-            if digit and s == N_INT:
-                pass
-            elif c == ".":
-                self.sub = N_DOT
-            elif c in "eE":
-                self.sub = N_E
-            else:
-                return False
-        elif s in (N_DOT, N_FRAC):
-            if digit:
-                self.sub = N_FRAC
-            elif c in "eE" and s == N_FRAC:
-                self.sub = N_E
-            else:
-                return False
-        elif s == N_E:
-            if c in "+-":
-                self.sub = N_ESIGN
-            elif digit:
-                self.sub = N_EXP
-            else:
-                return False
-        elif s in (N_ESIGN, N_EXP):
-            if not digit:
-                return False
-            self.sub = N_EXP
+        c = chr(b)
+        kind = "0" if c == "0" else "1-9" if "1" <= c <= "9" else "e" if c in "eE" else c
+        nxt = _NUMBER_MOVES[self.sub].get(kind)
+        if nxt is None:
+            return False
+        self.sub = nxt
         return True
 
 

@@ -225,16 +225,9 @@ def say(con, text: str, indent: int = 0) -> None:
             lines.append(line)
         line = rest + phrase
         if len(line) > width:  # one phrase wider than the line: between words
-            wrapped = textwrap.wrap(
-                phrase,
-                width=width,
-                initial_indent=rest,
-                subsequent_indent=rest,
-                break_long_words=False,
-                break_on_hyphens=False,
-            )
-            lines += wrapped[:-1]
-            line = wrapped[-1]
+            words = textwrap.wrap(phrase, width - len(rest), break_long_words=False, break_on_hyphens=False)
+            lines += [rest + w for w in words[:-1]]
+            line = rest + words[-1]
     lines.append(line)
     for out in lines:
         con.print(out, soft_wrap=True, highlight=False)

@@ -272,7 +272,17 @@ def moe_decode(
         return out.zero_()
 
     wv, value_bits, (w13_words, w13_off_w), (w2_words, w2_off_w) = word_views(slots, layout)
+    # What the two launches share: the slot views and their strides, and the meta but the act's
+    # and the matrix's (EVEN_L, WORDS); the tiles and warps come from each launch's config.
+    views = (qv, wv, sv, bv, nf4, qv.stride(0), wv.stride(0), sv.stride(0), bv.stride(0))
     bf16 = layout.storage_dtype == torch.bfloat16
+    meta = dict(
+        BITS=layout.bits, WBITS=value_bits, BF16=bf16, HAS_BIAS=layout.has_bias, WEIGHTS_ON_INPUT=weights_on_input
+    )
+
+    def tiles(c: dict) -> dict:
+        return dict(BLOCK_N=c["BLOCK_N"], BLOCK_P=c.get("BLOCK_P", 64), BLOCK_W=c.get("BLOCK_W", 64))
+
     c = config["gate_up"]
     grid = (N * K, triton.cdiv(I, c["BLOCK_N"]))
     _gate_up_kernel[grid](
@@ -280,15 +290,7 @@ def moe_decode(
         ids,
         pair_w,
         h,
-        qv,
-        wv,
-        sv,
-        bv,
-        nf4,
-        qv.stride(0),
-        wv.stride(0),
-        sv.stride(0),
-        bv.stride(0),
+        *views,
         layout.w13.q_offset,
         w13_off_w,
         layout.w13.scale_offset,
@@ -298,19 +300,13 @@ def moe_decode(
         K,
         x.stride(0),
         w13_words,
-        BITS=layout.bits,
-        WBITS=value_bits,
         WORDS=w13_words > 0,
-        BF16=bf16,
         EVEN_L=D % 2 == 0,
-        HAS_BIAS=layout.has_bias,
-        WEIGHTS_ON_INPUT=weights_on_input,
         ACT=ACT,
         ALPHA=ALPHA,
         LIMIT=LIMIT,
-        BLOCK_N=c["BLOCK_N"],
-        BLOCK_P=c.get("BLOCK_P", 64),
-        BLOCK_W=c.get("BLOCK_W", 64),
+        **meta,
+        **tiles(c),
         num_warps=c.get("num_warps", 4),
     )
     c = config["down"]
@@ -320,15 +316,7 @@ def moe_decode(
         ids,
         pair_w,
         out,
-        qv,
-        wv,
-        sv,
-        bv,
-        nf4,
-        qv.stride(0),
-        wv.stride(0),
-        sv.stride(0),
-        bv.stride(0),
+        *views,
         layout.w2.q_offset,
         w2_off_w,
         layout.w2.scale_offset,
@@ -338,16 +326,10 @@ def moe_decode(
         K,
         out.stride(0),
         w2_words,
-        BITS=layout.bits,
-        WBITS=value_bits,
         WORDS=w2_words > 0,
-        BF16=bf16,
         EVEN_L=I % 2 == 0,
-        HAS_BIAS=layout.has_bias,
-        WEIGHTS_ON_INPUT=weights_on_input,
-        BLOCK_N=c["BLOCK_N"],
-        BLOCK_P=c.get("BLOCK_P", 64),
-        BLOCK_W=c.get("BLOCK_W", 64),
+        **meta,
+        **tiles(c),
         num_warps=c.get("num_warps", 4),
     )
     return out

@@ -230,17 +230,20 @@ def moe_prefill(
         return torch.zeros_like(x)
     BM, BN, BP = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_P"]
     assert min(BM, BN, BP) >= 16, "tl.dot needs tiles of at least 16"
-    launch = dict(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     sorted_pairs, block_slot = align_block_size(slot_ids, slots.shape[0], BM)
     pair_w = weights.contiguous().view(-1)
     qv, sv, bv = layout.views(slots)
-    nf4 = nf4_table(x.device)
     ACT, ALPHA, LIMIT = act_params(act)
     # Triton's interpreter computes 16-bit dots wrongly (numpy has no bfloat16): upcast there.
     fp32 = x.dtype == torch.float32 or x.device.type == "cpu"
     h = empty((P, I), x.dtype, x.device)
     y = empty((P, D), torch.float32, x.device)
     n_blocks = block_slot.numel()
+    # What the two launches share: the slot views, their strides, and the meta but EVEN_L and the act's.
+    views = (qv, sv, bv, nf4_table(x.device), qv.stride(0), sv.stride(0), bv.stride(0))
+    meta = dict(BITS=layout.bits, HAS_BIAS=layout.has_bias, WEIGHTS_ON_INPUT=weights_on_input, FP32=fp32)
+    tiles = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_P=BP)
+    launch = dict(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
 
     _grouped_gate_up_kernel[(n_blocks, triton.cdiv(I, BN))](
         x,
@@ -248,13 +251,7 @@ def moe_prefill(
         block_slot,
         pair_w,
         h,
-        qv,
-        sv,
-        bv,
-        nf4,
-        qv.stride(0),
-        sv.stride(0),
-        bv.stride(0),
+        *views,
         layout.w13.q_offset,
         layout.w13.scale_offset,
         max(layout.b13_offset, 0),
@@ -263,17 +260,12 @@ def moe_prefill(
         K,
         P,
         x.stride(0),
-        BITS=layout.bits,
         EVEN_L=D % 2 == 0,
-        HAS_BIAS=layout.has_bias,
-        WEIGHTS_ON_INPUT=weights_on_input,
         ACT=ACT,
         ALPHA=ALPHA,
         LIMIT=LIMIT,
-        FP32=fp32,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_P=BP,
+        **meta,
+        **tiles,
         **launch,
     )
     _grouped_down_kernel[(n_blocks, triton.cdiv(D, BN))](
@@ -282,27 +274,16 @@ def moe_prefill(
         block_slot,
         pair_w,
         y,
-        qv,
-        sv,
-        bv,
-        nf4,
-        qv.stride(0),
-        sv.stride(0),
-        bv.stride(0),
+        *views,
         layout.w2.q_offset,
         layout.w2.scale_offset,
         max(layout.b2_offset, 0),
         D,
         I,
         P,
-        BITS=layout.bits,
         EVEN_L=I % 2 == 0,
-        HAS_BIAS=layout.has_bias,
-        WEIGHTS_ON_INPUT=weights_on_input,
-        FP32=fp32,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_P=BP,
+        **meta,
+        **tiles,
         **launch,
     )
     return y.view(N, K, D).sum(dim=1).to(x.dtype)

@@ -76,6 +76,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check(name: str, wrong: bool, **tensors: torch.Tensor) -> None:
+    """The launchers' checks: `wrong`, the shapes do not fit the contract; the state, the
+    last of `tensors` (all named in the message), must be float32 and contiguous (it is
+    updated in place)."""
+    state = list(tensors.values())[-1]
+    if wrong or state.dtype != torch.float32:
+        shapes = " ".join(f"{key} {tuple(t.shape)}" for key, t in tensors.items())
+        raise ValueError(f"{name}: {shapes} {state.dtype}")
+    if not state.is_contiguous():
+        raise ValueError(f"{name}: the state must be contiguous (it is updated in place)")
+
+
 def gated_delta_step(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None = None):
     """One token of the gated delta rule, the contract of `recurrent_gated_delta_step`:
     q, k [B, Hk, Dk] (l2-normalised, q not yet scaled: the kernel scales by Dk**-0.5),
@@ -85,12 +97,7 @@ def gated_delta_step(q, k, v, g, beta, S: torch.Tensor, *, block_v: int | None =
     float32, S). block_v: the value-dim tile (a power of two; tests force several)."""
     B, H, Dv = v.shape
     Hk, Dk = q.shape[1], q.shape[2]
-    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
-        raise ValueError(
-            f"gated_delta_step: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} S {tuple(S.shape)} {S.dtype}"
-        )
-    if not S.is_contiguous():
-        raise ValueError("gated_delta_step: the state must be contiguous (it is updated in place)")
+    _check("gated_delta_step", k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv), q=q, k=k, v=v, S=S)
     q, k, v, g, beta = (_rows(t) for t in (q, k, v, g, beta))
     o = torch.empty(B, H, Dv, dtype=torch.float32, device=v.device)
     BLOCK_K = triton.next_power_of_2(Dk)
@@ -185,12 +192,7 @@ def mamba2_step(xs, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None =
     block_p: the head-dim tile (a power of two; tests force several)."""
     B, H, P = xs.shape
     G, N = b.shape[1], b.shape[2]
-    if c.shape != b.shape or H % G or h.shape != (B, H, P, N) or h.dtype != torch.float32:
-        raise ValueError(
-            f"mamba2_step: xs {tuple(xs.shape)} b {tuple(b.shape)} c {tuple(c.shape)} h {tuple(h.shape)} {h.dtype}"
-        )
-    if not h.is_contiguous():
-        raise ValueError("mamba2_step: the state must be contiguous (it is updated in place)")
+    _check("mamba2_step", c.shape != b.shape or H % G or h.shape != (B, H, P, N), xs=xs, b=b, c=c, h=h)
     xs, dt, b, c = (_rows(t) for t in (xs, dt, b, c))
     A, D = A.contiguous(), D.contiguous()
     y = torch.empty(B, H, P, dtype=xs.dtype, device=xs.device)
@@ -303,11 +305,7 @@ def _gated_delta_prompt(kernel, name: str, q, k, v, g, beta, S: torch.Tensor, bl
     block_v value columns), the launch -> (o, S)."""
     B, H, T, Dv = v.shape
     Hk, Dk = q.shape[1], q.shape[3]
-    if k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv) or S.dtype != torch.float32:
-        shapes = f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} S {tuple(S.shape)} {S.dtype}"
-        raise ValueError(f"{name}: {shapes}")
-    if not S.is_contiguous():
-        raise ValueError(f"{name}: the state must be contiguous (it is updated in place)")
+    _check(name, k.shape != q.shape or H % Hk or S.shape != (B, H, Dk, Dv), q=q, k=k, v=v, S=S)
     q, k, v = (_rows(t) for t in (q, k, v))
     o = torch.empty(B, H, T, Dv, dtype=torch.float32, device=v.device)
     grid = (B * H, triton.cdiv(Dv, block_v))
@@ -512,19 +510,8 @@ def mamba_step(x, dt, A, b, c, D, h: torch.Tensor, keep: torch.Tensor | None = N
     of two; tests force several)."""
     B, I = x.shape
     N = b.shape[-1]
-    if (
-        dt.shape != x.shape
-        or A.shape != (I, N)
-        or c.shape != b.shape
-        or b.shape != (B, N)
-        or h.shape != (B, I, N)
-        or h.dtype != torch.float32
-    ):
-        raise ValueError(
-            f"mamba_step: x {tuple(x.shape)} A {tuple(A.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
-        )
-    if not h.is_contiguous():
-        raise ValueError("mamba_step: the state must be contiguous (it is updated in place)")
+    wrong = dt.shape != x.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, N) or h.shape != (B, I, N)
+    _check("mamba_step", wrong, x=x, A=A, b=b, h=h)
     x, dt, b, c = (_rows(t) for t in (x, dt, b, c))
     A, D = A.float().contiguous(), D.contiguous()
     y = torch.empty(B, I, dtype=x.dtype, device=x.device)
@@ -611,19 +598,10 @@ def mamba_scan(u, dt, A, b, c, D, h: torch.Tensor, *, block_i: int | None = None
     long prompts against the chunked torch path is unmeasured (no GPU has been lent)."""
     B, I, T = u.shape
     N = b.shape[-1]
-    if (
-        dt.shape != u.shape
-        or A.shape != (I, N)
-        or c.shape != b.shape
-        or b.shape != (B, T, N)
-        or h.shape != (B, I, N)
-        or h.dtype != torch.float32
-    ):
-        raise ValueError(
-            f"mamba_scan: u {tuple(u.shape)} A {tuple(A.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
-        )
-    if not h.is_contiguous():
-        raise ValueError("mamba_scan: the state must be contiguous (it is updated in place)")
+    wrong = (
+        dt.shape != u.shape or A.shape != (I, N) or c.shape != b.shape or b.shape != (B, T, N) or h.shape != (B, I, N)
+    )
+    _check("mamba_scan", wrong, u=u, A=A, b=b, h=h)
     b, c = _rows(b), _rows(c)
     A, D = A.float().contiguous(), D.contiguous()
     y = torch.empty(B, I, T, dtype=torch.float32, device=u.device)
@@ -720,19 +698,8 @@ def mamba2_scan(xs, dt, A, b, c, D, h: torch.Tensor, *, block_p: int | None = No
     unmeasured (no GPU has been lent)."""
     B, T, H, P = xs.shape
     G, N = b.shape[2], b.shape[3]
-    if (
-        dt.shape != (B, T, H)
-        or c.shape != b.shape
-        or b.shape[:2] != (B, T)
-        or H % G
-        or h.shape != (B, H, P, N)
-        or h.dtype != torch.float32
-    ):
-        raise ValueError(
-            f"mamba2_scan: xs {tuple(xs.shape)} dt {tuple(dt.shape)} b {tuple(b.shape)} h {tuple(h.shape)} {h.dtype}"
-        )
-    if not h.is_contiguous():
-        raise ValueError("mamba2_scan: the state must be contiguous (it is updated in place)")
+    wrong = dt.shape != (B, T, H) or c.shape != b.shape or b.shape[:2] != (B, T) or H % G or h.shape != (B, H, P, N)
+    _check("mamba2_scan", wrong, xs=xs, dt=dt, b=b, h=h)
     xs, b, c = _rows(xs), _rows(b), _rows(c)
     A, D = A.float().contiguous(), D.contiguous()
     y = torch.empty(B, T, H, P, dtype=torch.float32, device=xs.device)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from moerun.kernels.layout import empty
+from moerun.kernels.routing_ref import RoutingRules
 
 
 @triton.jit
@@ -89,22 +90,15 @@ def _routing_kernel(
 
 
 def route(
-    logits: torch.Tensor,
-    k: int,
-    *,
-    scoring: str = "softmax",
-    renormalize: bool = True,
-    bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    scaling: float = 1.0,
-    expert_to_slot: torch.Tensor | None = None,
-    num_warps: int = 1,
+    logits: torch.Tensor, k: int, *, num_warps: int = 1, **rules
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Router logits [N, E] (any float dtype) -> (ids [N, K] int32, weights [N, K] float32,
-    slots [N, K] int32 or None). Same rules and arguments as `routing_ref.route_reference`:
-    scoring "softmax" | "sigmoid", bias [E], group limits, scaling, expert_to_slot [E] int32.
+    slots [N, K] int32 or None). Same rules and arguments as `routing_ref.route_reference`
+    (`rules`: a `RoutingRules`' fields): scoring "softmax" | "sigmoid", bias [E], group
+    limits, scaling, expert_to_slot [E] int32.
     """
+    r = RoutingRules(**rules)
+    scoring, bias, n_group, topk_group, expert_to_slot = r.scoring, r.bias, r.n_group, r.topk_group, r.expert_to_slot
     assert logits.dim() == 2 and logits.stride(1) == 1 and logits.is_floating_point(), "logits must be [N, E]"
     N, E = logits.shape
     assert scoring in ("softmax", "sigmoid"), scoring
@@ -135,11 +129,11 @@ def route(
         slots if slots is not None else ids,
         E,
         logits.stride(0),
-        float(scaling),
+        float(r.scaling),
         K=k,
         BLOCK_K=triton.next_power_of_2(k),
         SIGMOID=scoring == "sigmoid",
-        RENORM=renormalize,
+        RENORM=r.renormalize,
         HAS_BIAS=bias is not None,
         HAS_MAP=expert_to_slot is not None,
         N_GROUP=n_group,
