@@ -47,28 +47,20 @@ GPT_OSS = dict(
 LLAMA4_MOE = dict(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2)
 # Layer 3: no RoPE, full attention, temperature tuning; the others rotate within chunks of 6.
 LLAMA4_ATTENTION = dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=6, floor_scale=4, attn_scale=0.5)
+# Four layers of heads of 16; experts of 32 beside dense MLPs of 96.
+LLAMA4_SIZES = dict(vocab_size=256, num_hidden_layers=4, head_dim=16, intermediate_size=32, intermediate_size_mlp=96)
 LLAMA4_TEXT = dict(
     TINY_ATTENTION,
+    **LLAMA4_SIZES,
     **LLAMA4_MOE,
     **LLAMA4_ATTENTION,
-    vocab_size=256,
-    num_hidden_layers=4,
-    head_dim=16,
-    intermediate_size=32,
-    intermediate_size_mlp=96,
     rope_parameters=dict(LLAMA3_ROPE, original_max_position_embeddings=64),
 )
-LLAMA4_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=28,
-    patch_size=14,
-    vision_output_dim=32,
-    projector_input_dim=32,
-    projector_output_dim=32,
+# The vision tower: one layer, 32 wide, over 28-pixel images in patches of 14, projected at 32.
+LLAMA4_PATCHES = dict(
+    image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32
 )
+LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **LLAMA4_PATCHES)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

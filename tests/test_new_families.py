@@ -29,11 +29,11 @@ from tests.model_fixtures import (
 )
 from tests.parity import check_logits, rel_err
 
-# GLM: partial rotary (16 of 32 dims rotated), q/k norm, attention biases; eight experts,
-# two of them shared, chosen within 1 of 2 groups, renormalised and scaled; a dense first layer.
+# GLM: partial rotary (16 of 32 dims rotated), q/k norm, attention biases; eight routed
+# experts chosen within 1 of 2 groups, renormalised and scaled, beside two shared; a dense first layer.
 GLM_ATTENTION = dict(head_dim=32, partial_rotary_factor=0.5, rope_theta=1e6, use_qk_norm=True, attention_bias=True)
 GLM_ROUTING = dict(n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
-# ERNIE: dense, MoE, MoE, dense; eight experts, top-3, two shared.
+# ERNIE: dense, MoE, MoE, dense; eight experts, top-3, beside two shared.
 ERNIE_LAYERS = dict(num_hidden_layers=4, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1)
 ERNIE_EXPERTS = dict(moe_num_experts=8, moe_k=3, moe_num_shared_experts=2, moe_intermediate_size=32)
 CONFIGS = {
@@ -195,7 +195,7 @@ def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
 
 
 # GLM-4.5-Air's shape: no q/k norm, head_dim and partial_rotary_factor left to their defaults, no
-# groups; six experts, top-3, one shared, neither renormalised nor scaled, under two dense layers.
+# groups; six experts, top-3, one shared, neither renormalised nor scaled, after two dense layers.
 AIR_EXPERTS = dict(n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=1, moe_intermediate_size=32)
 AIR_ROUTING = dict(norm_topk_prob=False, routed_scaling_factor=1.0)
 # ERNIE untied, no shared experts, every second layer from 0, top-1: the clamp still divides one weight.
