@@ -95,6 +95,22 @@ def real_file(data: bytes, lfs: bool = True) -> File:
     return File(data, len(data), hashlib.sha256(data).hexdigest(), lfs, git)
 
 
+def use_hub(monkeypatch, url: str, folder: Path, **more: str) -> dict[str, str]:
+    """Point huggingface_hub and moerun at the Hub at `url`, their caches under `folder`
+    (hub/, moerun/), online and without a token, plus `more`; the variables set, as a dict."""
+    env = {
+        "HF_ENDPOINT": url,
+        "HF_HUB_CACHE": str(folder / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "",
+        "MOERUN_CACHE": str(folder / "moerun"),
+        **more,
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
 def is_lfs(name: str) -> bool:
     return name.endswith((".safetensors", ".model", ".bin"))
 

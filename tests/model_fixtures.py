@@ -17,18 +17,12 @@ import moerun
 from tests.tokenizer_fixtures import TOKENIZER_VOCAB_SIZE, write_tokenizer
 
 # Small but not degenerate: GQA (4 query heads over 2 kv heads), several experts,
-# top-2 routing, and layer counts that exercise dense/sparse interleaving.
+# top-2 routing, and layer counts that exercise dense/sparse interleaving. No special ids:
+# make_checkpoint gives the config the tokenizer's.
+TINY_ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 BASE = dict(
-    vocab_size=TOKENIZER_VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
+    TINY_ATTENTION, vocab_size=TOKENIZER_VOCAB_SIZE, intermediate_size=96, num_hidden_layers=3, **NO_SPECIAL_IDS
 )
 
 # The Qwen MoE families' experts: six of them, top-2, every layer sparse but one.
@@ -43,6 +37,9 @@ ARCH_CONFIGS = {
 # heads, as their configs have (MLA groups none).
 TINY_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24)
 TINY_ROUTED_EXPERTS = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+# Llama 3's RoPE scaling as released (Llama 4 keeps it); each test gives its original length.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 
 TEMPLATE_FOR = {"mixtral": "mistral", "qwen2_moe": "chatml", "qwen3_moe": "chatml"}
 

@@ -45,6 +45,14 @@ def check_correction_bias(ours, folder, layer: int, bf16_layer: int | None = Non
     assert half_gate.weight.dtype == torch.bfloat16
 
 
+def sanitize_args(module, arch: str, **config):
+    """`module`'s ModelArgs for one layer as small as check_sanitize_stacks_experts' tensors
+    (hidden size 4, two experts under either name, one picked), then `config`."""
+    tiny = dict(vocab_size=8, hidden_size=4, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    experts = dict(num_experts_per_tok=1, num_local_experts=2, num_experts=2)
+    return module.ModelArgs.from_dict({"model_type": arch, **tiny, **experts, **config})
+
+
 def check_sanitize_stacks_experts(
     module, args, prefix: str, others: dict, inter: int = 3, names=("gate_proj", "up_proj", "down_proj")
 ) -> None:

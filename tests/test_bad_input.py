@@ -210,21 +210,9 @@ def test_a_prompt_that_is_not_utf8_is_one_line(capsys, model, tmp_path, monkeypa
 
 
 def test_non_utf8_argv_through_the_real_process(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.test_cli import run_cli
 
-    from tests.test_cli import ROOT
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MOERUN_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moerun", "generate", "demo", b"hi \xff", "-n", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("generate", "demo", b"hi \xff", "-n", "1")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == ["error: the PROMPT argument is not UTF-8 text (byte 0xff at character 3)"]
 

@@ -123,6 +123,14 @@ def test_markdown_is_llama_bench_shaped(folder):
 FAST_ALIASES = ("qwen3-30b-a3b", "qwen3.5-35b-a3b", "switch-base-8")
 
 
+def synthetic_bench(alias: str, prompt_tokens: int, expert_slots: int) -> dict:
+    """`moerun bench --synthetic alias` on the CPU: one round of 2 tokens at 4 bits, the first layer only."""
+    spec = LoadSpec(expert_slots=expert_slots, device="cpu")
+    return bench.run_bench(
+        synthetic=alias, prompt_tokens=[prompt_tokens], gen_tokens=[2], repetitions=1, bits=[4], layers=1, spec=spec
+    )
+
+
 @pytest.mark.parametrize(
     "alias",
     [
@@ -132,15 +140,7 @@ FAST_ALIASES = ("qwen3-30b-a3b", "qwen3.5-35b-a3b", "switch-base-8")
 )
 def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    report = bench.run_bench(
-        synthetic=alias,
-        prompt_tokens=[2],
-        gen_tokens=[2],
-        repetitions=1,
-        bits=[4],
-        layers=1,
-        spec=LoadSpec(expert_slots=1, device="cpu"),
-    )
+    report = synthetic_bench(alias, prompt_tokens=2, expert_slots=1)
     assert len(report["rows"]) == 2
     for row in report["rows"]:
         check_row(row)
@@ -150,15 +150,7 @@ def test_synthetic_runs_offline_for_every_alias(alias, monkeypatch):
 
 
 def test_synthetic_quantized_and_offloaded(monkeypatch):
-    report = bench.run_bench(
-        synthetic="qwen3-30b-a3b",
-        prompt_tokens=[4],
-        gen_tokens=[2],
-        repetitions=1,
-        bits=[4],
-        layers=1,
-        spec=LoadSpec(expert_slots=4, device="cpu"),
-    )
+    report = synthetic_bench("qwen3-30b-a3b", prompt_tokens=4, expert_slots=4)
     for row in report["rows"]:
         check_row(row)
         assert row["bits"] == 4 and row["expert_slots_per_layer"] == 4 and row["expert_hit_rate"] < 1

@@ -13,7 +13,6 @@ import select
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +20,7 @@ import pytest
 
 from moerun.chat import ChatSession, run_repl
 from moerun.errors import MoerunError
+from moerun.generate import GenerationStats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,20 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- ChatSession with a fake model -------------------------------------------------------
 
 
-@dataclass
-class FakeStats:
-    prompt_tokens: int = 3
-    generated_tokens: int = 2
-    prompt_seconds: float = 0.1
-    generation_seconds: float = 0.1
-    prompt_tps: float = 30.0
-    generation_tps: float = 20.0
-    peak_memory_bytes: int = 0
-    finish_reason: str = "stop"
-    reused_tokens: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# A reply's figures as generate reports them: 3 prompt tokens in 0.1 s, 2 generated in 0.1 s.
+STATS = GenerationStats(
+    prompt_tokens=3,
+    generated_tokens=2,
+    prompt_seconds=0.1,
+    generation_seconds=0.1,
+    prompt_tps=30.0,
+    generation_tps=20.0,
+    peak_memory_bytes=0,
+    finish_reason="stop",
+)
 
 
 class CharTokenizer:
@@ -82,7 +79,7 @@ class FakeModel:
         yield SimpleNamespace(text="reply ", token_id=1, stats=None)
         if self.fail_with is not None:
             raise self.fail_with
-        yield SimpleNamespace(text=str(n), token_id=2, stats=FakeStats())
+        yield SimpleNamespace(text=str(n), token_id=2, stats=STATS)
 
 
 def roles(messages: list[dict]) -> list[str]:

@@ -19,7 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300, input: str | None = None
+) -> subprocess.CompletedProcess:
     full_env = {
         **os.environ,
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -30,9 +32,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "moerun", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    command = [sys.executable, "-m", "moerun", *args]
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, input=input)
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:

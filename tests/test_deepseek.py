@@ -20,6 +20,8 @@ from tests.model_fixtures import TINY_MLA, TINY_ROUTED_EXPERTS, family_fixtures,
 from tests.parity import check_correction_bias, check_sanitize_stacks_experts, rel_err
 
 MLA = dict(TINY_MLA, **TINY_ROUTED_EXPERTS, first_k_dense_replace=1)
+# DeepSeek-V2's and -V3's shared shape: low-rank queries, 4 expert groups of which 2 are kept.
+GROUPED = dict(MLA, q_lora_rank=32, n_group=4, topk_group=2, rope_theta=10000.0)
 YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
 CASES = {
     # DeepSeek-V2-Lite's shape: q_proj directly, greedy top-k.
@@ -31,13 +33,9 @@ CASES = {
     "v2": (
         "deepseek_v2",
         dict(
-            MLA,
-            q_lora_rank=32,
+            GROUPED,
             n_shared_experts=2,
             topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            rope_theta=10000.0,
             rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
         ),
     ),
@@ -46,14 +44,10 @@ CASES = {
     "v3": (
         "deepseek_v3",
         dict(
-            MLA,
-            q_lora_rank=32,
+            GROUPED,
             n_shared_experts=1,
-            n_group=4,
-            topk_group=2,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
-            rope_theta=10000.0,
             rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8),
         ),
     ),
@@ -200,32 +194,12 @@ def test_rope_variants_equal_transformers(params):
 
 
 def test_hub_and_transformers5_rope_configs_agree():
-    hub = {
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 163840,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
-    }
-    saved = {
-        "max_position_embeddings": 163840,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
-    }
+    # DeepSeek-V3's yarn, as its config.json writes it and as transformers 5 saves it.
+    yarn = dict(
+        factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0
+    )
+    hub = {"rope_theta": 10000.0, "max_position_embeddings": 163840, "rope_scaling": {"type": "yarn", **yarn}}
+    saved = {"max_position_embeddings": 163840, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, **yarn}}
     a, b = rope.rope_parameters(hub), rope.rope_parameters(saved)
     assert a["rope_type"] == b["rope_type"] == "yarn" and a["rope_theta"] == b["rope_theta"] == 10000.0
     fa, fb = rope.inv_freq_and_scaling(a, 64), rope.inv_freq_and_scaling(b, 64)

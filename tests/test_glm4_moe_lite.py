@@ -19,6 +19,7 @@ from tests.parity import check_correction_bias
 # ones, whose weights are renormalised and scaled.
 MLA = dict(TINY_MLA, q_lora_rank=32)
 MOE = dict(TINY_ROUTED_EXPERTS, n_shared_experts=1, routed_scaling_factor=1.8, norm_topk_prob=True)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128)
 CASES = {
     # GLM-4.7-Flash's shape: the first layer dense by default, no groups, interleaved rope.
     "flash": dict(MLA, **MOE, n_group=1, topk_group=1, rope_theta=1000000.0),
@@ -31,14 +32,7 @@ CASES = {
         n_group=4,
         topk_group=2,
         rope_interleave=False,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=10000.0,
-            factor=4.0,
-            original_max_position_embeddings=128,
-            mscale=1.0,
-            mscale_all_dim=0.8,
-        ),
+        rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.8),
     ),
 }
 
@@ -84,19 +78,9 @@ def test_hub_config_ignores_first_k_dense_replace_as_transformers_does():
     transformers makes the first layer dense whatever it says, and so does moerun."""
     import transformers
 
-    hub = dict(
-        model_type="glm4_moe_lite",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        first_k_dense_replace=2,
-        partial_rotary_factor=1.0,
-        rope_theta=1000000,
-        rope_scaling=None,
-        topk_method="noaux_tc",
-    )
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+    rope = dict(partial_rotary_factor=1.0, rope_theta=1000000, rope_scaling=None)
+    hub = dict(model_type="glm4_moe_lite", **shape, first_k_dense_replace=2, **rope, topk_method="noaux_tc")
     args = get_architecture("glm4_moe_lite").ModelArgs.from_dict(hub)
     ref = transformers.AutoConfig.for_model(**hub)
     assert args.moe_layers == {i for i, kind in enumerate(ref.mlp_layer_types) if kind == "sparse"} == {1, 2, 3}

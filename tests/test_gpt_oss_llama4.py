@@ -19,6 +19,8 @@ from moerun.models import ARCHITECTURES, build_meta_model, get_architecture
 from moerun.quant import mxfp4
 from tests.model_fixtures import (
     BASE,
+    LLAMA3_ROPE,
+    TINY_ATTENTION,
     checkpoint_headers,
     family_fixtures,
     reference_model,
@@ -29,6 +31,8 @@ from tests.parity import rel_err
 
 FAMILIES = ["gpt_oss", "llama4", "llama4_text"]
 
+# gpt-oss' yarn as released (but for its factor of 32 and original length of 4096).
+GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0, truncate=False)
 GPT_OSS = dict(
     BASE,
     intermediate_size=32,  # a multiple of 32: MXFP4 blocks
@@ -37,53 +41,26 @@ GPT_OSS = dict(
     num_experts_per_tok=2,
     sliding_window=6,
     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    rope_parameters=dict(
-        rope_type="yarn",
-        rope_theta=150000.0,
-        factor=8.0,
-        beta_fast=32.0,
-        beta_slow=1.0,
-        truncate=False,
-        original_max_position_embeddings=64,
-    ),
+    rope_parameters=dict(GPT_OSS_YARN, original_max_position_embeddings=64),
 )
+# Four experts, top-1, in every second layer: MoE layers 1 and 3, dense 0 and 2.
+LLAMA4_MOE = dict(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2)
+# Layer 3: no RoPE, full attention, temperature tuning; the others rotate within chunks of 6.
+LLAMA4_ATTENTION = dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=6, floor_scale=4, attn_scale=0.5)
+# Four layers of heads of 16; experts of 32 beside dense MLPs of 96.
+LLAMA4_SIZES = dict(vocab_size=256, num_hidden_layers=4, head_dim=16, intermediate_size=32, intermediate_size_mlp=96)
 LLAMA4_TEXT = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=32,
-    intermediate_size_mlp=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=2,  # MoE layers 1 and 3, dense 0 and 2
-    no_rope_layers=[1, 1, 1, 0],  # layer 3: no RoPE, full attention, temperature tuning
-    attention_chunk_size=6,
-    floor_scale=4,
-    attn_scale=0.5,
-    max_position_embeddings=512,
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=64,
-    ),
+    TINY_ATTENTION,
+    **LLAMA4_SIZES,
+    **LLAMA4_MOE,
+    **LLAMA4_ATTENTION,
+    rope_parameters=dict(LLAMA3_ROPE, original_max_position_embeddings=64),
 )
-LLAMA4_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=28,
-    patch_size=14,
-    vision_output_dim=32,
-    projector_input_dim=32,
-    projector_output_dim=32,
+# The vision tower: one layer, 32 wide, over 28-pixel images in patches of 14, projected at 32.
+LLAMA4_PATCHES = dict(
+    image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32
 )
+LLAMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **LLAMA4_PATCHES)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

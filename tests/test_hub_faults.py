@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from moerun import hub
-from tests.hub_server import File, HubServer, real_file
+from tests.hub_server import File, HubServer, real_file, use_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "faults/tiny"
@@ -50,17 +50,7 @@ def server():
 
 @pytest.fixture
 def env(server, tmp_path, monkeypatch):
-    e = {
-        "HF_ENDPOINT": server.url,
-        "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": "",
-        "MOERUN_CACHE": str(tmp_path / "moerun"),
-        "MOERUN_RETRY_BASE_S": "0.001",
-        "MOERUN_DEBUG": "",
-    }
-    for k, v in e.items():
-        monkeypatch.setenv(k, v)
+    e = use_hub(monkeypatch, server.url, tmp_path, MOERUN_RETRY_BASE_S="0.001", MOERUN_DEBUG="")
     server.reset()
     server.requests.clear()
     return e

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from moerun import hub, library
 from moerun.cli import app
-from tests.hub_server import HubServer
+from tests.hub_server import HubServer, use_hub
 from tests.test_pull import ROOT, one_line_error
 
 REPO = "tiny/lib"
@@ -37,15 +37,7 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def env(folders, tmp_path, monkeypatch):
     with HubServer() as server:
-        e = {
-            "HF_ENDPOINT": server.url,
-            "HF_HUB_CACHE": str(tmp_path / "hub"),
-            "HF_HUB_OFFLINE": "0",
-            "MOERUN_CACHE": str(tmp_path / "moerun"),
-            "HF_TOKEN": "",
-        }
-        for k, v in e.items():
-            monkeypatch.setenv(k, v)
+        e = use_hub(monkeypatch, server.url, tmp_path)
         server.add_folder(REPO, folders[0])
         first = hub.pull(REPO)
         server.add_folder(REPO, folders[1])

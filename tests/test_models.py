@@ -14,7 +14,7 @@ import moerun
 from moerun.errors import MoerunError
 from moerun.models import get_architecture
 from tests.model_fixtures import make_checkpoint, reference_model
-from tests.parity import check_sanitize_stacks_experts, rel_err
+from tests.parity import check_sanitize_stacks_experts, rel_err, sanitize_args
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 # A sliding window shorter than the sequences below, so that it changes the result.
@@ -65,21 +65,7 @@ def test_other_storage_dtypes_load(tmp_path, stored):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sanitize_stacks_experts_and_is_idempotent(arch):
     module = get_architecture(arch)
-    cfg = {
-        "model_type": arch,
-        "vocab_size": 8,
-        "hidden_size": 4,
-        "intermediate_size": 6,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "num_experts_per_tok": 1,
-        "num_local_experts": 2,
-        "num_experts": 2,
-        "moe_intermediate_size": 3,
-        "shared_expert_intermediate_size": 5,
-    }
-    args = module.ModelArgs.from_dict(cfg)
+    args = sanitize_args(module, arch, intermediate_size=6, moe_intermediate_size=3, shared_expert_intermediate_size=5)
     inter = 6 if arch == "mixtral" else 3
     names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "mixtral" else "mlp.experts")

@@ -14,7 +14,7 @@ import torch
 import moerun
 from moerun.models import build_meta_model, get_architecture
 from tests.model_fixtures import checkpoint_headers, make_checkpoint, reference_model
-from tests.parity import check_sanitize_stacks_experts, rel_err
+from tests.parity import check_sanitize_stacks_experts, rel_err, sanitize_args
 
 HEAD_DIM = 16  # BASE: hidden 64 over 4 heads
 LONGROPE = dict(
@@ -26,25 +26,18 @@ LONGROPE = dict(
     long_mscale=1.3,
     original_max_position_embeddings=64,  # longer than every sequence compared with transformers
 )
+SIX_EXPERTS = dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32)  # Phi-3.5-MoE's and Granite's
 CONFIGS = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=3, intermediate_size=32, clip_qkv=0.6),
     "phimoe": dict(
-        num_local_experts=6,
-        num_experts_per_tok=2,
-        intermediate_size=32,
+        SIX_EXPERTS,
         attention_bias=True,
         lm_head_bias=True,
         router_jitter_noise=0.3,  # a wide band, so that the masked softmax weights are not all 1
         rope_parameters=LONGROPE,
     ),
     "granitemoe": dict(
-        num_local_experts=6,
-        num_experts_per_tok=2,
-        intermediate_size=32,
-        embedding_multiplier=12.0,
-        residual_multiplier=0.22,
-        attention_multiplier=0.1,
-        logits_scaling=6.0,
+        SIX_EXPERTS, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1, logits_scaling=6.0
     ),
 }
 ARCHS = list(CONFIGS)
@@ -140,19 +133,7 @@ def test_phimoe_reads_hub_style_longrope_config():
 @pytest.mark.parametrize("arch", ["olmoe", "phimoe"])
 def test_sanitize_stacks_per_expert_weights_and_is_idempotent(arch):
     module = get_architecture(arch)
-    cfg = {
-        "model_type": arch,
-        "vocab_size": 8,
-        "hidden_size": 4,
-        "intermediate_size": 3,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "num_experts_per_tok": 1,
-        "num_local_experts": 2,
-        "num_experts": 2,
-    }
-    args = module.ModelArgs.from_dict(cfg)
+    args = sanitize_args(module, arch, intermediate_size=3)
     names = ("w1", "w3", "w2") if arch == "phimoe" else ("gate_proj", "up_proj", "down_proj")
     prefix = "model.layers.0." + ("block_sparse_moe.experts" if arch == "phimoe" else "mlp.experts")
     check_sanitize_stacks_experts(module, args, prefix, {"model.norm.weight": torch.ones(4)}, names=names)

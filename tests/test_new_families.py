@@ -19,35 +19,28 @@ from safetensors.torch import save_file
 import moerun
 from moerun.models import get_architecture
 from moerun.models.base import SparseMoeBlock
-from tests.model_fixtures import checkpoint_headers, family_fixtures, make_checkpoint, reference_model, set_tensors
+from tests.model_fixtures import (
+    TINY_ROUTED_EXPERTS,
+    checkpoint_headers,
+    family_fixtures,
+    make_checkpoint,
+    reference_model,
+    set_tensors,
+)
 from tests.parity import check_logits, rel_err
 
+# GLM: partial rotary (16 of 32 dims rotated), q/k norm, attention biases; eight routed
+# experts chosen within 1 of 2 groups, renormalised and scaled, beside two shared; a dense first layer.
+GLM_ATTENTION = dict(head_dim=32, partial_rotary_factor=0.5, rope_theta=1e6, use_qk_norm=True, attention_bias=True)
+GLM_ROUTING = dict(n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+# ERNIE: dense, MoE, MoE, dense; eight experts, top-3, beside two shared.
+ERNIE_LAYERS = dict(num_hidden_layers=4, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1)
+ERNIE_EXPERTS = dict(moe_num_experts=8, moe_k=3, moe_num_shared_experts=2, moe_intermediate_size=32)
 CONFIGS = {
-    "glm4_moe": dict(
-        head_dim=32,
-        partial_rotary_factor=0.5,  # 16 of 32 dims rotated
-        rope_theta=1e6,
-        use_qk_norm=True,
-        attention_bias=True,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-    ),
+    "glm4_moe": dict(TINY_ROUTED_EXPERTS, **GLM_ATTENTION, **GLM_ROUTING, n_shared_experts=2, first_k_dense_replace=1),
     "ernie4_5_moe": dict(
-        num_hidden_layers=4,  # dense, MoE, MoE, dense
-        moe_layer_start_index=1,
-        moe_layer_end_index=2,
-        moe_layer_interval=1,
-        moe_num_experts=8,
-        moe_k=3,
-        moe_num_shared_experts=2,
-        moe_intermediate_size=32,
+        ERNIE_LAYERS,
+        **ERNIE_EXPERTS,
         moe_norm_min=0.6,  # larger than many top-3 sums: the clamp decides some weights
         use_bias=True,
         tie_word_embeddings=True,
@@ -145,21 +138,10 @@ def test_glm_partial_rotary_and_qk_norm(pair):
     attn = ours.lm.model.layers[0].self_attn
     assert attn.rope.dim == 16 and not attn.rope.interleaved and attn.qk_norm == "head"
     # Hub configs may omit partial_rotary_factor: transformers then rotates half of each head.
+    tiny = dict(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4)
+    experts = dict(moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2)
     hub = get_architecture("glm4_moe").ModelArgs.from_dict(
-        {
-            "model_type": "glm4_moe",
-            "vocab_size": 8,
-            "hidden_size": 64,
-            "intermediate_size": 8,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "moe_intermediate_size": 8,
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "rope_theta": 1e6,
-        }
+        dict(model_type="glm4_moe", **tiny, num_key_value_heads=2, head_dim=32, **experts, rope_theta=1e6)
     )
     with torch.device("meta"):
         model = get_architecture("glm4_moe").Model(hub)
@@ -173,20 +155,12 @@ def test_ernie_moe_layer_range_equals_transformers(layers, start, end, interval)
     import transformers
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock
 
-    config = dict(
-        vocab_size=8,
-        hidden_size=16,
-        intermediate_size=8,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        moe_intermediate_size=4,
-        moe_num_experts=4,
-        moe_k=2,
-        moe_layer_start_index=start,
-        moe_layer_end_index=end,
-        moe_layer_interval=interval,
+    tiny = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1)
+    experts = dict(moe_intermediate_size=4, moe_num_experts=4, moe_k=2)
+    layout = dict(
+        num_hidden_layers=layers, moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval
     )
+    config = dict(tiny, **experts, **layout)
     with torch.device("meta"):
         ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("ernie4_5_moe", **config))
     want = {i for i, layer in enumerate(ref.model.layers) if isinstance(layer.mlp, Ernie4_5_MoeSparseMoeBlock)}
@@ -220,33 +194,18 @@ def test_mtp_layers_are_neither_described_nor_loaded(tmp_path):
     assert torch.equal(before, after)
 
 
+# GLM-4.5-Air's shape: no q/k norm, head_dim and partial_rotary_factor left to their defaults, no
+# groups; six experts, top-3, one shared, neither renormalised nor scaled, after two dense layers.
+AIR_EXPERTS = dict(n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=1, moe_intermediate_size=32)
+AIR_ROUTING = dict(norm_topk_prob=False, routed_scaling_factor=1.0)
+# ERNIE untied, no shared experts, every second layer from 0, top-1: the clamp still divides one weight.
+ERNIE_EVERY_SECOND = dict(num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2)
+ERNIE_TOP1 = dict(moe_num_experts=6, moe_k=1, moe_num_shared_experts=0, moe_intermediate_size=32, moe_norm_min=0.5)
 VARIANTS = {
-    # GLM-4.5-Air's shape: no q/k norm, head_dim and partial_rotary_factor left to their defaults, no groups.
     "glm4_moe": dict(
-        use_qk_norm=False,
-        attention_bias=True,
-        n_routed_experts=6,
-        num_experts_per_tok=3,
-        n_shared_experts=1,
-        moe_intermediate_size=32,
-        first_k_dense_replace=2,
-        num_hidden_layers=4,
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
+        AIR_EXPERTS, **AIR_ROUTING, use_qk_norm=False, attention_bias=True, num_hidden_layers=4, first_k_dense_replace=2
     ),
-    # Untied, no shared experts, every second layer from 0, top-1: the clamp still divides one weight.
-    "ernie4_5_moe": dict(
-        num_hidden_layers=4,
-        moe_layer_start_index=0,
-        moe_layer_interval=2,
-        moe_num_experts=6,
-        moe_k=1,
-        moe_num_shared_experts=0,
-        moe_intermediate_size=32,
-        moe_norm_min=0.5,
-        use_bias=False,
-        tie_word_embeddings=False,
-    ),
+    "ernie4_5_moe": dict(ERNIE_EVERY_SECOND, **ERNIE_TOP1, use_bias=False, tie_word_embeddings=False),
 }
 
 

@@ -11,6 +11,7 @@ import moerun
 from moerun import generate
 from moerun.chat import ChatSession
 from tests.model_fixtures import make_checkpoint
+from tests.test_deepseek import MLA
 
 
 @pytest.fixture(scope="module")
@@ -162,20 +163,7 @@ def test_greedy_picks_on_the_device(qwen, monkeypatch):
 
 
 def test_mla_latents_rewind_like_kv(tmp_path, monkeypatch):
-    mla = dict(
-        num_key_value_heads=4,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=24,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        n_shared_experts=2,
-        topk_method="greedy",
-    )
+    mla = dict(MLA, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")  # DeepSeek-V2-Lite's shape
     folder = make_checkpoint(tmp_path, "deepseek_v2", dtype=torch.float32, shards=1, **mla)
     model = moerun.load(str(folder), device="cpu", dtype="float32", ctx=64)
     assert generate._rewindable(model.kv_caches)

@@ -14,7 +14,7 @@ import pytest
 
 from moerun import hub
 from moerun.errors import MoerunError
-from tests.hub_server import HubServer
+from tests.hub_server import HubServer, use_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "tiny/moe"
@@ -34,16 +34,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def env(server, tmp_path, monkeypatch):
-    e = {
-        "HF_ENDPOINT": server.url,
-        "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "HF_HUB_OFFLINE": "0",
-        "MOERUN_CACHE": str(tmp_path / "moerun"),
-        "HF_TOKEN": "",
-        "MOERUN_RETRY_BASE_S": "0.001",
-    }
-    for k, v in e.items():
-        monkeypatch.setenv(k, v)
+    e = use_hub(monkeypatch, server.url, tmp_path, MOERUN_RETRY_BASE_S="0.001")
     server.cut_after, server.cuts_left, server.cut_file = None, 0, None
     return e
 

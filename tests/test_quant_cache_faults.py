@@ -68,6 +68,13 @@ def one_error_line(code: int, err: str) -> str:
     return lines[0]
 
 
+def generate_error(monkeypatch, capsys, folder: Path, bits: int, cache: Path) -> str:
+    """The one error line of `moerun generate` of one token from `folder` at `bits` on the
+    CPU, MOERUN_CACHE at `cache`."""
+    args = ("generate", str(folder), "hi", "--bits", str(bits), "--device", "cpu", "--max-new-tokens", "1")
+    return one_error_line(*cli(monkeypatch, capsys, *args, env={"MOERUN_CACHE": str(cache)}))
+
+
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
@@ -240,21 +247,7 @@ def test_too_little_free_space_is_refused_before_building(tiny, tmp_path, monkey
     # one place (moerun.moe.store.free_bytes); the comparison and message are real.
     cache = tmp_path / "cache"
     free_disk_bytes(4096)
-    code, err = cli(
-        monkeypatch,
-        capsys,
-        "generate",
-        str(tiny),
-        "hi",
-        "--bits",
-        "4",
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "1",
-        env={"MOERUN_CACHE": str(cache)},
-    )
-    line = one_error_line(code, err)
+    line = generate_error(monkeypatch, capsys, tiny, 4, cache)
     assert "needs" in line and "only 0.0 MiB is free" in line and "MOERUN_CACHE" in line and str(cache) in line, line
     assert listing(cache) == []  # refused before anything was written, the lock file included
 
@@ -270,21 +263,7 @@ def test_unwritable_cache_is_one_line_naming_moerun_cache(tiny, tmp_path, monkey
         ro.mkdir(mode=0o555)
         places.append(ro / "cache")
     for cache in places:
-        code, err = cli(
-            monkeypatch,
-            capsys,
-            "generate",
-            str(tiny),
-            "hi",
-            "--bits",
-            "8",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "1",
-            env={"MOERUN_CACHE": str(cache)},
-        )
-        line = one_error_line(code, err)
+        line = generate_error(monkeypatch, capsys, tiny, 8, cache)
         assert f"the cache {cache} is not writable" in line and "set MOERUN_CACHE to a writable folder" in line, line
     assert blocker.read_text() == "not a folder"
 

@@ -36,34 +36,20 @@ from tests.parity import NoHostSync, rel_err
 
 # 3 DeltaNet layers and 1 gated-attention layer; 2 key heads serving 4 value heads, key and
 # value head dims that differ, half of each attention head rotated.
-LINEAR = dict(
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=8,
-    linear_value_head_dim=12,
-    linear_conv_kernel_dim=4,
-)
+LINEAR_HEADS = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12)
+LINEAR = dict(LINEAR_HEADS, linear_conv_kernel_dim=4)
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 ROPE = dict(rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5))
+# What Qwen3-Next and Qwen3.5's text model share: 4 layers of DeltaNet or attention, all MoE.
+HYBRID = dict(num_hidden_layers=4, head_dim=16, **LINEAR, **MOE, **ROPE)
 QWEN3_NEXT = dict(
-    num_hidden_layers=4,
-    head_dim=16,
-    **LINEAR,
-    **MOE,
-    **ROPE,
+    HYBRID,
     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
     mlp_only_layers=[2],  # a dense MLP under a DeltaNet layer
     norm_topk_prob=False,
     attention_bias=True,
 )
-QWEN3_5_TEXT = dict(
-    {k: v for k, v in BASE.items() if k != "intermediate_size"},  # no dense layers
-    num_hidden_layers=4,
-    head_dim=16,
-    **LINEAR,
-    **MOE,
-    **ROPE,
-)
+QWEN3_5_TEXT = dict({k: v for k, v in BASE.items() if k != "intermediate_size"}, **HYBRID)  # no dense layers
 QWEN3_5_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
 VISION = ("model.visual.",)
 

@@ -92,6 +92,21 @@ def test_gated_delta_step_rejects_a_mismatched_state():
         )
 
 
+def check_steps(draw, reference, kernel, h_ref: torch.Tensor, keep, dtype) -> None:
+    """STEPS tokens through `kernel` on DEVICE, which updates its state in place, against
+    `reference` on the CPU: each step's inputs from draw(), then the state and the keep
+    flag (None: no flag)."""
+    h = h_ref.clone().to(DEVICE)
+    keep_t = None if keep is None else torch.tensor(keep)
+    for _ in range(STEPS):
+        inputs = draw()
+        y_ref, h_ref = reference(*inputs, h_ref, keep_t)
+        y, h_out = kernel(*(t.to(DEVICE) for t in inputs), h, None if keep_t is None else keep_t.to(DEVICE))
+        assert h_out is h and y.dtype == dtype
+        assert rel_err(y, y_ref) < TOLERANCE[dtype]
+        assert rel_err(h, h_ref) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "B, G, H, P, N, keep, block",
@@ -103,23 +118,15 @@ def test_mamba2_step_matches_the_reference(B, G, H, P, N, keep, block, dtype):
     A = -torch.rand(H, generator=gen) * 2 - 0.1
     D = torch.randn(H, generator=gen)
     h_ref = torch.randn(B, H, P, N, generator=gen) * 0.3
-    h = h_ref.clone().to(DEVICE)
-    keep_t = None if keep is None else torch.tensor(keep)
-    for _ in range(STEPS):
+
+    def draw():
         xs = torch.randn(B, H, P, generator=gen).to(dtype)
         dt = (torch.rand(B, H, generator=gen) * 0.5 + 0.01).to(dtype)
         b = torch.randn(B, G, N, generator=gen).to(dtype)
         c = torch.randn(B, G, N, generator=gen).to(dtype)
-        y_ref, h_ref = selective_state_step(xs, dt, A, b, c, D, h_ref, keep_t)
-        y, h_out = mamba2_step(
-            *(t.to(DEVICE) for t in (xs, dt, A, b, c, D)),
-            h,
-            None if keep_t is None else keep_t.to(DEVICE),
-            block_p=block,
-        )
-        assert h_out is h and y.dtype == dtype
-        assert rel_err(y, y_ref) < TOLERANCE[dtype]
-        assert rel_err(h, h_ref) < TOLERANCE[dtype]
+        return xs, dt, A, b, c, D
+
+    check_steps(draw, selective_state_step, functools.partial(mamba2_step, block_p=block), h_ref, keep, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -133,23 +140,15 @@ def test_mamba_step_matches_the_reference(B, I, N, keep, block, dtype):
     A = -torch.rand(I, N, generator=gen) * 2 - 0.1
     D = torch.randn(I, generator=gen)
     h_ref = torch.randn(B, I, N, generator=gen) * 0.3
-    h = h_ref.clone().to(DEVICE)
-    keep_t = None if keep is None else torch.tensor(keep)
-    for _ in range(STEPS):
+
+    def draw():
         x = torch.randn(B, I, generator=gen).to(dtype)
         dt = (torch.rand(B, I, generator=gen) * 0.5 + 0.01).to(dtype)
         b = torch.randn(B, N, generator=gen).to(dtype)
         c = torch.randn(B, N, generator=gen).to(dtype)
-        y_ref, h_ref = selective_scan_step(x, dt, A, b, c, D.to(dtype), h_ref, keep_t)
-        y, h_out = mamba_step(
-            *(t.to(DEVICE) for t in (x, dt, A, b, c, D.to(dtype))),
-            h,
-            None if keep_t is None else keep_t.to(DEVICE),
-            block_i=block,
-        )
-        assert h_out is h and y.dtype == dtype
-        assert rel_err(y, y_ref) < TOLERANCE[dtype]
-        assert rel_err(h, h_ref) < TOLERANCE[dtype]
+        return x, dt, A, b, c, D.to(dtype)
+
+    check_steps(draw, selective_scan_step, functools.partial(mamba_step, block_i=block), h_ref, keep, dtype)
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["zero-state", "continued"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moerun.rope import Rotary, rope_parameters
+from tests.model_fixtures import LLAMA3_ROPE
 
 HEAD_DIM, MAX_POS = 16, 32
 VARIANTS = {
@@ -16,14 +17,7 @@ VARIANTS = {
     "linear": dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
     "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
     "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=16),
-    "llama3": dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=16,
-    ),
+    "llama3": dict(LLAMA3_ROPE, original_max_position_embeddings=16),
     "longrope": dict(
         rope_type="longrope",
         rope_theta=10000.0,

@@ -30,23 +30,10 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "c
 # Small but not degenerate: 3 encoder blocks (sparse every 2nd: block 1), 3 decoder blocks
 # (all sparse), 4 experts with a capacity of 3, so that a 17-token sequence drops tokens;
 # 8 buckets up to distance 20, so that 17 positions reach the logarithmic buckets.
-CONFIG = dict(
-    d_model=32,
-    d_ff=48,
-    d_kv=8,
-    num_heads=4,
-    num_layers=3,
-    num_decoder_layers=3,
-    num_experts=4,
-    expert_capacity=3,
-    encoder_sparse_step=2,
-    decoder_sparse_step=1,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=20,
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+BLOCKS = dict(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=3)
+EXPERTS = dict(num_experts=4, expert_capacity=3, encoder_sparse_step=2, decoder_sparse_step=1)
+BUCKETS = dict(relative_attention_num_buckets=8, relative_attention_max_distance=20)
+CONFIG = dict(BLOCKS, **EXPERTS, **BUCKETS, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
 def write_t5_tokenizer(folder: Path) -> int:

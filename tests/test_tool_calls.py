@@ -30,6 +30,9 @@ TOOLS = [
     }
 ]
 ARGS = {"city": "Zürich", "days": 3, "zip": "8001"}
+# The calls every case parses, as the parsers return them.
+WEATHER = {"name": "get_weather", "arguments": ARGS}
+NOW = {"name": "now", "arguments": {}}
 USER = [{"role": "user", "content": "weather?"}]
 
 
@@ -67,7 +70,7 @@ CASES = {
         QWEN3_TEMPLATE,
         {"role": "assistant", "content": "Let me look.", "tool_calls": [_call()]},
         "<|im_end|>",
-        ("Let me look.", "", [{"name": "get_weather", "arguments": ARGS}]),
+        ("Let me look.", "", [WEATHER]),
     ),
     "qwen3-thinking": (
         "qwen",
@@ -79,7 +82,7 @@ CASES = {
             "tool_calls": [_call()],
         },
         "<|im_end|>",
-        ("Let me look.", "Paris? No, Zürich.", [{"name": "get_weather", "arguments": ARGS}]),
+        ("Let me look.", "Paris? No, Zürich.", [WEATHER]),
     ),
     # Thinking on: the prompt ends inside <think>, the reply closes it.
     "qwen3.5-xml": (
@@ -87,28 +90,28 @@ CASES = {
         QWEN3_5_TEMPLATE,
         {"role": "assistant", "reasoning_content": "Zürich, 3 days.", "content": "", "tool_calls": [_call()]},
         "<|im_end|>",
-        ("", "Zürich, 3 days.", [{"name": "get_weather", "arguments": ARGS}]),
+        ("", "Zürich, 3 days.", [WEATHER]),
     ),
     "mistral-v3": (
         "mistral",
         MISTRAL_V3_TEMPLATE,
         {"role": "assistant", "tool_calls": [_call(), _call("now", {})]},
         "</s>",
-        ("", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
+        ("", "", [WEATHER, NOW]),
     ),
     "mistral-v13": (
         "mistral",
         MISTRAL_V13_TEMPLATE,
         {"role": "assistant", "content": "Sure.", "tool_calls": [_call(), _call("now", {})]},
         "</s>",
-        ("Sure.", "", [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}]),
+        ("Sure.", "", [WEATHER, NOW]),
     ),
     "harmony-call": (
         "harmony",
         GPT_OSS_TEMPLATE,
         {"role": "assistant", "thinking": "Need the weather.", "tool_calls": [_call()]},
         "<|call|>",
-        ("", "Need the weather.", [{"name": "get_weather", "arguments": ARGS}]),
+        ("", "Need the weather.", [WEATHER]),
     ),
     "harmony-final": (
         "harmony",
@@ -122,7 +125,7 @@ CASES = {
         LLAMA4_TEMPLATE,
         {"role": "assistant", "content": "", "tool_calls": [_call()]},
         "<|eot|>",
-        ("", "", [{"name": "get_weather", "arguments": ARGS}]),
+        ("", "", [WEATHER]),
     ),
 }
 
@@ -166,34 +169,26 @@ def test_parses_the_real_templates_tool_calls(folder, case):
             "harmony",
             "<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary "
             'to=functions.get_weather <|constrain|>json<|message|>{"city": "Zürich", "days": 3, "zip": "8001"}',
-            [{"name": "get_weather", "arguments": ARGS}],
+            [WEATHER],
         ),
-        (
-            "llama4",
-            '[get_weather(city="Zürich", days=3, zip="8001"), now()]',
-            [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}],
-        ),
-        (
-            "llama4",
-            '<|python_start|>[get_weather(city="Zürich", days=3, zip="8001")]<|python_end|>',
-            [{"name": "get_weather", "arguments": ARGS}],
-        ),
+        ("llama4", '[get_weather(city="Zürich", days=3, zip="8001"), now()]', [WEATHER, NOW]),
+        ("llama4", '<|python_start|>[get_weather(city="Zürich", days=3, zip="8001")]<|python_end|>', [WEATHER]),
         (
             "llama4",
             '{"name": "get_weather", "parameters": {"city": "Zürich", "days": 3, "zip": "8001"}}; '
             '{"name": "now", "parameters": {}}',
-            [{"name": "get_weather", "arguments": ARGS}, {"name": "now", "arguments": {}}],
+            [WEATHER, NOW],
         ),
         (
             "mistral",
             '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Zürich", "days": 3, "zip": "8001"}',
-            [{"name": "get_weather", "arguments": ARGS}],
+            [WEATHER],
         ),
         (
             "qwen",
             '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Zürich\\", \\"days\\": 3, '
             '\\"zip\\": \\"8001\\"}"}\n</tool_call>',  # arguments as a JSON string
-            [{"name": "get_weather", "arguments": ARGS}],
+            [WEATHER],
         ),
     ],
 )

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
 from moerun.registry import DEMO_DIR
 from tests.parity import run_main
-from tests.test_cli import ROOT, run_cli
+from tests.test_cli import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -221,23 +220,7 @@ def test_chat_template_that_raises(capsys, model):
 def test_chat_session_survives_a_template_error(model):
     """The real `moerun chat`, stdin piped: the failing turn gives one line, the next works."""
     patch_json(model / "tokenizer_config.json", chat_template=BOOM_TEMPLATE)
-    import os
-    import subprocess
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "moerun", "chat", str(model), "-n", "4", "--dtype", "float32"],
-        input="boom\ncount from 7\n/exit\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = run_cli("chat", str(model), "-n", "4", "--dtype", "float32", input="boom\ncount from 7\n/exit\n")
     # Piped stdin: replies alone on stdout, the failed turn one line on stderr, exit 1
     # (a script must see that a turn failed), and the session went on to the next turn.
     assert proc.returncode == 1, proc.stderr
