@@ -148,6 +148,8 @@ class Model:
     def describe(self) -> str:
         size = params_short(self.num_parameters)
         dtype = str(self.dtype).removeprefix("torch.")
+        if self.plan is not None and self.plan.linear_dtype:
+            dtype += f" (matrices {self.plan.linear_dtype})"
         return f"{self.name} · {self.config.get('model_type')} · {size} params · {self.device} · {dtype}"
 
     @property
@@ -390,8 +392,12 @@ def assemble(
     """Plan `source` for `spec` on `device` (refused with numbers when it does not fit),
     build it as planned; on the CPU, its decode-step GEMVs through the C kernel. Returns
     the LM, the plan, the expert cache's info and the dtype the rest computes in."""
-    dtype = plan.DTYPES[spec.dtype] if spec.dtype != "auto" else plan.default_dtype(source.config, device.type)
-    memory_plan = plan.plan_load(source.summary(), spec, device, dtype, source.name)
+    if spec.dtype == "auto":
+        dtype = plan.default_dtype(source.config, device.type)
+        linears = plan.linear_dtype(source.config, device.type, dtype)
+    else:
+        dtype = linears = plan.DTYPES[spec.dtype]
+    memory_plan = plan.plan_load(source.summary(), spec, device, dtype, source.name, linears)
     lm, info = source.build(memory_plan, spec, device, dtype, on_event)
     if device.type == "cpu":
         from moerun.kernels.cpu_linear import use_cpu_linears
@@ -420,7 +426,10 @@ class CheckpointSource:
 
         on_kernels = device.type == "cuda" and kernels.available(device)
         offload = spec.bits != 16 or memory_plan.expert_slots_per_layer < memory_plan.n_experts or on_kernels
-        lm = load_model(self.folder, self.config, dtype, device, routed_experts=not offload, ckpt=self.ckpt)
+        linears = plan.DTYPES[memory_plan.linear_dtype] if memory_plan.linear_dtype else None
+        lm = load_model(
+            self.folder, self.config, dtype, device, routed_experts=not offload, ckpt=self.ckpt, linear_dtype=linears
+        )
         if not offload:
             return lm, None
 

@@ -29,7 +29,7 @@ from moerun.api import assemble, load_spec
 from moerun.errors import MoerunError
 from moerun.kernels import cpu_experts
 from moerun.models import build_meta_model, get_architecture
-from moerun.models.base import is_encoder_decoder, parameter_roles, role_of
+from moerun.models.base import is_encoder_decoder, linear_parameters, parameter_roles, role_of
 from moerun.moe.cache import CachedExperts
 from moerun.moe.offload import (
     cache_stats,
@@ -125,13 +125,16 @@ class SyntheticSource:
     def build(self, memory_plan, spec, device, dtype, on_event):
         lm, g = self.lm, torch.Generator().manual_seed(self.seed)
         roles = parameter_roles(lm)
+        # As load_model keeps them: the nn.Linear matrices in the plan's linear dtype.
+        linears = linear_parameters(lm) if memory_plan.linear_dtype else set()
         for pname, p in list(lm.named_parameters()):
             if roles[pname] == "routed_experts":
                 continue
             if "norm" in pname and p.dim() == 1:
                 value = torch.ones(p.shape, dtype=dtype)
             else:
-                value = _random_weights(p.shape, dtype, g)
+                at_rest = plan.DTYPES[memory_plan.linear_dtype] if pname in linears else dtype
+                value = _random_weights(p.shape, at_rest, g)
             owner, _, leaf = pname.rpartition(".")
             setattr(lm.get_submodule(owner), leaf, nn.Parameter(value.to(device), requires_grad=False))
         lm.tie_weights()
@@ -183,8 +186,9 @@ class SectionTimer:
 
 @contextmanager
 def profiled(lm: nn.Module, timer: SectionTimer):
-    """Attribute time to attention and MoE blocks (hooks), and to copies and CPU experts
-    (each expert cache's `profiled`)."""
+    """Attribute time to attention and MoE blocks and the lm_head (hooks), and to copies
+    and CPU experts (each expert cache's `profiled`): what is left is the glue between
+    them (embeddings, norms, residuals, sampling, Python)."""
     handles, stack = [], []
 
     def enter(name):
@@ -203,6 +207,8 @@ def profiled(lm: nn.Module, timer: SectionTimer):
             kind = "attention"
         elif path in moe_blocks:
             kind = "moe"
+        elif path == "lm_head":  # a weight read as large as several layers' attention
+            kind = "lm_head"
         else:
             continue
         handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave)]
@@ -312,6 +318,7 @@ def bench_model(
         "experts": max(moe - copies - cpu_experts, 0.0) / profiled_total,
         "copies": copies / profiled_total,
         "cpu_experts": cpu_experts / profiled_total,
+        "lm_head": timer.seconds.get("lm_head", 0.0) / profiled_total,
     }
     shares["other"] = max(1.0 - sum(shares.values()), 0.0)
     uses = totals.get("hits", 0) + totals.get("misses", 0)
@@ -574,11 +581,11 @@ def render_markdown(report: dict, width: int = 80) -> str:
 
     def shares(r):
         sh = r["time_share"]
-        return [f"{sh[k]:.0%}" for k in ("attention", "experts", "copies", "cpu_experts", "other")]
+        return [f"{sh[k]:.0%}" for k in ("attention", "experts", "copies", "cpu_experts", "lm_head", "other")]
 
     lines += table(["slots", "TTFT", "peak VRAM", "peak RAM", "read/token", "bound t/s"], memory)
     lines += table(["hit rate", "copied/token", "PCIe GB/s", "CPU experts/token"], experts)
-    lines += table(["attention", "experts", "copies", "CPU experts", "other"], shares)
+    lines += table(["attention", "experts", "copies", "CPU experts", "lm_head", "other"], shares)
     m = report["machine"]
     gpu = f"{m['gpu']} ({gib(m['vram_bytes'])}, driver {m['driver']})" if m["gpu"] else "none"
     read = f", read {m['ram_read_bytes_s'] / 1e9:.1f} GB/s" if m.get("ram_read_bytes_s") else ""
@@ -588,7 +595,10 @@ def render_markdown(report: dict, width: int = 80) -> str:
     ]
     text += ["note: bound t/s = weight bytes a decode step reads / the measured read bandwidth"] if read else []
     text += [f"note: {n}" for n in report["notes"]]
-    text += ["note: time shares come from one extra synchronized pass; other = embeddings, lm_head, norms, sampling"]
+    text += [
+        "note: time shares come from one extra synchronized pass; other = the glue between them: "
+        "embeddings, final norm, residuals, sampling, Python"
+    ]
     lines.append("")
     for t in text:
         lines += textwrap.wrap(t, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)

@@ -261,6 +261,7 @@ def suggest(
         return []
     out = []
     vram, ram, ctx = chosen.vram_budget, chosen.ram_budget, chosen.ctx
+    linears = plan.DTYPES[chosen.linear_dtype] if chosen.linear_dtype else None
     fewer = plan.fewer_bits(plans, chosen.bits)
     if fewer:
         q = fewer[0]
@@ -271,12 +272,12 @@ def suggest(
     if low is not None:
         shorter = ctx // 2
         while shorter >= 256:
-            q = plan.make_plan(summary, low, dtype, vram, ram, shorter, unified=unified)
+            q = plan.make_plan(summary, low, dtype, vram, ram, shorter, unified=unified, linears=linears)
             if q.verdict is not Verdict.NO:
                 out.append(f"--bits {low} --ctx {shorter}: {_fits_words(q, chip)}")
                 break
             shorter //= 2
-        q = plan.make_plan(summary, low, dtype, vram, None, ctx, unified=unified)  # more RAM, the same GPU
+        q = plan.make_plan(summary, low, dtype, vram, None, ctx, unified=unified, linears=linears)  # more RAM, same GPU
         if q.verdict is not Verdict.NO and not chip:
             out.append(f"--bits {low} with {gib(q.ram_bytes)} of RAM: {_fits_words(q)}")
         else:  # a larger card (or chip), with the RAM that then takes
@@ -292,6 +293,7 @@ def suggest(
                     g.memory_bytes if unified else None,
                     ctx,
                     unified=unified,
+                    linears=linears,
                 )
                 if q.verdict is not Verdict.NO:
                     extra = f" with {gib(q.ram_bytes)} of RAM" if not unified and q.ram_bytes > (ram or 0) else ""
@@ -366,15 +368,19 @@ def fit(
     unified = device != "cuda"
     warnings = list(summary.warnings)
     dtype = dtype_name(dtype)
-    if dtype == "auto":
-        torch_dtype = plan.default_dtype(meta.config, "cpu" if device == "cpu" else "cuda")  # as moerun.load chooses
+    if dtype == "auto":  # as moerun.load chooses
+        torch_dtype = plan.default_dtype(meta.config, "cpu" if device == "cpu" else "cuda")
+        linears = plan.linear_dtype(meta.config, "cpu" if device == "cpu" else "cuda", torch_dtype)
     else:
-        torch_dtype = plan.DTYPES[dtype]
+        torch_dtype = linears = plan.DTYPES[dtype]
     if device == "cpu":
         compute_dtype = str(torch_dtype).removeprefix("torch.")
+        if linears != torch_dtype:
+            compute_dtype += f", matrices kept {str(linears).removeprefix('torch.')}"
         warnings.append(f"no CUDA GPU: planned for the CPU, host RAM holds it all ({compute_dtype} unless --dtype)")
     plans = {
-        b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified) for b in (16, 8, 4)
+        b: plan.make_plan(summary, b, torch_dtype, vram_budget, ram_budget, ctx, unified=unified, linears=linears)
+        for b in (16, 8, 4)
     }
     recommended = recommend(plans)
     chosen = plans[bits or recommended or 4]

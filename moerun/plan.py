@@ -64,15 +64,42 @@ def cpu_computes(dtype: torch.dtype) -> bool:
     return False
 
 
+def stored_dtype(config: dict) -> torch.dtype:
+    """The dtype the checkpoint says its weights are in (bf16 when it does not say)."""
+    return DTYPES.get(text_config(config).get("torch_dtype") or config.get("dtype") or "bfloat16", torch.bfloat16)
+
+
 def default_dtype(config: dict, device_type: str) -> torch.dtype:
-    """The dtype non-expert weights are kept and computed in unless --dtype says otherwise:
-    the checkpoint's own; on a CPU that cannot multiply it at full speed, float32 (twice
-    the RAM and the bytes per token, but a half-precision matmul emulated there is slower
-    still). The one rule `load` and `fit` share."""
-    stored = DTYPES.get(text_config(config).get("torch_dtype") or config.get("dtype") or "bfloat16", torch.bfloat16)
+    """The dtype non-expert weights are computed in unless --dtype says otherwise: the
+    checkpoint's own; on a CPU that cannot multiply it at full speed, float32 (a
+    half-precision matmul emulated there is several times slower). The one rule `load`
+    and `fit` share (with `linear_dtype` for what the matrices are kept in)."""
+    stored = stored_dtype(config)
     if device_type == "cpu" and not cpu_computes(stored):
         return torch.float32
     return stored
+
+
+def linear_dtype(config: dict, device_type: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype the nn.Linear matrices are kept in when the compute dtype is `compute`
+    (chosen by default_dtype). On a CPU that computes in float32 only because it cannot
+    multiply the checkpoint's bf16 / fp16 natively, they stay 16-bit at rest: a decode
+    step's GEMVs (attention projections, dense MLPs, lm_head) read them through the C
+    kernel, which widens them in registers, so a step reads half the bytes float32 costs,
+    and decode is bound by those bytes; a prompt's matmuls widen them per call
+    (kernels.cpu_linear). Elsewhere, and without the C kernels, the compute dtype."""
+    from moerun.kernels import cpu_experts
+
+    stored = stored_dtype(config)
+    if (
+        device_type == "cpu"
+        and compute == torch.float32
+        and stored in (torch.bfloat16, torch.float16)
+        and not cpu_computes(stored)
+        and cpu_experts.available()
+    ):
+        return stored
+    return compute
 
 
 @dataclasses.dataclass
@@ -85,6 +112,8 @@ class ModelSummary:
 
     params_by_role: dict[str, int]
     stored_bytes_by_role: dict[str, int]
+    # Of params_by_role, the nn.Linear matrices' (which linear_dtype may keep 16-bit).
+    linear_params_by_role: dict[str, int]
     moe_layers: list[int]
     n_experts: int
     experts_per_token: int
@@ -157,12 +186,15 @@ def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) 
     tensors: the checkpoint's headers, name -> (shape, dtype), when there are any; names
     the layout lacks are tensors the model never loads. Without headers the layout stands
     in for them (a shipped config, a synthetic model)."""
-    from moerun.models.base import SparseMoeBlock, parameter_roles
+    from moerun.models.base import SparseMoeBlock, linear_parameters, parameter_roles
     from moerun.moe.offload import routed_expert_modules
 
-    params = dict.fromkeys(ROLES, 0)
+    params, linear = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0)
+    linear_names = linear_parameters(lm)
     for name, role in parameter_roles(lm).items():
         params[role] = params.get(role, 0) + lm.get_parameter(name).numel()
+        if name in linear_names:
+            linear[role] = linear.get(role, 0) + lm.get_parameter(name).numel()
     routed_by_layer, intermediate, gated = {}, 0, True
     for i, _, module in routed_expert_modules(lm):
         routed_by_layer[i] = (module.n_params, module.n_experts)
@@ -182,6 +214,7 @@ def describe_model(lm, config: dict, layout: dict, tensors: dict | None = None) 
     return ModelSummary(
         params_by_role=params,
         stored_bytes_by_role=stored,
+        linear_params_by_role=linear,
         moe_layers=sorted(routed_by_layer),
         n_experts=max((e for _, e in routed_by_layer.values()), default=0),
         experts_per_token=blocks[0].top_k if blocks else 0,
@@ -224,6 +257,7 @@ def _generic_summary(config: dict, tensors: dict) -> ModelSummary:
     return ModelSummary(
         params_by_role=params,
         stored_bytes_by_role=stored,
+        linear_params_by_role={},
         moe_layers=[],
         n_experts=0,
         experts_per_token=0,
@@ -278,6 +312,8 @@ class Plan:
     experts_per_token: int = 0
     # One memory pool (the CPU, Apple silicon): `ram_budget` holds the device share too.
     unified: bool = False
+    # What the nn.Linear matrices are kept in, when not `dtype`.
+    linear_dtype: str | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -332,17 +368,23 @@ def make_plan(
     ctx: int | None = None,
     expert_slots: int | None = None,
     unified: bool = False,
+    linears: torch.dtype | None = None,
 ) -> Plan:
     """Turn budgets into placement. vram=None means the device holds everything.
 
-    Non-expert weights stay in `dtype`; routed experts are stored at `bits` (16 means
-    `dtype`). With fewer slots than experts, the host store holds every expert.
+    Non-expert weights stay in `dtype` (the nn.Linear matrices in `linears` when given); routed
+    experts are stored at `bits` (16 means `dtype`). With fewer slots than experts, the
+    host store holds every expert.
     unified: the device is host RAM (the CPU, Apple's unified memory), so `ram` must hold
     the device share and the store together; a plan that holds it all is "ram"."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     ctx = min(ctx or min(summary.max_context, 4096), summary.max_context)
     non_expert_roles = [r for r in ROLES if r != "routed_experts"]
-    by_role = {r: summary.params_by_role.get(r, 0) * dtype_bytes for r in non_expert_roles}
+    linear_bytes = torch.empty((), dtype=linears).element_size() if linears is not None else dtype_bytes
+    by_role = {}
+    for r in non_expert_roles:
+        matrices = summary.linear_params_by_role.get(r, 0)
+        by_role[r] = matrices * linear_bytes + (summary.params_by_role.get(r, 0) - matrices) * dtype_bytes
     E, L = summary.n_experts, len(summary.moe_layers)
     blob = 0
     if E:
@@ -376,6 +418,7 @@ def make_plan(
             reason=reason,
             experts_per_token=summary.experts_per_token,
             unified=unified,
+            linear_dtype=str(linears).removeprefix("torch.") if linears not in (None, dtype) else None,
         )
 
     if expert_slots is not None:
@@ -457,7 +500,14 @@ def bits_hint(plans: dict[int, Plan], bits: int) -> str:
     return f"; it fits with {' or '.join(fits)}" if fits else ""
 
 
-def plan_load(summary: ModelSummary, spec: LoadSpec, device: torch.device, dtype: torch.dtype, name: str) -> Plan:
+def plan_load(
+    summary: ModelSummary,
+    spec: LoadSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    name: str,
+    linears: torch.dtype | None = None,
+) -> Plan:
     """The plan for loading `name` as `spec` asks on `device`: its budgets (or the defaults:
     free VRAM less a reserve, most of the available RAM: on the CPU RAM holds it all, so it
     is checked as VRAM is, before anything is allocated); refused with numbers, and with
@@ -465,11 +515,15 @@ def plan_load(summary: ModelSummary, spec: LoadSpec, device: torch.device, dtype
     vram = spec.vram if spec.vram is not None else vram_budget(device)
     ram = spec.ram if spec.ram is not None else ram_budget()
     unified = device.type == "cpu"
-    chosen = make_plan(summary, spec.bits, dtype, vram, ram, spec.ctx, spec.expert_slots, unified=unified)
+    chosen = make_plan(
+        summary, spec.bits, dtype, vram, ram, spec.ctx, spec.expert_slots, unified=unified, linears=linears
+    )
     if chosen.verdict is Verdict.NO:
         hint = ""
         if not spec.expert_slots:  # a refusal with --expert-slots is about those slots, not the bits
-            fewer = {b: make_plan(summary, b, dtype, vram, ram, spec.ctx, unified=unified) for b in (8, 4)}
+            fewer = {
+                b: make_plan(summary, b, dtype, vram, ram, spec.ctx, unified=unified, linears=linears) for b in (8, 4)
+            }
             hint = bits_hint(fewer, spec.bits)
         raise MoerunError(f"{name} does not fit: {chosen.reason}{hint}")
     return chosen

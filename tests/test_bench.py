@@ -58,7 +58,7 @@ def check_row(row: dict) -> None:
     assert 0 <= row["expert_hit_rate"] <= 1 and row["bytes_copied_per_token"] >= 0 and row["peak_ram_bytes"] > 0
     assert row["params"] > 0 and row["size_bytes"] > 0 and row["active_params"] <= row["params"]
     shares = row["time_share"]
-    assert set(shares) == {"attention", "experts", "copies", "cpu_experts", "other"}
+    assert set(shares) == {"attention", "experts", "copies", "cpu_experts", "lm_head", "other"}
     assert all(v >= 0 for v in shares.values()) and abs(sum(shares.values()) - 1) < 0.05
 
 

@@ -10,7 +10,9 @@ checks against the reference:
 - the family's checkpoint_tensors equal to the saved headers, and sanitize of that
   layout (as meta tensors) giving exactly the model's parameters;
 - the plan counting what the loaded model holds (parameters, and the state its layers
-  allocate for the planned context).
+  allocate for the planned context);
+- on a CPU without native bf16 (forced), the matrices kept bf16 at rest under float32
+  compute: the logits and greedy tokens of float32 throughout, the bytes as planned.
 
 The rows' configs and makers live with each family's own tests (tests/test_<family>.py),
 which add what is particular to it."""
@@ -24,7 +26,10 @@ import pytest
 import torch
 
 import moerun
+from moerun import plan
+from moerun.kernels import cpu_experts
 from moerun.models import build_meta_model
+from moerun.models.base import linear_parameters
 from moerun.weights import CheckpointWeights
 from tests import (
     test_deepseek,
@@ -45,6 +50,7 @@ from tests.parity import (
     check_offloaded_4bit_equals_resident,
     check_second_generation_equals_a_fresh_one,
     check_static_decode,
+    rel_err,
 )
 
 
@@ -141,3 +147,19 @@ def test_the_plan_is_what_the_model_holds(checkpoint):
     states = [c for c in model.kv_caches if c is not None]  # a layer may keep none (an MLP-only block)
     assert states and all(c.max_len == 48 for c in states)
     assert sum(c.nbytes for c in states) == model.plan.kv_cache_bytes
+
+
+@pytest.mark.skipif(not cpu_experts.available(), reason="without the C kernels the matrices stay float32")
+def test_matrices_at_rest_in_bf16_equal_float32(checkpoint, pair, monkeypatch):
+    folder, _ = checkpoint
+    monkeypatch.setattr(plan, "cpu_computes", lambda dtype: dtype == torch.float32)
+    at_rest, wide = moerun.load(str(folder), device="cpu", ctx=64), pair[0]
+    names = linear_parameters(at_rest.lm)
+    held = {p.dtype for n, p in at_rest.lm.named_parameters() if n in names}
+    assert at_rest.dtype == torch.float32 and held == {torch.bfloat16}
+    saved = sum(p.numel() * (4 - p.element_size()) for n, p in at_rest.lm.named_parameters() if n in names)
+    assert wide.plan.non_expert_bytes - at_rest.plan.non_expert_bytes == saved > 0
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert rel_err(at_rest.logits(ids), wide.logits(ids)) < 1e-5  # the prompt: matmuls over widened weights
+    a = at_rest.generate(ids[0].tolist(), max_new_tokens=8, temperature=0).token_ids
+    assert a == wide.generate(ids[0].tolist(), max_new_tokens=8, temperature=0).token_ids  # decode: the C GEMV

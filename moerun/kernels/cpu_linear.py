@@ -47,7 +47,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class CpuLinear(nn.Linear):
-    """nn.Linear whose few-token calls on the CPU go through the C GEMV."""
+    """nn.Linear whose few-token calls on the CPU go through the C GEMV. Its weight may be
+    kept in 16 bits while the activations are float32 (moerun.plan.linear_dtype): the C
+    kernel widens it in registers, and a longer input's matmul widens it first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -55,11 +57,14 @@ class CpuLinear(nn.Linear):
             x.device.type == "cpu"
             and x.numel() <= MAX_TOKENS * x.shape[-1]
             and w.is_contiguous()
-            and w.dtype == x.dtype
-            and (b is None or (b.dtype == w.dtype and b.is_contiguous()))
+            and x.dtype in _DTYPE_CODES
             and not torch.is_grad_enabled()
         ):
-            return linear(x, w, b)
+            if b is None or (b.dtype == w.dtype and b.is_contiguous()):
+                return linear(x, w, b)
+            return linear(x, w) + b.to(x.dtype)  # the kernel reads a bias in the weight's dtype
+        if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+            return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         return F.linear(x, w, b)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moerun.errors import MoerunError
-from moerun.models.base import Family, parameter_roles
+from moerun.models.base import Family, linear_parameters, parameter_roles
 from moerun.weights import CheckpointWeights, check_finite
 
 # Every module here but `base` is an architecture, named by its config.json model_type.
@@ -78,9 +78,11 @@ def load_model(
     device: torch.device | str,
     routed_experts: bool = True,
     ckpt: CheckpointWeights | None = None,
+    linear_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build the model for `config` and load its weights from `folder` (or the already
-    open `ckpt`), cast to `dtype` on `device`.
+    open `ckpt`), cast to `dtype` on `device` (the nn.Linear layers' weights and biases to
+    `linear_dtype` when given: see moerun.plan.linear_dtype).
 
     Tensors are read per decoder layer, so host memory holds at most one layer's
     worth of checkpoint tensors beyond the model itself. With routed_experts=False the
@@ -95,6 +97,7 @@ def load_model(
 
     # Names an architecture keeps in float32 whatever `dtype` (e.g. DeepSeek-V3's router bias).
     keep_fp32 = arch.float32_params
+    linears = linear_parameters(model) if linear_dtype not in (None, dtype) else set()
     with contextlib.ExitStack() as stack:
         if ckpt is None:
             ckpt = stack.enter_context(CheckpointWeights.open(folder))
@@ -131,7 +134,14 @@ def load_model(
                         "an integer type where a floating-point weight belongs; the checkpoint is "
                         "damaged or in a format moerun does not read"
                     )
-                tensor = tensor.to(device=device, dtype=torch.float32 if name.endswith(keep_fp32) else dtype)
+                if name.endswith(keep_fp32):
+                    target = torch.float32
+                else:
+                    # At rest in 16 bits only what the checkpoint stores in 16 bits or fewer,
+                    # bf16 and fp16 as they are: no stored value is rounded.
+                    at_rest = name in linears and tensor.element_size() <= 2
+                    target = dtype if not at_rest else tensor.dtype if tensor.element_size() == 2 else linear_dtype
+                tensor = tensor.to(device=device, dtype=target)
                 # NaN/Inf (or a value the cast overflowed) would answer with garbage: checked after
                 # the cast, in full but for resident routed experts (sampled: they are most bytes).
                 check_finite(name, tensor, sample=1 << 16 if roles[name] == "routed_experts" else None)

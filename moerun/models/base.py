@@ -289,6 +289,18 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def linear_parameters(model: nn.Module) -> set[str]:
+    """The names of the weights and biases of `model`'s nn.Linear layers (CpuLinear
+    included): the matrices a CPU keeps 16-bit while it computes in float32
+    (moerun.plan.linear_dtype)."""
+    return {
+        f"{path}.{leaf}" if path else leaf
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        for leaf, _ in module.named_parameters(recurse=False)
+    }
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then h + ffn(norm(h)). The mixer
     (attention, latent attention, later a recurrent layer) and the feed-forward keep their

@@ -144,7 +144,8 @@ class MambaMixer(RecurrentMixer):
         dt, b, c = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         if self.bcdt_norms:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
-        dt = self.dt_proj.weight @ dt.transpose(1, 2)  # the bias is added apart, as the reference does
+        # The bias is added apart, as the reference does; the weight may be kept 16-bit at rest.
+        dt = self.dt_proj.weight.to(dt.dtype) @ dt.transpose(1, 2)
         return F.softplus(dt + self.dt_proj.bias.to(dt.dtype)[:, None]), b, c
 
     def _scan(self, u, dt, A, b, c, gate, h0, state: MambaState) -> torch.Tensor:
