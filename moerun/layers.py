@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moerun.kernels import cpu_attention
+from moerun.kernels.cpu_linear import project
 
 
 class RMSNorm(nn.Module):
@@ -337,7 +338,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerState, start: Start) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if self.output_gate:
             q, gate = q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
@@ -391,4 +392,5 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)

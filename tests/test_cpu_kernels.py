@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moerun.kernels import cpu_experts
-from moerun.kernels.cpu_linear import CpuLinear, linear, use_cpu_linears
+from moerun.kernels.cpu_linear import CpuLinear, linear, project, use_cpu_linears
 from moerun.kernels.reference import fused_experts_reference
 from moerun.moe.experts import ExpertActivation, RoutedExperts
 from moerun.quant.format import ExpertFormat
@@ -184,6 +184,51 @@ def test_dense_linear_equals_f_linear(isa, wdtype, M, K):
     limit = 1e-5 if wdtype == torch.float32 else 4e-3
     assert rel_err(got, truth) < limit
     assert rel_err(linear(x, w).float(), F.linear(x.float(), w.float())) < limit
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_projections_of_one_input_in_one_call(isa, wdtype, xdtype, M, threads):
+    """q/k/v-like matrices of different heights (odd ones too, so a thread's range starts
+    and ends inside a matrix and mid-way through a group of 4 rows), with and without
+    biases, in one C call: each output equals its own F.linear; float32 activations over
+    16-bit weights too (the matrices at rest of a CPU without native bf16)."""
+    gen = torch.Generator().manual_seed(M * 7 + threads)
+    K = 160
+    layers = [torch.nn.Linear(K, n, bias=bias) for n, bias in ((96, True), (37, False), (37, True), (5, False))]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.05)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    layers = [m.to(wdtype) for m in layers]
+    x = torch.randn(1, M, K, generator=gen).to(xdtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = project(x, *layers)
+    finally:
+        torch.set_num_threads(before)
+    limit = 1e-5 if xdtype == torch.float32 else 4e-3  # only the output's rounding to its dtype
+    for m, out in zip(layers, got):
+        bias = m.bias.float() if m.bias is not None else None
+        assert out.shape == (1, M, m.weight.shape[0]) and out.dtype == xdtype
+        assert rel_err(out.float(), F.linear(x.float(), m.weight.float(), bias)) < limit
+
+
+def test_projections_fall_back_per_layer_when_one_cannot_run_in_c():
+    gen = torch.Generator().manual_seed(3)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(64, 16).to(torch.bfloat16))
+    use_cpu_linears(layers)
+    a, b = layers  # two weight dtypes: not one call, each its own CpuLinear
+    for x in (torch.randn(2, 64, generator=gen), torch.randn(9, 64, generator=gen)):  # C kernel, then torch
+        with torch.inference_mode():
+            got = project(x, a, b)
+        assert rel_err(got[0], F.linear(x, a.weight, a.bias)) < 1e-5
+        assert rel_err(got[1], F.linear(x, b.weight.float(), b.bias.float())) < 1e-5
 
 
 def test_cpu_linears_swap_in_place_and_keep_results():

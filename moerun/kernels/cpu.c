@@ -1053,13 +1053,17 @@ static int64_t moe_layer(int64_t x_addr, int x_dtype, int64_t N, int64_t D, int6
     return G;
 }
 
-/* ---- a dense layer at a few tokens ------------------------------------------------- *
- * out [M, N] float32 = x [M, K] . W [N, K]^T (+ b [N]) with 16-bit or float32 weights:
- * the non-expert linears of a decode step (attention projections, routers, lm_head),
- * where a GEMV is bound by reading W once. Rows of W are split into one contiguous range
- * per thread. */
-static int64_t dense_linear(int64_t x_addr, int x_dtype, int64_t M, int64_t K, int64_t w_addr, int w_dtype,
-                            int64_t N, int64_t b_addr, int64_t out_addr, int n_threads) {
+/* ---- dense layers at a few tokens -------------------------------------------------- *
+ * out_i [M, N_i] float32 = x [M, K] . W_i [N_i, K]^T (+ b_i [N_i]) for one or more matrices
+ * that read the same input (q/k/v, gate/up), with 16-bit or float32 weights of one dtype:
+ * the non-expert linears of a decode step (attention projections, routers, lm_head), where
+ * a GEMV is bound by reading W once. The rows of all the matrices, one after the other,
+ * are split into one contiguous range per thread: one parallel region (one barrier) for
+ * all of them. mats: n_mats rows of LIN_COLS int64s (the columns below). */
+enum { LIN_W, LIN_N, LIN_B, LIN_OUT, LIN_COLS };
+
+static int64_t dense_linears(int64_t x_addr, int x_dtype, int64_t M, int64_t K, int w_dtype, const int64_t *mats,
+                             int n_mats, int n_threads) {
     const matrix_t m = make_matrix(current_isa(), 16, w_dtype, K, x_dtype == DT_BF16);
     const int64_t x_size = is_dp(&m) ? 2 : 4;
     char *xp = (char *)scratch(sizeof(float) * (size_t)(M * K) + 64);
@@ -1067,10 +1071,10 @@ static int64_t dense_linear(int64_t x_addr, int x_dtype, int64_t M, int64_t K, i
     for (int64_t t = 0; t < M; t++)
         for (int64_t k = 0; k < K; k++)
             put_act(&m, xp + t * K * x_size, layout_pos(&m, k), load_scalar((const void *)x_addr, t * K + k, x_dtype));
-    const void *w = (const void *)w_addr, *b = (const void *)b_addr;
-    float *out = (float *)out_addr;
+    int64_t total = 0; /* rows of all the matrices, numbered one after the other */
+    for (int i = 0; i < n_mats; i++) total += mats[i * LIN_COLS + LIN_N];
 #ifdef _OPENMP
-    const int threads = threads_for(N * K * (w_dtype == DT_F32 ? 4 : 2) * M, n_threads);  /* W, once per token */
+    const int threads = threads_for(total * K * (w_dtype == DT_F32 ? 4 : 2) * M, n_threads); /* W, once per token */
 #pragma omp parallel num_threads(threads)
 #endif
     {
@@ -1079,26 +1083,34 @@ static int64_t dense_linear(int64_t x_addr, int x_dtype, int64_t M, int64_t K, i
 #else
         const int t = 0, nt_threads = 1;
 #endif
-        const int64_t r0 = N * t / nt_threads, r1 = N * (t + 1) / nt_threads;
+        const int64_t g0 = total * t / nt_threads, g1 = total * (t + 1) / nt_threads;
         const void *xs[MAXT];
         float y[4 * MAXT];
-        for (int64_t t0 = 0; t0 < M; t0 += MAXT) {
-            const int nt = (int)(M - t0 < MAXT ? M - t0 : MAXT);
-            for (int i = 0; i < nt; i++) xs[i] = xp + (t0 + i) * K * x_size;
-            for (int64_t r = r0; r < r1; r += 4) {
-                const int rows = r1 - r < 4 ? (int)(r1 - r) : 4;
-                if (rows == 4)
-                    dot_rows4(&m, w, NULL, r, xs, nt, y);
-                else
-                    for (int i = 0; i < rows; i++) dot_row(&m, w, NULL, r + i, xs, nt, y + i * nt);
-                for (int i = 0; i < rows; i++) {
-                    const float bias = b ? load_scalar(b, r + i, w_dtype) : 0.0f;
-                    for (int j = 0; j < nt; j++) out[(t0 + j) * N + r + i] = y[i * nt + j] + bias;
+        int64_t first = 0; /* the global number of matrix i's row 0 */
+        for (int i = 0; i < n_mats; first += mats[i * LIN_COLS + LIN_N], i++) {
+            const int64_t N = mats[i * LIN_COLS + LIN_N];
+            const int64_t r0 = g0 > first ? g0 - first : 0, r1 = g1 - first < N ? g1 - first : N;
+            if (r0 >= r1) continue;
+            const void *w = (const void *)mats[i * LIN_COLS + LIN_W], *b = (const void *)mats[i * LIN_COLS + LIN_B];
+            float *out = (float *)mats[i * LIN_COLS + LIN_OUT];
+            for (int64_t t0 = 0; t0 < M; t0 += MAXT) {
+                const int nt = (int)(M - t0 < MAXT ? M - t0 : MAXT);
+                for (int j = 0; j < nt; j++) xs[j] = xp + (t0 + j) * K * x_size;
+                for (int64_t r = r0; r < r1; r += 4) {
+                    const int rows = r1 - r < 4 ? (int)(r1 - r) : 4;
+                    if (rows == 4)
+                        dot_rows4(&m, w, NULL, r, xs, nt, y);
+                    else
+                        for (int j = 0; j < rows; j++) dot_row(&m, w, NULL, r + j, xs, nt, y + j * nt);
+                    for (int j = 0; j < rows; j++) {
+                        const float bias = b ? load_scalar(b, r + j, w_dtype) : 0.0f;
+                        for (int u = 0; u < nt; u++) out[(t0 + u) * N + r + j] = y[j * nt + u] + bias;
+                    }
                 }
             }
         }
     }
-    return N;
+    return total;
 }
 
 /* ---- attention for a few queries ---------------------------------------------------- *
@@ -1281,9 +1293,22 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     int x_dtype, w_dtype, n_threads;
     if (!PyArg_ParseTuple(args, "LiLLLiLLLi", &x, &x_dtype, &M, &K, &w, &w_dtype, &N, &b, &out, &n_threads))
         return NULL;
+    const int64_t mats[LIN_COLS] = {[LIN_W] = w, [LIN_N] = N, [LIN_B] = b, [LIN_OUT] = out};
     int64_t r;
     Py_BEGIN_ALLOW_THREADS
-    r = dense_linear(x, x_dtype, M, K, w, w_dtype, N, b, out, n_threads);
+    r = dense_linears(x, x_dtype, M, K, w_dtype, mats, 1, n_threads);
+    Py_END_ALLOW_THREADS
+    if (r == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(r);
+}
+
+static PyObject *py_linears(PyObject *self, PyObject *args) {
+    long long x, M, K, mats;
+    int x_dtype, w_dtype, n_mats, n_threads;
+    if (!PyArg_ParseTuple(args, "LiLLiLii", &x, &x_dtype, &M, &K, &w_dtype, &mats, &n_mats, &n_threads)) return NULL;
+    int64_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = dense_linears(x, x_dtype, M, K, w_dtype, (const int64_t *)mats, n_mats, n_threads);
     Py_END_ALLOW_THREADS
     if (r == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(r);
@@ -1345,6 +1370,7 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 static PyMethodDef METHODS[] = {
     {"moe_layer", py_moe_layer, METH_VARARGS, "One MoE layer's routed experts (see moerun/kernels/cpu_experts.py)."},
     {"linear", py_linear, METH_VARARGS, "A dense layer at a few tokens (see moerun/kernels/cpu_linear.py)."},
+    {"linears", py_linears, METH_VARARGS, "Dense layers sharing their input, in one call (cpu_linear.py)."},
     {"attention", py_attention, METH_VARARGS, "Attention for a few queries (see moerun/kernels/cpu_attention.py)."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or scalar."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set this CPU supports (tests)."},

@@ -292,11 +292,12 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 def linear_parameters(model: nn.Module) -> set[str]:
     """The names of the weights and biases of `model`'s nn.Linear layers (CpuLinear
     included): the matrices a CPU keeps 16-bit while it computes in float32
-    (moerun.plan.linear_dtype)."""
+    (moerun.plan.linear_dtype), but for those a family marks `stays_in_compute_dtype`
+    (multiplied with many rows at every decode step, they would be widened every step)."""
     return {
         f"{path}.{leaf}" if path else leaf
         for path, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if isinstance(module, nn.Linear) and not getattr(module, "stays_in_compute_dtype", False)
         for leaf, _ in module.named_parameters(recurse=False)
     }
 

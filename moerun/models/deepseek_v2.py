@@ -161,6 +161,9 @@ class LatentAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(D, args.kv_lora_rank + args.qk_rope_head_dim, bias=args.attention_bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        # It expands every cached position at every decode step (a matmul over S rows, not a
+        # GEMV): kept 16-bit at rest on a CPU it would be widened at every step.
+        self.kv_b_proj.stays_in_compute_dtype = True
         self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
         self.rotary = rotary
         self.scale = rope.softmax_scale(args.rope, qk**-0.5)
