@@ -92,6 +92,22 @@ def project(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     return tuple(out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype) for out in outs)
 
 
+# A prompt's matmul over a 16-bit matrix widens it first; into this buffer, kept between
+# calls, when it is at most WIDEN_BUFFER_BYTES: a fresh tensor per call (mmap'd, faulted
+# in page by page, zeroed by the kernel) costs as much as the copy itself.
+WIDEN_BUFFER_BYTES = 64 << 20
+_widen_buffer = torch.empty(0)
+
+
+def _widened(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    global _widen_buffer
+    if w.numel() * torch.empty((), dtype=dtype).element_size() > WIDEN_BUFFER_BYTES:
+        return w.to(dtype)
+    if _widen_buffer.dtype != dtype or _widen_buffer.numel() < w.numel():
+        _widen_buffer = torch.empty(w.numel(), dtype=dtype)
+    return _widen_buffer[: w.numel()].view(w.shape).copy_(w)
+
+
 class CpuLinear(nn.Linear):
     """nn.Linear whose few-token calls on the CPU go through the C GEMV. Its weight may be
     kept in 16 bits while the activations are float32 (moerun.plan.linear_dtype): the C
@@ -102,7 +118,8 @@ class CpuLinear(nn.Linear):
         if _fits_kernel(x, self):
             return linear(x, w, b)
         if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-            return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+            wide = _widened(w, x.dtype) if x.device.type == "cpu" and not torch.is_grad_enabled() else w.to(x.dtype)
+            return F.linear(x, wide, None if b is None else b.to(x.dtype))
         return F.linear(x, w, b)
 
 
