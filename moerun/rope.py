@@ -186,7 +186,7 @@ class Rotary:
         self.kind = params["rope_type"]
         self.dim = _rotary_dim(params, head_dim)
         self.interleaved, self.float32 = interleaved, float32
-        self._step_key, self._step_cos_sin_value = None, None  # see _step_cos_sin
+        self._step = None  # (dtype, positions, (cos, sin)) of the last step: see _step_cos_sin
         self.theta = float(params["rope_theta"])
         if self.kind == "longrope":
             self._init_longrope(params, max_position_embeddings)
@@ -263,11 +263,12 @@ class Rotary:
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
     def _step_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos_sin for a few CPU positions, kept for the next call with the same ones."""
-        key = (tuple(positions.tolist()), dtype)
-        if self._step_key != key:
-            self._step_cos_sin_value, self._step_key = self.cos_sin(positions, dtype), key
-        return self._step_cos_sin_value
+        """cos_sin for a few CPU positions, kept for the next call with the same ones (the
+        next layer's). Compared by value: each layer makes its own positions tensor."""
+        held = self._step
+        if held is None or held[0] != dtype or held[1].shape != positions.shape or not torch.equal(held[1], positions):
+            self._step = held = (dtype, positions.clone(), self.cos_sin(positions, dtype))
+        return held[2]
 
 
 def rotary_for(config: dict, head_dim: int, default_theta: float = DEFAULT_THETA, **kwargs) -> Rotary:
