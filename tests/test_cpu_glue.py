@@ -78,7 +78,7 @@ def test_rms_norm_long_and_skewed_rows(monkeypatch, D):
 
 def test_rms_norm_leaves_prompts_and_autograd_to_torch():
     norm = _norm(RMSNorm, 64, torch.float32)
-    assert not cpu_glue.rms_norm_usable(torch.randn(cpu_glue.MAX_TOKENS * cpu_glue.MAX_ROW + 64), norm.weight)
+    assert not cpu_glue.rms_norm_usable(torch.randn(cpu_glue.MAX_NORM_ELEMENTS // 64 + 1, 64), norm.weight)
     assert not cpu_glue.rms_norm_usable(torch.randn(2, 64, dtype=torch.float16), norm.weight)
     assert not cpu_glue.rms_norm_usable(torch.randn(64, 2).t(), norm.weight)
     with torch.enable_grad():

@@ -23,6 +23,9 @@ from moerun.kernels.cpu_experts import _DTYPE_CODES, _lib
 # Up to this many tokens the kernels run (a decode step, a short speculative batch);
 # longer inputs are prompts, where torch's vectorised, threaded ops are the faster.
 MAX_TOKENS = 4
+# A norm's elements up to which the kernel runs: MAX_TOKENS tokens of a 16k-wide row (a
+# hidden state, or every head of q); beyond, a prompt.
+MAX_NORM_ELEMENTS = MAX_TOKENS * 16384
 # torch sums one row on several threads from this many elements (at::internal::GRAIN_SIZE),
 # in an order the kernel does not follow.
 MAX_ROW = 32768
@@ -62,7 +65,7 @@ def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.is_contiguous()
         and weight.numel() == D
         and D < MAX_ROW
-        and x.numel() <= MAX_TOKENS * MAX_ROW
+        and x.numel() <= MAX_NORM_ELEMENTS
     )
 
 
