@@ -1263,12 +1263,25 @@ static int64_t attention(int64_t q_addr, int64_t k_addr, int64_t v_addr, int dty
  * of work, and no OpenMP region means no thread spinning on a busy machine. Activations and
  * weights are float32 or bf16. */
 
-/* v rounded to a tensor dtype (DT_F32 or DT_BF16), as torch rounds each op's result. */
-static inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+/* f rounded to bf16 as f32_to_bf16 rounds it (nearest even, NaN kept a NaN), as float32
+ * bits; branch-free, so that the loops around it vectorise. */
+static inline uint32_t bf16_round_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, nan = (u | 0x00400000u) & 0xffff0000u;
+    return (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+}
+
+static inline float round_bf16(float f) {
+    const uint32_t u = bf16_round_bits(f);
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
 
 static inline void store_as(void *p, int64_t i, int dtype, float v) {
     if (dtype == DT_BF16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
+        ((uint16_t *)p)[i] = (uint16_t)(bf16_round_bits(v) >> 16);
     else
         ((float *)p)[i] = v;
 }
@@ -1284,7 +1297,8 @@ static int64_t ceil_log2(int64_t x) {
 /* torch's row_sum (SumKernel.cpp) over `count` items of `width` lanes each (item i: x[i*width ..]):
  * four interleaved chains (ilp), each a cascade of four levels of >= 16 items, so that only
  * sums of similar size meet. out: the width lane sums. */
-static void cascade_row_sum(const float *x, int64_t count, int width, float *out) {
+static inline __attribute__((always_inline)) void cascade_row_sum(const float *x, int64_t count, int width,
+                                                                   float *out) {
     enum { LEVELS = 4, ILP = 4, MAX_W = 16 };
     float acc[LEVELS][ILP][MAX_W] = {{{0}}};
     const int64_t size = count / ILP, power = ceil_log2(size) / LEVELS > 4 ? ceil_log2(size) / LEVELS : 4;
@@ -1324,7 +1338,12 @@ static float torch_sum(const float *x, int64_t n, int lanes) {
     if (n >= lanes) {
         float lane_sums[16];
         const int64_t vectors = n / lanes;
-        cascade_row_sum(x, vectors, lanes, lane_sums);
+        if (lanes == 8) /* constant widths: loops the compiler vectorises */
+            cascade_row_sum(x, vectors, 8, lane_sums);
+        else if (lanes == 16)
+            cascade_row_sum(x, vectors, 16, lane_sums);
+        else
+            cascade_row_sum(x, vectors, lanes, lane_sums);
         for (int64_t k = vectors * lanes; k < n; k++) total += x[k];
         for (int l = 0; l < lanes; l++) total += lane_sums[l];
     } else {
@@ -1387,32 +1406,40 @@ static float sleef_expf(float d) {
  * `mode`: 0 cast x*r to x's dtype, then times w in the output dtype (the promotion of x's
  * and w's); 1 w * (x*r) in float32, then the cast (gpt-oss, Nemotron-H); 2 (x*r) * (1 + w) in
  * float32, then the cast (Qwen3-Next's zero-centred weights). */
+static void load_row(const void *x, int dtype, int64_t n, float *out) {
+    if (dtype == DT_BF16)
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    else
+        memcpy(out, x, sizeof(float) * (size_t)n);
+}
+
+static void store_row(const float *v, int64_t n, int dtype, void *out) {
+    if (dtype == DT_BF16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[i] = (uint16_t)(bf16_round_bits(v[i]) >> 16);
+    else
+        memcpy(out, v, sizeof(float) * (size_t)n);
+}
+
 static int64_t rms_norm(int64_t x_addr, int x_dtype, int64_t rows, int64_t D, int64_t x_stride, int64_t w_addr,
                         int w_dtype, int mode, float eps, int64_t out_addr, int out_dtype, int lanes) {
-    float *sq = (float *)malloc(sizeof(float) * (size_t)D);
-    if (!sq) return -2;
-    const void *w = (const void *)w_addr;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(3 * D));
+    if (!buf) return -2;
+    float *x32 = buf, *y = buf + D, *w = buf + 2 * D;
+    load_row((const void *)w_addr, w_dtype, D, w);
+    if (mode == 2)
+        for (int64_t d = 0; d < D; d++) w[d] = 1.0f + w[d];
     for (int64_t r = 0; r < rows; r++) {
-        const void *x = (const char *)x_addr + r * x_stride * (x_dtype == DT_F32 ? 4 : 2);
-        for (int64_t d = 0; d < D; d++) {
-            const float v = load_scalar(x, d, x_dtype);
-            sq[d] = v * v;
-        }
-        const float mean = torch_sum(sq, D, lanes) / (float)D;
-        const float inv = 1.0f / sqrtf(mean + eps);
-        for (int64_t d = 0; d < D; d++) {
-            const float y = load_scalar(x, d, x_dtype) * inv, wd = load_scalar(w, d, w_dtype);
-            float v;
-            if (mode == 0)
-                v = round_to(x_dtype, y) * wd;
-            else if (mode == 1)
-                v = wd * y;
-            else
-                v = y * (1.0f + wd);
-            store_as((void *)out_addr, r * D + d, out_dtype, v);
-        }
+        load_row((const char *)x_addr + r * x_stride * (x_dtype == DT_F32 ? 4 : 2), x_dtype, D, x32);
+        for (int64_t d = 0; d < D; d++) y[d] = x32[d] * x32[d];
+        const float inv = 1.0f / sqrtf(torch_sum(y, D, lanes) / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) y[d] = x32[d] * inv;
+        if (mode == 0 && x_dtype == DT_BF16)
+            for (int64_t d = 0; d < D; d++) y[d] = round_bf16(y[d]) * w[d];
+        else /* the weight's product in float32 (a float32 x's cast back changes nothing) */
+            for (int64_t d = 0; d < D; d++) y[d] = w[d] * y[d];
+        store_row(y, D, out_dtype, (char *)out_addr + r * D * (out_dtype == DT_F32 ? 4 : 2));
     }
-    free(sq);
+    free(buf);
     return rows;
 }
 
@@ -1421,28 +1448,42 @@ static int64_t rms_norm(int64_t x_addr, int x_dtype, int64_t rows, int64_t D, in
  * [T, dim] (cs_dtype, the dtype each product and the sum round to), the rest copied. The
  * rotated pairs are (i, i + dim/2), or with `interleaved` (2i, 2i + 1), whose results land
  * de-interleaved (evens first) as the torch code lays them out. */
+/* out = x * cos + rotate_half(x) * sin over one row of 2 * half, each product and the sum
+ * rounded to bf16 when `bf16` (the torch code's ops in that dtype). */
+static void rotate_half(const float *restrict x, const float *restrict c, const float *restrict s,
+                        float *restrict out, int64_t half, int bf16) {
+    if (bf16) {
+        for (int64_t i = 0; i < half; i++) out[i] = round_bf16(round_bf16(x[i] * c[i]) + round_bf16(-x[i + half] * s[i]));
+        for (int64_t i = 0; i < half; i++)
+            out[i + half] = round_bf16(round_bf16(x[i + half] * c[i + half]) + round_bf16(x[i] * s[i + half]));
+    } else {
+        for (int64_t i = 0; i < half; i++) out[i] = x[i] * c[i] + -x[i + half] * s[i];
+        for (int64_t i = 0; i < half; i++) out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+}
+
 static void rope_one(const char *x, char *out, int dtype, int64_t A, int64_t B, int64_t T, int64_t Dh, int64_t dim,
                      const int64_t *xs, const int64_t *os, const void *cos, const void *sin, int cs_dtype,
-                     int interleaved) {
+                     int interleaved, float *buf) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, half = dim / 2;
-    for (int64_t a = 0; a < A; a++)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t t = 0; t < T; t++) {
+    float *c = buf, *sn = buf + dim, *row = buf + 2 * dim, *res = buf + 3 * dim;
+    for (int64_t t = 0; t < T; t++) {
+        load_row((const char *)cos + t * dim * (cs_dtype == DT_F32 ? 4 : 2), cs_dtype, dim, c);
+        load_row((const char *)sin + t * dim * (cs_dtype == DT_F32 ? 4 : 2), cs_dtype, dim, sn);
+        for (int64_t a = 0; a < A; a++)
+            for (int64_t b = 0; b < B; b++) {
                 const char *xr = x + (a * xs[0] + b * xs[1] + t * xs[2]) * esize;
                 char *orow = out + (a * os[0] + b * os[1] + t * os[2]) * esize;
-                for (int64_t i = 0; i < half; i++) {
-                    const float lo = load_scalar(xr, interleaved ? 2 * i : i, dtype);
-                    const float hi = load_scalar(xr, interleaved ? 2 * i + 1 : i + half, dtype);
-                    const float c0 = load_scalar(cos, t * dim + i, cs_dtype), s0 = load_scalar(sin, t * dim + i, cs_dtype);
-                    const float c1 = load_scalar(cos, t * dim + i + half, cs_dtype);
-                    const float s1 = load_scalar(sin, t * dim + i + half, cs_dtype);
-                    const float first = round_to(cs_dtype, round_to(cs_dtype, lo * c0) + round_to(cs_dtype, -hi * s0));
-                    const float second = round_to(cs_dtype, round_to(cs_dtype, hi * c1) + round_to(cs_dtype, lo * s1));
-                    store_as(orow, i, dtype, first);
-                    store_as(orow, i + half, dtype, second);
+                load_row(xr, dtype, dim, row);
+                if (interleaved) { /* pairs (2i, 2i + 1) to (i, i + half), as the torch code lays them out */
+                    for (int64_t i = 0; i < half; i++) res[i] = row[2 * i], res[i + half] = row[2 * i + 1];
+                    memcpy(row, res, sizeof(float) * (size_t)dim);
                 }
+                rotate_half(row, c, sn, res, half, cs_dtype == DT_BF16);
+                store_row(res, dim, dtype, orow);
                 if (Dh > dim) memcpy(orow + dim * esize, xr + dim * esize, (size_t)((Dh - dim) * esize));
             }
+    }
 }
 
 /* torch.topk's selection (TopKImpl.h, largest): (value, index) pairs put in order by
@@ -1662,11 +1703,14 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
                           &dtype[1], &A[1], &B[1], &T[1], &Dh[1], &xs[1][0], &xs[1][1], &xs[1][2], &os[1][0],
                           &os[1][1], &os[1][2], &dim, &cos, &sin, &cs_dtype, &interleaved))
         return NULL;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(4 * dim));
+    if (!buf) return PyErr_NoMemory();
     for (int i = 0; i < 2; i++) {
         const int64_t xst[3] = {xs[i][0], xs[i][1], xs[i][2]}, ost[3] = {os[i][0], os[i][1], os[i][2]};
         rope_one((const char *)x[i], (char *)out[i], dtype[i], A[i], B[i], T[i], Dh[i], dim, xst, ost,
-                 (const void *)cos, (const void *)sin, cs_dtype, interleaved);
+                 (const void *)cos, (const void *)sin, cs_dtype, interleaved, buf);
     }
+    free(buf);
     Py_RETURN_NONE;
 }
 

@@ -43,12 +43,12 @@ def lanes() -> int | None:
 
 
 def _ready(*tensors: torch.Tensor) -> bool:
-    return (
-        _lib() is not None
-        and lanes() is not None
-        and not torch.is_grad_enabled()
-        and all(t.device.type == "cpu" and t.dtype in _GLUE_DTYPES for t in tensors)
-    )
+    if _lib() is None or lanes() is None or torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a plain loop: these checks run several times per layer
+        if not t.is_cpu or t.dtype not in _GLUE_DTYPES:
+            return False
+    return True
 
 
 # -- RMSNorm ------------------------------------------------------------------------------
