@@ -14,12 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moerun.kernels import cpu_attention
+from moerun.kernels import cpu_attention, cpu_glue
 from moerun.kernels.cpu_linear import project
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, normalised in float32. Where the references
+    round differently, a subclass says so: `scale_in_float32` multiplies by the weight in
+    float32 before the cast back (gpt-oss, Nemotron-H), else x is cast back first and the
+    weight multiplies in the promoted dtype (Llama's rounding); `weight_offset` applies the
+    weight as 1 + w, in float32 (Qwen3-Next's zero-centred norms). A few rows on the CPU
+    run in one C call (moerun/kernels/cpu_glue.py) that rounds the same way."""
+
     role = "norms"  # what the planner counts its weight as (see moerun.models.base.parameter_roles)
+    scale_in_float32 = False
+    weight_offset = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -27,12 +36,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the scale, as the reference does,
-        # so that bf16 checkpoints round the same way.
+        if cpu_glue.rms_norm_usable(x, self.weight):
+            return cpu_glue.rms_norm(x, self.weight, self.eps, self._glue_mode())
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
+        if self.scale_in_float32:
+            return (self.weight.float() * x32).to(dtype)
         return self.weight * x32.to(dtype)
+
+    def _glue_mode(self) -> int:
+        if self.weight_offset:
+            return cpu_glue.NORM_OFFSET_SCALE_THEN_CAST
+        return cpu_glue.NORM_SCALE_THEN_CAST if self.scale_in_float32 else cpu_glue.NORM_CAST_THEN_SCALE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import math
 import torch
 
 from moerun.errors import MoerunError
+from moerun.kernels import cpu_glue
 
 DEFAULT_THETA = 10_000.0
 SUPPORTED = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
@@ -185,6 +186,7 @@ class Rotary:
         self.kind = params["rope_type"]
         self.dim = _rotary_dim(params, head_dim)
         self.interleaved, self.float32 = interleaved, float32
+        self._step = None  # (dtype, positions, (cos, sin)) of the last step: see _step_cos_sin
         self.theta = float(params["rope_theta"])
         if self.kind == "longrope":
             self._init_longrope(params, max_position_embeddings)
@@ -251,9 +253,22 @@ class Rotary:
         return out if rest is None else torch.cat((out, rest), dim=-1)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q [B, H, T, Dh], k [B, K, T, Dh] at positions [T] -> rotated q, k."""
+        """q [B, H, T, Dh], k [B, K, T, Dh] at positions [T] -> rotated q, k. A decode step
+        on the CPU rotates both in one C call, with cos/sin computed once per step (every
+        layer asks for the same positions) rather than once per layer."""
+        if cpu_glue.rope_usable(q, k, positions):
+            cos, sin = self._step_cos_sin(positions, q.dtype)
+            return cpu_glue.rope(q, k, cos, sin, self.interleaved)
         cos, sin = self.cos_sin(positions, q.dtype)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+    def _step_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin for a few CPU positions, kept for the next call with the same ones (the
+        next layer's). Compared by value: each layer makes its own positions tensor."""
+        held = self._step
+        if held is None or held[0] != dtype or held[1].shape != positions.shape or not torch.equal(held[1], positions):
+            self._step = held = (dtype, positions.clone(), self.cos_sin(positions, dtype))
+        return held[2]
 
 
 def rotary_for(config: dict, head_dim: int, default_theta: float = DEFAULT_THETA, **kwargs) -> Rotary:

@@ -1267,6 +1267,395 @@ static int64_t attention(int64_t q_addr, int64_t k_addr, int64_t v_addr, int dty
     return tasks;
 }
 
+/* ---- decode-step glue: RMSNorm, RoPE, routing (moerun/kernels/cpu_glue.py) -------------- *
+ * The small ops between a decode step's weight reads, one call each instead of 5-15 torch
+ * ops, computing what torch computes bit for bit: every product, sum and cast rounded where
+ * the torch code rounds it (plain C, no FMA contraction), and torch's own summation orders
+ * for the reductions whose order shows in the result. Single-threaded: each is microseconds
+ * of work, and no OpenMP region means no thread spinning on a busy machine. Activations and
+ * weights are float32 or bf16. */
+
+/* f rounded to bf16 as f32_to_bf16 rounds it (nearest even, NaN kept a NaN), as float32
+ * bits; branch-free, so that the loops around it vectorise. */
+static inline uint32_t bf16_round_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, nan = (u | 0x00400000u) & 0xffff0000u;
+    return (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+}
+
+static inline float round_bf16(float f) {
+    const uint32_t u = bf16_round_bits(f);
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+static inline void store_as(void *p, int64_t i, int dtype, float v) {
+    if (dtype == DT_BF16)
+        ((uint16_t *)p)[i] = (uint16_t)(bf16_round_bits(v) >> 16);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* torch's utils::CeilLog2 (ATen/native/cpu/utils.h): 1 up to 2, then ceil(log2(x)). */
+static int64_t ceil_log2(int64_t x) {
+    if (x <= 2) return 1;
+    int64_t bits = 0;
+    for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) bits++;
+    return bits;
+}
+
+/* torch's row_sum (SumKernel.cpp) over `count` items of `width` lanes each (item i: x[i*width ..]):
+ * four interleaved chains (ilp), each a cascade of four levels of >= 16 items, so that only
+ * sums of similar size meet. out: the width lane sums. */
+static inline __attribute__((always_inline)) void cascade_row_sum(const float *x, int64_t count, int width,
+                                                                   float *out) {
+    enum { LEVELS = 4, ILP = 4, MAX_W = 16 };
+    float acc[LEVELS][ILP][MAX_W] = {{{0}}};
+    const int64_t size = count / ILP, power = ceil_log2(size) / LEVELS > 4 ? ceil_log2(size) / LEVELS : 4;
+    const int64_t step = (int64_t)1 << power, mask = step - 1;
+    int64_t i = 0;
+    while (i + step <= size) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < ILP; k++)
+                for (int l = 0; l < width; l++) acc[0][k][l] += x[(i * ILP + k) * width + l];
+        for (int j = 1; j < LEVELS; j++) {
+            for (int k = 0; k < ILP; k++)
+                for (int l = 0; l < width; l++) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if (i & (mask << (j * power))) break;
+        }
+    }
+    for (; i < size; i++)
+        for (int k = 0; k < ILP; k++)
+            for (int l = 0; l < width; l++) acc[0][k][l] += x[(i * ILP + k) * width + l];
+    for (int j = 1; j < LEVELS; j++)
+        for (int k = 0; k < ILP; k++)
+            for (int l = 0; l < width; l++) acc[0][k][l] += acc[j][k][l];
+    for (int64_t r = size * ILP; r < count; r++)
+        for (int l = 0; l < width; l++) acc[0][0][l] += x[r * width + l];
+    for (int k = 1; k < ILP; k++)
+        for (int l = 0; l < width; l++) acc[0][0][l] += acc[0][k][l];
+    for (int l = 0; l < width; l++) out[l] = acc[0][0][l];
+}
+
+/* torch's sum of n contiguous floats (cascade_sum's inner reduction) with its vectors of
+ * `lanes` floats: whole vectors summed lane-wise, then the tail, then the lanes in order;
+ * fewer than `lanes` values take the scalar path. The result lands on a zero-filled output. */
+static float torch_sum(const float *x, int64_t n, int lanes) {
+    float total = 0.0f;
+    if (n >= lanes) {
+        float lane_sums[16];
+        const int64_t vectors = n / lanes;
+        if (lanes == 8) /* constant widths: loops the compiler vectorises */
+            cascade_row_sum(x, vectors, 8, lane_sums);
+        else if (lanes == 16)
+            cascade_row_sum(x, vectors, 16, lane_sums);
+        else
+            cascade_row_sum(x, vectors, lanes, lane_sums);
+        for (int64_t k = vectors * lanes; k < n; k++) total += x[k];
+        for (int l = 0; l < lanes; l++) total += lane_sums[l];
+    } else {
+        cascade_row_sum(x, n, 1, &total);
+    }
+    return 0.0f + total;
+}
+
+/* torch's vec::reduce_all with `lanes`-float vectors (functional_base.h): lane-wise over
+ * whole vectors, the tail into the first lanes, then a butterfly (lane l with l ^ L/2, then
+ * l ^ L/4, ... ); under `lanes` values, in order. op: 0 sum, 1 max. */
+static float torch_reduce_all(const float *x, int64_t n, int lanes, int op) {
+#define REDUCE(a, b) (op ? ((a) > (b) || (a) != (a) ? (a) : (b)) : (a) + (b))
+    float acc[16];
+    if (n < lanes) {
+        float r = x[0];
+        for (int64_t i = 1; i < n; i++) r = REDUCE(r, x[i]);
+        return r;
+    }
+    for (int l = 0; l < lanes; l++) acc[l] = x[l];
+    int64_t d = lanes;
+    for (; d < n - n % lanes; d += lanes)
+        for (int l = 0; l < lanes; l++) acc[l] = REDUCE(acc[l], x[d + l]);
+    for (int l = 0; d + l < n; l++) acc[l] = REDUCE(acc[l], x[d + l]);
+    for (int s = lanes / 2; s >= 1; s /= 2) {
+        float next[16];
+        for (int l = 0; l < lanes; l++) next[l] = REDUCE(acc[l], acc[l ^ s]);
+        memcpy(acc, next, sizeof(float) * (size_t)lanes);
+    }
+    return acc[0];
+#undef REDUCE
+}
+
+/* SLEEF's expf_u10 (torch's Vectorized<float>::exp), built with FMA as torch's AVX2 and
+ * AVX-512 builds are: a degree-6 polynomial on the reduced argument, then times 2^q. */
+static float sleef_expf(float d) {
+    if (d != d) return d;
+    if (d < -104.0f) return 0.0f;
+    if (d > 100.0f) return INFINITY;
+    const int32_t q = (int32_t)rintf(d * 1.442695040888963407359924681001892137f);
+    float s = fmaf((float)q, -0.693145751953125f, d);
+    s = fmaf((float)q, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    const int32_t half = q >> 1; /* ldexp in two steps, as SLEEF's vldexp2 */
+    uint32_t b1 = (uint32_t)(half + 127) << 23, b2 = (uint32_t)(q - half + 127) << 23;
+    float p1, p2;
+    memcpy(&p1, &b1, 4);
+    memcpy(&p2, &b2, 4);
+    return u * p1 * p2;
+}
+
+/* x [rows, D] (row stride in elements) -> out [rows, D] contiguous, as layers.RMSNorm:
+ * r = 1 / sqrt(sum(x^2) / D + eps) in float32, the sum in torch's order (`lanes`), then by
+ * `mode`: 0 cast x*r to x's dtype, then times w in the output dtype (the promotion of x's
+ * and w's); 1 w * (x*r) in float32, then the cast (gpt-oss, Nemotron-H); 2 (x*r) * (1 + w) in
+ * float32, then the cast (Qwen3-Next's zero-centred weights). */
+static void load_row(const void *x, int dtype, int64_t n, float *out) {
+    if (dtype == DT_BF16)
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    else
+        memcpy(out, x, sizeof(float) * (size_t)n);
+}
+
+static void store_row(const float *v, int64_t n, int dtype, void *out) {
+    if (dtype == DT_BF16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[i] = (uint16_t)(bf16_round_bits(v[i]) >> 16);
+    else
+        memcpy(out, v, sizeof(float) * (size_t)n);
+}
+
+static int64_t rms_norm(int64_t x_addr, int x_dtype, int64_t rows, int64_t D, int64_t x_stride, int64_t w_addr,
+                        int w_dtype, int mode, float eps, int64_t out_addr, int out_dtype, int lanes) {
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(3 * D));
+    if (!buf) return -2;
+    float *x32 = buf, *y = buf + D, *w = buf + 2 * D;
+    load_row((const void *)w_addr, w_dtype, D, w);
+    if (mode == 2)
+        for (int64_t d = 0; d < D; d++) w[d] = 1.0f + w[d];
+    for (int64_t r = 0; r < rows; r++) {
+        load_row((const char *)x_addr + r * x_stride * (x_dtype == DT_F32 ? 4 : 2), x_dtype, D, x32);
+        for (int64_t d = 0; d < D; d++) y[d] = x32[d] * x32[d];
+        const float inv = 1.0f / sqrtf(torch_sum(y, D, lanes) / (float)D + eps);
+        for (int64_t d = 0; d < D; d++) y[d] = x32[d] * inv;
+        if (mode == 0 && x_dtype == DT_BF16)
+            for (int64_t d = 0; d < D; d++) y[d] = round_bf16(y[d]) * w[d];
+        else /* the weight's product in float32 (a float32 x's cast back changes nothing) */
+            for (int64_t d = 0; d < D; d++) y[d] = w[d] * y[d];
+        store_row(y, D, out_dtype, (char *)out_addr + r * D * (out_dtype == DT_F32 ? 4 : 2));
+    }
+    free(buf);
+    return rows;
+}
+
+/* RoPE on one tensor x [A, B, T, Dh] (strides in elements, the last 1) into out (its own
+ * strides), as rope.Rotary.rotate: the first `dim` dims of each row rotated with cos, sin
+ * [T, dim] (cs_dtype, the dtype each product and the sum round to), the rest copied. The
+ * rotated pairs are (i, i + dim/2), or with `interleaved` (2i, 2i + 1), whose results land
+ * de-interleaved (evens first) as the torch code lays them out. */
+/* out = x * cos + rotate_half(x) * sin over one row of 2 * half, each product and the sum
+ * rounded to bf16 when `bf16` (the torch code's ops in that dtype). */
+static void rotate_half(const float *restrict x, const float *restrict c, const float *restrict s,
+                        float *restrict out, int64_t half, int bf16) {
+    if (bf16) {
+        for (int64_t i = 0; i < half; i++) out[i] = round_bf16(round_bf16(x[i] * c[i]) + round_bf16(-x[i + half] * s[i]));
+        for (int64_t i = 0; i < half; i++)
+            out[i + half] = round_bf16(round_bf16(x[i + half] * c[i + half]) + round_bf16(x[i] * s[i + half]));
+    } else {
+        for (int64_t i = 0; i < half; i++) out[i] = x[i] * c[i] + -x[i + half] * s[i];
+        for (int64_t i = 0; i < half; i++) out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+}
+
+static void rope_one(const char *x, char *out, int dtype, int64_t A, int64_t B, int64_t T, int64_t Dh, int64_t dim,
+                     const int64_t *xs, const int64_t *os, const void *cos, const void *sin, int cs_dtype,
+                     int interleaved, float *buf) {
+    const int64_t esize = dtype == DT_F32 ? 4 : 2, half = dim / 2;
+    float *c = buf, *sn = buf + dim, *row = buf + 2 * dim, *res = buf + 3 * dim;
+    for (int64_t t = 0; t < T; t++) {
+        load_row((const char *)cos + t * dim * (cs_dtype == DT_F32 ? 4 : 2), cs_dtype, dim, c);
+        load_row((const char *)sin + t * dim * (cs_dtype == DT_F32 ? 4 : 2), cs_dtype, dim, sn);
+        for (int64_t a = 0; a < A; a++)
+            for (int64_t b = 0; b < B; b++) {
+                const char *xr = x + (a * xs[0] + b * xs[1] + t * xs[2]) * esize;
+                char *orow = out + (a * os[0] + b * os[1] + t * os[2]) * esize;
+                load_row(xr, dtype, dim, row);
+                if (interleaved) { /* pairs (2i, 2i + 1) to (i, i + half), as the torch code lays them out */
+                    for (int64_t i = 0; i < half; i++) res[i] = row[2 * i], res[i + half] = row[2 * i + 1];
+                    memcpy(row, res, sizeof(float) * (size_t)dim);
+                }
+                rotate_half(row, c, sn, res, half, cs_dtype == DT_BF16);
+                store_row(res, dim, dtype, orow);
+                if (Dh > dim) memcpy(orow + dim * esize, xr + dim * esize, (size_t)((Dh - dim) * esize));
+            }
+    }
+}
+
+/* torch.topk's selection (TopKImpl.h, largest): (value, index) pairs put in order by
+ * libstdc++'s std::nth_element, then the first k - 1 by std::sort, with "NaN first, then
+ * greater" as the comparison; reproduced step for step, since among equal values that
+ * order is the order torch returns (ties are common with bf16 logits). */
+typedef struct {
+    float v;
+    int64_t i;
+} ranked_t;
+
+static inline int ranks_before(const ranked_t *x, const ranked_t *y) {
+    return (x->v != x->v && y->v == y->v) || x->v > y->v;
+}
+
+static inline void swap_ranked(ranked_t *a, ranked_t *b) {
+    const ranked_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void insertion_sort(ranked_t *first, ranked_t *last) {
+    if (first == last) return;
+    for (ranked_t *i = first + 1; i != last; i++) {
+        const ranked_t val = *i;
+        if (ranks_before(&val, first)) {
+            memmove(first + 1, first, (size_t)(i - first) * sizeof(ranked_t));
+            *first = val;
+        } else {
+            ranked_t *hole = i;
+            for (ranked_t *next = i - 1; ranks_before(&val, next); next--) {
+                *hole = *next;
+                hole = next;
+            }
+            *hole = val;
+        }
+    }
+}
+
+/* libstdc++'s __introselect; 0 when its depth limit runs out (it then heap-selects, which
+ * this does not reproduce: the caller routes in torch). */
+static int nth_element(ranked_t *first, ranked_t *nth, ranked_t *last) {
+    if (first == last || nth == last) return 1;
+    int64_t depth = 0;
+    for (int64_t n = last - first; n > 1; n >>= 1) depth++;
+    depth *= 2;
+    while (last - first > 3) {
+        if (depth-- == 0) return 0;
+        ranked_t *a = first + 1, *b = first + (last - first) / 2, *c = last - 1; /* median of three to *first */
+        if (ranks_before(a, b))
+            swap_ranked(first, ranks_before(b, c) ? b : ranks_before(a, c) ? c : a);
+        else
+            swap_ranked(first, ranks_before(a, c) ? a : ranks_before(b, c) ? c : b);
+        ranked_t *lo = first + 1, *hi = last; /* unguarded partition around *first */
+        for (;;) {
+            while (ranks_before(lo, first)) lo++;
+            hi--;
+            while (ranks_before(first, hi)) hi--;
+            if (!(lo < hi)) break;
+            swap_ranked(lo, hi);
+            lo++;
+        }
+        if (lo <= nth)
+            first = lo;
+        else
+            last = lo;
+    }
+    insertion_sort(first, last);
+    return 1;
+}
+
+/* The k best of v[0..n) in torch.topk's order into order[0..k); 0 where not reproduced
+ * (see nth_element; k - 1 > 16 or k * 64 <= n take other std:: algorithms in torch). */
+static int torch_topk(const float *v, int64_t n, int64_t k, int sorted, ranked_t *queue) {
+    if (k - 1 > 16 || k * 64 <= n) return 0;
+    for (int64_t j = 0; j < n; j++) queue[j] = (ranked_t){v[j], j};
+    if (!nth_element(queue, queue + k - 1, queue + n)) return 0;
+    if (sorted) insertion_sort(queue, queue + k - 1);
+    return 1;
+}
+
+/* Routing of N tokens over E experts, as moe.routing.Router's torch path: scores (0 softmax
+ * in torch's order with SLEEF's exp, 1 sigmoid), plus the correction bias for the choice,
+ * the topk_group best groups (group_score 0: max, fill 0; 1: the sum of the two best, fill
+ * -inf), the K best experts in torch.topk's order, their scores renormalised (the sum in
+ * torch's order, + renorm_eps or clamped below at renorm_min when that is not NaN) and
+ * scaled. ids int64 [N, K]; weights [N, K] in out_dtype. Returns N, or -3 where torch's
+ * top-k order is not reproduced (nothing then counts: route in torch). */
+static int64_t route(int64_t logits_addr, int logits_dtype, int64_t N, int64_t E, int64_t K, int scoring,
+                     int64_t bias_addr, int bias_dtype, int64_t n_group, int64_t topk_group, int group_score,
+                     int renormalize, float renorm_eps, float renorm_min, float scaling, int64_t ids_addr,
+                     int64_t weights_addr, int out_dtype, int lanes) {
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(2 * E + K + n_group) + sizeof(ranked_t) * (size_t)E);
+    if (!scores) return -2;
+    float *choice = scores + E, *picked = choice + E, *group_scores = picked + K;
+    ranked_t *queue = (ranked_t *)(group_scores + n_group);
+    int64_t *ids = (int64_t *)ids_addr, status = N;
+    /* sigmoid runs as one flat loop over N*E: torch's vector path over whole pairs of vectors, its scalar one after */
+    const int64_t vector_end = N * E / (2 * lanes) * (2 * lanes);
+    for (int64_t n = 0; n < N && status == N; n++) {
+        for (int64_t e = 0; e < E; e++) scores[e] = load_scalar((const void *)logits_addr, n * E + e, logits_dtype);
+        if (scoring == 0) {
+            const float max = torch_reduce_all(scores, E, lanes, 1);
+            for (int64_t e = 0; e < E; e++) scores[e] = sleef_expf(scores[e] - max);
+            const float inv = 1.0f / torch_reduce_all(scores, E, lanes, 0);
+            for (int64_t e = 0; e < E; e++) scores[e] *= inv;
+        } else {
+            for (int64_t e = 0; e < E; e++)
+                scores[e] = n * E + e < vector_end ? 1.0f / (sleef_expf(0.0f - scores[e]) + 1.0f)
+                                                   : 1.0f / (1.0f + expf(-scores[e]));
+        }
+        for (int64_t e = 0; e < E; e++)
+            choice[e] = bias_addr ? scores[e] + load_scalar((const void *)bias_addr, e, bias_dtype) : scores[e];
+        if (n_group > 1) {
+            const int64_t per = E / n_group;
+            for (int64_t g = 0; g < n_group; g++) {
+                float best = -INFINITY, second = -INFINITY;
+                for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                    const float v = choice[e];
+                    if (v > best) {
+                        second = best;
+                        best = v;
+                    } else if (v > second) {
+                        second = v;
+                    }
+                }
+                group_scores[g] = group_score == 0 ? best : best + second;
+            }
+            if (!torch_topk(group_scores, n_group, topk_group, 0, queue)) {
+                status = -3;
+                break;
+            }
+            const float fill = group_score == 0 ? 0.0f : -INFINITY;
+            for (int64_t g = 0; g < n_group; g++) {
+                int keep = 0;
+                for (int64_t j = 0; j < topk_group; j++) keep |= queue[j].i == g;
+                if (!keep)
+                    for (int64_t e = g * per; e < (g + 1) * per; e++) choice[e] = fill;
+            }
+        }
+        if (!torch_topk(choice, E, K, 1, queue)) {
+            status = -3;
+            break;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            ids[n * K + k] = queue[k].i;
+            picked[k] = bias_addr ? scores[queue[k].i] : queue[k].v;
+        }
+        if (renormalize) {
+            float total = torch_sum(picked, K, lanes);
+            total = renorm_min == renorm_min ? (total < renorm_min ? renorm_min : total) : total + renorm_eps;
+            for (int64_t k = 0; k < K; k++) picked[k] = picked[k] / total;
+        }
+        for (int64_t k = 0; k < K; k++)
+            store_as((void *)weights_addr, n * K + k, out_dtype, scaling != 1.0f ? picked[k] * scaling : picked[k]);
+    }
+    free(scores);
+    return status;
+}
+
 /* ---- Python bindings --------------------------------------------------------------- */
 
 static PyObject *py_moe_layer(PyObject *self, PyObject *args) {
@@ -1312,6 +1701,60 @@ static PyObject *py_linears(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (r == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(r);
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    long long x, rows, D, x_stride, w, out;
+    int x_dtype, w_dtype, mode, out_dtype, lanes;
+    float eps;
+    if (!PyArg_ParseTuple(args, "LiLLLLiifLii", &x, &x_dtype, &rows, &D, &x_stride, &w, &w_dtype, &mode, &eps, &out,
+                          &out_dtype, &lanes))
+        return NULL;
+    if (lanes < 1 || lanes > 16) {
+        PyErr_SetString(PyExc_ValueError, "lanes must be in [1, 16]");
+        return NULL;
+    }
+    const int64_t r = rms_norm(x, x_dtype, rows, D, x_stride, w, w_dtype, mode, eps, out, out_dtype, lanes);
+    if (r == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(r);
+}
+
+/* Two tensors (q and k), each: x, out, dtype, A, B, T, Dh, 3 strides of x, 3 of out. */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    long long x[2], out[2], A[2], B[2], T[2], Dh[2], xs[2][3], os[2][3], dim, cos, sin;
+    int dtype[2], cs_dtype, interleaved;
+    if (!PyArg_ParseTuple(args, "LLiLLLLLLLLLLLLiLLLLLLLLLLLLLLi", &x[0], &out[0], &dtype[0], &A[0], &B[0], &T[0],
+                          &Dh[0], &xs[0][0], &xs[0][1], &xs[0][2], &os[0][0], &os[0][1], &os[0][2], &x[1], &out[1],
+                          &dtype[1], &A[1], &B[1], &T[1], &Dh[1], &xs[1][0], &xs[1][1], &xs[1][2], &os[1][0],
+                          &os[1][1], &os[1][2], &dim, &cos, &sin, &cs_dtype, &interleaved))
+        return NULL;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(4 * dim));
+    if (!buf) return PyErr_NoMemory();
+    for (int i = 0; i < 2; i++) {
+        const int64_t xst[3] = {xs[i][0], xs[i][1], xs[i][2]}, ost[3] = {os[i][0], os[i][1], os[i][2]};
+        rope_one((const char *)x[i], (char *)out[i], dtype[i], A[i], B[i], T[i], Dh[i], dim, xst, ost,
+                 (const void *)cos, (const void *)sin, cs_dtype, interleaved, buf);
+    }
+    free(buf);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_route(PyObject *self, PyObject *args) {
+    long long logits, N, E, K, bias, n_group, topk_group, ids, weights;
+    int logits_dtype, scoring, bias_dtype, group_score, renormalize, out_dtype, lanes;
+    float renorm_eps, renorm_min, scaling;
+    if (!PyArg_ParseTuple(args, "LiLLLiLiLLiifffLLii", &logits, &logits_dtype, &N, &E, &K, &scoring, &bias,
+                          &bias_dtype, &n_group, &topk_group, &group_score, &renormalize, &renorm_eps, &renorm_min,
+                          &scaling, &ids, &weights, &out_dtype, &lanes))
+        return NULL;
+    if (lanes < 1 || lanes > 16 || K < 1 || K > E || (n_group > 1 && (E % n_group || topk_group > n_group))) {
+        PyErr_SetString(PyExc_ValueError, "route: bad lanes, k or groups");
+        return NULL;
+    }
+    const int64_t r = route(logits, logits_dtype, N, E, K, scoring, bias, bias_dtype, n_group, topk_group,
+                            group_score, renormalize, renorm_eps, renorm_min, scaling, ids, weights, out_dtype, lanes);
+    if (r == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(r); /* -3: not routed here (see route) */
 }
 
 /* Instruction sets by name; "avx512bf16" is AVX-512 with the bf16 dot-product path. */
@@ -1372,6 +1815,9 @@ static PyMethodDef METHODS[] = {
     {"linear", py_linear, METH_VARARGS, "A dense layer at a few tokens (see moerun/kernels/cpu_linear.py)."},
     {"linears", py_linears, METH_VARARGS, "Dense layers sharing their input, in one call (cpu_linear.py)."},
     {"attention", py_attention, METH_VARARGS, "Attention for a few queries (see moerun/kernels/cpu_attention.py)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of a few rows (see moerun/kernels/cpu_glue.py)."},
+    {"rope", py_rope, METH_VARARGS, "RoPE on q and k of a few tokens (see moerun/kernels/cpu_glue.py)."},
+    {"route", py_route, METH_VARARGS, "Router scores, top-k and weights of a few tokens (see moerun/kernels/cpu_glue.py)."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or scalar."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set this CPU supports (tests)."},
     {"openmp_threads", py_openmp, METH_NOARGS, "OpenMP's thread count here, 0 when built without OpenMP."},

@@ -82,9 +82,7 @@ def moe_block(args: ModelArgs) -> SparseMoeBlock:
 class Norm(RMSNorm):
     """The reference scales before casting back (weight * x in float32), unlike Llama's."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+    scale_in_float32 = True
 
 
 class Model(CausalLM):

@@ -138,10 +138,7 @@ class ModelArgs(TransformerArgs):
 class Norm(RMSNorm):
     """Nemotron-H's RMSNorm: the weight multiplies in float32, then the cast."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+    scale_in_float32 = True
 
 
 class Relu2MLP(nn.Module):

@@ -66,10 +66,7 @@ class ZeroCentredRMSNorm(RMSNorm):
     """RMSNorm whose weight w is applied as 1 + w (stored near zero), in float32 before
     the cast back, as Qwen3-Next's norms round."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).type_as(x)
+    weight_offset = True
 
 
 def zero_centre_norms(model: nn.Module) -> None:

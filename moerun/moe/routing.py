@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerun.kernels import cpu_glue
+
 
 def routing_kernel_for(logits: torch.Tensor, kernel: bool | None = None) -> bool:
     """Use the Triton routing kernel? On CUDA when the kernels can run (kernel=None);
@@ -132,6 +134,23 @@ class Router(nn.Module):
                 scaling=self.scaling,
             )
             return ids.long(), weights.to(out_dtype)
+        if self._glue_routes(logits, out_dtype):  # a CPU decode step: one C call
+            routed = cpu_glue.route(
+                logits,
+                self.top_k,
+                scoring=self.scoring,
+                bias=self.e_score_correction_bias,
+                n_group=self.n_group,
+                topk_group=self.topk_group,
+                group_score=self.group_score,
+                renormalize=self.renormalize,
+                renorm_eps=self.renorm_eps,
+                renorm_min=self.renorm_min,
+                scaling=self.scaling,
+                out_dtype=out_dtype,
+            )
+            if routed is not None:
+                return routed
         f = logits if self.scores_in_logits_dtype else logits.float()
         scores = torch.softmax(f, dim=-1) if self.scoring == "softmax" else f.sigmoid()  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
@@ -161,6 +180,16 @@ class Router(nn.Module):
         if self.scaling != 1.0:
             weights = weights * self.scaling
         return ids, weights.to(out_dtype)
+
+    def _glue_routes(self, logits: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        """The C routing of a few CPU tokens (moerun/kernels/cpu_glue.py), for every rule but
+        scores in bf16 (it scores in float32) and groups torch would refuse."""
+        if self.scores_in_logits_dtype and logits.dtype != torch.float32:
+            return False
+        G, E = self.n_group, self.n_experts
+        if G > 1 and (E % G or self.topk_group > G or (self.group_score == "top2_sum" and E // G < 2)):
+            return False
+        return cpu_glue.route_usable(logits, self.e_score_correction_bias, out_dtype)
 
     def _kernel_routes(self, logits: torch.Tensor, kernel: bool | None) -> bool:
         """The Triton routing kernel, on CUDA, for the rules it implements: softmax or
