@@ -35,10 +35,10 @@ _COLUMNS = (("w13", "w13.q"), ("w13.scale", "w13.absmax"), ("w2", "w2.q"), ("w2.
 
 # An expert with at least this many tokens in a call is computed from dequantized tiles by
 # torch's GEMM, the others by the register-decoding C kernel (see `moe_experts`).
-TILED_MIN_TOKENS = 16
+TILED_MIN_TOKENS = 24
 # Values per dequantized float32 tile (rows of w13 or w2): small enough to stay in cache
 # between its dequantization and its GEMM.
-TILE_VALUES = 1 << 18
+TILE_VALUES = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
