@@ -1113,6 +1113,111 @@ static int64_t dense_linears(int64_t x_addr, int x_dtype, int64_t M, int64_t K, 
     return total;
 }
 
+/* ---- dequantized tiles for prompts ---------------------------------------------------- *
+ * With many tokens per expert (a long prompt: Qwen3-30B-A3B pp512 routes ~32 tokens to
+ * each expert, Mixtral ~128) the register-decoding kernels above decode every weight again
+ * for each MAXT tokens and keep few FMAs in flight; a GEMM on a dequantized copy is faster
+ * there. dequant_rows writes rows [r0, r1) of one stored matrix, in natural column order,
+ * into a float32 buffer: cpu_experts.py dequantizes one cache-sized tile at a time and
+ * multiplies it with torch's GEMM. Values are level x absmax, int8 x scale, or the 16-bit
+ * value widened: the exact float32 numbers the formats' unpack gives. */
+
+/* Flat elements [f0, f1) of a row-major matrix of rows of K values (NF4: blocks of 64
+ * flat values, a block may straddle rows). */
+static void dequant_scalar(int bits, int wdtype, const void *w, const float *scale, int64_t K, int64_t f0,
+                           int64_t f1, float *out) {
+    for (int64_t f = f0; f < f1; f++) {
+        if (bits == 4) {
+            const uint8_t byte = ((const uint8_t *)w)[f >> 1];
+            out[f - f0] = NF4[(f & 1) ? (byte & 15) : (byte >> 4)] * scale[f >> 6];
+        } else if (bits == 8) {
+            out[f - f0] = (float)((const int8_t *)w)[f] * scale[f / K];
+        } else {
+            out[f - f0] = load_scalar(w, f, wdtype);
+        }
+    }
+}
+
+#ifdef MOERUN_X86
+/* 8 NF4 levels for the 8 codes in the low nibbles of idx (permutevar8x32 reads the low 3
+ * bits; bit 3, shifted into the sign, picks the table half). */
+AVX2 INLINE __m256 nf4_levels_avx2(__m256i idx, __m256 lo, __m256 hi) {
+    const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), pick);
+}
+
+/* AVX2 is used on AVX-512 CPUs too: this is a stream of a few instructions per value,
+ * against the GEMM's several multiply-adds per value, so wider vectors would gain little. */
+AVX2 static void dequant_avx2(int bits, int wdtype, const void *w, const float *scale, int64_t K, int64_t f0,
+                              int64_t f1, float *out) {
+    if (bits == 4) {
+        const __m256 lo = _mm256_loadu_ps(NF4), hi = _mm256_loadu_ps(NF4 + 8);
+        int64_t f = (f0 + 63) / 64 * 64 < f1 ? (f0 + 63) / 64 * 64 : f1;
+        dequant_scalar(bits, wdtype, w, scale, K, f0, f, out); /* up to the first whole block */
+        for (; f + 64 <= f1; f += 64) {
+            const uint8_t *q = (const uint8_t *)w + f / 2;
+            const __m256 s = _mm256_set1_ps(scale[f / 64]);
+            for (int h = 0; h < 4; h++) { /* 8 bytes -> 16 values */
+                const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * h)));
+                const __m256 even = _mm256_mul_ps(nf4_levels_avx2(_mm256_srli_epi32(c, 4), lo, hi), s);
+                const __m256 odd = _mm256_mul_ps(nf4_levels_avx2(c, lo, hi), s);
+                /* interleave: unpack within 128-bit halves, then put the halves in order */
+                const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);
+                _mm256_storeu_ps(out + f - f0 + 16 * h, _mm256_permute2f128_ps(a, b, 0x20));
+                _mm256_storeu_ps(out + f - f0 + 16 * h + 8, _mm256_permute2f128_ps(a, b, 0x31));
+            }
+        }
+        dequant_scalar(bits, wdtype, w, scale, K, f, f1, out + f - f0);
+    } else if (bits == 8) { /* f0 and f1 are row starts: one scale per row */
+        for (int64_t row = f0 / K; row < f1 / K; row++) {
+            const int8_t *q = (const int8_t *)w + row * K;
+            float *o = out + row * K - f0;
+            const __m256 s = _mm256_set1_ps(scale[row]);
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8)
+                _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k)))), s));
+            for (; k < K; k++) o[k] = (float)q[k] * scale[row];
+        }
+    } else {
+        int64_t f = f0;
+        for (; f + 8 <= f1; f += 8) _mm256_storeu_ps(out + f - f0, load8_avx2(16, wdtype, w, f));
+        dequant_scalar(bits, wdtype, w, scale, K, f, f1, out + f - f0);
+    }
+}
+#endif
+
+/* Rows [r0, r1) of a matrix of rows of K values (w: the stored values, scale: NF4 absmax
+ * or int8 row scales) -> out float32 [r1 - r0, K]. One parallel region for the whole tile,
+ * its rows split into one contiguous range per thread, sized by threads_for. */
+static int64_t dequant_rows(int64_t w_addr, int64_t scale_addr, int bits, int wdtype, int64_t K, int64_t r0,
+                            int64_t r1, int64_t out_addr, int n_threads) {
+    const int isa = current_isa();
+    const void *w = (const void *)w_addr;
+    const float *scale = (const float *)scale_addr;
+    float *out = (float *)out_addr;
+#ifdef _OPENMP
+    const int threads = threads_for((r1 - r0) * K * 4, n_threads); /* the float32 tile written */
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        const int64_t a = r0 + (r1 - r0) * t / nt, b = r0 + (r1 - r0) * (t + 1) / nt;
+        float *o = out + (a - r0) * K;
+#ifdef MOERUN_X86
+        if (isa != ISA_SCALAR)
+            dequant_avx2(bits, wdtype, w, scale, K, a * K, b * K, o);
+        else
+#endif
+            dequant_scalar(bits, wdtype, w, scale, K, a * K, b * K, o);
+    }
+    (void)isa;
+    return r1 - r0;
+}
+
 /* ---- attention for a few queries ---------------------------------------------------- *
  * out [B, H, T, Dv] float32 = softmax(scale q k^T (+ mask)) v for a decode step, where the
  * generic matmul + softmax path pays ~30 us per op for a few thousand multiply-adds.
@@ -1775,6 +1880,18 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(r);
 }
 
+static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
+    long long w, scale, K, r0, r1, out;
+    int bits, wdtype, n_threads;
+    if (!PyArg_ParseTuple(args, "LLiiLLLLi", &w, &scale, &bits, &wdtype, &K, &r0, &r1, &out, &n_threads))
+        return NULL;
+    int64_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = dequant_rows(w, scale, bits, wdtype, K, r0, r1, out, n_threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(r);
+}
+
 static const char *ISA_NAMES[] = {"scalar", "avx2", "avx512", "avx512bf16"};
 
 static int isa_level(void) { return current_isa() + (current_isa() == ISA_AVX512 && g_bf16dp > 0); }
@@ -1818,6 +1935,7 @@ static PyMethodDef METHODS[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of a few rows (see moerun/kernels/cpu_glue.py)."},
     {"rope", py_rope, METH_VARARGS, "RoPE on q and k of a few tokens (see moerun/kernels/cpu_glue.py)."},
     {"route", py_route, METH_VARARGS, "Router scores, top-k and weights of a few tokens (see moerun/kernels/cpu_glue.py)."},
+    {"dequant_rows", py_dequant_rows, METH_VARARGS, "Rows of one stored expert matrix as float32 (see moerun/kernels/cpu_experts.py)."},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or scalar."},
     {"set_isa", py_set_isa, METH_VARARGS, "Force an instruction set this CPU supports (tests)."},
     {"openmp_threads", py_openmp, METH_NOARGS, "OpenMP's thread count here, 0 when built without OpenMP."},
