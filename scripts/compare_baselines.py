@@ -22,7 +22,10 @@ pre-tokenizers by hashing real tokenizers' output, so for a BPE family the conve
 run with that lookup answering the family's own pre-tokenizer name (qwen2); token ids
 are random in every benchmark, so the tokenizer does not change a timing. Everything
 lives in --workdir: the checkpoint, its GGUFs and moerun's quantized experts (MOERUN_CACHE
-is set to WORKDIR/moerun-cache for the moerun runs), so deleting it frees all of it.
+is set to WORKDIR/moerun-cache for the moerun runs), so deleting it frees all of it. The
+files are made once, the GGUFs before the timed part, moerun's experts in its first run at
+each bits (outside bench's timings, but a long run): a tiny first run (-p 16 -n 4 -r 1
+--rounds 1) prepares everything.
 
     python scripts/compare_baselines.py --alias qwen3-30b-a3b --layers 4 --vocab 32000 \\
         --bits 4,8 -p 64,512 -n 32 -r 3 --rounds 3 --runners moerun,llama.cpp,llama.cpp-std \\
@@ -30,7 +33,9 @@ is set to WORKDIR/moerun-cache for the moerun runs), so deleting it frees all of
         --write-benchmarks qwen3-cpu
     python scripts/compare_baselines.py ... --runners moerun,moerun-t1,llama.cpp --busy 1
     (--llama-cpp: a llama.cpp source tree built with cmake, so build/bin holds llama-bench
-    and llama-quantize; pip install accelerate for the transformers runner)
+    and llama-quantize; Mixtral's conversion imports sentencepiece: have it in this Python
+    or give --converter-pythonpath DIR after `pip install --target DIR sentencepiece`;
+    pip install accelerate for the transformers runner)
 
 Around every run the script reads /proc/stat and the run's own CPU time: other_cores, the
 cores other processes kept busy during it ((all CPUs' busy time - the run's) / wall time).
@@ -188,8 +193,10 @@ def gguf_path(folder: Path, runner: str, bits: int) -> Path:
     return folder / f"llama-std-{LLAMA_STD_TYPES[bits].lower()}.gguf"
 
 
-def convert_bf16_gguf(folder: Path, root: Path) -> Path:
-    """The checkpoint as a bf16 GGUF, by llama.cpp's converter."""
+def convert_bf16_gguf(folder: Path, root: Path, pythonpath: str | None) -> Path:
+    """The checkpoint as a bf16 GGUF, by llama.cpp's converter; `pythonpath`: folders it
+    imports from beyond this Python's (the Llama family's vocabulary imports sentencepiece
+    even without a tokenizer.model)."""
     bf16 = gguf_path(folder, "llama.cpp", 16)
     if bf16.exists():
         return bf16
@@ -217,6 +224,7 @@ def convert_bf16_gguf(folder: Path, root: Path) -> Path:
             *(["--no-mtp"] if model_type in NO_MTP else []),
         ],
         check=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))),
     )
     tmp.rename(bf16)
     return bf16
@@ -234,13 +242,13 @@ def quantize_args(runner: str, bits: int) -> list[str]:
     return ["--pure", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16", *overrides]
 
 
-def llama_gguf(folder: Path, runner: str, bits: int, root: Path) -> Path:
+def llama_gguf(folder: Path, runner: str, bits: int, root: Path, pythonpath: str | None) -> Path:
     """`runner`'s GGUF at `bits`, made if missing: the bf16 GGUF (16 bits), or llama-quantize
     of it; an existing quantized file does not need the bf16 one."""
     out = gguf_path(folder, runner, bits)
     if out.exists():
         return out
-    bf16 = convert_bf16_gguf(folder, root)
+    bf16 = convert_bf16_gguf(folder, root, pythonpath)
     if bits == 16:
         return bf16
     qtype = (LLAMA_TYPES if runner == "llama.cpp" else LLAMA_STD_TYPES)[bits]
@@ -610,7 +618,7 @@ def prepare_ggufs(args, runners, bits_list, summary, tests) -> list[dict]:
     files = []
     for bits in bits_list:
         for runner in (r for r in runners if r in LLAMA_RUNNERS):
-            path = llama_gguf(args.folder, runner, bits, args.llama_cpp)
+            path = llama_gguf(args.folder, runner, bits, args.llama_cpp, args.converter_pythonpath)
             tensors = gguf_tensors(path, args.llama_cpp)
             per_token = {
                 test: gguf_bytes_per_token(tensors, summary.experts_per_token, summary.n_experts, tokens)
@@ -662,6 +670,12 @@ def main() -> None:
         type=Path,
         default=os.environ.get("LLAMA_CPP_DIR"),
         help="llama.cpp source tree built with cmake (build/bin/llama-bench, llama-quantize)",
+    )
+    ap.add_argument(
+        "--converter-pythonpath",
+        metavar="DIRS",
+        help="folders llama.cpp's converter imports from beyond this Python's (pip install --target DIR "
+        "sentencepiece: Mixtral's vocabulary needs it)",
     )
     ap.add_argument("--workdir", default="/tmp/moerun-compare")
     ap.add_argument("--drop-bf16-gguf", action="store_true", help="delete the bf16 GGUF once its quantized files exist")
