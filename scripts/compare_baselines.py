@@ -65,7 +65,13 @@ import sys
 import time
 from pathlib import Path
 
+# isort: off
+# moerun before torch, as in its CLI: importing it sets OpenMP's waiting policy, which
+# libgomp reads when torch loads it.
+import moerun  # noqa: F401
 import torch
+
+# isort: on
 
 from moerun import plan
 from moerun.registry import DEMO_DIR, shipped_config
