@@ -100,10 +100,11 @@ static inline float load_scalar(const void *p, int64_t i, int dtype) {
 enum {
     MODE_SCALAR = 0, /* any shape, row-major, double accumulation */
     MODE_DENSE,      /* int8 / 16-bit, row-major, masked tails */
-    MODE_NF4_WORDS,  /* NF4, rows of whole groups of 8V values */
+    MODE_NF4_WORDS,  /* NF4 with AVX-512, rows of whole groups of 128 values */
     MODE_NF4_PAIRS,  /* NF4 with AVX-512 where rows are whole 64-blocks but not 128-groups */
     MODE_I8_WORDS,   /* int8, rows of whole groups of 4V */
     MODE_BF16_WORDS, /* bf16, rows of whole groups of 2V */
+    MODE_NF4_BYTES,  /* NF4 with AVX2, rows of whole 64-blocks: levels looked up bytewise */
     /* bf16 activations and vdpbf16ps (AVX-512 BF16): the activation vector is bf16 */
     MODE_NF4_DP,  /* NF4 dequantized to bf16 pairs, rows of whole 128-groups */
     MODE_I8_DP,   /* int8 dequantized to bf16 pairs, rows of whole 64-groups */
@@ -137,7 +138,10 @@ static matrix_t make_matrix(int isa, int bits, int wdtype, int64_t K, int bf16_x
         }
     }
     if (bits == 4)
-        m.mode = K % (8 * V) == 0 ? MODE_NF4_WORDS : (V == 16 && K % 64 == 0) ? MODE_NF4_PAIRS : MODE_SCALAR;
+        m.mode = V == 8       ? (K % 64 == 0 ? MODE_NF4_BYTES : MODE_SCALAR)
+                 : K % (8 * V) == 0 ? MODE_NF4_WORDS
+                 : K % 64 == 0      ? MODE_NF4_PAIRS
+                                    : MODE_SCALAR;
     else if (bits == 8)
         m.mode = K % (4 * V) == 0 ? MODE_I8_WORDS : MODE_DENSE;
     else
@@ -171,6 +175,10 @@ static inline int64_t layout_pos(const matrix_t *m, int64_t k) {
     case MODE_NF4_WORDS: per_word = 8; break;
     case MODE_I8_WORDS: per_word = 4; break;
     case MODE_BF16_WORDS: per_word = 2; break;
+    case MODE_NF4_BYTES: { /* value j of a 64-block: byte i = j / 2, its nibble (odd: low) */
+        const int64_t j = k % 64, i = j >> 1;
+        return k - j + 32 * (j & 1) + 8 * ((i & 15) >> 2) + 4 * (i >> 4) + (i & 3);
+    }
     case MODE_NF4_PAIRS: { /* per 32 values: [even | odd], as a byte's two nibbles */
         const int64_t j = k % 32;
         return k - j + ((j & 1) ? 16 + (j >> 1) : (j >> 1));
@@ -567,59 +575,60 @@ AVX2 INLINE float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* NF4 words, AVX2: 32 bytes = 64 values = one absmax block. Without AVX-512's two-table
- * permute a 16-entry lookup costs two permutes and a blend per 8 weights, and that, not
- * the memory, bounds this loop (~3 GB/s of weights on 2 Zen 3 cores): so up to 4 tokens
- * the block's sum is scaled once by its absmax instead of every 8 weights, bit 3 of each
- * nibble is shifted to the sign bit that picks the table half in one shift, and the
- * weights are prefetched ahead, as the AVX-512 loop does. */
-AVX2 INLINE void nf4w_avx2(const uint8_t *q, const float *absmax, int64_t K, const float *const *xs,
+/* NF4 bytes, AVX2: 32 bytes = 64 values = one absmax block. A 16-entry float lookup is
+ * four byte lookups (vpshufb, one per byte of the float32 levels, 32 codes each) and two
+ * rounds of unpacks that put each code's four bytes together: 24 one-cycle shuffles per
+ * 64 weights, where two vpermps and a blend per 8 weights (the words layout) wait on
+ * vpermps' throughput on Zen 3. The unpacks leave float p of vector f (0-3) holding byte
+ * 16 (p / 4) + 4 f + p % 4 of the block, the high nibbles (even values) first, then the
+ * low (odd): the activations are laid out to match (layout_pos). Exact: the same float32
+ * levels, each block's sum scaled by its absmax. */
+AVX2 INLINE void nf4b_avx2(const uint8_t *q, const float *absmax, int64_t K, const float *const *xs,
                            float *out, const int NT) {
-    const __m256 lo = _mm256_loadu_ps(NF4), hi = _mm256_loadu_ps(NF4 + 8);
-    if (NT <= 4) {
-        __m256 acc[4], part[8]; /* part: two chains per token within a block */
-        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < K / 64; b++) {
-            PREFETCH(q + 32 * b);
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
-            for (int t = 0; t < 2 * NT; t++) part[t] = _mm256_setzero_ps();
-            for (int p = 0; p < 8; p++) {
-                /* permutevar8x32 reads the low 3 bits; bit 3 of the nibble picks the table half */
-                const __m256i idx = p ? _mm256_srli_epi32(v, 4 * p) : v;
-                const __m256 pick = _mm256_castsi256_ps(p < 7 ? _mm256_slli_epi32(v, 28 - 4 * p) : v);
-                const __m256 wv =
-                    _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), pick);
-                for (int t = 0; t < NT; t++)
-                    part[2 * t + (p & 1)] =
-                        _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t] + 64 * b + 8 * p), part[2 * t + (p & 1)]);
-            }
-            const __m256 s = _mm256_set1_ps(absmax[b]);
-            for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(_mm256_add_ps(part[2 * t], part[2 * t + 1]), s, acc[t]);
+    __m256i table[4];
+    for (int j = 0; j < 4; j++) {
+        uint8_t plane[16];
+        for (int c = 0; c < 16; c++) {
+            uint32_t u;
+            memcpy(&u, &NF4[c], 4);
+            plane[c] = (uint8_t)(u >> (8 * j));
         }
-        for (int t = 0; t < NT; t++) out[t] = hsum256(acc[t]);
-        return;
+        table[j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)plane));
     }
-    const int A = SPLIT(NT); /* NT * A <= MAXT */
-    __m256 acc[MAXT];
-    for (int t = 0; t < NT * A; t++) acc[t] = _mm256_setzero_ps();
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const int A = NT <= 2 ? 2 : 1; /* chains per token within a block */
+    __m256 acc[MAXT], part[MAXT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / 64; b++) {
+        PREFETCH(q + 32 * b);
         const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+        for (int t = 0; t < NT * A; t++) part[t] = _mm256_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            const __m256i codes = h ? _mm256_and_si256(v, nibble) : _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            const __m256i b0 = _mm256_shuffle_epi8(table[0], codes), b1 = _mm256_shuffle_epi8(table[1], codes);
+            const __m256i b2 = _mm256_shuffle_epi8(table[2], codes), b3 = _mm256_shuffle_epi8(table[3], codes);
+            const __m256i w01lo = _mm256_unpacklo_epi8(b0, b1), w01hi = _mm256_unpackhi_epi8(b0, b1);
+            const __m256i w23lo = _mm256_unpacklo_epi8(b2, b3), w23hi = _mm256_unpackhi_epi8(b2, b3);
+            const __m256 f[4] = {
+                _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01lo, w23lo)),
+                _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01lo, w23lo)),
+                _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01hi, w23hi)),
+                _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01hi, w23hi)),
+            };
+            for (int g = 0; g < 4; g++)
+                for (int t = 0; t < NT; t++)
+                    part[t * A + g % A] =
+                        _mm256_fmadd_ps(f[g], _mm256_loadu_ps(xs[t] + 64 * b + 32 * h + 8 * g), part[t * A + g % A]);
+        }
         const __m256 s = _mm256_set1_ps(absmax[b]);
-        for (int p = 0; p < 8; p++) {
-            const __m256i idx = _mm256_srli_epi32(v, 4 * p);
-            const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-            const __m256 wv = _mm256_mul_ps(
-                _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), pick), s);
-            for (int t = 0; t < NT; t++)
-                acc[t * A + p % A] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t] + 64 * b + 8 * p), acc[t * A + p % A]);
+        for (int t = 0; t < NT; t++) {
+            const __m256 sum = A == 2 ? _mm256_add_ps(part[2 * t], part[2 * t + 1]) : part[t];
+            acc[t] = _mm256_fmadd_ps(sum, s, acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        for (int a = 1; a < A; a++) acc[t * A] = _mm256_add_ps(acc[t * A], acc[t * A + a]);
-        out[t] = hsum256(acc[t * A]);
-    }
+    for (int t = 0; t < NT; t++) out[t] = hsum256(acc[t]);
 }
-BY_TOKENS(AVX2, nf4w_avx2, (const uint8_t *q, const float *a, int64_t K, const float *const *xs, float *out, int nt),
+BY_TOKENS(AVX2, nf4b_avx2, (const uint8_t *q, const float *a, int64_t K, const float *const *xs, float *out, int nt),
           ARGS(q, a, K, xs, out) CALL)
 
 AVX2 INLINE void i8w_avx2(const int8_t *q, int64_t K, const float *const *xs, float *out, const int NT) {
@@ -720,9 +729,12 @@ static void dot_row(const matrix_t *m, const void *w, const float *scale, int64_
         return;
     case MODE_NF4_WORDS: {
         const uint8_t *q = (const uint8_t *)w + row * (K / 2);
-        (wide ? nf4w_avx512_n : nf4w_avx2_n)(q, scale + row * (K / 64), K, xs, out, nt);
+        nf4w_avx512_n(q, scale + row * (K / 64), K, xs, out, nt); /* AVX2 reads NF4 as bytes */
         return;
     }
+    case MODE_NF4_BYTES:
+        nf4b_avx2_n((const uint8_t *)w + row * (K / 2), scale + row * (K / 64), K, xs, out, nt);
+        return;
     case MODE_NF4_PAIRS:
         nf4p_avx512_n((const uint8_t *)w + row * (K / 2), scale + row * (K / 64), K, xs, out, nt);
         return;
