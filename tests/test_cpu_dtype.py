@@ -7,6 +7,9 @@ line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +123,15 @@ def test_bench_reports_threads_kernels_and_the_bound():
     assert report["machine"]["ram_read_bytes_s"] > 1e8
     tg = next(r for r in report["rows"] if r["test"] == "tg4")
     assert tg["decode_bytes_per_token"] > 0 and tg["bound_t_s"] > 0
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_wait_passively_unless_told(given):
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: importing moerun first sets
+    PASSIVE (spinning threads lose a core another process holds), a user's own value stays."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import moerun, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (given or "PASSIVE")
