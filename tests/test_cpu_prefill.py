@@ -12,8 +12,8 @@ import torch
 from moerun.kernels import cpu_experts
 from moerun.kernels.reference import fused_experts_reference
 from moerun.moe.experts import ExpertActivation
-from moerun.quant.format import ExpertFormat
 from tests.parity import rel_err
+from tests.test_cpu_kernels import make_layer
 
 pytestmark = pytest.mark.skipif(not cpu_experts.available(), reason="the C extension is not built")
 
@@ -46,22 +46,6 @@ def tiled_calls(monkeypatch):
     return calls
 
 
-def make_layer(bits, wdtype, D, I, E, gen, bias=False):
-    fmt = ExpertFormat(bits, D, I, wdtype, bias=bias)
-    blobs = torch.stack(
-        [
-            fmt.pack(
-                torch.randn(2 * I, D, generator=gen) * 0.05,
-                torch.randn(D, I, generator=gen) * 0.05,
-                torch.randn(2 * I, generator=gen) * 0.1 if bias else None,
-                torch.randn(D, generator=gen) * 0.1 if bias else None,
-            )
-            for _ in range(E)
-        ]
-    )
-    return fmt, blobs
-
-
 def routed(N, K, E, crowded, gen):
     """ids [N, K], weights [N, K]: every token picks the `crowded` experts (so each has N
     tokens, above the threshold) and K - len(crowded) of the rest at random (few each)."""
@@ -78,7 +62,7 @@ def test_dequant_rows_equals_the_formats_unpack(isa, bits, wdtype, D, I):
     """Exactly the float32 values `ExpertFormat.unpack` gives, for row ranges that start and
     end anywhere (NF4 blocks straddling rows and tiles, rows not whole vectors)."""
     gen = torch.Generator().manual_seed(hash((isa, bits, str(wdtype), D, I)) % 2**31)
-    fmt, blobs = make_layer(bits, wdtype, D, I, 1, gen, bias=True)
+    fmt, blobs = make_layer(bits, D, I, 1, gen, wdtype, bias=True)
     w13, w2, b13, b2 = fmt.unpack(blobs[0], torch.float32)
     row = cpu_experts.blob_table(blobs, fmt)[0].tolist()
     lib, code = cpu_experts._lib(), cpu_experts._DTYPE_CODES[wdtype]
@@ -106,7 +90,7 @@ def test_tiled_experts_equal_dequantize_then_matmul(
     gen = torch.Generator().manual_seed(hash((isa, bits, str(wdtype), variant, D, I)) % 2**31)
     E, K, N = 7, 3, G + 5
     bias = "bias" in variant
-    fmt, blobs = make_layer(bits, wdtype, D, I, E, gen, bias=bias)
+    fmt, blobs = make_layer(bits, D, I, E, gen, wdtype, bias=bias)
     act = ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.05) if "swiglu" in variant else None
     on_input = "weights_on_input" in variant
     x = torch.randn(N, D, generator=gen)
@@ -122,7 +106,7 @@ def test_tiled_experts_equal_dequantize_then_matmul(
 def test_16_bit_activations_are_computed_in_float32(tiled_calls, dtype):
     gen = torch.Generator().manual_seed(3)
     E, K, N, D, I = 4, 2, 2 * G, 128, 96
-    fmt, blobs = make_layer(4, torch.bfloat16, D, I, E, gen)
+    fmt, blobs = make_layer(4, D, I, E, gen)
     x = torch.randn(N, D, generator=gen).to(dtype)
     ids, weights = routed(N, K, E, [1], gen)
     out, _ = cpu_experts.moe_experts(x, ids, weights, cpu_experts.blob_table(blobs, fmt), fmt, out_dtype=torch.float32)
@@ -134,7 +118,7 @@ def test_16_bit_activations_are_computed_in_float32(tiled_calls, dtype):
 def test_crowded_experts_absent_from_the_table_are_skipped(tiled_calls):
     gen = torch.Generator().manual_seed(4)
     E, K, N, D, I = 5, 2, G + 1, 64, 96
-    fmt, blobs = make_layer(8, torch.bfloat16, D, I, E, gen)
+    fmt, blobs = make_layer(8, D, I, E, gen)
     ids, weights = routed(N, K, E, [0], gen)
     x = torch.randn(N, D, generator=gen)
     table = cpu_experts.blob_table(blobs, fmt)
@@ -148,7 +132,7 @@ def test_crowded_experts_absent_from_the_table_are_skipped(tiled_calls):
 
 def test_a_bad_expert_id_in_a_long_prompt_is_an_error():
     gen = torch.Generator().manual_seed(5)
-    fmt, blobs = make_layer(4, torch.bfloat16, 64, 64, 3, gen)
+    fmt, blobs = make_layer(4, 64, 64, 3, gen)
     ids = torch.zeros(G, 2, dtype=torch.int64)
     ids[3, 1] = 3
     with pytest.raises(ValueError, match="expert id"):
