@@ -369,8 +369,9 @@ def fit(
     warnings = list(summary.warnings)
     dtype = dtype_name(dtype)
     if dtype == "auto":  # as moerun.load chooses
-        torch_dtype = plan.default_dtype(meta.config, "cpu" if device == "cpu" else "cuda")
-        linears = plan.linear_dtype(meta.config, "cpu" if device == "cpu" else "cuda", torch_dtype)
+        device_type = "cpu" if device == "cpu" else "cuda"
+        torch_dtype = plan.default_dtype(meta.config, device_type)
+        linears = plan.linear_dtype(meta.config, device_type, torch_dtype)
     else:
         torch_dtype = linears = plan.DTYPES[dtype]
     if device == "cpu":

@@ -30,6 +30,8 @@ os.environ.pop("HUGGINGFACE_HUB_CACHE", None)  # the old name huggingface_hub st
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from moerun.kernels import cpu_experts  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 
 if not HAS_CUDA:
@@ -42,6 +44,22 @@ def private_cache(tmp_path, monkeypatch):
     not what the next test's load reads. A module takes it for all its tests with
     `pytestmark = pytest.mark.usefixtures("private_cache")`."""
     monkeypatch.setenv("MOERUN_CACHE", str(tmp_path / "moerun-cache"))
+
+
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+# The machine's best and those below it, read before any test narrows the kernels' choice.
+RUNNABLE_ISAS = list(ISAS[: ISAS.index(cpu_experts.isa()) + 1]) if cpu_experts.available() else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each instruction-set path of the C kernels this CPU can run (the others skipped),
+    forced for the test and given back after."""
+    if request.param not in RUNNABLE_ISAS:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    cpu_experts.set_isa(request.param)
+    yield request.param
+    cpu_experts.set_isa(RUNNABLE_ISAS[-1])
 
 
 def pytest_collection_modifyitems(config, items):

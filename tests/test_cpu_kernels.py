@@ -17,21 +17,6 @@ from moerun.moe.experts import ExpertActivation, RoutedExperts
 from moerun.quant.format import ExpertFormat
 from tests.parity import rel_err
 
-ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
-
-
-# The machine's best, read before any test narrows it.
-RUNNABLE = list(ORDER[: ORDER.index(cpu_experts.isa()) + 1]) if cpu_experts.available() else []
-
-
-@pytest.fixture(params=ORDER)
-def isa(request):
-    if request.param not in RUNNABLE:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    cpu_experts.set_isa(request.param)
-    yield request.param
-    cpu_experts.set_isa(RUNNABLE[-1])
-
 
 def test_the_extension_is_built_where_ci_runs():
     """CI (Linux x86-64 with gcc) must build it: the slow fallback would hide a broken build."""

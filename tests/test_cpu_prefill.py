@@ -17,19 +17,8 @@ from tests.test_cpu_kernels import make_layer
 
 pytestmark = pytest.mark.skipif(not cpu_experts.available(), reason="the C extension is not built")
 
-ORDER = ("scalar", "avx2", "avx512", "avx512bf16")
-RUNNABLE = list(ORDER[: ORDER.index(cpu_experts.isa()) + 1]) if cpu_experts.available() else []
 G = cpu_experts.TILED_MIN_TOKENS
 FORMATS = [(4, torch.bfloat16), (8, torch.bfloat16), (16, torch.bfloat16), (16, torch.float16), (16, torch.float32)]
-
-
-@pytest.fixture(params=ORDER)
-def isa(request):
-    if request.param not in RUNNABLE:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    cpu_experts.set_isa(request.param)
-    yield request.param
-    cpu_experts.set_isa(RUNNABLE[-1])
 
 
 @pytest.fixture
